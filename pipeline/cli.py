@@ -1,0 +1,225 @@
+"""`pipeline` command line: parses arguments, then calls the engine. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import Recipe, bundled_recipes_dir, load_recipe, read_yaml
+from pipeline.errors import PipelineError
+
+console = Console(stderr=False, highlight=False)
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
+
+
+def _fmt_metric(manifest: dict[str, Any]) -> str:
+    name = manifest.get("headline")
+    value = (manifest.get("summary") or {}).get(name) if name else None
+    if value is None:
+        return "-"
+    return f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.graph import plan
+    from pipeline.runner import run_recipe
+
+    recipe = load_recipe(args.recipe, args.override)
+    only = [s for s in args.only.split(",") if s] if args.only else None
+    if args.dry_run:
+        steps = plan(recipe, from_stage=args.from_stage, only=only, force=args.force)
+        table = Table(title=f"plan for {recipe.name} ({recipe.resolved_run_dir()})")
+        for col in ("stage", "kind", "action", "why"):
+            table.add_column(col)
+        for s in steps:
+            table.add_row(s.name, s.kind, "[bold]run[/]" if s.run else "skip", s.reason)
+        console.print(table)
+        return 0
+    started = time.perf_counter()
+
+    def announce(step: Any) -> None:
+        if step.run:
+            console.print(f"[bold cyan]>> {step.name}[/] ({step.kind}): {step.reason}")
+        else:
+            console.print(f"[dim]-- {step.name}: skip, {step.reason}[/]")
+
+    results = run_recipe(
+        recipe, from_stage=args.from_stage, only=only, force=args.force, on_step=announce
+    )
+    table = Table(title=f"{recipe.name}: done in {_fmt_duration(time.perf_counter() - started)}")
+    for col in ("stage", "kind", "action", "duration", "metric"):
+        table.add_column(col)
+    from pipeline.manifest import read_manifest
+
+    for step, manifest in results:
+        manifest = manifest or read_manifest(recipe.resolved_run_dir() / step.name)
+        table.add_row(
+            step.name,
+            step.kind,
+            "ran" if step.run else "skipped",
+            _fmt_duration(manifest.get("duration_s")) if step.run else "-",
+            _fmt_metric(manifest),
+        )
+    console.print(table)
+    report = next(
+        (
+            recipe.resolved_run_dir() / n / "index.html"
+            for n, c in recipe.stages.items()
+            if c.kind == "report"
+        ),
+        None,
+    )
+    if report and report.exists():
+        console.print(f"report: {report}")
+    return 0
+
+
+def _recipe_for_status(target: str, overrides: list[str]) -> Recipe:
+    path = Path(target)
+    if path.is_dir():
+        from pipeline.worker import RECIPE_FILE
+
+        if not (path / RECIPE_FILE).is_file():
+            raise PipelineError(
+                f"{path}: not a run directory (no {RECIPE_FILE}); pass a run dir or a recipe"
+            )
+        return load_recipe(path / RECIPE_FILE, overrides)
+    return load_recipe(target, overrides)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.graph import fingerprints, stage_state
+    from pipeline.manifest import read_manifest, verify_outputs
+
+    recipe = _recipe_for_status(args.target, args.override)
+    run_dir = recipe.resolved_run_dir()
+    prints = fingerprints(recipe)
+    table = Table(title=f"{recipe.name} ({run_dir})")
+    for col in ("stage", "kind", "status", "fresh", "duration", "tries", "metric"):
+        table.add_column(col)
+    for name, cfg in recipe.stages.items():
+        manifest = read_manifest(run_dir / name)
+        fresh, reason = stage_state(run_dir, name, prints[name])
+        if fresh and args.verify:
+            problem = verify_outputs(run_dir / name, manifest.get("outputs", {}), deep=True)
+            fresh, reason = problem is None, problem or "verified"
+        status = manifest.get("status", "-")
+        if status == "failed" and manifest.get("error"):
+            status = f"failed: {manifest['error'][:60]}"
+        table.add_row(
+            name,
+            cfg.kind,
+            status,
+            "fresh" if fresh else f"stale ({reason})",
+            _fmt_duration(manifest.get("duration_s")),
+            str(manifest.get("attempts", 0)),
+            _fmt_metric(manifest),
+        )
+    console.print(table)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from eval.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise PipelineError(f"{run_dir}: no such run directory; pass runs/<name>")
+    console.print(f"report: {write_report(run_dir.absolute())}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    root = bundled_recipes_dir()
+    table = Table(title=f"bundled recipes ({root})")
+    table.add_column("recipe")
+    table.add_column("description")
+    for path in sorted(root.rglob("*.yaml")):
+        try:
+            description = read_yaml(path).get("description", "")
+        except PipelineError as exc:
+            description = f"(invalid: {exc})"
+        table.add_row(str(path.relative_to(root).with_suffix("")), str(description).strip())
+    console.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline", description="Staged LLM/diffusion pretraining pipeline."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def overrides(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "-o",
+            "--override",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="dotted override, e.g. -o stages.pretrain.optim.lr=3e-4 (repeatable)",
+        )
+
+    run = sub.add_parser("run", help="run the stages of a recipe that are not up to date")
+    run.add_argument("recipe", help="recipe YAML path or bundled name (e.g. demo)")
+    run.add_argument(
+        "--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and everything after it"
+    )
+    run.add_argument(
+        "--only", metavar="S1,S2", help="rerun only these stages (upstream must be done)"
+    )
+    run.add_argument(
+        "--force", action="store_true", help="rerun every stage, ignoring fingerprints"
+    )
+    run.add_argument(
+        "--dry-run", action="store_true", help="print the plan (run/skip and why) and exit"
+    )
+    overrides(run)
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser(
+        "status", help="table of stages: status, fresh or stale, duration, metric"
+    )
+    status.add_argument("target", help="run directory or recipe")
+    status.add_argument("--verify", action="store_true", help="re-checksum every output")
+    overrides(status)
+    status.set_defaults(func=cmd_status)
+
+    report = sub.add_parser("report", help="write RUN_DIR/report/index.html")
+    report.add_argument("run_dir")
+    report.set_defaults(func=cmd_report)
+
+    recipes = sub.add_parser("recipes", help="list bundled recipes")
+    recipes.set_defaults(func=cmd_recipes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PipelineError as exc:
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(
+                f"error: {line}" if line and not line.startswith((" ", "Traceback")) else line,
+                file=sys.stderr,
+            )
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""Typed recipe schema, YAML loading and dotted overrides.
+
+A recipe is validated in two steps: the top level (name, tracking, launch, slurm) against
+`Recipe`, then each stage against the config class of its `kind`. Every error is reported as one
+line naming the key path, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+
+from pipeline.errors import RecipeError
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class Strict(BaseModel):
+    """Base for every config block: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class LaunchConfig(Strict):
+    """How a stage's processes are started."""
+
+    nproc: int = Field(1, ge=1, description="processes per node")
+    nnodes: int = Field(1, ge=1, description="nodes (Slurm)")
+    engine: Literal["ddp"] = "ddp"
+
+
+class LaunchOverride(Strict):
+    """Per-stage override of the recipe's launch section; unset fields inherit."""
+
+    nproc: int | None = Field(None, ge=1)
+    nnodes: int | None = Field(None, ge=1)
+    engine: Literal["ddp"] | None = None
+
+
+class TrackingConfig(Strict):
+    """W&B settings; metrics.jsonl is written whatever the mode."""
+
+    project: str = "pretrain-pipeline"
+    entity: str | None = None
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    tags: list[str] = []
+
+
+class SlurmConfig(Strict):
+    """Recipe-wide sbatch settings (used by `pipeline submit`)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_task: int | None = Field(None, ge=1)
+    mem: str | None = None
+    time: str = "04:00:00"
+    extra: list[str] = []
+
+
+class StageConfig(Strict):
+    """Fields every stage has; each stage kind subclasses this with its own fields."""
+
+    kind: str
+    after: list[str] = []
+    launch: LaunchOverride | None = None
+
+    # Stages that never start more than one process (data prep, reports) set this to False.
+    distributed: ClassVar[bool] = False
+    # One-line description shown by `pipeline recipes --kinds`.
+    summary_metric: ClassVar[str | None] = None
+
+    def data_signature(self) -> dict[str, Any]:
+        """Extra inputs to the fingerprint that are not in the config (e.g. source file stats)."""
+        return {}
+
+
+class Recipe(Strict):
+    """A whole recipe after validation: stage configs are instances of their kind's class."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    run_dir: str | None = None
+    seed: int = 0
+    tracking: TrackingConfig = TrackingConfig()
+    launch: LaunchConfig = LaunchConfig()
+    slurm: SlurmConfig = SlurmConfig()
+    stages: dict[str, SerializeAsAny[StageConfig]]
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}").absolute()
+
+    def launch_for(self, stage: str) -> LaunchConfig:
+        """The effective launch settings of a stage (stage override over recipe default)."""
+        cfg = self.stages[stage]
+        if not cfg.distributed:
+            return LaunchConfig()
+        update = cfg.launch.model_dump(exclude_none=True) if cfg.launch else {}
+        return self.launch.model_copy(update=update)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def bundled_recipes_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "recipes"
+
+
+def find_recipe(spec: str | Path) -> Path:
+    """A recipe path, or a bundled recipe name such as `demo` or `llm/gpt2`."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if path.is_dir() and (path / "recipe.yaml").is_file():
+        return path / "recipe.yaml"
+    for candidate in (bundled_recipes_dir() / f"{spec}.yaml", bundled_recipes_dir() / str(spec)):
+        if candidate.is_file():
+            return candidate
+    raise RecipeError(
+        f"{spec}: no such recipe file or run directory; "
+        f"pass a YAML path or a bundled name (see `pipeline recipes`)"
+    )
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"{path}: not UTF-8 text ({exc.reason}); save the recipe as UTF-8"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{path}{where}: malformed YAML ({problem}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping with name and stages")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (numbers, lists, booleans)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(
+                f"-o {item}: expected KEY=VALUE, e.g. -o stages.pretrain.max_steps=50"
+            )
+        parts = key.strip().split(".")
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                path = ".".join(parts[: i + 1])
+                raise RecipeError(f"-o {item}: {path} is not a mapping, cannot set {key}")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
+    return data
+
+
+def stage_kinds() -> dict[str, type[StageConfig]]:
+    from pipeline.stages import config_classes
+
+    return config_classes()
+
+
+def load_recipe(spec: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, override, validate and resolve a recipe; raises RecipeError with one-line messages."""
+    path = find_recipe(spec)
+    data = apply_overrides(read_yaml(path), list(overrides or []))
+    return validate_recipe(data, source=str(path))
+
+
+def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    raw_stages = data.get("stages")
+    if not isinstance(raw_stages, dict) or not raw_stages:
+        raise RecipeError(
+            f"{source}: stages: missing or empty; add a mapping of stage name -> config"
+        )
+    errors: list[str] = []
+    try:
+        head = Recipe.model_validate({**data, "stages": {}})
+    except ValidationError as exc:
+        errors += format_errors(exc, Recipe, prefix=())
+        head = None
+    kinds = stage_kinds()
+    stages: dict[str, StageConfig] = {}
+    for name, raw in raw_stages.items():
+        where = ("stages", str(name))
+        if not isinstance(raw, dict):
+            errors.append(f"{'.'.join(where)}: expected a mapping with a kind, got {raw!r}")
+            continue
+        kind = raw.get("kind")
+        if kind not in kinds:
+            hint = _suggest(str(kind), kinds)
+            got = "missing" if kind is None else f"unknown kind {kind!r}"
+            errors.append(
+                f"{'.'.join(where)}.kind: {got}{hint} (known: {', '.join(sorted(kinds))})"
+            )
+            continue
+        if not re.match(NAME_PATTERN, str(name)):
+            errors.append(f"{'.'.join(where)}: stage names use letters, digits, '_', '-', '.'")
+        try:
+            stages[str(name)] = kinds[kind].model_validate(raw)
+        except ValidationError as exc:
+            errors += format_errors(exc, kinds[kind], prefix=where)
+    if errors:
+        raise RecipeError("\n".join(f"{source}: {e}" for e in errors))
+    assert head is not None
+    recipe = head.model_copy(update={"stages": stages})
+    from pipeline.graph import topo_order
+
+    topo_order(recipe)
+    return resolve_paths(recipe)
+
+
+def resolve_paths(recipe: Recipe) -> Recipe:
+    """Make the run directory absolute so every process (and Slurm job) agrees on it."""
+    return recipe.model_copy(update={"run_dir": str(recipe.resolved_run_dir())})
+
+
+# ---------------------------------------------------------------------------------------------
+# Error formatting
+
+
+def format_errors(
+    exc: ValidationError, model: type[BaseModel], prefix: tuple[str, ...]
+) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not _is_union_tag(p)]
+        path = ".".join((*prefix, *loc))
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(model, loc[:-1])
+            allowed = sorted(parent.model_fields) if parent else []
+            hint = _suggest(loc[-1], allowed)
+            lines.append(f"{path}: unknown key{hint} (allowed: {', '.join(allowed)})")
+        elif err["type"] == "missing":
+            lines.append(f"{path}: required key is missing")
+        else:
+            value = err.get("input")
+            shown = repr(value) if not isinstance(value, dict) else "a mapping"
+            lines.append(f"{path}: got {shown}: {err['msg']}")
+    return lines
+
+
+def _is_union_tag(part: Any) -> bool:
+    return isinstance(part, str) and ("[" in part or part in {"function-after", "function-before"})
+
+
+def _suggest(word: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
+    """The config class that owns the key at `loc` (to list allowed keys and suggest one)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part)
+            if field is None:
+                return None
+            current = _unwrap(field.annotation)
+        elif part.isdigit() or current is dict:
+            continue
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Optional/list/dict wrappers down to the first BaseModel class, if any."""
+    origin = typing.get_origin(annotation)
+    if origin is None:
+        return annotation
+    for arg in typing.get_args(annotation):
+        if arg is type(None):
+            continue
+        inner = _unwrap(arg)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return inner
+    return annotation if origin not in (types.UnionType, typing.Union) else None

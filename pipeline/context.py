@@ -1,0 +1,174 @@
+"""What a stage sees of the world: its config, its directories, its upstream stages, its rank.
+
+A stage never reads the recipe's other stages directly nor knows how it was launched; it asks
+its context for the nearest upstream stage of a kind and for that stage's export directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pipeline.config import Recipe, StageConfig
+from pipeline.errors import PipelineError
+from pipeline.manifest import atomic_write_json, read_manifest
+from pipeline.tracking import Tracker
+
+T = TypeVar("T")
+
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A finished stage this one depends on."""
+
+    name: str
+    kind: str
+    dir: Path
+    config: StageConfig
+
+    @property
+    def export_dir(self) -> Path:
+        return self.dir / "export"
+
+
+@dataclass
+class StageContext:
+    run_dir: Path
+    name: str
+    recipe: Recipe
+    fingerprint: str = ""
+    wandb_id: str | None = None
+    rank: int = field(default_factory=lambda: int(os.environ.get("RANK", "0")))
+    world_size: int = field(default_factory=lambda: int(os.environ.get("WORLD_SIZE", "1")))
+    local_rank: int = field(default_factory=lambda: int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def config(self) -> StageConfig:
+        return self.recipe.stages[self.name]
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.seed
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.run_dir / self.name
+
+    @property
+    def export_dir(self) -> Path:
+        return self.stage_dir / "export"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.stage_dir / "checkpoints"
+
+    @property
+    def log(self) -> logging.Logger:
+        return logging.getLogger(f"pipeline.{self.name}")
+
+    def upstream(self, kind: str | tuple[str, ...], name: str | None = None) -> Upstream:
+        """The named upstream stage, or the nearest one (breadth-first over `after`) of `kind`."""
+        kinds = (kind,) if isinstance(kind, str) else kind
+        if name is not None:
+            if name not in self.recipe.stages:
+                raise PipelineError(f"stages.{self.name}: refers to unknown stage {name!r}")
+            return self._upstream(name)
+        seen: set[str] = set()
+        frontier = list(self.config.after)
+        while frontier:
+            nxt: list[str] = []
+            for stage in frontier:
+                if stage in seen:
+                    continue
+                seen.add(stage)
+                if self.recipe.stages[stage].kind in kinds:
+                    return self._upstream(stage)
+                nxt += self.recipe.stages[stage].after
+            frontier = nxt
+        raise PipelineError(
+            f"stages.{self.name}: needs an upstream stage of kind {'/'.join(kinds)}; "
+            f"add one to its `after:` list"
+        )
+
+    def _upstream(self, stage: str) -> Upstream:
+        up = Upstream(
+            stage, self.recipe.stages[stage].kind, self.run_dir / stage, self.recipe.stages[stage]
+        )
+        manifest = read_manifest(up.dir)
+        if manifest.get("status") != "done":
+            raise PipelineError(
+                f"stages.{self.name}: upstream stage {stage!r} is not done; "
+                f"run it first (pipeline run RECIPE --only {stage})"
+            )
+        return up
+
+    def tracker(self, resume_step: int | None = None) -> Tracker:
+        """This stage's tracker (W&B + metrics.jsonl); logs only on rank 0."""
+        return Tracker(
+            self.stage_dir,
+            self.recipe.tracking,
+            run_id=self.wandb_id,
+            group=self.recipe.name,
+            name=self.name,
+            job_type=self.kind,
+            stage_config=self.config.model_dump(mode="json"),
+            enabled=self.is_main,
+            resume_step=resume_step,
+        )
+
+    def write_summary(self, metrics: dict[str, Any], headline: str | None = None) -> None:
+        """Record summary metrics for the manifest (rank 0); `headline` names the status metric."""
+        if not self.is_main:
+            return
+        path = self.stage_dir / SUMMARY_FILE
+        current = json.loads(path.read_text()) if path.exists() else {"metrics": {}}
+        current["metrics"].update(metrics)
+        if headline is not None:
+            current["headline"] = headline
+        atomic_write_json(path, current)
+
+    def progress(
+        self, items: Iterable[T] | None = None, total: int | None = None, desc: str = ""
+    ) -> Iterator[T]:
+        """Progress over a long loop: a bar on a terminal, periodic lines in logs, silent off rank 0."""
+        from pipeline.progress import progress
+
+        return progress(items, total=total, desc=desc, enabled=self.is_main, log=self.log)
+
+
+def setup_stage_logging(stage_dir: Path, name: str, rank: int) -> None:
+    """Rank 0 logs to the terminal and `stage.log`; other ranks only to `logs/rank{r}.log`."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger("pipeline")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S")
+    if rank == 0:
+        file_handler = logging.FileHandler(stage_dir / "stage.log", encoding="utf-8")
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter(f"  [{name}] %(message)s"))
+        logger.addHandler(console)
+    else:
+        (stage_dir / "logs").mkdir(exist_ok=True)
+        file_handler = logging.FileHandler(stage_dir / "logs" / f"rank{rank}.log", encoding="utf-8")
+    file_handler.setFormatter(fmt)
+    logger.addHandler(file_handler)

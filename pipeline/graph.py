@@ -1,0 +1,155 @@
+"""The stage DAG: order, fingerprints, and which stages a run must execute and why."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import Recipe, _suggest
+from pipeline.errors import RecipeError
+from pipeline.manifest import read_manifest, verify_outputs
+
+# Bump when the meaning of a stage's outputs changes for the same config.
+FINGERPRINT_VERSION = 1
+
+
+def topo_order(recipe: Recipe) -> list[str]:
+    """Stages in dependency order (recipe order among equals); rejects unknown names and cycles."""
+    names = list(recipe.stages)
+    for name, cfg in recipe.stages.items():
+        for dep in cfg.after:
+            if dep not in recipe.stages:
+                raise RecipeError(
+                    f"stages.{name}.after: unknown stage {dep!r}{_suggest(dep, names)} "
+                    f"(stages: {', '.join(names)})"
+                )
+            if dep == name:
+                raise RecipeError(f"stages.{name}.after: a stage cannot come after itself")
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            cycle = " -> ".join([*path[path.index(name) :], name])
+            raise RecipeError(f"stages: dependency cycle {cycle}; remove one `after` entry")
+        state[name] = "visiting"
+        for dep in recipe.stages[name].after:
+            visit(dep, [*path, name])
+        state[name] = "done"
+        order.append(name)
+
+    for name in names:
+        visit(name, [])
+    return order
+
+
+def downstream(recipe: Recipe, roots: set[str]) -> set[str]:
+    """`roots` and every stage that depends on them, transitively."""
+    result = set(roots)
+    for name in topo_order(recipe):
+        if any(dep in result for dep in recipe.stages[name].after):
+            result.add(name)
+    return result
+
+
+def fingerprints(recipe: Recipe) -> dict[str, str]:
+    """Hash of each stage's kind, resolved config, launch shape, seed and upstream fingerprints."""
+    result: dict[str, str] = {}
+    for name in topo_order(recipe):
+        cfg = recipe.stages[name]
+        launch = recipe.launch_for(name)
+        payload = {
+            "version": FINGERPRINT_VERSION,
+            "kind": cfg.kind,
+            "config": cfg.model_dump(mode="json", exclude={"after", "launch"}),
+            "data": cfg.data_signature(),
+            "world_size": launch.nproc * launch.nnodes,
+            "engine": launch.engine,
+            "seed": recipe.seed,
+            "upstream": {dep: result[dep] for dep in sorted(cfg.after)},
+        }
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        result[name] = hashlib.sha256(blob).hexdigest()[:16]
+    return result
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage in a plan: whether it runs, and the reason shown to the user."""
+
+    name: str
+    kind: str
+    run: bool
+    reason: str
+    fingerprint: str
+
+
+def stage_state(run_dir: Path, name: str, fingerprint: str) -> tuple[bool, str]:
+    """(up to date?, reason) from the stage's manifest and outputs."""
+    manifest = read_manifest(run_dir / name)
+    if not manifest:
+        return False, "never run"
+    status = manifest.get("status")
+    if status != "done":
+        return False, f"last attempt {status}" + (
+            " (will resume)" if status in {"running", "failed"} else ""
+        )
+    if manifest.get("fingerprint") != fingerprint:
+        return False, "config or upstream changed"
+    problem = verify_outputs(run_dir / name, manifest.get("outputs", {}))
+    if problem:
+        return False, problem
+    return True, "up to date"
+
+
+def plan(
+    recipe: Recipe,
+    *,
+    from_stage: str | None = None,
+    only: list[str] | None = None,
+    force: bool = False,
+) -> list[Step]:
+    """Decide, in order, which stages run; `--from` and `--only` force their stages to rerun."""
+    for flag, stages in (("--from", [from_stage] if from_stage else []), ("--only", only or [])):
+        for stage in stages:
+            if stage not in recipe.stages:
+                raise RecipeError(
+                    f"{flag} {stage}: no such stage{_suggest(stage, recipe.stages)} "
+                    f"(stages: {', '.join(recipe.stages)})"
+                )
+    run_dir = recipe.resolved_run_dir()
+    prints = fingerprints(recipe)
+    forced = downstream(recipe, {from_stage}) if from_stage else set()
+    steps: list[Step] = []
+    rerun: set[str] = set()
+    for name in topo_order(recipe):
+        cfg = recipe.stages[name]
+        fresh, reason = stage_state(run_dir, name, prints[name])
+        if only is not None and name not in only:
+            steps.append(Step(name, cfg.kind, False, f"not selected ({reason})", prints[name]))
+            continue
+        if only is not None:
+            for dep in cfg.after:
+                dep_fresh, dep_reason = stage_state(run_dir, dep, prints[dep])
+                if not dep_fresh and dep not in only:
+                    raise RecipeError(
+                        f"--only {name}: upstream stage {dep!r} is not up to date ({dep_reason}); "
+                        f"run it too (--only {dep},{name}) or use --from {dep}"
+                    )
+            run, why = True, "selected with --only" if fresh else reason
+        elif force:
+            run, why = True, "--force"
+        elif name in forced:
+            run, why = True, f"--from {from_stage}" if fresh else reason
+        elif any(dep in rerun for dep in cfg.after):
+            run, why = True, "upstream reruns"
+        else:
+            run, why = not fresh, reason
+        if run:
+            rerun.add(name)
+        steps.append(Step(name, cfg.kind, run, why, prints[name]))
+    return steps

@@ -1,0 +1,121 @@
+"""Start a stage: in this process (one process) or under torchrun (several), and report failures.
+
+`python -m pipeline.launch TORCHRUN_ARGS...` is torchrun with its launcher noise silenced: when
+a rank fails, the engine shows that rank's own error (from `<stage>/errors/`), not the elastic
+agent's wall of tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+from pipeline.config import LaunchConfig
+from pipeline.errors import PipelineError, StageFailed
+
+ERRORS_DIR = "errors"
+
+
+def run_in_process(run_dir: Path, stage: str) -> None:
+    """Run a one-process stage here; errors are recorded like a worker's and re-raised."""
+    from pipeline.worker import execute_stage
+
+    try:
+        execute_stage(run_dir, stage)
+    except PipelineError:
+        raise
+    except Exception as exc:
+        log_path = run_dir / stage / "stage.log"
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(traceback.format_exc())
+        raise StageFailed(
+            f"stage {stage} crashed: {type(exc).__name__}: {exc} (traceback in {log_path})"
+        ) from exc
+
+
+def torchrun_command(run_dir: Path, stage: str, launch: LaunchConfig) -> list[str]:
+    """The command line that starts `launch.nproc` workers on this node."""
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.launch",
+        "--standalone",
+        f"--nnodes={launch.nnodes}",
+        f"--nproc-per-node={launch.nproc}",
+        "--module",
+        "pipeline.worker",
+        str(run_dir),
+        stage,
+    ]
+
+
+def worker_env(launch: LaunchConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    cores = os.cpu_count() or 1
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // launch.nproc)))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if sys.stderr.isatty():
+        env.setdefault("PIPELINE_PROGRESS", "bar")
+    return env
+
+
+def run_torchrun(run_dir: Path, stage: str, launch: LaunchConfig) -> None:
+    """Run a stage under torchrun; on failure raise with the root-cause rank's error."""
+    errors = run_dir / stage / ERRORS_DIR
+    for old in errors.glob("rank*.json"):
+        old.unlink()
+    proc = subprocess.run(
+        torchrun_command(run_dir, stage, launch), env=worker_env(launch), check=False
+    )
+    if proc.returncode != 0:
+        raise StageFailed(first_rank_error(errors, stage, proc.returncode))
+
+
+def first_rank_error(errors: Path, stage: str, returncode: int) -> str:
+    """The error of the rank that failed first (others usually fail because it did)."""
+    reports = []
+    for path in errors.glob("rank*.json"):
+        try:
+            reports.append(json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            continue
+    if not reports:
+        return (
+            f"stage {stage}: workers exited with code {returncode} without an error report "
+            f"(killed? out of memory?); see {errors.parent / 'stage.log'} and {errors.parent / 'logs'}"
+        )
+    first = min(reports, key=lambda r: r["time"])
+    if first.get("user_error"):
+        return first["message"]
+    return (
+        f"stage {stage} crashed on rank {first['rank']}: {first['message']}\n"
+        f"{first.get('traceback', '').rstrip()}"
+    )
+
+
+def quiet_torchrun(argv: list[str]) -> int:
+    """torchrun's main with the elastic agent's logging and ChildFailedError dump suppressed."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    for name in (
+        "torch.distributed.elastic",
+        "torch.distributed.run",
+        "torch.distributed.launcher",
+    ):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    args = get_args_parser().parse_args(argv)
+    try:
+        run(args)
+    except ChildFailedError:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(quiet_torchrun(sys.argv[1:]))

@@ -1,0 +1,91 @@
+"""Run-directory manifests, atomic file writes and checksums.
+
+A manifest (`<stage>/stage.json`) is the only record of a stage's state. It is replaced atomically
+(temp file, fsync, rename), so a crash leaves either the old manifest or the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "stage.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checksum_tree(root: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {bytes, sha256}} for every file under `root`."""
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {
+        str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in files
+    }
+
+
+def verify_outputs(
+    stage_dir: Path, outputs: dict[str, dict[str, Any]], deep: bool = False
+) -> str | None:
+    """None when every recorded output exists with its size (and checksum when `deep`), else why not."""
+    for rel, meta in outputs.items():
+        path = stage_dir / rel
+        if not path.is_file():
+            return f"output {rel} is missing"
+        if path.stat().st_size != meta["bytes"]:
+            return f"output {rel} changed size"
+        if deep and sha256_file(path) != meta["sha256"]:
+            return f"output {rel} fails its checksum"
+    return None
+
+
+def read_manifest(stage_dir: Path) -> dict[str, Any]:
+    path = stage_dir / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+
+
+def write_manifest(stage_dir: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_json(stage_dir / MANIFEST, manifest)
+
+
+def update_manifest(stage_dir: Path, **fields: Any) -> dict[str, Any]:
+    manifest = read_manifest(stage_dir)
+    manifest.update(fields)
+    write_manifest(stage_dir, manifest)
+    return manifest

@@ -1,0 +1,139 @@
+"""The orchestrator: walk the plan, run each stage, and keep its manifest honest.
+
+A manifest says "done" only after the stage returned, its summary was read and every file under
+its export/ was checksummed. Anything else (crash, kill, Ctrl-C) leaves "running" or "failed",
+and the next `pipeline run` retries the stage, resuming from its newest checkpoint when the
+config is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Recipe
+from pipeline.context import SUMMARY_FILE
+from pipeline.errors import PipelineError, StageFailed
+from pipeline.graph import Step, plan
+from pipeline.launch import run_in_process, run_torchrun
+from pipeline.manifest import atomic_write_text, checksum_tree, read_manifest, write_manifest
+from pipeline.tracking import new_run_id
+from pipeline.worker import RECIPE_FILE
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def prepare_stage(run_dir: Path, step: Step) -> dict[str, Any]:
+    """Mark a stage running; keep its checkpoints and W&B id only when resuming the same config."""
+    stage_dir = run_dir / step.name
+    previous = read_manifest(stage_dir)
+    resuming = previous.get("fingerprint") == step.fingerprint and previous.get("status") != "done"
+    if not resuming:
+        shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
+        (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(stage_dir / "export", ignore_errors=True)
+    (stage_dir / SUMMARY_FILE).unlink(missing_ok=True)
+    manifest = {
+        "stage": step.name,
+        "kind": step.kind,
+        "fingerprint": step.fingerprint,
+        "status": "running",
+        "attempts": (previous.get("attempts", 0) if resuming else 0) + 1,
+        "started_at": now_iso(),
+        "finished_at": None,
+        "duration_s": None,
+        "wandb_id": previous.get("wandb_id")
+        if resuming and previous.get("wandb_id")
+        else new_run_id(),
+        "summary": {},
+        "headline": None,
+        "outputs": {},
+        "error": None,
+        "slurm": previous.get("slurm", {}) if resuming else {},
+    }
+    write_manifest(stage_dir, manifest)
+    return manifest
+
+
+def finish_stage(
+    run_dir: Path, name: str, manifest: dict[str, Any], started: float
+) -> dict[str, Any]:
+    """Collect summary and output checksums, then (and only then) mark the stage done."""
+    stage_dir = run_dir / name
+    summary_path = stage_dir / SUMMARY_FILE
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    export = stage_dir / "export"
+    outputs = (
+        {f"export/{rel}": meta for rel, meta in checksum_tree(export).items()}
+        if export.is_dir()
+        else {}
+    )
+    manifest.update(
+        status="done",
+        finished_at=now_iso(),
+        duration_s=round(time.perf_counter() - started, 2),
+        summary=summary.get("metrics", {}),
+        headline=summary.get("headline"),
+        outputs=outputs,
+    )
+    write_manifest(stage_dir, manifest)
+    return manifest
+
+
+def execute(recipe: Recipe, step: Step) -> dict[str, Any]:
+    """Run one stage to completion or raise StageFailed, with the manifest updated either way."""
+    run_dir = recipe.resolved_run_dir()
+    manifest = prepare_stage(run_dir, step)
+    launch = recipe.launch_for(step.name)
+    started = time.perf_counter()
+    try:
+        if launch.nproc * launch.nnodes == 1:
+            run_in_process(run_dir, step.name)
+        else:
+            run_torchrun(run_dir, step.name, launch)
+    except (PipelineError, KeyboardInterrupt) as exc:
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc).splitlines()[0]
+        manifest.update(
+            status="failed",
+            error=reason,
+            finished_at=now_iso(),
+            duration_s=round(time.perf_counter() - started, 2),
+        )
+        write_manifest(run_dir / step.name, manifest)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise StageFailed(str(exc)) from None
+    return finish_stage(run_dir, step.name, manifest, started)
+
+
+def write_resolved_recipe(recipe: Recipe) -> Path:
+    run_dir = recipe.resolved_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RECIPE_FILE
+    atomic_write_text(path, recipe.to_yaml())
+    return path
+
+
+def run_recipe(
+    recipe: Recipe,
+    *,
+    from_stage: str | None = None,
+    only: list[str] | None = None,
+    force: bool = False,
+    on_step: Any = None,
+) -> list[tuple[Step, dict[str, Any] | None]]:
+    """Execute the plan; returns each step with the manifest it ran to (None when skipped)."""
+    steps = plan(recipe, from_stage=from_stage, only=only, force=force)
+    write_resolved_recipe(recipe)
+    results: list[tuple[Step, dict[str, Any] | None]] = []
+    for step in steps:
+        if on_step:
+            on_step(step)
+        results.append((step, execute(recipe, step) if step.run else None))
+    return results

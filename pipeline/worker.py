@@ -1,0 +1,81 @@
+"""One process of a stage: `python -m pipeline.worker RUN_DIR STAGE` (usually under torchrun).
+
+Every process reads the resolved recipe from the run directory, so what runs is exactly what the
+orchestrator planned, whether started locally, by torchrun or by a Slurm job.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from pipeline.config import read_yaml, validate_recipe
+from pipeline.context import StageContext, setup_stage_logging
+from pipeline.errors import PipelineError
+from pipeline.launch import ERRORS_DIR
+from pipeline.manifest import atomic_write_json, read_manifest
+from pipeline.stages import stage_module
+
+RECIPE_FILE = "recipe.yaml"
+
+
+def load_context(run_dir: Path, stage: str) -> StageContext:
+    recipe = validate_recipe(read_yaml(run_dir / RECIPE_FILE), source=str(run_dir / RECIPE_FILE))
+    if stage not in recipe.stages:
+        raise PipelineError(f"{run_dir}: recipe has no stage {stage!r}")
+    manifest = read_manifest(run_dir / stage)
+    return StageContext(
+        run_dir=run_dir,
+        name=stage,
+        recipe=recipe,
+        fingerprint=manifest.get("fingerprint", ""),
+        wandb_id=manifest.get("wandb_id"),
+    )
+
+
+def execute_stage(run_dir: Path, stage: str) -> None:
+    """Build the context and call the stage kind's `run(ctx)`."""
+    ctx = load_context(run_dir, stage)
+    setup_stage_logging(ctx.stage_dir, stage, ctx.rank)
+    stage_module(ctx.kind).run(ctx)
+
+
+def _redirect_output(path: Path) -> None:
+    """Send this process's stdout/stderr (including C-level writes) to a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def main(argv: list[str]) -> int:
+    run_dir, stage = Path(argv[0]), argv[1]
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        _redirect_output(run_dir / stage / "logs" / f"rank{rank}.out")
+    try:
+        execute_stage(run_dir, stage)
+    except BaseException as exc:  # noqa: BLE001 - every failure is reported to the orchestrator
+        user_error = isinstance(exc, PipelineError)
+        report = {
+            "rank": rank,
+            "time": time.time(),
+            "user_error": user_error,
+            "message": str(exc) if user_error else f"{type(exc).__name__}: {exc}",
+            "traceback": "" if user_error else traceback.format_exc(),
+        }
+        atomic_write_json(run_dir / stage / ERRORS_DIR / f"rank{rank}.json", report)
+        if not user_error:
+            traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,101 @@
+"""Recipe validation: one-line errors with key paths, suggestions and exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import bundled_recipes_dir, load_recipe
+from pipeline.errors import RecipeError
+from tests.conftest import cli, tiny_recipe, write_recipe
+
+
+def _error(tmp_path: Path, mutate) -> str:
+    data = tiny_recipe(tmp_path / "runs")
+    mutate(data)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write_recipe(tmp_path / "r.yaml", data))
+    return str(info.value)
+
+
+def test_misspelt_key_one_line_with_suggestion_and_exit_2(tmp_path: Path) -> None:
+    data = tiny_recipe(tmp_path / "runs")
+    data["stages"]["pretrain"]["max_stepz"] = 5
+    result = cli("run", str(write_recipe(tmp_path / "r.yaml", data)))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "stages.pretrain.max_stepz" in lines[0]
+    assert "did you mean 'max_steps'" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_nested_misspelt_key_suggests_within_its_block(tmp_path: Path) -> None:
+    msg = _error(tmp_path, lambda d: d["stages"]["pretrain"].update(optim={"lrr": 1e-3}))
+    assert "stages.pretrain.optim.lrr: unknown key; did you mean 'lr'?" in msg
+
+
+def test_wrong_type_names_path_and_value(tmp_path: Path) -> None:
+    msg = _error(tmp_path, lambda d: d["stages"]["pretrain"].update(max_steps="lots"))
+    assert "stages.pretrain.max_steps: got 'lots'" in msg
+    assert "integer" in msg
+
+
+def test_unknown_kind_suggests(tmp_path: Path) -> None:
+    msg = _error(tmp_path, lambda d: d["stages"]["pretrain"].update(kind="pretrian"))
+    assert "unknown kind 'pretrian'; did you mean 'pretrain'?" in msg
+
+
+def test_unknown_stage_in_after(tmp_path: Path) -> None:
+    msg = _error(tmp_path, lambda d: d["stages"]["eval"].update(after=["pretrian"]))
+    assert "stages.eval.after: unknown stage 'pretrian'; did you mean 'pretrain'?" in msg
+
+
+def test_cycle_rejected(tmp_path: Path) -> None:
+    msg = _error(tmp_path, lambda d: d["stages"]["tokenizer"].update(after=["pretrain"]))
+    assert "dependency cycle" in msg
+    assert "tokenizer -> tokenize -> pretrain -> tokenizer" in msg or "cycle" in msg
+
+
+def test_impossible_setting_rejected(tmp_path: Path) -> None:
+    msg = _error(tmp_path, lambda d: d["stages"]["pretrain"]["model"].update(hidden_size=33))
+    assert "stages.pretrain.model" in msg and "divisible" in msg
+
+
+def test_overrides_apply_and_validate(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "runs"))
+    recipe = load_recipe(path, ["stages.pretrain.optim.lr=3e-4", "stages.eval.prompts=[a, b]"])
+    assert recipe.stages["pretrain"].optim.lr == pytest.approx(3e-4)
+    assert recipe.stages["eval"].prompts == ["a", "b"]
+    with pytest.raises(RecipeError, match="stages.pretrain.optim.lrr"):
+        load_recipe(path, ["stages.pretrain.optim.lrr=1"])
+
+
+def test_malformed_yaml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstages: {a: [\n")
+    result = cli("run", str(bad))
+    assert (
+        result.returncode == 2
+        and "malformed YAML" in result.stderr
+        and "Traceback" not in result.stderr
+    )
+    result = cli("run", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2 and "no such recipe" in result.stderr
+
+
+def test_non_utf8_recipe(tmp_path: Path) -> None:
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    result = cli("run", str(bad))
+    assert result.returncode == 2 and "not UTF-8" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "path", sorted(bundled_recipes_dir().rglob("*.yaml")), ids=lambda p: p.stem
+)
+def test_every_bundled_recipe_validates(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert recipe.stages
+    assert recipe.description, f"{path} needs a one-line description for `pipeline recipes`"

@@ -1,0 +1,168 @@
+"""Pretraining end to end: DDP replicas agree, kill -9 + resume is exact, exports load, W&B offline."""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.manifest import read_manifest
+from pipeline.tracking import read_metrics
+from tests.conftest import ROOT, cli, tiny_recipe, write_recipe
+
+
+def _pretrain_recipe(run_dir: Path, **pretrain: object) -> dict:
+    data = tiny_recipe(run_dir)
+    del data["stages"]["eval"]
+    data["stages"]["pretrain"].update(pretrain)
+    return data
+
+
+def _load_weights(export: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(export / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_end_with_identical_replicas(tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "tiny"
+    data = _pretrain_recipe(run_dir, launch={"nproc": 2})
+    result = cli("run", str(write_recipe(tmp_path / "r.yaml", data)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = read_manifest(run_dir / "pretrain")
+    digests = manifest["summary"]["replica_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert (run_dir / "pretrain" / "logs" / "rank1.log").is_file()
+    newest = sorted((run_dir / "pretrain" / "checkpoints").glob("step_*"))[-1]
+    assert (newest / "random_states_1.pkl").is_file()  # both ranks saved their state
+
+
+def _start(recipe: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", str(recipe)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_gives_the_uninterrupted_export(tmp_path: Path) -> None:
+    import torch
+
+    settings = {
+        "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 2},
+        "seq_len": 64,
+        "micro_batch_size": 8,
+        "max_steps": 60,
+        "checkpoint_every": 5,
+        "eval_every": 20,
+    }
+    reference = tmp_path / "runs" / "reference"
+    ref_recipe = write_recipe(tmp_path / "ref.yaml", _pretrain_recipe(reference, **settings))
+    assert cli("run", str(ref_recipe)).returncode == 0
+
+    killed = tmp_path / "runs" / "killed"
+    recipe = write_recipe(tmp_path / "killed.yaml", _pretrain_recipe(killed, **settings))
+    proc = _start(recipe)
+    checkpoints = killed / "pretrain" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(checkpoints.glob("step_00000010")):
+        assert proc.poll() is None, "run finished before it could be killed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert read_manifest(killed / "pretrain")["status"] == "running"
+    assert not (killed / "pretrain" / "export").exists()
+
+    result = cli("run", str(recipe))
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(killed / "pretrain")
+    assert manifest["status"] == "done" and manifest["attempts"] == 2
+    assert "resuming from step_" in (killed / "pretrain" / "stage.log").read_text()
+    ours, theirs = (
+        _load_weights(killed / "pretrain" / "export"),
+        _load_weights(reference / "pretrain" / "export"),
+    )
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    steps = [row["step"] for row in read_metrics(killed / "pretrain") if "train/loss" in row]
+    assert steps == sorted(set(steps)), "resumed run logged some steps twice"
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("offline")
+    run_dir = tmp_path / "runs" / "tiny"
+    data = _pretrain_recipe(run_dir)
+    data["tracking"] = {"mode": "offline", "project": "pipeline-tests"}
+    result = cli("run", str(write_recipe(tmp_path / "r.yaml", data)))
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def test_export_loads_in_transformers_and_generates(offline_run: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    export = offline_run / "pretrain" / "export"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    assert model.config.model_type == "llama"
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    out = generator("def main():\n", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert out.startswith("def main():\n") and len(out) > len("def main():\n")
+
+
+def _wandb_records(path: Path) -> list:
+    """Records of a W&B .wandb file (LevelDB-style log of protobuf Records)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, payload, records = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        payload += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            records.append(record)
+            payload = b""
+        elif kind == 0:
+            break
+    return records
+
+
+def test_offline_wandb_run_holds_the_logged_metrics(offline_run: Path) -> None:
+    import json
+
+    manifest = read_manifest(offline_run / "pretrain")
+    run_files = list((offline_run / "pretrain" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1 and manifest["wandb_id"] in run_files[0].name
+    history = [
+        r.history for r in _wandb_records(run_files[0]) if r.WhichOneof("record_type") == "history"
+    ]
+    logged = {}
+    for item in history:
+        values = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in item.item}
+        if "train/loss" in values:
+            logged[values["_step"]] = values["train/loss"]
+    jsonl = {
+        r["step"]: r["train/loss"]
+        for r in read_metrics(offline_run / "pretrain")
+        if "train/loss" in r
+    }
+    assert logged and logged == pytest.approx(jsonl)
