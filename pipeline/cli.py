@@ -62,8 +62,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         table.add_column(col)
     from pipeline.manifest import read_manifest
 
+    notes = []
     for step, manifest in results:
         manifest = manifest or read_manifest(recipe.resolved_run_dir() / step.name)
+        if manifest.get("note"):
+            notes.append(f"{step.name}: {manifest['note']}")
         table.add_row(
             step.name,
             step.kind,
@@ -72,6 +75,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             _fmt_metric(manifest),
         )
     console.print(table)
+    for note in notes:
+        console.print(note)
     report = next(
         (
             recipe.resolved_run_dir() / n / "index.html"

@@ -132,8 +132,14 @@ class StageContext:
             resume_step=resume_step,
         )
 
-    def write_summary(self, metrics: dict[str, Any], headline: str | None = None) -> None:
-        """Record summary metrics for the manifest (rank 0); `headline` names the status metric."""
+    def write_summary(
+        self, metrics: dict[str, Any], headline: str | None = None, note: str | None = None
+    ) -> None:
+        """Record summary metrics for the manifest (rank 0).
+
+        `headline` names the metric shown in status tables; `note` is a one-line human summary
+        printed after a run (e.g. a metric next to its baseline).
+        """
         if not self.is_main:
             return
         path = self.stage_dir / SUMMARY_FILE
@@ -141,6 +147,8 @@ class StageContext:
         current["metrics"].update(metrics)
         if headline is not None:
             current["headline"] = headline
+        if note is not None:
+            current["note"] = note
         atomic_write_json(path, current)
 
     def progress(
@@ -172,3 +180,13 @@ def setup_stage_logging(stage_dir: Path, name: str, rank: int) -> None:
         file_handler = logging.FileHandler(stage_dir / "logs" / f"rank{rank}.log", encoding="utf-8")
     file_handler.setFormatter(fmt)
     logger.addHandler(file_handler)
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (advisory warnings, per-file progress bars) out of stage output."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("accelerate", "DeepSpeed", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)

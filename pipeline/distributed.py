@@ -14,13 +14,10 @@ def build_accelerator(launch: LaunchConfig, precision: str = "fp32") -> Accelera
     """An Accelerator for `launch.engine` (DDP; gloo on CPU, NCCL on GPUs)."""
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
 
-    on_cpu = not torch.cuda.is_available()
     return Accelerator(
-        cpu=on_cpu,
+        cpu=not torch.cuda.is_available(),
         mixed_precision="bf16" if precision == "bf16" else "no",
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
 
 

@@ -58,7 +58,6 @@ def worker_env(launch: LaunchConfig) -> dict[str, str]:
     env = dict(os.environ)
     cores = os.cpu_count() or 1
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores // launch.nproc)))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if sys.stderr.isatty():
         env.setdefault("PIPELINE_PROGRESS", "bar")
     return env

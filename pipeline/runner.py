@@ -53,6 +53,7 @@ def prepare_stage(run_dir: Path, step: Step) -> dict[str, Any]:
         else new_run_id(),
         "summary": {},
         "headline": None,
+        "note": None,
         "outputs": {},
         "error": None,
         "slurm": previous.get("slurm", {}) if resuming else {},
@@ -80,6 +81,7 @@ def finish_stage(
         duration_s=round(time.perf_counter() - started, 2),
         summary=summary.get("metrics", {}),
         headline=summary.get("headline"),
+        note=summary.get("note"),
         outputs=outputs,
     )
     write_manifest(stage_dir, manifest)

@@ -51,18 +51,19 @@ def test_rerun_semantics(tmp_path: Path) -> None:
     assert _reran(before, _starts(run_dir)) == {"eval"}
 
     before = _starts(run_dir)
-    _run(recipe, "-o", "stages.pretrain.optim.lr=5e-4")
+    lr = ("-o", "stages.pretrain.optim.lr=5e-4")
+    _run(recipe, *lr)
     assert _reran(before, _starts(run_dir)) == {"pretrain", "eval"}
 
     before = _starts(run_dir)
-    _run(recipe, "--only", "eval")
+    _run(recipe, *lr, "--only", "eval")
     assert _reran(before, _starts(run_dir)) == {"eval"}
 
     before = _starts(run_dir)
-    _run(recipe, "--from", "pretrain")
+    _run(recipe, *lr, "--from", "pretrain")
     assert _reran(before, _starts(run_dir)) == {"pretrain", "eval"}
 
-    status = cli("status", str(run_dir))
+    status = cli("status", str(run_dir))  # reads the resolved recipe of the last run
     assert status.returncode == 0
     for stage in STAGES:
         assert stage in status.stdout

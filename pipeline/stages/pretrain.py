@@ -152,21 +152,14 @@ def run(ctx: StageContext) -> None:
     def evaluate() -> float:
         """Mean validation loss over the first eval_batches*world micro batches, split over ranks."""
         model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-        windows = list(val.windows(cfg.seq_len, cfg.eval_batches * cfg.micro_batch_size * world))
-        mine = windows[rank::world]
-        with torch.no_grad():
-            for i in range(0, len(mine), cfg.micro_batch_size):
-                batch = torch.as_tensor(
-                    mine[i : i + cfg.micro_batch_size], dtype=torch.long, device=accelerator.device
-                )
-                with accelerator.autocast():
-                    loss = causal_lm_loss(model, batch)
-                total += torch.tensor(
-                    [loss.item() * batch[:, 1:].numel(), batch[:, 1:].numel()],
-                    dtype=torch.float64,
-                    device=accelerator.device,
-                )
+        count = cfg.eval_batches * cfg.micro_batch_size * world
+        windows = np.stack(list(val.windows(cfg.seq_len, count)))[rank::world]  # [N, T + 1]
+        total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # [nll, tokens]
+        with torch.no_grad(), accelerator.autocast():
+            for batch in torch.from_numpy(windows).to(accelerator.device).split(cfg.micro_batch_size):
+                targets = batch[:, 1:].numel()
+                total[0] += causal_lm_loss(model, batch).double() * targets
+                total[1] += targets
         total = accelerator.reduce(total, reduction="sum")
         model.train()
         return (total[0] / total[1]).item()

@@ -1,0 +1,1 @@
+"""Data preparation: sources, tokenizer training, tokenization and token shards."""

@@ -1,0 +1,224 @@
+"""Stage kind `tokenizer`: train a lossless SentencePiece model and export it for Hugging Face.
+
+The export holds `tokenizer.model` (SentencePiece) and a `tokenizers`-backed transformers
+tokenizer that encodes identically: identity normalisation, no dummy prefix, whitespace kept,
+byte fallback, so any text round-trips and both libraries agree id for id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from data_prep.sources import SourceConfig, iter_documents, source_signature
+from pipeline.config import StageConfig
+from pipeline.context import StageContext
+from pipeline.errors import PipelineError
+
+MODEL_FILE = "tokenizer.model"
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+# Training text is fed as chunks of whole lines under SentencePiece's max_sentence_length.
+CHUNK_BYTES = 4000
+MAX_SENTENCE_BYTES = 8192
+# Unigram scores are rounded to multiples of 1/16 so that SentencePiece (float32) and
+# tokenizers (float64) sum path scores exactly and break Viterbi ties the same way.
+SCORE_STEPS_PER_UNIT = 16
+NORMAL_PIECE = 1
+
+
+class Config(StageConfig):
+    """Train a SentencePiece tokenizer (BPE or unigram, byte fallback) on a text sample."""
+
+    kind: Literal["tokenizer"] = "tokenizer"
+    source: SourceConfig
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    vocab_size: int = Field(4096, ge=300, le=1_000_000)
+    sample_bytes: int = Field(10_000_000, ge=1)
+    character_coverage: float = Field(0.9995, gt=0, le=1)
+    max_piece_length: int = Field(16, ge=1, le=64)
+    num_threads: int = Field(0, ge=0)
+
+    summary_metric: ClassVar[str | None] = "bytes_per_token"
+
+    def data_signature(self) -> dict[str, Any]:
+        """The source's file stats (or interpreter version for the stdlib source)."""
+        return source_signature(self.source)
+
+
+def run(ctx: StageContext) -> None:
+    """Train on the first `sample_bytes` of the source and export to `ctx.export_dir`."""
+    cfg = ctx.config
+    assert isinstance(cfg, Config)
+    source = cfg.source.model_copy(
+        update={"max_bytes": min(cfg.sample_bytes, cfg.source.max_bytes or cfg.sample_bytes)}
+    )
+    documents = ctx.progress(iter_documents(source), desc="tokenizer sample")
+    stats = train_tokenizer(
+        documents,
+        ctx.export_dir,
+        model_type=cfg.model_type,
+        vocab_size=cfg.vocab_size,
+        character_coverage=cfg.character_coverage,
+        max_piece_length=cfg.max_piece_length,
+        num_threads=cfg.num_threads,
+        seed=ctx.seed,
+    )
+    ctx.log.info(
+        "vocab %d trained on %d bytes: %.2f bytes/token",
+        stats["vocab_size"],
+        stats["training_bytes"],
+        stats["bytes_per_token"],
+    )
+    ctx.write_summary(stats, headline="bytes_per_token")
+
+
+def train_tokenizer(
+    documents: Iterable[str],
+    out_dir: Path,
+    model_type: str = "bpe",
+    vocab_size: int = 4096,
+    character_coverage: float = 0.9995,
+    max_piece_length: int = 16,
+    num_threads: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train SentencePiece on `documents`, write the SP and HF exports; returns summary stats."""
+    import io
+    import os
+
+    import sentencepiece as spm
+
+    chunks = list(training_chunks(documents))
+    training_bytes = sum(len(c.encode("utf-8")) for c in chunks)
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(chunks),
+            model_writer=model,
+            model_type=model_type,
+            vocab_size=vocab_size,
+            character_coverage=character_coverage,
+            max_sentencepiece_length=max_piece_length,
+            max_sentence_length=MAX_SENTENCE_BYTES,
+            num_threads=num_threads or os.cpu_count() or 1,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            input_sentence_size=0,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            unk_piece=UNK,
+            bos_piece=BOS,
+            eos_piece=EOS,
+            pad_piece=PAD,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:
+        raise PipelineError(
+            f"tokenizer: SentencePiece training failed on {training_bytes} bytes "
+            f"({str(exc).splitlines()[0]}); use a smaller vocab_size or more sample_bytes"
+        ) from None
+    proto = _quantized(model.getvalue()) if model_type == "unigram" else model.getvalue()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MODEL_FILE).write_bytes(proto)
+    export_hf_tokenizer(out_dir / MODEL_FILE, out_dir)
+    processor = spm.SentencePieceProcessor(model_proto=proto)
+    num_tokens = sum(map(len, processor.encode(chunks, num_threads=os.cpu_count() or 1)))
+    return {
+        "vocab_size": processor.get_piece_size(),
+        "training_bytes": training_bytes,
+        "bytes_per_token": training_bytes / max(num_tokens, 1),
+    }
+
+
+def training_chunks(documents: Iterable[str], chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+    """Documents cut at line boundaries into pieces of at most `chunk_bytes`, newlines kept."""
+    for doc in documents:
+        buffer: list[str] = []
+        size = 0
+        for line in doc.splitlines(keepends=True):
+            for part in _split_long(line, chunk_bytes):
+                part_size = len(part.encode("utf-8"))
+                if size + part_size > chunk_bytes and buffer:
+                    yield "".join(buffer)
+                    buffer, size = [], 0
+                buffer.append(part)
+                size += part_size
+        if buffer:
+            yield "".join(buffer)
+
+
+def _split_long(line: str, chunk_bytes: int) -> Iterator[str]:
+    """A line longer than `chunk_bytes` as character-boundary pieces that each fit."""
+    data = line.encode("utf-8")
+    while len(data) > chunk_bytes:
+        cut = chunk_bytes
+        while cut > 0 and (data[cut] & 0xC0) == 0x80:
+            cut -= 1
+        yield data[:cut].decode("utf-8")
+        data = data[cut:]
+    yield data.decode("utf-8")
+
+
+def _quantized(model_proto: bytes) -> bytes:
+    """The unigram model with piece scores rounded so float32 and float64 Viterbi agree."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_proto)
+    for piece in proto.pieces:
+        if piece.type == NORMAL_PIECE:
+            piece.score = round(piece.score * SCORE_STEPS_PER_UNIT) / SCORE_STEPS_PER_UNIT
+    return proto.SerializeToString()
+
+
+def export_hf_tokenizer(model_path: Path, out_dir: Path) -> None:
+    """Write tokenizer.json + tokenizer_config.json that encode exactly like `model_path`."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.tokenization_utils_base import generate_merges
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_path.read_bytes())
+    pieces = [(p.piece, p.score, p.type == NORMAL_PIECE) for p in proto.pieces]
+    if proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
+        vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+        # SentencePiece merges by the score of the merged piece; control and byte pieces are
+        # never produced from text, so they take no part in merges.
+        scores = {piece: score for piece, score, normal in pieces if normal}
+        special = [piece for piece, _, normal in pieces if not normal]
+        merges = generate_merges(vocab, scores, skip_tokens=special)
+        model: Any = models.BPE(
+            vocab=vocab, merges=merges, unk_token=UNK, byte_fallback=True, fuse_unk=True
+        )
+    else:
+        # Control and byte pieces score far below any path, so text never matches them.
+        floor = min(score for _, score, normal in pieces if normal) - 1e6
+        vocab_scores = [(piece, score if normal else floor) for piece, score, normal in pieces]
+        model = models.Unigram(vocab_scores, unk_id=UNK_ID, byte_fallback=True)
+    backend = Tokenizer(model)
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    # split_special_tokens: literal "<s>" in text is text, as it is for SentencePiece.
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token=UNK,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        split_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.save_pretrained(str(out_dir))

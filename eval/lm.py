@@ -1,0 +1,256 @@
+"""Language-model evaluation stage: validation loss, perplexity, bits per byte and greedy samples.
+
+Every model is scored on the same validation windows of the nearest upstream tokenize stage and
+compared with a unigram model of that stage's training tokens, the simplest baseline a language
+model has to beat. The first model's metrics are recorded unprefixed (so the headline `val_loss`
+is its loss); those of further models carry their stage name, e.g. `sft/val_loss`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import Field
+
+from pipeline.config import StageConfig
+from pipeline.context import StageContext
+from pipeline.errors import PipelineError
+from pipeline.manifest import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# Stage kinds whose export is a causal LM; the nearest upstream one is evaluated by default.
+MODEL_KINDS = ("pretrain", "sft", "rlhf")
+DEFAULT_PROMPTS = ["def fibonacci(n):\n", "import os\n", "class ", "    for i in range("]
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+BatchProgress = Callable[[list[np.ndarray]], Iterable[np.ndarray]]
+
+
+class Config(StageConfig):
+    """Score causal LMs on held-out tokens against a unigram baseline and sample from them."""
+
+    kind: Literal["eval"] = "eval"
+    models: list[str] = Field(
+        [], description="model stages to score; default: the nearest upstream"
+    )
+    max_tokens: int = Field(200_000, ge=1, description="validation target tokens scored")
+    seq_len: int | None = Field(
+        None, ge=1, description="window length; default: the model's seq_len"
+    )
+    batch_size: int = Field(8, ge=1, description="windows per forward pass")
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    max_new_tokens: int = Field(48, ge=1, description="greedy tokens generated per prompt")
+
+    summary_metric: ClassVar[str | None] = "val_loss"
+
+
+def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
+    """UTF-8 byte length of every token id of a SentencePiece-style vocabulary (specials: 0)."""
+    special_ids = set(tokenizer.all_special_ids)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    lengths = np.zeros(len(pieces), dtype=np.int64)
+    for token_id, piece in enumerate(pieces):
+        if token_id in special_ids or piece is None:
+            continue
+        if BYTE_PIECE.fullmatch(piece):
+            lengths[token_id] = 1
+        else:
+            lengths[token_id] = len(piece.replace("\u2581", " ").encode("utf-8"))
+    return lengths
+
+
+def unigram_loss(train_counts: np.ndarray, val_tokens: np.ndarray) -> float:
+    """Mean NLL (nats/token) of `val_tokens` under add-one smoothed training-token frequencies."""
+    counts = train_counts.astype(np.float64) + 1.0
+    log_probs = np.log(counts) - np.log(counts.sum())
+    return float(-log_probs[val_tokens].mean())
+
+
+def score_windows(
+    model: PreTrainedModel,
+    windows: np.ndarray,
+    batch_size: int,
+    progress: BatchProgress | None = None,
+) -> tuple[float, int]:
+    """Summed next-token NLL (nats) and target count over windows of shape (N, seq_len + 1)."""
+    import torch
+    import torch.nn.functional as F
+
+    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    total_nll = 0.0
+    num_tokens = 0
+    with torch.inference_mode():
+        for batch in progress(batches) if progress else batches:
+            tokens = torch.as_tensor(batch, dtype=torch.long, device=model.device)  # (B, T+1)
+            logits = model(tokens[:, :-1]).logits.float()  # (B, T, V)
+            targets = tokens[:, 1:]  # (B, T)
+            nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+            total_nll += nll.item()
+            num_tokens += targets.numel()
+    return total_nll, num_tokens
+
+
+def evaluate_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    windows: np.ndarray,
+    train_counts: np.ndarray,
+    batch_size: int,
+    progress: BatchProgress | None = None,
+) -> dict[str, float]:
+    """Validation loss, perplexity, bits per byte and the unigram baseline on the same targets."""
+    targets = windows[:, 1:].ravel()
+    byte_lengths = token_byte_lengths(tokenizer)
+    vocab_size = min(model.get_input_embeddings().num_embeddings, len(byte_lengths))
+    if int(targets.max()) >= vocab_size:
+        raise PipelineError(
+            f"validation data has token id {int(targets.max())} but the model's vocabulary has "
+            f"{vocab_size}; evaluate a model on data tokenized with its own tokenizer"
+        )
+    total_nll, num_tokens = score_windows(model, windows, batch_size, progress)
+    num_bytes = int(byte_lengths[targets].sum())
+    val_loss = total_nll / num_tokens
+    baseline = unigram_loss(train_counts, targets)
+    return {
+        "val_loss": val_loss,
+        "perplexity": math.exp(val_loss),
+        "bits_per_byte": total_nll / math.log(2) / num_bytes,
+        "unigram_loss": baseline,
+        "loss_vs_unigram": val_loss / baseline,
+        "num_tokens": num_tokens,
+        "num_bytes": num_bytes,
+    }
+
+
+def greedy_samples(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy completion of each prompt, started as a fresh document (after an end-of-text token)."""
+    import torch
+
+    eos_id = tokenizer.eos_token_id
+    completions = []
+    for prompt in prompts:
+        start = [eos_id] if eos_id is not None else []
+        ids = start + tokenizer.encode(prompt, add_special_tokens=False)
+        inputs = torch.tensor([ids], dtype=torch.long, device=model.device)
+        with torch.inference_mode():
+            output = model.generate(
+                inputs,
+                attention_mask=torch.ones_like(inputs),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos_id,
+                pad_token_id=eos_id,
+            )
+        completions.append(tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True))
+    return completions
+
+
+def load_model(export_dir: Path, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A stage's exported causal LM (float32, eval mode, on `device`) and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (export_dir / "config.json").is_file():
+        raise PipelineError(
+            f"{export_dir}: no Hugging Face model export (config.json missing); "
+            f"list only model stages (pretrain/sft/rlhf) under eval `models:`"
+        )
+    model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(export_dir)
+
+
+def load_windows(split_dir: Path, seq_len: int, max_tokens: int) -> np.ndarray:
+    """Sequential int64 windows (N, seq_len + 1) of a split, about `max_tokens` targets in all."""
+    from data_prep.shards import TokenShards
+
+    windows = TokenShards(split_dir).windows(seq_len, max_windows=max(1, max_tokens // seq_len))
+    return np.stack(list(windows))
+
+
+def run(ctx: StageContext) -> None:
+    """Score each model stage on validation tokens, sample from it, write eval.json/samples.jsonl."""
+    import torch
+
+    from data_prep.shards import TokenShards
+    from data_prep.tokenize import read_meta
+
+    config = ctx.config
+    assert isinstance(config, Config)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    data = ctx.upstream("tokenize")
+    meta = read_meta(data.export_dir)
+    train_counts = TokenShards(data.export_dir / "train").token_counts(meta["vocab_size"])
+    stages = [ctx.upstream(MODEL_KINDS, name=n) for n in config.models]
+    stages = stages or [ctx.upstream(MODEL_KINDS)]
+
+    results: dict[str, dict[str, Any]] = {}
+    samples: list[dict[str, str]] = []
+    summary: dict[str, Any] = {}
+    with ctx.tracker() as tracker:
+        for index, stage in enumerate(stages):
+            model, tokenizer = load_model(stage.export_dir, device)
+            seq_len = (
+                config.seq_len
+                or getattr(stage.config, "seq_len", None)
+                or model.config.max_position_embeddings
+            )
+            windows = load_windows(data.export_dir / "val", seq_len, config.max_tokens)
+            metrics: dict[str, Any] = evaluate_model(
+                model,
+                tokenizer,
+                windows,
+                train_counts,
+                config.batch_size,
+                progress=partial(ctx.progress, desc=f"eval {stage.name}"),
+            )
+            metrics["seq_len"] = seq_len
+            results[stage.name] = metrics
+            ctx.log.info(
+                "%s: val_loss %.4f (unigram %.4f, ratio %.3f), perplexity %.2f, %.4f bits/byte",
+                stage.name,
+                metrics["val_loss"],
+                metrics["unigram_loss"],
+                metrics["loss_vs_unigram"],
+                metrics["perplexity"],
+                metrics["bits_per_byte"],
+            )
+            if metrics["loss_vs_unigram"] >= 1.0:
+                ctx.log.warning(
+                    "%s does not beat the unigram baseline; train it longer", stage.name
+                )
+            completions = greedy_samples(model, tokenizer, config.prompts, config.max_new_tokens)
+            samples += [
+                {"model": stage.name, "prompt": p, "completion": c}
+                for p, c in zip(config.prompts, completions, strict=True)
+            ]
+            prefix = "" if index == 0 else f"{stage.name}/"
+            prefixed = {prefix + key: value for key, value in metrics.items()}
+            tracker.log(prefixed, step=index)
+            summary.update(prefixed)
+        tracker.summary(summary)
+
+    atomic_write_json(ctx.export_dir / "eval.json", {"tokenize": data.name, "models": results})
+    atomic_write_text(
+        ctx.export_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples)
+    )
+    note = "; ".join(
+        f"{name} val_loss {m['val_loss']:.3f} nats/token vs unigram baseline {m['unigram_loss']:.3f} "
+        f"(ratio {m['loss_vs_unigram']:.2f}), {m['bits_per_byte']:.3f} bits/byte"
+        for name, m in results.items()
+    )
+    ctx.write_summary(summary, headline="val_loss", note=note)

@@ -1,0 +1,236 @@
+"""Run report: one self-contained HTML page, with PNG loss curves beside it, for a run directory.
+
+Written by the `report` stage and by `pipeline report RUN_DIR`. It only reads what stages left in
+the run directory (manifests, metrics.jsonl, eval exports) and never writes a manifest, so a
+report written by the report stage honestly lists that stage as still running.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from html import escape
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from pipeline.config import StageConfig, read_yaml
+from pipeline.context import StageContext
+from pipeline.errors import PipelineError
+from pipeline.manifest import MANIFEST, atomic_write_text, read_manifest
+from pipeline.tracking import read_metrics
+
+REPORT_DIR = "report"
+EVAL_COLUMNS = ("val_loss", "perplexity", "bits_per_byte", "unigram_loss", "loss_vs_unigram")
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.done { color: #176f2c; } .failed { color: #b00020; } .running { color: #a15c00; }
+.pending, .not-started { color: #777; }
+pre { background: #f6f6f6; padding: 0.6em; white-space: pre-wrap; }
+pre b { color: #1a4f8b; }
+img { max-width: 100%; }
+"""
+
+
+class Config(StageConfig):
+    """Write the run's HTML report: stage table, loss curves, eval results and samples."""
+
+    kind: Literal["report"] = "report"
+    title: str | None = Field(None, description="page title; default: the recipe name")
+
+
+def run(ctx: StageContext) -> None:
+    """Write index.html and its PNGs into this stage's directory (RUN_DIR/report by convention)."""
+    config = ctx.config
+    assert isinstance(config, Config)
+    path = write_report(ctx.run_dir, config.title, out_dir=ctx.stage_dir)
+    ctx.log.info("report: %s", path)
+
+
+def write_report(run_dir: Path, title: str | None = None, out_dir: Path | None = None) -> Path:
+    """Write `out_dir/index.html` (default RUN_DIR/report) and PNG loss curves; return its path."""
+    out_dir = out_dir or run_dir / REPORT_DIR
+    recipe = read_yaml(run_dir / "recipe.yaml") if (run_dir / "recipe.yaml").is_file() else {}
+    recipe_stages = recipe.get("stages") or {}
+    names = list(recipe_stages) + sorted(
+        p.parent.name for p in run_dir.glob(f"*/{MANIFEST}") if p.parent.name not in recipe_stages
+    )
+    if not names:
+        raise PipelineError(
+            f"{run_dir}: not a run directory (no recipe.yaml and no */{MANIFEST}); "
+            f"pass the run_dir of a recipe, e.g. runs/demo"
+        )
+    manifests = {name: read_manifest(run_dir / name) for name in names}
+    kinds = {
+        name: manifests[name].get("kind") or (recipe_stages.get(name) or {}).get("kind", "?")
+        for name in names
+    }
+    title = title or recipe.get("name") or run_dir.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    body = [
+        f"<h1>{escape(title)}</h1>",
+        _header(run_dir, manifests),
+        "<h2>Stages</h2>",
+        stage_table(manifests, kinds),
+        loss_curves(run_dir, names, out_dir),
+        eval_results(run_dir, manifests),
+    ]
+    page = (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+        + "\n".join(part for part in body if part)
+        + "\n</body>\n</html>\n"
+    )
+    path = out_dir / "index.html"
+    atomic_write_text(path, page)
+    return path
+
+
+def _header(run_dir: Path, manifests: dict[str, dict[str, Any]]) -> str:
+    """When and from where the report was written, and which stages were still running then."""
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    lines = [f"<p>Run directory <code>{escape(str(run_dir))}</code>, report written {now}.</p>"]
+    running = [name for name, m in manifests.items() if m.get("status") == "running"]
+    if running:
+        lines.append(
+            f"<p>Still running when this report was written: {escape(', '.join(running))} "
+            "(a report stage lists itself here; its manifest is finished after the report).</p>"
+        )
+    return "\n".join(lines)
+
+
+def stage_table(manifests: dict[str, dict[str, Any]], kinds: dict[str, str]) -> str:
+    """HTML table: stage, kind, status, duration, headline metric and attempts."""
+    rows = [
+        "<table>",
+        "<tr><th>stage</th><th>kind</th><th>status</th><th>duration</th>"
+        "<th>headline</th><th>value</th><th>attempts</th></tr>",
+    ]
+    for name, manifest in manifests.items():
+        status = manifest.get("status") or "not started"
+        error = (
+            f"<br><small>{escape(str(manifest['error']))}</small>" if manifest.get("error") else ""
+        )
+        headline = manifest.get("headline")
+        value = (manifest.get("summary") or {}).get(headline) if headline else None
+        rows.append(
+            f"<tr><td>{escape(name)}</td><td>{escape(kinds[name])}</td>"
+            f'<td class="{escape(status.replace(" ", "-"))}">{escape(status)}{error}</td>'
+            f'<td class="num">{escape(_duration(manifest))}</td>'
+            f'<td>{escape(headline or "-")}</td><td class="num">{escape(_fmt(value))}</td>'
+            f'<td class="num">{manifest.get("attempts", 0)}</td></tr>'
+        )
+    rows.append("</table>")
+    return "\n".join(rows)
+
+
+def loss_curves(run_dir: Path, names: list[str], out_dir: Path) -> str:
+    """A PNG per stage that logged train/loss (val/loss on the same axes) and the HTML showing it."""
+    parts = []
+    for name in names:
+        rows = read_metrics(run_dir / name)
+        if not any("train/loss" in row for row in rows):
+            continue
+        png = out_dir / f"loss_{name}.png"
+        plot_losses(rows, png, title=name)
+        parts.append(
+            f'<h3>{escape(name)}</h3>\n<img src="{escape(png.name)}" alt="loss of {escape(name)}">'
+        )
+    return "<h2>Loss curves</h2>\n" + "\n".join(parts) if parts else ""
+
+
+def plot_losses(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Save train/loss and val/loss (nats/token) against step as a PNG."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 3.5), dpi=100, layout="constrained")
+    axes = figure.subplots()
+    for key, style in (("train/loss", "-"), ("val/loss", "o-")):
+        points = [(row["step"], row[key]) for row in rows if key in row and "step" in row]
+        if points:
+            steps, values = zip(*points, strict=True)
+            axes.plot(steps, values, style, label=key, markersize=4)
+    axes.set_title(title)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (nats/token)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.savefig(path, format="png")
+
+
+def eval_results(run_dir: Path, manifests: dict[str, dict[str, Any]]) -> str:
+    """Metrics table and greedy samples of every finished stage that exported eval.json."""
+    header = "".join(f"<th>{c}</th>" for c in ("eval stage", "model", *EVAL_COLUMNS))
+    rows: list[str] = []
+    samples: list[str] = []
+    for name, manifest in manifests.items():
+        export = run_dir / name / "export"
+        if manifest.get("status") != "done" or not (export / "eval.json").is_file():
+            continue
+        results = json.loads((export / "eval.json").read_text(encoding="utf-8"))
+        for model, metrics in results.get("models", {}).items():
+            cells = "".join(
+                f'<td class="num">{escape(_fmt(metrics.get(c)))}</td>' for c in EVAL_COLUMNS
+            )
+            rows.append(f"<tr><td>{escape(name)}</td><td>{escape(model)}</td>{cells}</tr>")
+        samples += [
+            f"<h3>{escape(name)} / {escape(s.get('model', '?'))}</h3>\n"
+            f"<pre><b>{escape(s.get('prompt', ''))}</b>{escape(s.get('completion', ''))}</pre>"
+            for s in _read_jsonl(export / "samples.jsonl")
+        ]
+    if not rows:
+        return ""
+    parts = [
+        "<h2>Evaluation</h2>",
+        "<p>Losses in nats/token on validation tokens; unigram_loss is an add-one smoothed unigram "
+        "model of the training tokens, loss_vs_unigram = val_loss / unigram_loss (lower is better).</p>",
+        f"<table>\n<tr>{header}</tr>\n" + "\n".join(rows) + "\n</table>",
+    ]
+    if samples:
+        parts += [
+            "<h2>Greedy samples</h2>",
+            "<p>Prompt in bold, completion after it.</p>",
+            *samples,
+        ]
+    return "\n".join(parts)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file; missing file: none."""
+    if not path.is_file():
+        return []
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+
+
+def _duration(manifest: dict[str, Any]) -> str:
+    """Finished duration, or time so far for a running stage."""
+    seconds = manifest.get("duration_s")
+    if seconds is not None:
+        return _fmt_seconds(seconds)
+    if manifest.get("status") == "running" and manifest.get("started_at"):
+        started = datetime.fromisoformat(manifest["started_at"])
+        return _fmt_seconds((datetime.now(UTC) - started).total_seconds()) + " so far"
+    return "-"
+
+
+def _fmt_seconds(seconds: float) -> str:
+    """Seconds as `12.3s`, `4m 05s` or `2h 03m`."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    return f"{minutes // 60}h {minutes % 60:02d}m"
+
+
+def _fmt(value: Any) -> str:
+    """A metric value for a table cell."""
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,173 @@
+"""Text sources: every file format, built-ins, limits, determinism and one-line user errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from data_prep.arithmetic import arithmetic_problems, problem_split
+from data_prep.sources import SourceConfig, iter_documents, source_signature
+from pipeline.errors import PipelineError
+
+DOCS = ["first document\nwith two lines\n", "  second, indented\ttab", "third: 中文 😀"]
+
+
+def docs(uri: str | Path, **kwargs: object) -> list[str]:
+    return list(iter_documents(SourceConfig(uri=str(uri), **kwargs)))
+
+
+def jsonl_bytes(texts: list[str], field: str = "text") -> bytes:
+    return "".join(json.dumps({field: t, "id": i}) + "\n" for i, t in enumerate(texts)).encode()
+
+
+def test_bare_string_and_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = SourceConfig.model_validate("data/x.jsonl")
+    assert cfg.uri == str(tmp_path / "data" / "x.jsonl")
+    assert SourceConfig.model_validate("builtin:python-stdlib").uri == "builtin:python-stdlib"
+    with pytest.raises(ValueError, match="unknown built-in"):
+        SourceConfig.model_validate("builtin:nope")
+
+
+def test_txt_one_document_per_file_sorted_glob(tmp_path: Path) -> None:
+    for name, text in zip(["b.txt", "a.txt", "c.txt"], DOCS, strict=True):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    assert docs(tmp_path / "*.txt") == [DOCS[1], DOCS[0], DOCS[2]]
+    assert docs(tmp_path / "b.txt") == [DOCS[0]]
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz", ".zst"])
+def test_jsonl_compressed(tmp_path: Path, suffix: str) -> None:
+    data = jsonl_bytes(DOCS, field="body") + b"\n"
+    if suffix == ".gz":
+        data = gzip.compress(data)
+    elif suffix == ".zst":
+        data = zstandard.ZstdCompressor().compress(data)
+    path = tmp_path / f"d.jsonl{suffix}"
+    path.write_bytes(data)
+    assert docs(path, text_field="body") == DOCS
+
+
+def test_txt_zst(tmp_path: Path) -> None:
+    (tmp_path / "a.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(DOCS[2].encode()))
+    assert docs(tmp_path / "a.txt.zst") == [DOCS[2]]
+
+
+def test_parquet(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"row {i}" for i in range(2500)]
+    pq.write_table(pa.table({"content": texts, "n": list(range(2500))}), tmp_path / "d.parquet")
+    assert docs(tmp_path / "d.parquet", text_field="content") == texts
+    with pytest.raises(PipelineError, match=r"no column 'text' \(columns: content, n\)"):
+        docs(tmp_path / "d.parquet")
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_hf_dataset_dir(tmp_path: Path, as_dict: bool) -> None:
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": DOCS})
+    if as_dict:
+        ds = datasets.DatasetDict({"train": ds, "test": ds.select([0])})
+    ds.save_to_disk(str(tmp_path / "hf"))
+    assert docs(tmp_path / "hf") == DOCS
+    assert source_signature(SourceConfig(uri=str(tmp_path / "hf")))["files"]
+
+
+def test_builtins_are_deterministic() -> None:
+    cfg = SourceConfig(uri="builtin:python-stdlib", max_documents=5)
+    first = list(iter_documents(cfg))
+    assert first == list(iter_documents(cfg)) and len(first) == 5
+    assert source_signature(cfg)["python"] == sys.version
+    arith = docs("builtin:arithmetic", max_documents=3)
+    assert arith == docs("builtin:arithmetic", max_documents=3)
+    line = arith[0].splitlines()[0]
+    question, answer = line.removeprefix("What is ").split("? ")
+    assert eval(question) == int(answer)
+
+
+def test_arithmetic_split_is_a_function_of_the_problem() -> None:
+    test = arithmetic_problems("test", 200, seed=1)
+    assert test != arithmetic_problems("test", 200, seed=2)
+    train_prompts = {p["prompt"] for p in arithmetic_problems("train", 20000, seed=3)}
+    assert not train_prompts & {p["prompt"] for p in test}
+    for p in test:
+        a, op, b = p["prompt"].removeprefix("What is ").removesuffix("?").split()
+        assert problem_split(int(a), op, int(b)) == "test"
+        assert p["answer"] == eval(f"{a}{op}{b}") and p["completion"] == str(p["answer"])
+
+
+def test_limits(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(jsonl_bytes(DOCS))
+    assert docs(path, max_documents=2) == DOCS[:2]
+    limit = len(DOCS[0].encode()) + 5
+    out = docs(path, max_bytes=limit)
+    assert out == [DOCS[0], DOCS[1][:5]]
+    cut = docs(path, max_bytes=len((DOCS[0] + DOCS[1]).encode()) + 8)
+    assert (
+        cut[-1] == "third: "
+        and sum(len(d.encode()) for d in cut) <= len((DOCS[0] + DOCS[1]).encode()) + 8
+    )
+
+
+def test_missing_file_and_empty_glob(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match=r"nope\.jsonl: no such file"):
+        docs(tmp_path / "nope.jsonl")
+    with pytest.raises(PipelineError, match="glob matches no files"):
+        docs(tmp_path / "*.jsonl")
+    with pytest.raises(PipelineError, match="no such file"):
+        source_signature(SourceConfig(uri=str(tmp_path / "nope.txt")))
+    (tmp_path / "x.csv").write_text("a")
+    with pytest.raises(PipelineError, match="unsupported file type"):
+        docs(tmp_path / "x.csv")
+
+
+def test_non_utf8_names_file_and_offset(tmp_path: Path) -> None:
+    (tmp_path / "bad.txt").write_bytes(b"hello \xff world")
+    with pytest.raises(PipelineError, match=r"bad\.txt: not valid UTF-8 at byte offset 6"):
+        docs(tmp_path / "bad.txt")
+    (tmp_path / "bad.jsonl").write_bytes(jsonl_bytes(["ok"]) + b'{"text": "\xc3("}\n')
+    offset = len(jsonl_bytes(["ok"])) + len(b'{"text": "')
+    with pytest.raises(
+        PipelineError, match=rf"bad\.jsonl: not valid UTF-8 at byte offset {offset}"
+    ):
+        docs(tmp_path / "bad.jsonl")
+
+
+def test_malformed_jsonl_and_missing_field(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(jsonl_bytes(DOCS) + b'{"text": "x",\n')
+    with pytest.raises(PipelineError, match=r"d\.jsonl line 4: not valid JSON .*fix or remove"):
+        docs(path)
+    path.write_bytes(jsonl_bytes(DOCS, field="body"))
+    with pytest.raises(PipelineError, match=r"line 1: no field 'text' \(fields: body, id\)"):
+        docs(path)
+    path.write_bytes(b'{"text": 3}\n')
+    with pytest.raises(PipelineError, match="is int, not text"):
+        docs(path)
+
+
+def test_empty_corpus(tmp_path: Path) -> None:
+    (tmp_path / "e.jsonl").write_bytes(b"\n\n")
+    with pytest.raises(PipelineError, match="no documents"):
+        docs(tmp_path / "e.jsonl")
+    (tmp_path / "e.txt").write_bytes(b"")
+    with pytest.raises(PipelineError, match="empty corpus"):
+        docs(tmp_path / "e.txt")
+
+
+def test_signature_tracks_file_changes(tmp_path: Path) -> None:
+    path = tmp_path / "a.txt"
+    path.write_text("one")
+    cfg = SourceConfig(uri=str(tmp_path / "*.txt"))
+    before = source_signature(cfg)
+    path.write_text("one two")
+    assert source_signature(cfg) != before

@@ -1,0 +1,114 @@
+"""Tokenizer stage: lossless round trip and Hugging Face export identical to SentencePiece."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from data_prep.sources import SourceConfig, iter_documents, stdlib_documents
+from data_prep.tokenizer import Config, train_tokenizer, training_chunks
+
+TRAIN_BYTES = 300_000
+TRICKY = [
+    "def f(x):\n    return x\n",
+    "class A:\n    def g(self):\n        if x:\n            pass\n",
+    " leading space",
+    "   three leading spaces",
+    "a  b   c    d",
+    "\tx\t\ty\t",
+    "\n\n\n",
+    "trailing spaces   ",
+    "trailing newline\n",
+    "emoji 😀🚀 and ZWJ 👩‍👩‍👧",
+    "CJK 中文字符 日本語 한국어",
+    "combining e\u0301 a\u0308 \u0915\u094d\u0937",
+    "windows\r\nline\r\nendings\r\n",
+    "literal <s> </s> <unk> <pad> <0x41>",
+    "mixed \u00a0nbsp\u2003em space\u200bzero width",
+    "",
+    " ",
+]
+
+
+@pytest.fixture(scope="module", params=["bpe", "unigram"])
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    out = tmp_path_factory.mktemp(request.param)
+    source = SourceConfig(uri="builtin:python-stdlib", max_bytes=TRAIN_BYTES)
+    stats = train_tokenizer(iter_documents(source), out, model_type=request.param, vocab_size=700)
+    return out, stats
+
+
+def load(out: Path) -> tuple[Any, Any]:
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    return sp, AutoTokenizer.from_pretrained(str(out))
+
+
+def held_out_documents() -> list[str]:
+    """Every 15th stdlib file after the training sample (about 2 MB)."""
+    return list(stdlib_documents())[200::15]
+
+
+def test_export_files_and_special_ids(exported: Any) -> None:
+    out, stats = exported
+    assert {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    sp, hf = load(out)
+    assert stats["vocab_size"] == sp.get_piece_size() == len(hf) == 700
+    assert 0 < stats["training_bytes"] <= TRAIN_BYTES and stats["bytes_per_token"] > 1.5
+    assert (hf.unk_token_id, hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (0, 1, 2, 3)
+    assert [sp.id_to_piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
+    assert hf.encode("hello") == hf.encode("hello", add_special_tokens=False)
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_lossless_and_identical_on_tricky_strings(exported: Any, text: str) -> None:
+    sp, hf = load(exported[0])
+    ids = sp.encode(text)
+    assert sp.decode(ids) == text
+    assert hf.encode(text) == ids
+    assert hf.decode(hf.encode(text)) == text
+
+
+def test_identical_on_held_out_stdlib(exported: Any) -> None:
+    sp, hf = load(exported[0])
+    docs = held_out_documents()
+    assert len(docs) > 50
+    sp_ids = sp.encode(docs)
+    hf_ids = hf(docs)["input_ids"]
+    mismatched = [i for i, (a, b) in enumerate(zip(sp_ids, hf_ids, strict=True)) if a != b]
+    assert mismatched == []
+    assert all(hf.decode(ids) == doc for ids, doc in zip(hf_ids, docs, strict=True))
+    assert all(sp.decode(ids) == doc for ids, doc in zip(sp_ids, docs, strict=True))
+
+
+def test_whitespace_pieces_are_learned(exported: Any) -> None:
+    sp, _ = load(exported[0])
+    pieces = {sp.id_to_piece(i) for i in range(sp.get_piece_size())}
+    assert "▁▁▁▁" in pieces
+    assert any("\n" in p for p in pieces)
+
+
+def test_training_chunks_keep_lines_and_fit() -> None:
+    doc = "short line\n" + "x" * 9000 + "\n" + "é" * 3000 + "\nend"
+    chunks = list(training_chunks([doc, "second"], chunk_bytes=4000))
+    assert "".join(chunks) == doc + "second"
+    assert all(len(c.encode()) <= 4000 for c in chunks)
+    assert chunks[0] == "short line\n"
+
+
+def test_config_accepts_bare_source_and_rejects_bad_values() -> None:
+    from pydantic import ValidationError
+
+    cfg = Config.model_validate({"kind": "tokenizer", "source": "builtin:python-stdlib"})
+    assert cfg.source.uri == "builtin:python-stdlib" and cfg.model_type == "bpe"
+    assert "python" in cfg.data_signature()
+    with pytest.raises(ValidationError):
+        Config.model_validate({"kind": "tokenizer", "source": "x.txt", "vocab_size": 100})
+    with pytest.raises(ValidationError):
+        Config.model_validate({"kind": "tokenizer", "source": "x.txt", "bogus": 1})
