@@ -27,7 +27,11 @@ def stage_seconds_per_step(run_dir: Path, args: argparse.Namespace) -> tuple[flo
     pretrain = {
         "kind": "pretrain",
         "after": ["tokenize"],
-        "model": {"hidden_size": args.hidden, "num_layers": args.layers, "num_heads": args.hidden // 64},
+        "model": {
+            "hidden_size": args.hidden,
+            "num_layers": args.layers,
+            "num_heads": args.hidden // 64,
+        },
         "seq_len": args.seq_len,
         "micro_batch_size": args.batch,
         "max_steps": args.steps,
@@ -42,7 +46,12 @@ def stage_seconds_per_step(run_dir: Path, args: argparse.Namespace) -> tuple[flo
             "run_dir": str(run_dir),
             "tracking": {"mode": "disabled"},
             "stages": {
-                "tokenizer": {"kind": "tokenizer", "source": source, "vocab_size": 4096, "sample_bytes": 2_000_000},
+                "tokenizer": {
+                    "kind": "tokenizer",
+                    "source": source,
+                    "vocab_size": 4096,
+                    "sample_bytes": 2_000_000,
+                },
                 "tokenize": {"kind": "tokenize", "after": ["tokenizer"], "source": source},
                 "pretrain": pretrain,
             },
@@ -70,13 +79,16 @@ def bare_seconds_per_step(run_dir: Path, cfg, steps: int) -> float:
     model = build_causal_lm(cfg.model, 4096, cfg.seq_len, bos_id=1, eos_id=2, pad_id=3)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
     batches = [
-        torch.from_numpy(np.asarray(shards.batch(0, s, 0, 1, cfg.micro_batch_size, cfg.seq_len))) for s in range(steps)
+        torch.from_numpy(np.asarray(shards.batch(0, s, 0, 1, cfg.micro_batch_size, cfg.seq_len)))
+        for s in range(steps)
     ]
     times = []
     for tokens in batches:
         start = time.perf_counter()
         logits = model(input_ids=tokens[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
+        loss = F.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1)
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
@@ -97,7 +109,9 @@ def main() -> None:
         run_dir = Path(tmp) / "run"
         stage, cfg = stage_seconds_per_step(run_dir, args)
         bare = bare_seconds_per_step(run_dir, cfg, args.steps)
-    print(f"threads: {torch.get_num_threads()}  model: llama hidden={args.hidden} layers={args.layers}")
+    print(
+        f"threads: {torch.get_num_threads()}  model: llama hidden={args.hidden} layers={args.layers}"
+    )
     print(f"pretrain stage: {stage * 1000:.1f} ms/step (median, steady state)")
     print(f"bare PyTorch  : {bare * 1000:.1f} ms/step (median)")
     print(f"overhead ratio (stage / bare): {stage / bare:.3f}  (target <= 1.10)")

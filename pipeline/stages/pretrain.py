@@ -93,9 +93,10 @@ def causal_lm_loss(model, tokens):
 
 
 def run(ctx: StageContext) -> None:
+    import numpy as np
     import torch
-    from data_prep.shards import TokenShards
 
+    from data_prep.shards import TokenShards
     from pipeline.checkpoint import latest_checkpoint, save_checkpoint
     from pipeline.distributed import build_accelerator, replica_digests
     from pipeline.models.causal_lm import build_causal_lm
@@ -156,7 +157,9 @@ def run(ctx: StageContext) -> None:
         windows = np.stack(list(val.windows(cfg.seq_len, count)))[rank::world]  # [N, T + 1]
         total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # [nll, tokens]
         with torch.no_grad(), accelerator.autocast():
-            for batch in torch.from_numpy(windows).to(accelerator.device).split(cfg.micro_batch_size):
+            for batch in (
+                torch.from_numpy(windows).to(accelerator.device).split(cfg.micro_batch_size)
+            ):
                 targets = batch[:, 1:].numel()
                 total[0] += causal_lm_loss(model, batch).double() * targets
                 total[1] += targets
