@@ -19,7 +19,7 @@ from typing import IO, Any
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.config import Strict
+from pipeline.config import StageConfig, Strict
 from pipeline.errors import PipelineError
 
 STDLIB = "builtin:python-stdlib"
@@ -97,6 +97,15 @@ def source_signature(source: SourceConfig) -> dict[str, Any]:
     )
     stats = [(str(p), p.stat()) for p in files]
     return {"files": [[name, st.st_size, st.st_mtime_ns] for name, st in stats]}
+
+
+class SourceStageConfig(StageConfig):
+    """Base of stages that read a text source; the source's content is part of the fingerprint."""
+
+    source: SourceConfig
+
+    def data_signature(self) -> dict[str, Any]:
+        return source_signature(self.source)
 
 
 def _raw_documents(source: SourceConfig) -> Iterator[str]:

@@ -14,15 +14,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
 
 from data_prep.shards import ShardWriter, token_dtype
-from data_prep.sources import SourceConfig, iter_documents, source_signature
+from data_prep.sources import SourceStageConfig, iter_documents
 from data_prep.tokenizer import EOS_ID, MODEL_FILE
-from pipeline.config import StageConfig
 from pipeline.context import StageContext
 from pipeline.errors import PipelineError
 from pipeline.manifest import atomic_write_json
@@ -34,20 +33,13 @@ CHUNK_DOCUMENTS = 4096
 Progress = Callable[..., Iterator[Any]]
 
 
-class Config(StageConfig):
+class Config(SourceStageConfig):
     """Tokenize a source into train/val shards with the upstream tokenizer stage's model."""
 
     kind: Literal["tokenize"] = "tokenize"
-    source: SourceConfig
     val_fraction: float = Field(0.02, ge=0, lt=1)
     num_workers: int = Field(0, ge=0)
     shard_tokens: int = Field(100_000_000, ge=1)
-
-    summary_metric: ClassVar[str | None] = "train_tokens"
-
-    def data_signature(self) -> dict[str, Any]:
-        """The source's file stats (or interpreter version for the stdlib source)."""
-        return source_signature(self.source)
 
 
 def run(ctx: StageContext) -> None:

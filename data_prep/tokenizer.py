@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
-from data_prep.sources import SourceConfig, iter_documents, source_signature
-from pipeline.config import StageConfig
+from data_prep.sources import SourceStageConfig, iter_documents
 from pipeline.context import StageContext
 from pipeline.errors import PipelineError
 
@@ -30,23 +29,16 @@ SCORE_STEPS_PER_UNIT = 16
 NORMAL_PIECE = 1
 
 
-class Config(StageConfig):
+class Config(SourceStageConfig):
     """Train a SentencePiece tokenizer (BPE or unigram, byte fallback) on a text sample."""
 
     kind: Literal["tokenizer"] = "tokenizer"
-    source: SourceConfig
     model_type: Literal["bpe", "unigram"] = "bpe"
     vocab_size: int = Field(4096, ge=300, le=1_000_000)
     sample_bytes: int = Field(10_000_000, ge=1)
     character_coverage: float = Field(0.9995, gt=0, le=1)
     max_piece_length: int = Field(16, ge=1, le=64)
     num_threads: int = Field(0, ge=0)
-
-    summary_metric: ClassVar[str | None] = "bytes_per_token"
-
-    def data_signature(self) -> dict[str, Any]:
-        """The source's file stats (or interpreter version for the stdlib source)."""
-        return source_signature(self.source)
 
 
 def run(ctx: StageContext) -> None:

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -49,8 +49,6 @@ class Config(StageConfig):
     batch_size: int = Field(8, ge=1, description="windows per forward pass")
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
     max_new_tokens: int = Field(48, ge=1, description="greedy tokens generated per prompt")
-
-    summary_metric: ClassVar[str | None] = "val_loss"
 
 
 def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:

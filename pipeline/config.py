@@ -75,8 +75,6 @@ class StageConfig(Strict):
 
     # Stages that never start more than one process (data prep, reports) set this to False.
     distributed: ClassVar[bool] = False
-    # One-line description shown by `pipeline recipes --kinds`.
-    summary_metric: ClassVar[str | None] = None
 
     def data_signature(self) -> dict[str, Any]:
         """Extra inputs to the fingerprint that are not in the config (e.g. source file stats)."""

@@ -166,3 +166,32 @@ def test_offline_wandb_run_holds_the_logged_metrics(offline_run: Path) -> None:
         if "train/loss" in r
     }
     assert logged and logged == pytest.approx(jsonl)
+
+
+@pytest.mark.slow
+def test_failing_ranks_show_their_error_not_launcher_noise(tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "tiny"
+    data = _pretrain_recipe(run_dir, launch={"nproc": 2}, seq_len=1_000_000)
+    result = cli("run", str(write_recipe(tmp_path / "r.yaml", data)))
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "needs at least seq_len+1" in errors[0], result.stderr
+    for noise in ("Traceback", "ChildFailedError", "torch.distributed.elastic"):
+        assert noise not in result.stderr + result.stdout
+    manifest = read_manifest(run_dir / "pretrain")
+    assert manifest["status"] == "failed" and "seq_len" in manifest["error"]
+
+
+def test_gpt2_option_trains_and_exports(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "runs" / "tiny"
+    data = _pretrain_recipe(
+        run_dir, model={"arch": "gpt2", "hidden_size": 32, "num_layers": 2, "num_heads": 2}
+    )
+    result = cli("run", str(write_recipe(tmp_path / "r.yaml", data)))
+    assert result.returncode == 0, result.stderr
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "pretrain" / "export")
+    assert model.config.model_type == "gpt2" and model.config.n_layer == 2
+    losses = [r["train/loss"] for r in read_metrics(run_dir / "pretrain") if "train/loss" in r]
+    assert losses[-1] < losses[0]
