@@ -72,7 +72,7 @@ def bare_seconds_per_step(run_dir: Path, cfg, steps: int) -> float:
 
     from data_prep.shards import TokenShards
     from pipeline.models.causal_lm import build_causal_lm
-    from pipeline.stages.pretrain import param_groups
+    from pipeline.training import param_groups
 
     shards = TokenShards(run_dir / "tokenize" / "export" / "train")
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
 from pipeline.errors import RecipeError
 
@@ -28,12 +28,36 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+Engine = Literal["ddp", "fsdp", "deepspeed"]
+
+
 class LaunchConfig(Strict):
-    """How a stage's processes are started."""
+    """How a stage's processes are started and how the model is distributed over them."""
 
     nproc: int = Field(1, ge=1, description="processes per node")
     nnodes: int = Field(1, ge=1, description="nodes (Slurm)")
-    engine: Literal["ddp"] = "ddp"
+    engine: Engine = "ddp"
+    zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (engine: deepspeed)")
+    offload_optimizer: bool = Field(False, description="DeepSpeed: optimizer state in CPU memory")
+    offload_params: bool = Field(False, description="DeepSpeed ZeRO-3: parameters in CPU memory")
+    deepspeed_config: str | None = Field(
+        None, description="expert: a DeepSpeed JSON whose values win"
+    )
+
+    @model_validator(mode="after")
+    def _check_engine_options(self) -> LaunchConfig:
+        deepspeed_only = ("offload_optimizer", "offload_params", "deepspeed_config")
+        if self.engine != "deepspeed":
+            used = [name for name in deepspeed_only if getattr(self, name)]
+            if used:
+                raise ValueError(
+                    f"{', '.join(used)} need engine: deepspeed (engine is {self.engine})"
+                )
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage: 3 (ZeRO-1/2 keep full parameters)")
+        if self.deepspeed_config:
+            self.deepspeed_config = str(Path(self.deepspeed_config).absolute())
+        return self
 
 
 class LaunchOverride(Strict):
@@ -41,7 +65,11 @@ class LaunchOverride(Strict):
 
     nproc: int | None = Field(None, ge=1)
     nnodes: int | None = Field(None, ge=1)
-    engine: Literal["ddp"] | None = None
+    engine: Engine | None = None
+    zero_stage: Literal[1, 2, 3] | None = None
+    offload_optimizer: bool | None = None
+    offload_params: bool | None = None
+    deepspeed_config: str | None = None
 
 
 class TrackingConfig(Strict):
@@ -102,7 +130,7 @@ class Recipe(Strict):
         if not cfg.distributed:
             return LaunchConfig()
         update = cfg.launch.model_dump(exclude_none=True) if cfg.launch else {}
-        return self.launch.model_copy(update=update)
+        return LaunchConfig.model_validate({**self.launch.model_dump(), **update})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -221,6 +249,12 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
             stages[str(name)] = kinds[kind].model_validate(raw)
         except ValidationError as exc:
             errors += format_errors(exc, kinds[kind], prefix=where)
+    if head is not None:
+        for name in stages:
+            try:
+                head.model_copy(update={"stages": stages}).launch_for(name)
+            except ValidationError as exc:
+                errors += format_errors(exc, LaunchConfig, prefix=("stages", name, "launch"))
     if errors:
         raise RecipeError("\n".join(f"{source}: {e}" for e in errors))
     assert head is not None

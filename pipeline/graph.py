@@ -68,10 +68,12 @@ def fingerprints(recipe: Recipe) -> dict[str, str]:
             "config": cfg.model_dump(mode="json", exclude={"after", "launch"}),
             "data": cfg.data_signature(),
             "world_size": launch.nproc * launch.nnodes,
-            "engine": launch.engine,
+            "launch": launch.model_dump(exclude={"nproc", "nnodes"}) if cfg.distributed else {},
             "seed": recipe.seed,
             "upstream": {dep: result[dep] for dep in sorted(cfg.after)},
         }
+        if cfg.distributed and launch.deepspeed_config:
+            payload["deepspeed_config"] = Path(launch.deepspeed_config).read_text(errors="replace")
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         result[name] = hashlib.sha256(blob).hexdigest()[:16]
     return result
