@@ -77,5 +77,27 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def shutdown(code: int) -> None:
+    """Leave the process group cleanly, then exit without library finalizers.
+
+    Native communication threads (DeepSpeed's shared-memory ops, gloo) can abort the interpreter
+    at teardown ("terminate called without an active exception") after all work is done; the
+    outputs are complete and flushed by now, so finalizers are skipped.
+    """
+    import logging
+
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - a failed teardown must not change the stage's result
+        pass
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    shutdown(main(sys.argv[1:]))

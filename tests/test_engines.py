@@ -1,0 +1,271 @@
+"""Engines chosen by configuration alone: DDP, DeepSpeed ZeRO-2/3 and FSDP agree, with 2 real
+processes on CPU (gloo), real DeepSpeed and real FSDP2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.manifest import read_manifest
+from pipeline.tracking import read_metrics
+from tests.conftest import ROOT, cli, tiny_recipe, write_recipe
+
+ENGINES = {
+    "ddp": {"nproc": 2, "engine": "ddp"},
+    "zero2": {"nproc": 2, "engine": "deepspeed", "zero_stage": 2},
+    "zero3": {"nproc": 2, "engine": "deepspeed", "zero_stage": 3},
+    "fsdp": {"nproc": 2, "engine": "fsdp"},
+}
+
+
+def pretrain_recipe(run_dir: Path, launch: dict, **pretrain: object) -> dict:
+    data = tiny_recipe(run_dir)
+    del data["stages"]["eval"]
+    data["stages"]["pretrain"].update({"launch": launch, "log_every": 1, **pretrain})
+    return data
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["train/loss"] for r in read_metrics(run_dir / "pretrain") if "train/loss" in r]
+
+
+def weights(export: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(export / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def engine_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny 8-step pretrain per engine, same data and seed."""
+    root = tmp_path_factory.mktemp("engines")
+    runs = {}
+    for name, launch in ENGINES.items():
+        run_dir = root / "runs" / name
+        result = cli(
+            "run", str(write_recipe(root / f"{name}.yaml", pretrain_recipe(run_dir, launch)))
+        )
+        assert result.returncode == 0, f"{name}: {result.stderr}"
+        runs[name] = run_dir
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp"])
+def test_losses_match_ddp(engine_runs: dict[str, Path], engine: str) -> None:
+    ddp = losses(engine_runs["ddp"])
+    assert len(ddp) == 8
+    assert losses(engine_runs[engine]) == pytest.approx(ddp, rel=1e-4)
+    log = (engine_runs[engine] / "pretrain" / "stage.log").read_text()
+    assert "on 2 ranks" in log
+
+
+@pytest.mark.slow
+def test_engines_write_their_own_sharded_checkpoints(engine_runs: dict[str, Path]) -> None:
+    def newest(name: str) -> Path:
+        return sorted((engine_runs[name] / "pretrain" / "checkpoints").glob("step_*"))[-1]
+
+    zero3 = newest("zero3") / "pytorch_model"
+    assert sorted(p.name for p in zero3.glob("zero_pp_rank_*_optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    assert (newest("fsdp") / "pytorch_model_fsdp_0").is_dir()
+    assert (newest("ddp") / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_zero3_export_equals_the_gathered_checkpoint_and_loads(
+    engine_runs: dict[str, Path],
+) -> None:
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    run = engine_runs["zero3"] / "pretrain"
+    final = sorted((run / "checkpoints").glob("step_*"))[-1]
+    gathered = get_fp32_state_dict_from_zero_checkpoint(str(final), tag="pytorch_model")
+    exported = weights(run / "export")
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, gathered[name]), name
+    model = AutoModelForCausalLM.from_pretrained(run / "export")
+    assert sum(p.numel() for p in model.parameters()) == read_manifest(run)["summary"]["params"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp"])
+def test_exports_match_ddp(engine_runs: dict[str, Path], engine: str) -> None:
+    import torch
+
+    ddp = weights(engine_runs["ddp"] / "pretrain" / "export")
+    other = weights(engine_runs[engine] / "pretrain" / "export")
+    for name, tensor in ddp.items():
+        assert torch.allclose(other[name], tensor, atol=1e-5), name
+
+
+@pytest.mark.slow
+def test_zero3_resumes_after_kill_9(tmp_path: Path) -> None:
+    import torch
+
+    settings = {
+        "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 2},
+        "seq_len": 64,
+        "micro_batch_size": 8,
+        "max_steps": 40,
+        "checkpoint_every": 5,
+        "log_every": 5,
+        "eval_every": 20,
+    }
+    launch = ENGINES["zero3"]
+    reference = tmp_path / "runs" / "reference"
+    assert (
+        cli(
+            "run",
+            str(
+                write_recipe(tmp_path / "ref.yaml", pretrain_recipe(reference, launch, **settings))
+            ),
+        ).returncode
+        == 0
+    )
+
+    killed = tmp_path / "runs" / "killed"
+    recipe = write_recipe(tmp_path / "killed.yaml", pretrain_recipe(killed, launch, **settings))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", str(recipe)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while (
+        time.time() < deadline
+        and not (killed / "pretrain" / "checkpoints" / "step_00000010").exists()
+    ):
+        assert proc.poll() is None, "run finished before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert read_manifest(killed / "pretrain")["status"] == "running"
+
+    result = cli("run", str(recipe))
+    assert result.returncode == 0, result.stderr
+    assert "resuming from step_" in (killed / "pretrain" / "stage.log").read_text()
+    ours, theirs = (
+        weights(killed / "pretrain" / "export"),
+        weights(reference / "pretrain" / "export"),
+    )
+    for name, tensor in theirs.items():
+        assert torch.allclose(ours[name], tensor, atol=1e-6), name
+
+
+def test_gradient_accumulation_is_exact(tmp_path: Path) -> None:
+    """k micro batches of b give the same update as one batch of k*b."""
+    import torch
+
+    exports = []
+    for micro, accum in ((8, 1), (4, 2), (2, 4)):
+        run_dir = tmp_path / "runs" / f"m{micro}a{accum}"
+        data = pretrain_recipe(
+            run_dir, {"nproc": 1}, micro_batch_size=micro, grad_accum_steps=accum, max_steps=4
+        )
+        result = cli("run", str(write_recipe(tmp_path / f"m{micro}.yaml", data)))
+        assert result.returncode == 0, result.stderr
+        exports.append(weights(run_dir / "pretrain" / "export"))
+    for other in exports[1:]:
+        for name, tensor in exports[0].items():
+            assert torch.allclose(other[name], tensor, atol=2e-6), name
+
+
+def test_bf16_and_activation_checkpointing_train(tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "bf16"
+    data = pretrain_recipe(
+        run_dir, {"nproc": 1}, precision="bf16", activation_checkpointing=True, max_steps=12
+    )
+    result = cli("run", str(write_recipe(tmp_path / "bf16.yaml", data)))
+    assert result.returncode == 0, result.stderr
+    assert "bf16" in (run_dir / "pretrain" / "stage.log").read_text()
+    curve = losses(run_dir)
+    assert curve[-1] < curve[0]
+    # CPU: tokens/s is reported, MFU is left empty rather than invented.
+    rows = [r for r in read_metrics(run_dir / "pretrain") if "train/loss" in r]
+    assert all(r["train/tokens_per_second_per_device"] > 0 and "train/mfu" not in r for r in rows)
+
+
+@pytest.mark.slow
+def test_compile_switch_trains(tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "compiled"
+    data = pretrain_recipe(run_dir, {"nproc": 1}, compile=True, max_steps=4)
+    result = cli("run", str(write_recipe(tmp_path / "c.yaml", data)))
+    assert result.returncode == 0, result.stderr
+    assert len(losses(run_dir)) == 4
+
+
+def test_engine_options_are_validated(tmp_path: Path) -> None:
+    data = pretrain_recipe(
+        tmp_path / "runs" / "x",
+        {"nproc": 2, "engine": "deepspeed", "zero_stage": 2, "offload_params": True},
+    )
+    result = cli("run", str(write_recipe(tmp_path / "bad.yaml", data)))
+    assert result.returncode == 2
+    assert "stages.pretrain.launch" in result.stderr and "zero_stage: 3" in result.stderr
+
+
+def test_expert_deepspeed_json_wins_and_is_checked(tmp_path: Path) -> None:
+    from pipeline.config import LaunchConfig
+    from pipeline.distributed import TrainShape, deepspeed_config, trainer_arguments
+    from pipeline.errors import PipelineError
+
+    shape = TrainShape(micro_batch_size=4, grad_accum_steps=2, world_size=2)
+    expert = tmp_path / "ds.json"
+    expert.write_text(
+        json.dumps({"train_batch_size": "auto", "zero_optimization": {"reduce_bucket_size": 1000}})
+    )
+    launch = LaunchConfig(engine="deepspeed", zero_stage=3, deepspeed_config=str(expert))
+    config = deepspeed_config(launch, shape)
+    assert config["zero_optimization"] == {
+        "stage": 3,
+        "stage3_gather_16bit_weights_on_model_save": True,
+        "reduce_bucket_size": 1000,
+    }
+    assert config["train_batch_size"] == 16 == shape.global_batch
+    # TRL gets the very same DeepSpeed settings and batch shape.
+    args = trainer_arguments(launch, shape, ["LlamaDecoderLayer"])
+    assert args["deepspeed"] == config
+    assert (
+        args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] * 2
+        == config["train_batch_size"]
+    )
+
+    expert.write_text(json.dumps({"train_batch_size": 64}))
+    with pytest.raises(PipelineError, match="train_batch_size=64 disagrees with the recipe's 16"):
+        deepspeed_config(launch, shape)
+    expert.write_text("{not json")
+    with pytest.raises(PipelineError, match="not valid JSON"):
+        deepspeed_config(launch, shape)
+
+
+def test_flops_and_peak_table() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pipeline import flops
+
+    # GPT-2 small: 124.4M parameters of which 38.6M + 0.8M are token/position embeddings;
+    # the tied output projection is a matmul and counts.
+    model = GPT2LMHeadModel(GPT2Config())
+    n = flops.matmul_params(model)
+    assert n == sum(p.numel() for p in model.parameters()) - 1024 * 768
+    assert flops.flops_per_token(n, 12, 768, 1024) == 6 * n + 12 * 12 * 768 * 1024
+    assert flops.peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert flops.peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert flops.peak_flops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5e12
+    assert flops.peak_flops(None, "bf16") is None
+    assert flops.mfu(1000.0, 6e9, None) is None
+    assert flops.mfu(1000.0, 6e9, 1.2e13) == pytest.approx(0.5)
