@@ -38,7 +38,9 @@ class TrainShape:
 def deepspeed_config(launch: LaunchConfig, shape: TrainShape) -> dict[str, Any]:
     """The DeepSpeed JSON for this launch; an expert file's values win, batch keys are checked."""
     offload = {"device": "cpu", "pin_memory": False}
-    zero: dict[str, Any] = {"stage": launch.zero_stage}
+    # Communication buckets sized from the model's width at prepare time (Accelerate fills "auto"
+    # as the HF integration does); DeepSpeed's defaults (5e8 elements) dwarf small models.
+    zero: dict[str, Any] = {"stage": launch.zero_stage, "reduce_bucket_size": "auto"}
     if launch.offload_optimizer:
         zero["offload_optimizer"] = offload
     if launch.offload_params:
@@ -46,6 +48,8 @@ def deepspeed_config(launch: LaunchConfig, shape: TrainShape) -> dict[str, Any]:
     if launch.zero_stage == 3:
         # The export gathers full weights from the shards (in the training dtype).
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        zero["stage3_prefetch_bucket_size"] = "auto"
+        zero["stage3_param_persistence_threshold"] = "auto"
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": shape.micro_batch_size,
         "gradient_accumulation_steps": shape.grad_accum_steps,
