@@ -131,7 +131,7 @@ def measure(args: argparse.Namespace, precision: str) -> None:
             for engine in ENGINES
         }
     print(
-        f"llama hidden={args.hidden} layers={args.layers}, 2 ranks, fp32 + AdamW; largest rank shown"
+        f"llama hidden={args.hidden} layers={args.layers}, 2 ranks, {precision} + AdamW; largest rank shown"
     )
     for engine, measured in per_rank.items():
         ratio = measured / per_rank["ddp"]

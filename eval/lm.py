@@ -1,5 +1,8 @@
 """Language-model evaluation stage: validation loss, perplexity, bits per byte and greedy samples.
 
+Causal LMs get all of these; masked and encoder-decoder LMs are scored with their own objective
+(see eval.families), chosen from the exported config, not by the recipe.
+
 Every model is scored on the same validation windows of the nearest upstream tokenize stage and
 compared with a unigram model of that stage's training tokens, the simplest baseline a language
 model has to beat. The first model's metrics are recorded unprefixed (so the headline `val_loss`
@@ -27,7 +30,7 @@ from pipeline.manifest import atomic_write_json, atomic_write_text
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-# Stage kinds whose export is a causal LM; the nearest upstream one is evaluated by default.
+# Stage kinds whose export is a model; the nearest upstream one is evaluated by default.
 MODEL_KINDS = ("pretrain", "sft", "rlhf")
 DEFAULT_PROMPTS = ["def fibonacci(n):\n", "import os\n", "class ", "    for i in range("]
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -36,7 +39,7 @@ BatchProgress = Callable[[list[np.ndarray]], Iterable[np.ndarray]]
 
 
 class Config(StageConfig):
-    """Score causal LMs on held-out tokens against a unigram baseline and sample from them."""
+    """Score LMs on held-out tokens (causal ones against a unigram baseline, with samples)."""
 
     kind: Literal["eval"] = "eval"
     models: list[str] = Field(
@@ -157,20 +160,6 @@ def greedy_samples(
     return completions
 
 
-def load_model(export_dir: Path, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A stage's exported causal LM (float32, eval mode, on `device`) and its tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (export_dir / "config.json").is_file():
-        raise PipelineError(
-            f"{export_dir}: no Hugging Face model export (config.json missing); "
-            f"list only model stages (pretrain/sft/rlhf) under eval `models:`"
-        )
-    model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(export_dir)
-
-
 def load_windows(split_dir: Path, seq_len: int, max_tokens: int) -> np.ndarray:
     """Sequential int64 windows (N, seq_len + 1) of a split, about `max_tokens` targets in all."""
     from data_prep.shards import TokenShards
@@ -185,6 +174,15 @@ def run(ctx: StageContext) -> None:
 
     from data_prep.shards import TokenShards
     from data_prep.tokenize import read_meta
+    from eval.families import (
+        HEADLINES,
+        family_metrics,
+        family_of,
+        load_model,
+        objective_for,
+        objective_metrics,
+        summary_note,
+    )
 
     config = ctx.config
     assert isinstance(config, Config)
@@ -199,43 +197,44 @@ def run(ctx: StageContext) -> None:
     results: dict[str, dict[str, Any]] = {}
     samples: list[dict[str, str]] = []
     summary: dict[str, Any] = {}
+    notes: list[str] = []
+    headline = "val_loss"
     with ctx.tracker() as tracker:
         for index, stage in enumerate(stages):
             model, tokenizer = load_model(stage.export_dir, device)
+            family = family_of(model.config.model_type)
             seq_len = (
                 config.seq_len
                 or getattr(stage.config, "seq_len", None)
                 or model.config.max_position_embeddings
             )
             windows = load_windows(data.export_dir / "val", seq_len, config.max_tokens)
-            metrics: dict[str, Any] = evaluate_model(
-                model,
-                tokenizer,
-                windows,
-                train_counts,
-                config.batch_size,
-                progress=partial(ctx.progress, desc=f"eval {stage.name}"),
-            )
-            metrics["seq_len"] = seq_len
-            results[stage.name] = metrics
-            ctx.log.info(
-                "%s: val_loss %.4f (unigram %.4f, ratio %.3f), perplexity %.2f, %.4f bits/byte",
-                stage.name,
-                metrics["val_loss"],
-                metrics["unigram_loss"],
-                metrics["loss_vs_unigram"],
-                metrics["perplexity"],
-                metrics["bits_per_byte"],
-            )
-            if metrics["loss_vs_unigram"] >= 1.0:
-                ctx.log.warning(
-                    "%s does not beat the unigram baseline; train it longer", stage.name
+            progress = partial(ctx.progress, desc=f"eval {stage.name}")
+            metrics: dict[str, Any] = {}
+            if family == "causal":
+                metrics = evaluate_model(
+                    model, tokenizer, windows, train_counts, config.batch_size, progress
                 )
-            completions = greedy_samples(model, tokenizer, config.prompts, config.max_new_tokens)
-            samples += [
-                {"model": stage.name, "prompt": p, "completion": c}
-                for p, c in zip(config.prompts, completions, strict=True)
-            ]
+                metrics["seq_len"] = seq_len
+                completions = greedy_samples(
+                    model, tokenizer, config.prompts, config.max_new_tokens
+                )
+                samples += [
+                    {"model": stage.name, "prompt": p, "completion": c}
+                    for p, c in zip(config.prompts, completions, strict=True)
+                ]
+                if metrics["loss_vs_unigram"] >= 1.0:
+                    ctx.log.warning(
+                        "%s does not beat the unigram baseline; train it longer", stage.name
+                    )
+            objective = objective_for(stage.config, model.config, meta["vocab_size"])
+            if objective.name != "causal_lm":  # masked, span corruption or MoE routing
+                scored = objective_metrics(model, objective, windows, config.batch_size, progress)
+                metrics |= family_metrics(family, scored, len(windows), seq_len)
+            results[stage.name] = metrics
+            notes.append(summary_note(stage.name, family, metrics))
+            ctx.log.info("%s", notes[-1])
+            headline = HEADLINES[family] if index == 0 else headline
             prefix = "" if index == 0 else f"{stage.name}/"
             prefixed = {prefix + key: value for key, value in metrics.items()}
             tracker.log(prefixed, step=index)
@@ -246,9 +245,4 @@ def run(ctx: StageContext) -> None:
     atomic_write_text(
         ctx.export_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples)
     )
-    note = "; ".join(
-        f"{name} val_loss {m['val_loss']:.3f} nats/token vs unigram baseline {m['unigram_loss']:.3f} "
-        f"(ratio {m['loss_vs_unigram']:.2f}), {m['bits_per_byte']:.3f} bits/byte"
-        for name, m in results.items()
-    )
-    ctx.write_summary(summary, headline="val_loss", note=note)
+    ctx.write_summary(summary, headline=headline, note="; ".join(notes))
