@@ -30,6 +30,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/pretrain_overhead.py
 	$(BIN)/python bench/tokenize_throughput.py
+	$(BIN)/python bench/zero_memory.py
 
 clean:
 	rm -rf runs .pytest_cache

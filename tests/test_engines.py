@@ -230,11 +230,9 @@ def test_expert_deepspeed_json_wins_and_is_checked(tmp_path: Path) -> None:
     )
     launch = LaunchConfig(engine="deepspeed", zero_stage=3, deepspeed_config=str(expert))
     config = deepspeed_config(launch, shape)
-    assert config["zero_optimization"] == {
-        "stage": 3,
-        "stage3_gather_16bit_weights_on_model_save": True,
-        "reduce_bucket_size": 1000,
-    }
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert zero["reduce_bucket_size"] == 1000  # the expert's value won over our "auto"
     assert config["train_batch_size"] == 16 == shape.global_batch
     # TRL gets the very same DeepSpeed settings and batch shape.
     args = trainer_arguments(launch, shape, ["LlamaDecoderLayer"])
