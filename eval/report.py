@@ -23,6 +23,8 @@ from pipeline.tracking import read_metrics
 
 REPORT_DIR = "report"
 EVAL_COLUMNS = ("val_loss", "perplexity", "bits_per_byte", "unigram_loss", "loss_vs_unigram")
+# Headline metrics of the masked (bert) and span-corruption (t5) families; shown when present.
+FAMILY_COLUMNS = ("mlm_loss", "masked_token_accuracy", "span_loss", "span_accuracy")
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; }
@@ -164,30 +166,35 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def eval_results(run_dir: Path, manifests: dict[str, dict[str, Any]]) -> str:
     """Metrics table and greedy samples of every finished stage that exported eval.json."""
-    header = "".join(f"<th>{c}</th>" for c in ("eval stage", "model", *EVAL_COLUMNS))
-    rows: list[str] = []
+    scored: list[tuple[str, str, dict[str, Any]]] = []
     samples: list[str] = []
     for name, manifest in manifests.items():
         export = run_dir / name / "export"
         if manifest.get("status") != "done" or not (export / "eval.json").is_file():
             continue
         results = json.loads((export / "eval.json").read_text(encoding="utf-8"))
-        for model, metrics in results.get("models", {}).items():
-            cells = "".join(
-                f'<td class="num">{escape(_fmt(metrics.get(c)))}</td>' for c in EVAL_COLUMNS
-            )
-            rows.append(f"<tr><td>{escape(name)}</td><td>{escape(model)}</td>{cells}</tr>")
+        scored += [(name, model, m) for model, m in results.get("models", {}).items()]
         samples += [
             f"<h3>{escape(name)} / {escape(s.get('model', '?'))}</h3>\n"
             f"<pre><b>{escape(s.get('prompt', ''))}</b>{escape(s.get('completion', ''))}</pre>"
             for s in _read_jsonl(export / "samples.jsonl")
         ]
-    if not rows:
+    if not scored:
         return ""
+    all_columns = (*EVAL_COLUMNS, *FAMILY_COLUMNS)
+    columns = [c for c in all_columns if any(c in metrics for _, _, metrics in scored)]
+    header = "".join(f"<th>{c}</th>" for c in ("eval stage", "model", *columns))
+    rows = [
+        f"<tr><td>{escape(name)}</td><td>{escape(model)}</td>"
+        + "".join(f'<td class="num">{escape(_fmt(metrics.get(c)))}</td>' for c in columns)
+        + "</tr>"
+        for name, model, metrics in scored
+    ]
     parts = [
         "<h2>Evaluation</h2>",
         "<p>Losses in nats/token on validation tokens; unigram_loss is an add-one smoothed unigram "
-        "model of the training tokens, loss_vs_unigram = val_loss / unigram_loss (lower is better).</p>",
+        "model of the training tokens, loss_vs_unigram = val_loss / unigram_loss (lower is better); "
+        "mlm_loss and span_loss are the masked-LM and span-corruption objectives on the same windows.</p>",
         f"<table>\n<tr>{header}</tr>\n" + "\n".join(rows) + "\n</table>",
     ]
     if samples:

@@ -73,16 +73,19 @@ def export_model(
     """
     from transformers import AutoTokenizer
 
+    from pipeline.models import add_special_tokens
+
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         tmp = export_dir.parent / f".{export_dir.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.generation_config.pad_token_id = unwrapped.config.pad_token_id
+        if getattr(unwrapped, "generation_config", None) is not None:  # encoders have none
+            unwrapped.generation_config.pad_token_id = unwrapped.config.pad_token_id
         unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         if added_special_tokens:
-            tokenizer.add_special_tokens(added_special_tokens)
+            add_special_tokens(tokenizer, added_special_tokens)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(export_dir, ignore_errors=True)
         tmp.rename(export_dir)
