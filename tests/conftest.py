@@ -84,3 +84,41 @@ def cli(
 @pytest.fixture
 def recipe_path(tmp_path: Path) -> Path:
     return write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tmp_path / "runs" / "tiny"))
+
+
+def kill_then_resume(tmp_path: Path, recipe: dict[str, Any], kill_when: str) -> tuple[Path, Path]:
+    """Run `recipe` uninterrupted, and again killed with SIGKILL (whole process group) as soon as
+    `kill_when` (a path inside the run dir) exists, then rerun it to completion.
+
+    Returns (reference run dir, resumed run dir).
+    """
+    import signal
+    import time
+
+    reference, killed = tmp_path / "runs" / "reference", tmp_path / "runs" / "killed"
+    result = cli(
+        "run", str(write_recipe(tmp_path / "reference.yaml", {**recipe, "run_dir": str(reference)}))
+    )
+    assert result.returncode == 0, result.stderr
+    path = write_recipe(tmp_path / "killed.yaml", {**recipe, "run_dir": str(killed)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", str(path)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed / kill_when).exists():
+        assert proc.poll() is None, "run finished before it could be killed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    from pipeline.manifest import read_manifest
+
+    stage = kill_when.split("/")[0]
+    assert read_manifest(killed / stage)["status"] == "running"
+    assert not (killed / stage / "export").exists()
+    result = cli("run", str(path))
+    assert result.returncode == 0, result.stderr
+    return reference, killed

@@ -4,18 +4,13 @@ processes on CPU (gloo), real DeepSpeed and real FSDP2."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.manifest import read_manifest
 from pipeline.tracking import read_metrics
-from tests.conftest import ROOT, cli, tiny_recipe, write_recipe
+from tests.conftest import cli, kill_then_resume, tiny_recipe, write_recipe
 
 ENGINES = {
     "ddp": {"nproc": 2, "engine": "ddp"},
@@ -123,40 +118,8 @@ def test_zero3_resumes_after_kill_9(tmp_path: Path) -> None:
         "log_every": 5,
         "eval_every": 20,
     }
-    launch = ENGINES["zero3"]
-    reference = tmp_path / "runs" / "reference"
-    assert (
-        cli(
-            "run",
-            str(
-                write_recipe(tmp_path / "ref.yaml", pretrain_recipe(reference, launch, **settings))
-            ),
-        ).returncode
-        == 0
-    )
-
-    killed = tmp_path / "runs" / "killed"
-    recipe = write_recipe(tmp_path / "killed.yaml", pretrain_recipe(killed, launch, **settings))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", str(recipe)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while (
-        time.time() < deadline
-        and not (killed / "pretrain" / "checkpoints" / "step_00000010").exists()
-    ):
-        assert proc.poll() is None, "run finished before it could be killed"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert read_manifest(killed / "pretrain")["status"] == "running"
-
-    result = cli("run", str(recipe))
-    assert result.returncode == 0, result.stderr
+    recipe = pretrain_recipe(tmp_path / "unused", ENGINES["zero3"], **settings)
+    reference, killed = kill_then_resume(tmp_path, recipe, "pretrain/checkpoints/step_00000010")
     assert "resuming from step_" in (killed / "pretrain" / "stage.log").read_text()
     ours, theirs = (
         weights(killed / "pretrain" / "export"),

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import struct
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.manifest import read_manifest
 from pipeline.tracking import read_metrics
-from tests.conftest import ROOT, cli, tiny_recipe, write_recipe
+from tests.conftest import cli, kill_then_resume, tiny_recipe, write_recipe
 
 
 def _pretrain_recipe(run_dir: Path, **pretrain: object) -> dict:
@@ -44,16 +39,6 @@ def test_ddp_two_processes_end_with_identical_replicas(tmp_path: Path) -> None:
     assert (newest / "random_states_1.pkl").is_file()  # both ranks saved their state
 
 
-def _start(recipe: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", str(recipe)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-
-
 @pytest.mark.slow
 def test_kill_9_then_rerun_gives_the_uninterrupted_export(tmp_path: Path) -> None:
     import torch
@@ -66,25 +51,8 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_export(tmp_path: Path) -> Non
         "checkpoint_every": 5,
         "eval_every": 20,
     }
-    reference = tmp_path / "runs" / "reference"
-    ref_recipe = write_recipe(tmp_path / "ref.yaml", _pretrain_recipe(reference, **settings))
-    assert cli("run", str(ref_recipe)).returncode == 0
-
-    killed = tmp_path / "runs" / "killed"
-    recipe = write_recipe(tmp_path / "killed.yaml", _pretrain_recipe(killed, **settings))
-    proc = _start(recipe)
-    checkpoints = killed / "pretrain" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(checkpoints.glob("step_00000010")):
-        assert proc.poll() is None, "run finished before it could be killed"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert read_manifest(killed / "pretrain")["status"] == "running"
-    assert not (killed / "pretrain" / "export").exists()
-
-    result = cli("run", str(recipe))
-    assert result.returncode == 0, result.stderr
+    recipe = _pretrain_recipe(tmp_path / "unused", **settings)
+    reference, killed = kill_then_resume(tmp_path, recipe, "pretrain/checkpoints/step_00000010")
     manifest = read_manifest(killed / "pretrain")
     assert manifest["status"] == "done" and manifest["attempts"] == 2
     assert "resuming from step_" in (killed / "pretrain" / "stage.log").read_text()
