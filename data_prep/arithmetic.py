@@ -68,3 +68,24 @@ def arithmetic_documents(seed: int = 0) -> Iterator[str]:
     problems = arithmetic_problems("train", len(pool), seed)
     for start in range(0, len(problems), PROBLEMS_PER_DOCUMENT):
         yield "\n".join(format_problem(p) for p in problems[start : start + PROBLEMS_PER_DOCUMENT])
+
+
+def plausible_wrong_answer(problem: dict[str, Any], rng: random.Random) -> int:
+    """A near miss: off by one or ten, or the last digit changed; never the right answer."""
+    answer = problem["answer"]
+    candidates = [answer + d for d in (-10, -1, 1, 10)] + [answer - answer % 10 + (answer + 3) % 10]
+    return rng.choice([c for c in candidates if c != answer])
+
+
+def preference_pairs(split: str, num: int, seed: int) -> list[dict[str, Any]]:
+    """`num` problems as {"prompt", "chosen", "rejected", "answer"}: correct vs. a near miss."""
+    rng = random.Random(seed)
+    return [
+        {
+            "prompt": p["prompt"],
+            "chosen": f" {p['answer']}",
+            "rejected": f" {plausible_wrong_answer(p, rng)}",
+            "answer": p["answer"],
+        }
+        for p in arithmetic_problems(split, num, seed)
+    ]

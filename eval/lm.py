@@ -52,6 +52,13 @@ class Config(StageConfig):
     batch_size: int = Field(8, ge=1, description="windows per forward pass")
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
     max_new_tokens: int = Field(48, ge=1, description="greedy tokens generated per prompt")
+    arithmetic_problems: int = Field(
+        0, ge=0, description="held-out arithmetic problems answered greedily; 0: off"
+    )
+    lm_eval_tasks: list[str] = Field(
+        [], description="lm-eval tasks: arithmetic_gen, arithmetic_choice or installed names"
+    )
+    lm_eval_limit: int = Field(100, ge=1, description="examples per lm-eval task")
 
 
 def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
@@ -183,6 +190,8 @@ def run(ctx: StageContext) -> None:
         objective_metrics,
         summary_note,
     )
+    from eval.harness import run_harness
+    from eval.tasks import accuracy_table, arithmetic_accuracy
 
     config = ctx.config
     assert isinstance(config, Config)
@@ -223,6 +232,18 @@ def run(ctx: StageContext) -> None:
                     {"model": stage.name, "prompt": p, "completion": c}
                     for p, c in zip(config.prompts, completions, strict=True)
                 ]
+                if config.arithmetic_problems:
+                    scored = arithmetic_accuracy(model, tokenizer, config.arithmetic_problems)
+                    samples += [{"model": stage.name, **e} for e in scored.pop("examples")]
+                    metrics |= scored
+                if config.lm_eval_tasks:
+                    harness = run_harness(
+                        stage.export_dir,
+                        config.lm_eval_tasks,
+                        ctx.stage_dir / "lm_eval_data",
+                        config.lm_eval_limit,
+                    )
+                    metrics |= {f"lm_eval/{key}": value for key, value in harness.items()}
                 if metrics["loss_vs_unigram"] >= 1.0:
                     ctx.log.warning(
                         "%s does not beat the unigram baseline; train it longer", stage.name
@@ -245,4 +266,6 @@ def run(ctx: StageContext) -> None:
     atomic_write_text(
         ctx.export_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples)
     )
+    if config.arithmetic_problems:
+        notes.append(accuracy_table(results))
     ctx.write_summary(summary, headline=headline, note="; ".join(notes))

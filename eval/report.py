@@ -25,6 +25,8 @@ REPORT_DIR = "report"
 EVAL_COLUMNS = ("val_loss", "perplexity", "bits_per_byte", "unigram_loss", "loss_vs_unigram")
 # Headline metrics of the masked (bert) and span-corruption (t5) families; shown when present.
 FAMILY_COLUMNS = ("mlm_loss", "masked_token_accuracy", "span_loss", "span_accuracy")
+# Task metrics (held-out arithmetic, lm-eval tasks); shown when present.
+TASK_COLUMNS = ("arithmetic_accuracy", "arithmetic_answered")
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; }
@@ -181,8 +183,11 @@ def eval_results(run_dir: Path, manifests: dict[str, dict[str, Any]]) -> str:
         ]
     if not scored:
         return ""
-    all_columns = (*EVAL_COLUMNS, *FAMILY_COLUMNS)
+    all_columns = (*EVAL_COLUMNS, *FAMILY_COLUMNS, *TASK_COLUMNS)
     columns = [c for c in all_columns if any(c in metrics for _, _, metrics in scored)]
+    columns += sorted(
+        {k for _, _, m in scored for k in m if k.startswith("lm_eval/") and "sample_len" not in k}
+    )
     header = "".join(f"<th>{c}</th>" for c in ("eval stage", "model", *columns))
     rows = [
         f"<tr><td>{escape(name)}</td><td>{escape(model)}</td>"
@@ -194,7 +199,8 @@ def eval_results(run_dir: Path, manifests: dict[str, dict[str, Any]]) -> str:
         "<h2>Evaluation</h2>",
         "<p>Losses in nats/token on validation tokens; unigram_loss is an add-one smoothed unigram "
         "model of the training tokens, loss_vs_unigram = val_loss / unigram_loss (lower is better); "
-        "mlm_loss and span_loss are the masked-LM and span-corruption objectives on the same windows.</p>",
+        "mlm_loss and span_loss are the masked-LM and span-corruption objectives on the same windows; "
+        "arithmetic_accuracy is greedy exact match on held-out arithmetic problems.</p>",
         f"<table>\n<tr>{header}</tr>\n" + "\n".join(rows) + "\n</table>",
     ]
     if samples:

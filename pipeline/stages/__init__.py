@@ -12,6 +12,9 @@ KINDS: dict[str, str] = {
     "tokenizer": "data_prep.tokenizer",
     "tokenize": "data_prep.tokenize",
     "pretrain": "pipeline.stages.pretrain",
+    "sft": "pipeline.stages.sft",
+    "reward": "pipeline.stages.reward",
+    "rlhf": "pipeline.stages.rlhf",
     "eval": "eval.lm",
     "report": "eval.report",
 }

@@ -1,0 +1,96 @@
+"""lm-evaluation-harness on our exports: shipped task YAMLs over generated local JSONL, or any
+installed lm-eval task by name (those may need a network for their datasets).
+
+The shipped tasks (eval/tasks/*.yaml) read JSONL written here from the held-out arithmetic split;
+the model is the export directory, loaded by lm-eval's own `hf` model class, so nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+SHIPPED = {path.stem: path for path in sorted(TASKS_DIR.glob("*.yaml"))}
+
+
+def write_task_data(name: str, out_dir: Path, num: int, seed: int = 0) -> Path:
+    """The JSONL of a shipped task: held-out arithmetic problems (with choices for MC)."""
+    from data_prep.arithmetic import arithmetic_problems, plausible_wrong_answer
+
+    rng = random.Random(seed)
+    rows = []
+    for problem in arithmetic_problems("test", num, seed):
+        row = {"prompt": problem["prompt"], "answer": str(problem["answer"])}
+        if name == "arithmetic_choice":
+            options = {problem["answer"]}
+            while len(options) < 4:
+                options.add(plausible_wrong_answer(problem, rng) + rng.choice((0, 0, 20, -20)))
+            choices = sorted(options)
+            rng.shuffle(choices)
+            row |= {
+                "choices": [f" {c}" for c in choices],
+                "label": choices.index(problem["answer"]),
+            }
+        rows.append(row)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def task_specs(names: list[str], data_dir: Path, num: int) -> list[str | dict[str, Any]]:
+    """lm-eval task specs: shipped names become configs over fresh JSONL, others pass through."""
+    specs: list[str | dict[str, Any]] = []
+    for name in names:
+        if name in SHIPPED:
+            config = yaml.safe_load(SHIPPED[name].read_text(encoding="utf-8"))
+            data = write_task_data(name, data_dir, num)
+            config["dataset_kwargs"] = {"data_files": {"test": str(data)}}
+            specs.append(config)
+        else:
+            specs.append(name)
+    return specs
+
+
+def run_harness(
+    model_dir: Path, names: list[str], data_dir: Path, num: int, batch_size: int = 16
+) -> dict[str, float]:
+    """Run lm-eval on an HF export; returns flat `task/metric` -> value (filters dropped)."""
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        results = simple_evaluate(
+            model="hf",
+            model_args={"pretrained": str(model_dir), "dtype": "float32", "device": device},
+            tasks=task_specs(names, data_dir, num),
+            task_manager=TaskManager(),
+            limit=num,
+            batch_size=batch_size,
+            log_samples=False,
+        )
+    except KeyError as exc:
+        raise PipelineError(
+            f"eval lm_eval_tasks: unknown task {exc}; use {', '.join(SHIPPED)} or an installed lm-eval task"
+        ) from None
+    flat: dict[str, float] = {}
+    for task, metrics in (results or {}).get("results", {}).items():
+        for key, value in metrics.items():
+            metric = key.split(",")[0]
+            if (
+                isinstance(value, int | float)
+                and not metric.endswith("_stderr")
+                and metric != "alias"
+            ):
+                flat[f"{task}/{metric}"] = float(value)
+    return flat

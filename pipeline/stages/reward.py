@@ -1,0 +1,123 @@
+"""Reward modelling with TRL's RewardTrainer: a scalar head on the upstream model, trained on pairs.
+
+Data: `builtin:arithmetic` (correct answer chosen, a near miss rejected; train split) or a JSONL
+file of `chosen`/`rejected` rows (with an optional `prompt`). Scored by pairwise accuracy on
+held-out pairs: the arithmetic test split, or every tenth row of a JSONL file (never trained on).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from pipeline.context import StageContext
+from pipeline.posttrain import BUILTIN_ARITHMETIC, TrainerStageConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+HOLDOUT_EVERY = 10  # every tenth row of a user's JSONL is held out
+
+
+class Config(TrainerStageConfig):
+    """Train a reward model on chosen/rejected pairs from the nearest upstream model stage."""
+
+    kind: Literal["reward"] = "reward"
+    max_length: int = Field(64, ge=8, description="tokens per prompt + response")
+    eval_pairs: int = Field(200, ge=1, description="held-out pairs scored after training")
+
+
+def preference_rows(data: str, num: int, seed: int, where: str) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) preference rows with prompt/chosen/rejected (prompt may be empty)."""
+    from data_prep.arithmetic import preference_pairs
+    from pipeline.posttrain import read_jsonl
+
+    if data == BUILTIN_ARITHMETIC:
+        return preference_pairs("train", num, seed), preference_pairs("test", num, seed + 1)
+    rows = [
+        {"prompt": r.get("prompt", ""), "chosen": r["chosen"], "rejected": r["rejected"]}
+        for r in read_jsonl(data, (("chosen", "rejected"),), where)
+    ]
+    held_out = rows[::HOLDOUT_EVERY]
+    train = [r for i, r in enumerate(rows) if i % HOLDOUT_EVERY]
+    return train[:num], held_out
+
+
+def pairwise_accuracy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[dict[str, Any]]
+) -> dict[str, float]:
+    """Fraction of pairs whose chosen response scores above the rejected one, and mean margin."""
+    import torch
+
+    def score(text: str) -> float:
+        ids = tokenizer.encode(text + tokenizer.eos_token, add_special_tokens=False)
+        with torch.inference_mode():
+            return model(torch.tensor([ids], device=model.device)).logits[0, 0].item()
+
+    margins = [score(p["prompt"] + p["chosen"]) - score(p["prompt"] + p["rejected"]) for p in pairs]
+    return {
+        "pairwise_accuracy": sum(m > 0 for m in margins) / len(margins),
+        "reward_margin": sum(margins) / len(margins),
+    }
+
+
+def load_reward_model(path: Any, device: str = "cpu") -> PreTrainedModel:
+    """A sequence-classification model with one output (the reward) from an HF directory."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=torch.float32
+    )
+    return model.to(device).eval()
+
+
+def run(ctx: StageContext) -> None:
+    """Train, export the reward model + tokenizer, record held-out pairwise accuracy."""
+    import torch
+    from trl import RewardConfig, RewardTrainer
+
+    from pipeline.posttrain import (
+        base_model_dir,
+        dataset,
+        last_metrics,
+        load_tokenizer,
+        prepare_checkpoints,
+        tracker_callback,
+        train_and_export,
+        training_arguments,
+    )
+
+    cfg: Config = ctx.config  # type: ignore[assignment]
+    source = base_model_dir(ctx)
+    tokenizer = load_tokenizer(source)
+    model = load_reward_model(source)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    train, held_out = preference_rows(cfg.data, cfg.num_examples, ctx.seed, f"stages.{ctx.name}")
+    args = RewardConfig(**training_arguments(ctx, cfg, model), max_length=cfg.max_length)
+    columns = ("prompt", "chosen", "rejected")
+    resume = prepare_checkpoints(ctx)
+    with ctx.tracker() as tracker:
+        callback = tracker_callback(tracker)
+        trainer = RewardTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset(train, lambda r: {k: r[k] for k in columns}),
+            processing_class=tokenizer,
+            callbacks=[callback],
+        )
+        ctx.log.info("reward model from %s on %d pairs", source.parent.name, len(train))
+        train_and_export(ctx, trainer, tokenizer, resume)
+        summary: dict[str, Any] = last_metrics(
+            callback, {"loss": "train_loss", "accuracy": "train_accuracy"}
+        )
+        if ctx.is_main:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            scored = pairwise_accuracy(
+                load_reward_model(ctx.export_dir, device), tokenizer, held_out[: cfg.eval_pairs]
+            )
+            summary |= scored
+            ctx.log.info("held-out pairwise accuracy %.1f%%", 100 * scored["pairwise_accuracy"])
+        tracker.summary(summary)
+    ctx.write_summary(summary, headline="pairwise_accuracy")

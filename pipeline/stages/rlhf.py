@@ -1,0 +1,169 @@
+"""Preference and reinforcement learning with TRL: GRPO or RLOO against rewards, or DPO on pairs.
+
+GRPO/RLOO sample `num_generations` completions per prompt and score them with verifiable reward
+functions named in the recipe (pipeline.rewards) and/or a reward stage's model; `beta` is the KL
+coefficient towards a reference model (the starting policy, optionally synced every few steps).
+DPO trains on chosen/rejected pairs (built-in arithmetic pairs or a JSONL file). The trainer's
+reward mean/std, fraction of zero-variance groups and completion lengths go to metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.context import StageContext
+from pipeline.errors import PipelineError
+from pipeline.posttrain import BUILTIN_ARITHMETIC, TrainerStageConfig
+
+# Trainer log keys (GRPO/RLOO/DPO) recorded in the stage summary under our names.
+SUMMARY_KEYS = {
+    "loss": "train_loss",
+    "reward": "reward_mean",
+    "reward_std": "reward_std",
+    "frac_reward_zero_std": "frac_reward_zero_std",
+    "completions/mean_length": "completion_length",
+    "kl": "kl",
+    "rewards/chosen": "rewards_chosen",
+    "rewards/rejected": "rewards_rejected",
+    "rewards/margins": "reward_margin",
+}
+
+
+class Config(TrainerStageConfig):
+    """GRPO/RLOO with verifiable rewards or a reward model, or DPO, from the upstream policy."""
+
+    kind: Literal["rlhf"] = "rlhf"
+    algorithm: Literal["grpo", "rloo", "dpo"] = "grpo"
+    rewards: list[str] = Field(["arithmetic_exact"], description="names in pipeline.rewards")
+    reward_model: str | None = Field(None, description="a reward stage whose model also scores")
+    reward_weights: list[float] | None = Field(None, description="one per reward; default: 1 each")
+    beta: float | None = Field(None, ge=0, description="KL coefficient; default: TRL's")
+    sync_ref_model: bool = Field(False, description="move the reference towards the policy")
+    ref_model_sync_steps: int = Field(64, ge=1)
+    num_generations: int = Field(8, ge=2, description="completions per prompt (grpo/rloo)")
+    max_completion_length: int = Field(8, ge=1, description="tokens per completion (grpo/rloo)")
+    temperature: float = Field(1.0, gt=0)
+    max_length: int = Field(64, ge=8, description="prompt + response tokens (dpo)")
+    eval_problems: int = Field(200, ge=0, description="held-out arithmetic problems; 0: off")
+
+    @model_validator(mode="after")
+    def _check_rewards(self) -> Config:
+        if self.algorithm != "dpo" and not self.rewards and self.reward_model is None:
+            raise ValueError("grpo/rloo need `rewards` names or a `reward_model` stage")
+        count = len(self.rewards) + (self.reward_model is not None)
+        if self.reward_weights is not None and len(self.reward_weights) != count:
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} values for {count} rewards"
+            )
+        return self
+
+
+def prompt_rows(cfg: Config, seed: int, where: str) -> list[dict[str, Any]]:
+    """GRPO/RLOO prompts: arithmetic train problems (with `answer`) or the user's JSONL rows."""
+    from data_prep.arithmetic import arithmetic_problems
+    from pipeline.posttrain import read_jsonl
+
+    if cfg.data == BUILTIN_ARITHMETIC:
+        return [
+            {"prompt": p["prompt"], "answer": p["answer"]}
+            for p in arithmetic_problems("train", cfg.num_examples, seed)
+        ]
+    return read_jsonl(cfg.data, (("prompt",),), where)[: cfg.num_examples]
+
+
+def build_trainer(ctx: StageContext, cfg: Config, model: Any, tokenizer: Any, callback: Any) -> Any:
+    """The TRL trainer for `cfg.algorithm`, configured from the recipe."""
+    from pipeline.posttrain import dataset, training_arguments
+    from pipeline.rewards import reward_functions
+    from pipeline.stages.reward import preference_rows
+
+    where = f"stages.{ctx.name}"
+    common = training_arguments(ctx, cfg, model)
+    ref = {"sync_ref_model": cfg.sync_ref_model, "ref_model_sync_steps": cfg.ref_model_sync_steps}
+    beta = {} if cfg.beta is None else {"beta": cfg.beta}
+    if cfg.algorithm == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        rows, _ = preference_rows(cfg.data, cfg.num_examples, ctx.seed, where)
+        columns = ("prompt", "chosen", "rejected")
+        return DPOTrainer(
+            model=model,
+            args=DPOConfig(**common, **ref, **beta, max_length=cfg.max_length),
+            train_dataset=dataset(rows, lambda r: {k: r[k] for k in columns}),
+            processing_class=tokenizer,
+            callbacks=[callback],
+        )
+    generation_batch = cfg.micro_batch_size * ctx.world_size * cfg.grad_accum_steps
+    if generation_batch % cfg.num_generations:
+        raise PipelineError(
+            f"{where}: micro_batch_size x processes x grad_accum_steps = {generation_batch} "
+            f"completions per step is not a multiple of num_generations={cfg.num_generations}; "
+            f"change one of them"
+        )
+    funcs: list[Any] = reward_functions(cfg.rewards, where)
+    if cfg.reward_model is not None:
+        funcs.append(str(ctx.upstream("reward", name=cfg.reward_model).export_dir))
+    sampling = {
+        "num_generations": cfg.num_generations,
+        "max_completion_length": cfg.max_completion_length,
+        "temperature": cfg.temperature,
+        "reward_weights": cfg.reward_weights,
+        **ref,
+        **beta,
+    }
+    if cfg.algorithm == "grpo":
+        from trl import GRPOConfig as TrainerConfig
+        from trl import GRPOTrainer as Trainer
+    else:
+        from trl import RLOOConfig as TrainerConfig
+        from trl import RLOOTrainer as Trainer
+    return Trainer(
+        model=model,
+        reward_funcs=funcs,
+        args=TrainerConfig(**common, **sampling),
+        train_dataset=dataset(prompt_rows(cfg, ctx.seed, where)),
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+
+
+def run(ctx: StageContext) -> None:
+    """Train the policy, export it, record reward statistics and held-out accuracy."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from eval.families import load_model
+    from eval.tasks import arithmetic_accuracy
+    from pipeline.posttrain import (
+        base_model_dir,
+        last_metrics,
+        load_tokenizer,
+        prepare_checkpoints,
+        tracker_callback,
+        train_and_export,
+    )
+
+    cfg: Config = ctx.config  # type: ignore[assignment]
+    source = base_model_dir(ctx)
+    tokenizer = load_tokenizer(source)
+    tokenizer.padding_side = "left"  # generation batches are left-padded
+    model = AutoModelForCausalLM.from_pretrained(source)
+    resume = prepare_checkpoints(ctx)
+    with ctx.tracker() as tracker:
+        callback = tracker_callback(tracker)
+        trainer = build_trainer(ctx, cfg, model, tokenizer, callback)
+        ctx.log.info(
+            "%s from %s, %d steps", cfg.algorithm.upper(), source.parent.name, cfg.max_steps
+        )
+        train_and_export(ctx, trainer, tokenizer, resume)
+        summary: dict[str, Any] = last_metrics(callback, SUMMARY_KEYS)
+        if cfg.eval_problems and ctx.is_main:
+            policy, _ = load_model(ctx.export_dir, "cuda" if torch.cuda.is_available() else "cpu")
+            scored = arithmetic_accuracy(policy, tokenizer, cfg.eval_problems)
+            summary["arithmetic_accuracy"] = scored["arithmetic_accuracy"]
+            ctx.log.info("held-out arithmetic accuracy %.1f%%", 100 * scored["arithmetic_accuracy"])
+        tracker.summary(summary)
+    headline = "arithmetic_accuracy" if cfg.eval_problems else "train_loss"
+    ctx.write_summary(summary, headline=headline)
