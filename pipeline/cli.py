@@ -90,6 +90,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.slurm import submit
+
+    recipe = load_recipe(args.recipe, args.override)
+    only = [s for s in args.only.split(",") if s] if args.only else None
+    submissions = submit(recipe, from_stage=args.from_stage, only=only, dry_run=args.dry_run)
+    verb = "would submit" if args.dry_run else "submitted"
+    table = Table(title=f"{recipe.name}: {verb} ({recipe.resolved_run_dir()})")
+    for col in ("stage", "kind", "job", "after", "why"):
+        table.add_column(col)
+    for s in submissions:
+        job = s.job_id or ("[dim]dry run[/]" if s.script else "[dim]skip[/]")
+        table.add_row(s.stage, s.kind, job, ",".join(s.after) or "-", s.reason)
+    console.print(table)
+    scripts = [s.script for s in submissions if s.script]
+    if not scripts:
+        console.print("nothing to submit: every stage is up to date")
+    elif args.dry_run:
+        for script in scripts:
+            console.print(f"sbatch file: {script}")
+    return 0
+
+
 def _recipe_for_status(target: str, overrides: list[str]) -> Recipe:
     path = Path(target)
     if path.is_dir():
@@ -106,12 +129,13 @@ def _recipe_for_status(target: str, overrides: list[str]) -> Recipe:
 def cmd_status(args: argparse.Namespace) -> int:
     from pipeline.graph import fingerprints, stage_state
     from pipeline.manifest import read_manifest, verify_outputs
+    from pipeline.slurm import queue_column
 
     recipe = _recipe_for_status(args.target, args.override)
     run_dir = recipe.resolved_run_dir()
     prints = fingerprints(recipe)
     table = Table(title=f"{recipe.name} ({run_dir})")
-    for col in ("stage", "kind", "status", "fresh", "duration", "tries", "metric"):
+    for col in ("stage", "kind", "status", "fresh", "duration", "tries", "queue", "metric"):
         table.add_column(col)
     for name, cfg in recipe.stages.items():
         manifest = read_manifest(run_dir / name)
@@ -129,6 +153,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "fresh" if fresh else f"stale ({reason})",
             _fmt_duration(manifest.get("duration_s")),
             str(manifest.get("attempts", 0)),
+            queue_column(manifest),
             _fmt_metric(manifest),
         )
     console.print(table)
@@ -192,6 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     overrides(run)
     run.set_defaults(func=cmd_run)
+
+    submit = sub.add_parser(
+        "submit", help="submit the stages that are not up to date as dependent Slurm jobs"
+    )
+    submit.add_argument("recipe", help="recipe YAML path or bundled name (e.g. demo)")
+    submit.add_argument(
+        "--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and everything after it"
+    )
+    submit.add_argument(
+        "--only", metavar="S1,S2", help="rerun only these stages (upstream must be done)"
+    )
+    submit.add_argument(
+        "--dry-run", action="store_true", help="write the sbatch files, print them, submit nothing"
+    )
+    overrides(submit)
+    submit.set_defaults(func=cmd_submit)
 
     status = sub.add_parser(
         "status", help="table of stages: status, fresh or stale, duration, metric"

@@ -91,7 +91,26 @@ class SlurmConfig(Strict):
     cpus_per_task: int | None = Field(None, ge=1)
     mem: str | None = None
     time: str = "04:00:00"
-    extra: list[str] = []
+    extra: list[str] = Field([], description="extra sbatch options, e.g. --constraint=a100")
+    signal_seconds: int = Field(
+        120, ge=1, description="warning signal this long before the time limit or preemption"
+    )
+    max_requeues: int = Field(3, ge=0, description="times a preempted job requeues itself")
+
+
+class SlurmOverride(Strict):
+    """Per-stage override of the recipe's slurm section; unset fields inherit."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gpus_per_node: int | None = Field(None, ge=0)
+    cpus_per_task: int | None = Field(None, ge=1)
+    mem: str | None = None
+    time: str | None = None
+    extra: list[str] | None = None
+    signal_seconds: int | None = Field(None, ge=1)
+    max_requeues: int | None = Field(None, ge=0)
 
 
 class StageConfig(Strict):
@@ -100,6 +119,7 @@ class StageConfig(Strict):
     kind: str
     after: list[str] = []
     launch: LaunchOverride | None = None
+    slurm: SlurmOverride | None = None
 
     # Stages that never start more than one process (data prep, reports) set this to False.
     distributed: ClassVar[bool] = False
@@ -131,6 +151,12 @@ class Recipe(Strict):
             return LaunchConfig()
         update = cfg.launch.model_dump(exclude_none=True) if cfg.launch else {}
         return LaunchConfig.model_validate({**self.launch.model_dump(), **update})
+
+    def slurm_for(self, stage: str) -> SlurmConfig:
+        """The effective sbatch settings of a stage (stage override over recipe default)."""
+        override = self.stages[stage].slurm
+        update = override.model_dump(exclude_none=True) if override else {}
+        return SlurmConfig.model_validate({**self.slurm.model_dump(), **update})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -19,3 +19,9 @@ class StageFailed(PipelineError):
     """A stage ran and failed; the message carries the failing rank's error."""
 
     exit_code = 1
+
+
+class Preempted(PipelineError):
+    """A stage stopped on a preemption signal after saving a checkpoint; rerunning resumes it."""
+
+    exit_code = 75

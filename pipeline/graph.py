@@ -65,7 +65,7 @@ def fingerprints(recipe: Recipe) -> dict[str, str]:
         payload = {
             "version": FINGERPRINT_VERSION,
             "kind": cfg.kind,
-            "config": cfg.model_dump(mode="json", exclude={"after", "launch"}),
+            "config": cfg.model_dump(mode="json", exclude={"after", "launch", "slurm"}),
             "data": cfg.data_signature(),
             "world_size": launch.nproc * launch.nnodes,
             "launch": launch.model_dump(exclude={"nproc", "nnodes"}) if cfg.distributed else {},
@@ -93,12 +93,12 @@ class Step:
 def stage_state(run_dir: Path, name: str, fingerprint: str) -> tuple[bool, str]:
     """(up to date?, reason) from the stage's manifest and outputs."""
     manifest = read_manifest(run_dir / name)
-    if not manifest:
+    if not manifest.get("status"):
         return False, "never run"
     status = manifest.get("status")
     if status != "done":
         return False, f"last attempt {status}" + (
-            " (will resume)" if status in {"running", "failed"} else ""
+            " (will resume)" if status in {"running", "failed", "preempted"} else ""
         )
     if manifest.get("fingerprint") != fingerprint:
         return False, "config or upstream changed"

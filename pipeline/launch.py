@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import preempt
 from pipeline.config import LaunchConfig
-from pipeline.errors import PipelineError, StageFailed
+from pipeline.errors import PipelineError, Preempted, StageFailed
 
 ERRORS_DIR = "errors"
 
@@ -38,13 +41,33 @@ def run_in_process(run_dir: Path, stage: str) -> None:
         ) from exc
 
 
-def torchrun_command(run_dir: Path, stage: str, launch: LaunchConfig) -> list[str]:
-    """The command line that starts `launch.nproc` workers on this node."""
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the nodes of a multi-node launch meet (node 0's address and a port) and our rank."""
+
+    host: str
+    port: int
+    node_rank: int
+
+
+def torchrun_command(
+    run_dir: Path, stage: str, launch: LaunchConfig, rendezvous: Rendezvous | None = None
+) -> list[str]:
+    """The command line that starts `launch.nproc` workers on this node (one of `launch.nnodes`)."""
+    where = (
+        ["--standalone"]
+        if rendezvous is None
+        else [
+            f"--node-rank={rendezvous.node_rank}",
+            f"--master-addr={rendezvous.host}",
+            f"--master-port={rendezvous.port}",
+        ]
+    )
     return [
         sys.executable,
         "-m",
         "pipeline.launch",
-        "--standalone",
+        *where,
         f"--nnodes={launch.nnodes}",
         f"--nproc-per-node={launch.nproc}",
         "--module",
@@ -63,14 +86,18 @@ def worker_env(launch: LaunchConfig) -> dict[str, str]:
     return env
 
 
-def run_torchrun(run_dir: Path, stage: str, launch: LaunchConfig) -> None:
+def run_torchrun(
+    run_dir: Path, stage: str, launch: LaunchConfig, rendezvous: Rendezvous | None = None
+) -> None:
     """Run a stage under torchrun; on failure raise with the root-cause rank's error."""
     errors = run_dir / stage / ERRORS_DIR
     for old in errors.glob("rank*.json"):
         old.unlink()
     proc = subprocess.run(
-        torchrun_command(run_dir, stage, launch), env=worker_env(launch), check=False
+        torchrun_command(run_dir, stage, launch, rendezvous), env=worker_env(launch), check=False
     )
+    if proc.returncode == Preempted.exit_code:
+        raise Preempted(f"stage {stage}: preempted; checkpoint saved, a rerun resumes from it")
     if proc.returncode != 0:
         raise StageFailed(first_rank_error(errors, stage, proc.returncode))
 
@@ -98,7 +125,11 @@ def first_rank_error(errors: Path, stage: str, returncode: int) -> str:
 
 
 def quiet_torchrun(argv: list[str]) -> int:
-    """torchrun's main with the elastic agent's logging and ChildFailedError dump suppressed."""
+    """torchrun's main with the elastic agent's logging and ChildFailedError dump suppressed.
+
+    The agent ignores the preemption signal (Slurm sends it to every process of the step; the
+    workers act on it) and exits with the workers' preemption code when they all stopped for it.
+    """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -108,11 +139,13 @@ def quiet_torchrun(argv: list[str]) -> int:
         "torch.distributed.launcher",
     ):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    signal.signal(preempt.SIGNAL, signal.SIG_IGN)
     args = get_args_parser().parse_args(argv)
     try:
         run(args)
-    except ChildFailedError:
-        return 1
+    except ChildFailedError as exc:
+        codes = {failure.exitcode for failure in exc.failures.values()}
+        return Preempted.exit_code if codes == {Preempted.exit_code} else 1
     return 0
 
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from pipeline.config import Recipe
 from pipeline.context import SUMMARY_FILE
-from pipeline.errors import PipelineError, StageFailed
+from pipeline.errors import PipelineError, Preempted, StageFailed
 from pipeline.graph import Step, plan
-from pipeline.launch import run_in_process, run_torchrun
+from pipeline.launch import Rendezvous, run_in_process, run_torchrun
 from pipeline.manifest import atomic_write_text, checksum_tree, read_manifest, write_manifest
 from pipeline.tracking import new_run_id
 from pipeline.worker import RECIPE_FILE
@@ -29,7 +29,7 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def prepare_stage(run_dir: Path, step: Step) -> dict[str, Any]:
+def prepare_stage(run_dir: Path, step: Step, slurm: dict[str, Any] | None = None) -> dict[str, Any]:
     """Mark a stage running; keep its checkpoints and W&B id only when resuming the same config."""
     stage_dir = run_dir / step.name
     previous = read_manifest(stage_dir)
@@ -56,7 +56,7 @@ def prepare_stage(run_dir: Path, step: Step) -> dict[str, Any]:
         "note": None,
         "outputs": {},
         "error": None,
-        "slurm": previous.get("slurm", {}) if resuming else {},
+        "slurm": slurm if slurm is not None else previous.get("slurm", {}) if resuming else {},
     }
     write_manifest(stage_dir, manifest)
     return manifest
@@ -88,27 +88,32 @@ def finish_stage(
     return manifest
 
 
-def execute(recipe: Recipe, step: Step) -> dict[str, Any]:
-    """Run one stage to completion or raise StageFailed, with the manifest updated either way."""
+def execute(
+    recipe: Recipe,
+    step: Step,
+    rendezvous: Rendezvous | None = None,
+    slurm: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run one stage to completion or raise StageFailed (Preempted), updating the manifest."""
     run_dir = recipe.resolved_run_dir()
-    manifest = prepare_stage(run_dir, step)
+    manifest = prepare_stage(run_dir, step, slurm)
     launch = recipe.launch_for(step.name)
     started = time.perf_counter()
     try:
         if launch.nproc * launch.nnodes == 1:
             run_in_process(run_dir, step.name)
         else:
-            run_torchrun(run_dir, step.name, launch)
+            run_torchrun(run_dir, step.name, launch, rendezvous)
     except (PipelineError, KeyboardInterrupt) as exc:
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc).splitlines()[0]
         manifest.update(
-            status="failed",
+            status="preempted" if isinstance(exc, Preempted) else "failed",
             error=reason,
             finished_at=now_iso(),
             duration_s=round(time.perf_counter() - started, 2),
         )
         write_manifest(run_dir / step.name, manifest)
-        if isinstance(exc, KeyboardInterrupt):
+        if isinstance(exc, KeyboardInterrupt | Preempted):
             raise
         raise StageFailed(str(exc)) from None
     return finish_stage(run_dir, step.name, manifest, started)

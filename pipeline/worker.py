@@ -12,9 +12,10 @@ import time
 import traceback
 from pathlib import Path
 
+from pipeline import preempt
 from pipeline.config import read_yaml, validate_recipe
 from pipeline.context import StageContext, setup_stage_logging
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, Preempted
 from pipeline.launch import ERRORS_DIR
 from pipeline.manifest import atomic_write_json, read_manifest
 from pipeline.stages import stage_module
@@ -59,8 +60,11 @@ def main(argv: list[str]) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         _redirect_output(run_dir / stage / "logs" / f"rank{rank}.out")
+    preempt.install()
     try:
         execute_stage(run_dir, stage)
+    except Preempted:
+        return Preempted.exit_code
     except BaseException as exc:  # noqa: BLE001 - every failure is reported to the orchestrator
         user_error = isinstance(exc, PipelineError)
         report = {

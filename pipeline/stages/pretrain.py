@@ -15,9 +15,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from pipeline import preempt
 from pipeline.config import StageConfig
 from pipeline.context import StageContext
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, Preempted
 from pipeline.models.causal_lm import ModelConfig
 from pipeline.training import OptimConfig, ScheduleConfig
 
@@ -238,12 +239,18 @@ def run(ctx: StageContext) -> None:
                 val_loss = evaluate()
                 tracker.log({"val/loss": val_loss}, step=done)
                 ctx.log.info("step %d val loss %.4f", done, val_loss)
-            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+            stopping = done < cfg.max_steps and preempt.requested(accelerator)
+            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or stopping:
                 save_checkpoint(
                     accelerator, ctx.checkpoint_dir, done,
                     {"fingerprint": ctx.fingerprint, "global_batch": shape.global_batch, "world_size": world},
                     keep=cfg.keep_checkpoints,
                 )  # fmt: skip
+            if stopping:
+                raise Preempted(
+                    f"stages.{ctx.name}: preempted after step {done}; checkpoint saved, "
+                    f"a rerun or requeue resumes from it"
+                )
         summary = {
             "train_loss": last_loss,
             "val_loss": val_loss if val_loss is not None else evaluate(),

@@ -1,0 +1,188 @@
+"""`pipeline submit`: one sbatch job per stage that is not up to date, chained with afterok.
+
+Each job file is rendered from `slurm/stage.sbatch` and carries only the run directory and the
+stage name; the job (`pipeline.slurm_job`) reads everything else from the resolved recipe. Jobs
+are submitted held, recorded in their stage manifests, then released, so a job never races the
+record of its own submission.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+from pipeline.config import Recipe, SlurmConfig
+from pipeline.errors import PipelineError
+from pipeline.graph import plan
+from pipeline.manifest import atomic_write_text, read_manifest, update_manifest
+from pipeline.runner import now_iso, write_resolved_recipe
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "stage.sbatch"
+SLURM_DIR = "slurm"
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED"}
+
+
+class SbatchTemplate(Template):
+    """`@{name}` placeholders, so the shell's own `$VAR`s need no escaping."""
+
+    delimiter = "@"
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One stage of a submit: its job id (None on --dry-run or when skipped) and dependencies."""
+
+    stage: str
+    kind: str
+    reason: str
+    script: Path | None = None
+    job_id: str | None = None
+    after: tuple[str, ...] = ()
+
+
+def sbatch_options(slurm: SlurmConfig) -> list[str]:
+    """`#SBATCH` lines for the recipe's (or the stage's) slurm settings."""
+    values = {
+        "partition": slurm.partition,
+        "account": slurm.account,
+        "qos": slurm.qos,
+        "gpus-per-node": slurm.gpus_per_node or None,
+        "cpus-per-task": slurm.cpus_per_task,
+        "mem": slurm.mem,
+        "time": slurm.time,
+    }
+    lines = [f"#SBATCH --{key}={value}" for key, value in values.items() if value is not None]
+    for extra in slurm.extra:
+        if "\n" in extra or not extra.strip():
+            raise PipelineError(
+                f"slurm.extra: {extra!r} is not one sbatch option; give one option per list item"
+            )
+        option = extra.strip()
+        lines.append(option if option.startswith("#SBATCH") else f"#SBATCH {option}")
+    return lines
+
+
+def render(recipe: Recipe, stage: str) -> str:
+    """The sbatch file of one stage."""
+    run_dir = recipe.resolved_run_dir()
+    slurm = recipe.slurm_for(stage)
+    return SbatchTemplate(TEMPLATE.read_text()).substitute(
+        stage=shlex.quote(stage),
+        job_name=f"{recipe.name}.{stage}",
+        nodes=recipe.launch_for(stage).nnodes,
+        log_dir=run_dir / stage / SLURM_DIR,
+        signal_seconds=slurm.signal_seconds,
+        options="\n".join(sbatch_options(slurm)),
+        run_dir=shlex.quote(str(run_dir)),
+        python=shlex.quote(sys.executable),
+    )
+
+
+def slurm_command(*args: str) -> str:
+    """Run a Slurm client command and return its stdout; a missing tool is a user error."""
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise PipelineError(
+            f"{args[0]}: not found; `pipeline submit` needs Slurm's client tools on PATH "
+            f"(for the test cluster: slurm/testcluster.sh start DIR; export SLURM_CONF=...)"
+        ) from None
+    if proc.returncode != 0:
+        message = (proc.stderr or proc.stdout).strip().splitlines()
+        raise PipelineError(
+            f"{' '.join(args[:2])}: failed ({message[-1] if message else proc.returncode}); "
+            f"check the cluster with sinfo and the recipe's slurm section"
+        )
+    return proc.stdout
+
+
+def job_state(job_id: str) -> tuple[str, str] | None:
+    """(state, reason) of a job from scontrol, else sacct; None when Slurm does not know it."""
+    try:
+        shown = slurm_command("scontrol", "show", "job", "--oneliner", job_id)
+        fields = dict(re.findall(r"(\w+)=(\S*)", shown))
+        restarts = int(fields.get("Restarts", "0"))
+        reason = fields.get("Reason", "None")
+        if restarts and fields.get("JobState") in ACTIVE_STATES:
+            reason = f"requeued {restarts}x" + (f", {reason}" if reason != "None" else "")
+        return fields.get("JobState", "UNKNOWN"), "" if reason == "None" else reason
+    except PipelineError:
+        pass
+    try:
+        rows = slurm_command("sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id).split()
+    except PipelineError:
+        return None
+    return (rows[0].split()[0], "") if rows else None
+
+
+def queue_column(manifest: dict) -> str:
+    """`pipeline status`'s queue cell: job id and live state, or the last recorded state."""
+    slurm = manifest.get("slurm") or {}
+    job_id = slurm.get("job_id")
+    if not job_id:
+        return "-"
+    live = job_state(str(job_id))
+    if live is None:
+        return f"{job_id} {slurm.get('state', '?')}"
+    state, reason = live
+    return f"{job_id} {state}" + (f" ({reason})" if reason else "")
+
+
+def submit(
+    recipe: Recipe,
+    *,
+    from_stage: str | None = None,
+    only: list[str] | None = None,
+    dry_run: bool = False,
+) -> list[Submission]:
+    """Submit every stage that is not up to date as a job that waits for its upstream jobs."""
+    steps = plan(recipe, from_stage=from_stage, only=only)
+    run_dir = recipe.resolved_run_dir()
+    for step in steps:
+        job_id = (read_manifest(run_dir / step.name).get("slurm") or {}).get("job_id")
+        live = job_state(str(job_id)) if job_id and step.run else None
+        if live and live[0] in ACTIVE_STATES:
+            raise PipelineError(
+                f"stage {step.name}: already queued as job {job_id} ({live[0]}); "
+                f"wait for it or `scancel {job_id}`, then submit again"
+            )
+    write_resolved_recipe(recipe)
+    submissions: list[Submission] = []
+    job_ids: dict[str, str] = {}
+    try:
+        for step in steps:
+            if not step.run:
+                submissions.append(Submission(step.name, step.kind, step.reason))
+                continue
+            script = run_dir / step.name / SLURM_DIR / "job.sbatch"
+            atomic_write_text(script, render(recipe, step.name))
+            after = tuple(dep for dep in recipe.stages[step.name].after if dep in job_ids)
+            job_id = None if dry_run else sbatch_held(script, [job_ids[dep] for dep in after])
+            if job_id:
+                update_manifest(
+                    run_dir / step.name,
+                    slurm={"job_id": job_id, "state": "submitted", "submitted_at": now_iso()},
+                )
+            job_ids[step.name] = job_id or f"<{step.name}>"
+            submissions.append(Submission(step.name, step.kind, step.reason, script, job_id, after))
+    except PipelineError:
+        if job_ids and not dry_run:  # do not leave half a pipeline held in the queue
+            subprocess.run(["scancel", *job_ids.values()], check=False)
+        raise
+    held = [s.job_id for s in submissions if s.job_id]
+    if held:
+        slurm_command("scontrol", "release", ",".join(held))
+    return submissions
+
+
+def sbatch_held(script: Path, upstream_jobs: list[str]) -> str:
+    """Submit a job file on hold, after its upstream jobs succeed; returns the job id."""
+    args = ["sbatch", "--parsable", "--hold"]
+    if upstream_jobs:
+        args.append(f"--dependency=afterok:{':'.join(upstream_jobs)}")
+    return slurm_command(*args, str(script)).strip().split(";")[0]
