@@ -217,7 +217,20 @@ def _file_documents(path: Path, text_field: str) -> Iterator[str]:
         raise PipelineError(f"source {path}: cannot read ({exc}); check the file") from None
 
 
-def _jsonl_documents(f: IO[bytes], path: Path, text_field: str, compression: str) -> Iterator[str]:
+def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a .jsonl file, plain, .gz or .zst.
+
+    Bytes that are not UTF-8, bad JSON and unreadable files are one-line PipelineErrors.
+    """
+    compression = path.suffix if path.suffix in COMPRESSIONS else ""
+    try:
+        with _open(path, compression) as f:
+            yield from _json_lines(f, path, compression)
+    except (OSError, EOFError) as exc:
+        raise PipelineError(f"source {path}: cannot read ({exc}); check the file") from None
+
+
+def _json_lines(f: IO[bytes], path: Path, compression: str) -> Iterator[tuple[int, Any]]:
     offset = 0
     for number, raw in enumerate(f, start=1):
         line = _decode(raw, path, offset, compression)
@@ -225,11 +238,15 @@ def _jsonl_documents(f: IO[bytes], path: Path, text_field: str, compression: str
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as exc:
             raise PipelineError(
                 f"source {path} line {number}: not valid JSON ({exc}); fix or remove the line"
             ) from None
+
+
+def _jsonl_documents(f: IO[bytes], path: Path, text_field: str, compression: str) -> Iterator[str]:
+    for number, record in _json_lines(f, path, compression):
         yield _field(record, text_field, f"source {path} line {number}")
 
 

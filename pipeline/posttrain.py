@@ -7,7 +7,6 @@ TRL trainers do the training; this module only hands them our launch settings (t
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -91,16 +90,10 @@ def read_jsonl(path: str, required: tuple[tuple[str, ...], ...], where: str) -> 
         raise PipelineError(
             f"{where}: data {path}: no such file; give a JSONL path or {BUILTIN_ARITHMETIC}"
         )
+    from data_prep.sources import jsonl_records
+
     rows = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PipelineError(
-                f"{where}: {path} line {number}: invalid JSON ({exc.msg}); fix the line"
-            ) from None
+    for number, row in jsonl_records(file):
         if not isinstance(row, dict) or not any(all(k in row for k in keys) for keys in required):
             wanted = " or ".join("/".join(keys) for keys in required)
             raise PipelineError(

@@ -171,3 +171,21 @@ def test_signature_tracks_file_changes(tmp_path: Path) -> None:
     before = source_signature(cfg)
     path.write_text("one two")
     assert source_signature(cfg) != before
+
+
+def test_post_training_jsonl_shares_the_source_reader(tmp_path: Path) -> None:
+    """SFT/reward/RLHF data files get the same formats and one-line errors as text sources."""
+    from pipeline.posttrain import read_jsonl
+
+    good = tmp_path / "pairs.jsonl.gz"
+    with gzip.open(good, "wt", encoding="utf-8") as f:
+        f.write('{"prompt": "2+2=", "completion": "4"}\n\n{"prompt": "1+1=", "completion": "2"}\n')
+    rows = read_jsonl(str(good), (("prompt", "completion"),), "stages.sft")
+    assert [r["completion"] for r in rows] == ["4", "2"]
+
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(PipelineError, match=r"latin1\.jsonl: not valid UTF-8 at byte offset 15"):
+        read_jsonl(str(bad), (("prompt",),), "stages.rlhf")
+    with pytest.raises(PipelineError, match="a row needs the keys chosen/rejected"):
+        read_jsonl(str(good), (("chosen", "rejected"),), "stages.reward")
