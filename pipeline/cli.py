@@ -36,9 +36,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.runner import run_recipe
 
     recipe = load_recipe(args.recipe, args.override)
-    only = [s for s in args.only.split(",") if s] if args.only else None
     if args.dry_run:
-        steps = plan(recipe, from_stage=args.from_stage, only=only, force=args.force)
+        steps = plan(recipe, from_stage=args.from_stage, only=args.only, force=args.force)
         table = Table(title=f"plan for {recipe.name} ({recipe.resolved_run_dir()})")
         for col in ("stage", "kind", "action", "why"):
             table.add_column(col)
@@ -55,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             console.print(f"[dim]-- {step.name}: skip, {step.reason}[/]")
 
     results = run_recipe(
-        recipe, from_stage=args.from_stage, only=only, force=args.force, on_step=announce
+        recipe, from_stage=args.from_stage, only=args.only, force=args.force, on_step=announce
     )
     table = Table(title=f"{recipe.name}: done in {_fmt_duration(time.perf_counter() - started)}")
     for col in ("stage", "kind", "action", "duration", "metric"):
@@ -94,8 +93,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.slurm import submit
 
     recipe = load_recipe(args.recipe, args.override)
-    only = [s for s in args.only.split(",") if s] if args.only else None
-    submissions = submit(recipe, from_stage=args.from_stage, only=only, dry_run=args.dry_run)
+    submissions = submit(recipe, from_stage=args.from_stage, only=args.only, dry_run=args.dry_run)
     verb = "would submit" if args.dry_run else "submitted"
     table = Table(title=f"{recipe.name}: {verb} ({recipe.resolved_run_dir()})")
     for col in ("stage", "kind", "job", "after", "why"):
@@ -201,14 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
             help="dotted override, e.g. -o stages.pretrain.optim.lr=3e-4 (repeatable)",
         )
 
+    def selection(p: argparse.ArgumentParser) -> None:
+        """The recipe and which of its stages to (re)run: shared by run and submit."""
+        p.add_argument("recipe", help="recipe YAML path or bundled name (e.g. demo)")
+        p.add_argument(
+            "--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and everything after it"
+        )
+        p.add_argument(
+            "--only",
+            metavar="S1,S2",
+            type=lambda text: [s for s in text.split(",") if s] or None,
+            help="rerun only these stages (upstream must be done)",
+        )
+
     run = sub.add_parser("run", help="run the stages of a recipe that are not up to date")
-    run.add_argument("recipe", help="recipe YAML path or bundled name (e.g. demo)")
-    run.add_argument(
-        "--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and everything after it"
-    )
-    run.add_argument(
-        "--only", metavar="S1,S2", help="rerun only these stages (upstream must be done)"
-    )
+    selection(run)
     run.add_argument(
         "--force", action="store_true", help="rerun every stage, ignoring fingerprints"
     )
@@ -221,13 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser(
         "submit", help="submit the stages that are not up to date as dependent Slurm jobs"
     )
-    submit.add_argument("recipe", help="recipe YAML path or bundled name (e.g. demo)")
-    submit.add_argument(
-        "--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and everything after it"
-    )
-    submit.add_argument(
-        "--only", metavar="S1,S2", help="rerun only these stages (upstream must be done)"
-    )
+    selection(submit)
     submit.add_argument(
         "--dry-run", action="store_true", help="write the sbatch files, print them, submit nothing"
     )
