@@ -105,8 +105,8 @@ def run(ctx: StageContext) -> None:
     flops_token = flops.flops_per_token(
         flops.matmul_params(
             model,
-            getattr(cfg.model, "experts_per_token", None),
-            getattr(cfg.model, "num_experts", None),
+            cfg.model.experts_per_token,
+            cfg.model.num_experts,
         ),
         cfg.model.num_layers,
         cfg.model.hidden_size,
