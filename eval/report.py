@@ -8,6 +8,7 @@ report written by the report stage honestly lists that stage as still running.
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
@@ -22,6 +23,7 @@ from pipeline.manifest import MANIFEST, atomic_write_text, read_manifest
 from pipeline.tracking import read_metrics
 
 REPORT_DIR = "report"
+SECTIONS_FILE = "report.json"  # tables and figures a stage hands to the report (write_sections)
 EVAL_COLUMNS = ("val_loss", "perplexity", "bits_per_byte", "unigram_loss", "loss_vs_unigram")
 # Headline metrics of the masked (bert) and span-corruption (t5) families; shown when present.
 FAMILY_COLUMNS = ("mlm_loss", "masked_token_accuracy", "span_loss", "span_accuracy")
@@ -82,6 +84,7 @@ def write_report(run_dir: Path, title: str | None = None, out_dir: Path | None =
         stage_table(manifests, kinds),
         loss_curves(run_dir, names, out_dir),
         eval_results(run_dir, manifests),
+        stage_sections(run_dir, manifests, out_dir),
     ]
     page = (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -210,6 +213,57 @@ def eval_results(run_dir: Path, manifests: dict[str, dict[str, Any]]) -> str:
             *samples,
         ]
     return "\n".join(parts)
+
+
+def write_sections(export_dir: Path, sections: list[dict[str, Any]]) -> None:
+    """Give the report tables and figures of a stage: `export_dir/report.json`.
+
+    Each section is `{"title": str, "note": str?, "columns": [str], "rows": [[cell]],
+    "images": [path relative to export_dir]}`; every key but `title` is optional. The report
+    stage shows the sections of every finished stage, in recipe order, with its images copied
+    beside the page.
+    """
+    for section in sections:
+        if "title" not in section:
+            raise ValueError(f"report section without a title: {section!r}")
+        for image in section.get("images", []):
+            if not (export_dir / image).is_file():
+                raise ValueError(f"report section {section['title']!r}: no image {image}")
+    export_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(export_dir / SECTIONS_FILE, json.dumps({"sections": sections}, indent=1))
+
+
+def stage_sections(run_dir: Path, manifests: dict[str, dict[str, Any]], out_dir: Path) -> str:
+    """HTML of the report.json sections of every finished stage (tables, then images)."""
+    parts = []
+    for name, manifest in manifests.items():
+        export = run_dir / name / "export"
+        path = export / SECTIONS_FILE
+        if manifest.get("status") != "done" or not path.is_file():
+            continue
+        for section in json.loads(path.read_text(encoding="utf-8")).get("sections", []):
+            parts.append(f"<h2>{escape(name)}: {escape(str(section['title']))}</h2>")
+            if section.get("note"):
+                parts.append(f"<p>{escape(str(section['note']))}</p>")
+            if section.get("rows"):
+                header = "".join(f"<th>{escape(str(c))}</th>" for c in section.get("columns", []))
+                rows = [
+                    "<tr>" + "".join(_cell(value) for value in row) + "</tr>"
+                    for row in section["rows"]
+                ]
+                parts.append(f"<table>\n<tr>{header}</tr>\n" + "\n".join(rows) + "\n</table>")
+            for image in section.get("images", []):
+                target = out_dir / f"{name}_{Path(image).name}"
+                shutil.copyfile(export / image, target)
+                parts.append(f'<img src="{escape(target.name)}" alt="{escape(str(image))}">')
+    return "\n".join(parts)
+
+
+def _cell(value: Any) -> str:
+    """A table cell: numbers right-aligned and formatted, anything else as text."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f'<td class="num">{escape(_fmt(value))}</td>'
+    return f"<td>{escape(_fmt(value))}</td>"
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

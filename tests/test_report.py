@@ -122,3 +122,31 @@ def test_report_stage_leaves_its_manifest_alone(tmp_path: Path) -> None:
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="not a run directory"):
         report.write_report(tmp_path)
+
+
+def test_report_shows_stage_sections_with_tables_and_images(tmp_path: Path) -> None:
+    run_dir = make_run_dir(tmp_path)
+    export = run_dir / "pretrain" / "export"
+    export.mkdir()
+    (export / "grid.png").write_bytes(b"\x89PNG fake")
+    report.write_sections(
+        export,
+        [
+            {
+                "title": "Comparison <table>",
+                "note": "lower is better",
+                "columns": ["model", "mse"],
+                "rows": [["ridge", 0.123456], ["lasso", 2]],
+                "images": ["grid.png"],
+            }
+        ],
+    )
+    with pytest.raises(ValueError, match="no image"):
+        report.write_sections(export, [{"title": "x", "images": ["missing.png"]}])
+
+    page = report.write_report(run_dir).read_text(encoding="utf-8")
+
+    assert "<h2>pretrain: Comparison &lt;table&gt;</h2>" in page
+    assert "<td>ridge</td><td class=\"num\">0.1235</td>" in page
+    assert '<img src="pretrain_grid.png"' in page
+    assert (run_dir / "report" / "pretrain_grid.png").read_bytes() == b"\x89PNG fake"
