@@ -38,6 +38,12 @@ class SourceConfig(Strict):
     text_field: str = "text"
     max_documents: int | None = Field(None, ge=1)
     max_bytes: int | None = Field(None, ge=1)
+    repeat: int = Field(
+        1,
+        ge=1,
+        description="copies of each train document in the token shards (upsamples this source in "
+        "a mixture); held-out documents are written once",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -100,12 +106,46 @@ def source_signature(source: SourceConfig) -> dict[str, Any]:
 
 
 class SourceStageConfig(StageConfig):
-    """Base of stages that read a text source; the source's content is part of the fingerprint."""
+    """Base of stages that read a text source, or a mixture (a list of sources).
 
-    source: SourceConfig
+    The sources' content is part of the fingerprint.
+    """
+
+    source: list[SourceConfig] = Field(
+        description="a source, or a list of sources mixed document by document"
+    )
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _as_list(cls, source: Any) -> Any:
+        return source if isinstance(source, list) else [source]
+
+    @field_validator("source")
+    @classmethod
+    def _not_empty(cls, source: list[SourceConfig]) -> list[SourceConfig]:
+        if not source:
+            raise ValueError("an empty list of sources; name at least one source")
+        return source
 
     def data_signature(self) -> dict[str, Any]:
-        return source_signature(self.source)
+        return {"sources": [source_signature(source) for source in self.source]}
+
+
+def mixed_documents(sources: list[SourceConfig]) -> Iterator[tuple[str, int]]:
+    """(document, repeat) of several sources, interleaved round-robin one document at a time.
+
+    Each source keeps its own max_documents / max_bytes; a source that runs out drops out of the
+    rotation. Round-robin keeps every source present in any prefix (the tokenizer's sample).
+    """
+    streams = [(iter_documents(source), source.repeat) for source in sources]
+    while streams:
+        alive = []
+        for documents, repeat in streams:
+            doc = next(documents, None)
+            if doc is not None:
+                yield doc, repeat
+                alive.append((documents, repeat))
+        streams = alive
 
 
 def _raw_documents(source: SourceConfig) -> Iterator[str]:

@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import Field
 
 from data_prep.shards import ShardWriter, token_dtype
-from data_prep.sources import SourceStageConfig, iter_documents
+from data_prep.sources import SourceStageConfig, mixed_documents
 from data_prep.tokenizer import EOS_ID, MODEL_FILE
 from pipeline.context import StageContext
 from pipeline.errors import PipelineError
@@ -34,7 +34,7 @@ Progress = Callable[..., Iterator[Any]]
 
 
 class Config(SourceStageConfig):
-    """Tokenize a source into train/val shards with the upstream tokenizer stage's model."""
+    """Tokenize a source (or a mixture) into train/val shards with the upstream tokenizer's model."""
 
     kind: Literal["tokenize"] = "tokenize"
     val_fraction: float = Field(0.02, ge=0, lt=1)
@@ -50,7 +50,7 @@ def run(ctx: StageContext) -> None:
     if not model_path.is_file():
         raise PipelineError(f"{model_path}: missing; rerun the tokenizer stage")
     stats = tokenize_corpus(
-        iter_documents(cfg.source),
+        mixed_documents(cfg.source),
         model_path,
         ctx.export_dir,
         seed=ctx.seed,
@@ -76,7 +76,7 @@ def is_val_document(index: int, seed: int, val_fraction: float) -> bool:
 
 
 def tokenize_corpus(
-    documents: Iterable[str],
+    documents: Iterable[str | tuple[str, int]],
     model_path: Path,
     out_dir: Path,
     seed: int = 0,
@@ -87,6 +87,8 @@ def tokenize_corpus(
 ) -> dict[str, Any]:
     """Encode documents (eos after each) into out_dir/{train,val}/ shards plus meta.json.
 
+    A document given as (text, repeat) goes `repeat` times into train (upsampling) and once into
+    val; which split it belongs to depends on its index only, so copies never straddle splits.
     With val_fraction > 0 and at least two documents, val gets at least one document: when the
     hash picked none, the last document moves to val.
     """
@@ -103,19 +105,23 @@ def tokenize_corpus(
         ShardWriter(out_dir / "train", dtype, shard_tokens) as train,
         ShardWriter(out_dir / "val", dtype, shard_tokens) as val,
     ):
-        held: np.ndarray | None = None  # the latest train document, written one step late
-        for flat, lengths in encoded:
-            for tokens in np.split(flat, np.cumsum(lengths)[:-1]):
+        held: tuple[np.ndarray, int] | None = None  # the latest train document, written late
+        for flat, lengths, repeats in encoded:
+            for tokens, repeat in zip(
+                np.split(flat, np.cumsum(lengths)[:-1]), repeats, strict=True
+            ):
                 if is_val_document(num_documents, seed, val_fraction):
                     val.add(tokens)
                 else:
                     if held is not None:
-                        train.add(held)
-                    held = tokens
+                        _add(train, *held)
+                    held = (tokens, repeat)
                 num_documents += 1
         if held is not None:
-            wants_val = val_fraction > 0 and val.num_documents == 0 and num_documents >= 2
-            (val if wants_val else train).add(held)
+            if val_fraction > 0 and val.num_documents == 0 and num_documents >= 2:
+                val.add(held[0])
+            else:
+                _add(train, *held)
     if num_documents == 0:
         raise PipelineError("tokenize: the source has no documents (empty corpus); add text")
     splits = {
@@ -134,47 +140,61 @@ def tokenize_corpus(
     }
 
 
+def _add(writer: ShardWriter, tokens: np.ndarray, repeat: int) -> None:
+    for _ in range(repeat):
+        writer.add(tokens)
+
+
 def read_meta(export_dir: Path) -> dict[str, Any]:
     """The tokenize stage's meta.json (vocab_size, eos_id, dtype, per-split counts)."""
     return json.loads((Path(export_dir) / META_FILE).read_text(encoding="utf-8"))
 
 
-def _chunks(documents: Iterable[str]) -> Iterator[list[str]]:
-    """Documents grouped into lists of about CHUNK_CHARS characters (the unit of work)."""
+def _chunks(documents: Iterable[str | tuple[str, int]]) -> Iterator[tuple[list[str], list[int]]]:
+    """(documents, repeats) in groups of about CHUNK_CHARS characters (the unit of work)."""
     chunk: list[str] = []
+    repeats: list[int] = []
     size = 0
-    for doc in documents:
+    for item in documents:
+        doc, repeat = (item, 1) if isinstance(item, str) else item
         chunk.append(doc)
+        repeats.append(repeat)
         size += len(doc)
         if size >= CHUNK_CHARS or len(chunk) >= CHUNK_DOCUMENTS:
-            yield chunk
-            chunk, size = [], 0
+            yield chunk, repeats
+            chunk, repeats, size = [], [], 0
     if chunk:
-        yield chunk
+        yield chunk, repeats
 
 
 def encode_chunks(
-    chunks: Iterable[list[str]], model_path: Path, dtype: np.dtype, num_workers: int = 0
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(flat tokens with eos after each document, per-document lengths) per chunk, in order."""
+    chunks: Iterable[tuple[list[str], list[int]]],
+    model_path: Path,
+    dtype: np.dtype,
+    num_workers: int = 0,
+) -> Iterator[tuple[np.ndarray, np.ndarray, list[int]]]:
+    """(flat tokens with eos after each document, per-document lengths, repeats) per chunk."""
     import multiprocessing
     import os
 
     workers = num_workers or os.cpu_count() or 1
     if workers == 1:
         _init_worker(str(model_path), dtype.str)
-        yield from map(_encode_chunk, chunks)
+        for docs, repeats in chunks:
+            yield (*_encode_chunk(docs), repeats)
         return
     # apply_async with a bounded queue rather than imap: imap reads the whole input eagerly.
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, _init_worker, (str(model_path), dtype.str)) as pool:
         pending: deque[Any] = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+        for docs, repeats in chunks:
+            pending.append((pool.apply_async(_encode_chunk, (docs,)), repeats))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                result, repeats = pending.popleft()
+                yield (*result.get(), repeats)
         while pending:
-            yield pending.popleft().get()
+            result, repeats = pending.popleft()
+            yield (*result.get(), repeats)
 
 
 _worker: dict[str, Any] = {}

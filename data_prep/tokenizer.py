@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from data_prep.sources import SourceStageConfig, iter_documents
+from data_prep.sources import SourceStageConfig, mixed_documents
 from pipeline.context import StageContext
 from pipeline.errors import PipelineError
 
@@ -45,10 +45,10 @@ def run(ctx: StageContext) -> None:
     """Train on the first `sample_bytes` of the source and export to `ctx.export_dir`."""
     cfg = ctx.config
     assert isinstance(cfg, Config)
-    source = cfg.source.model_copy(
-        update={"max_bytes": min(cfg.sample_bytes, cfg.source.max_bytes or cfg.sample_bytes)}
+    documents = ctx.progress(
+        take_bytes((doc for doc, _ in mixed_documents(cfg.source)), cfg.sample_bytes),
+        desc="tokenizer sample",
     )
-    documents = ctx.progress(iter_documents(source), desc="tokenizer sample")
     stats = train_tokenizer(
         documents,
         ctx.export_dir,
@@ -130,6 +130,18 @@ def train_tokenizer(
         "training_bytes": training_bytes,
         "bytes_per_token": training_bytes / max(num_tokens, 1),
     }
+
+
+def take_bytes(documents: Iterable[str], max_bytes: int) -> Iterator[str]:
+    """The documents up to `max_bytes` UTF-8 bytes in all; the last one cut at a character."""
+    left = max_bytes
+    for doc in documents:
+        data = doc.encode("utf-8")
+        if len(data) >= left:
+            yield data[:left].decode("utf-8", errors="ignore")
+            return
+        left -= len(data)
+        yield doc
 
 
 def training_chunks(documents: Iterable[str], chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:

@@ -334,6 +334,8 @@ def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
     """The config class that owns the key at `loc` (to list allowed keys and suggest one)."""
     current: Any = model
     for part in loc:
+        if part.isdigit():  # an index into a list of models
+            continue
         if isinstance(current, type) and issubclass(current, BaseModel):
             field = current.model_fields.get(part)
             if field is None:

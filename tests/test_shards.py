@@ -178,3 +178,20 @@ def test_tokenize_is_deterministic_and_keeps_one_val_doc(tmp_path: Path, model_p
     assert read_meta(tmp_path / "a")["splits"]["val"]["num_documents"] == 1
     with pytest.raises(PipelineError, match="empty corpus"):
         tokenize_corpus([], model_path, tmp_path / "c", num_workers=1)
+
+
+def test_tokenize_repeats_upsample_train_and_keep_val_single(
+    tmp_path: Path, model_path: Path
+) -> None:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    docs = [(f"common text {i}", 1) for i in range(100)] + [(f"rare {i} x", 3) for i in range(100)]
+    tokenize_corpus(docs, model_path, tmp_path, seed=1, val_fraction=0.2, num_workers=1)
+    train = split_documents(tmp_path, "train", sp)
+    val = split_documents(tmp_path, "val", sp)
+    rare_train = [d for d in train if d.startswith("rare")]
+    assert rare_train and all(rare_train.count(d) == 3 for d in rare_train)
+    assert all(train.count(d) == 1 for d in train if d.startswith("common"))
+    assert len(val) == len(set(val)) and not set(val) & set(train)
+    assert len(set(train)) + len(val) == 200

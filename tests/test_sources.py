@@ -189,3 +189,26 @@ def test_post_training_jsonl_shares_the_source_reader(tmp_path: Path) -> None:
         read_jsonl(str(bad), (("prompt",),), "stages.rlhf")
     with pytest.raises(PipelineError, match="a row needs the keys chosen/rejected"):
         read_jsonl(str(good), (("chosen", "rejected"),), "stages.reward")
+
+
+def test_mixture_interleaves_sources_with_their_own_caps(tmp_path: Path) -> None:
+    from data_prep.sources import SourceStageConfig, mixed_documents
+
+    (tmp_path / "a.jsonl").write_bytes(jsonl_bytes([f"a{i}" for i in range(5)]))
+    (tmp_path / "b.jsonl").write_bytes(jsonl_bytes([f"b{i}" for i in range(2)]))
+    cfg = SourceStageConfig.model_validate(
+        {
+            "kind": "x",
+            "source": [
+                {"uri": str(tmp_path / "a.jsonl"), "max_documents": 4},
+                {"uri": str(tmp_path / "b.jsonl"), "repeat": 3},
+            ],
+        }
+    )
+    mixed = list(mixed_documents(cfg.source))
+    assert mixed == [("a0", 1), ("b0", 3), ("a1", 1), ("b1", 3), ("a2", 1), ("a3", 1)]
+    assert len(cfg.data_signature()["sources"]) == 2
+    single = SourceStageConfig.model_validate({"kind": "x", "source": "builtin:arithmetic"})
+    assert [s.uri for s in single.source] == ["builtin:arithmetic"]
+    with pytest.raises(ValueError, match="empty list of sources"):
+        SourceStageConfig.model_validate({"kind": "x", "source": []})

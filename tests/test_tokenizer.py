@@ -106,8 +106,8 @@ def test_config_accepts_bare_source_and_rejects_bad_values() -> None:
     from pydantic import ValidationError
 
     cfg = Config.model_validate({"kind": "tokenizer", "source": "builtin:python-stdlib"})
-    assert cfg.source.uri == "builtin:python-stdlib" and cfg.model_type == "bpe"
-    assert "python" in cfg.data_signature()
+    assert [s.uri for s in cfg.source] == ["builtin:python-stdlib"] and cfg.model_type == "bpe"
+    assert "python" in cfg.data_signature()["sources"][0]
     with pytest.raises(ValidationError):
         Config.model_validate({"kind": "tokenizer", "source": "x.txt", "vocab_size": 100})
     with pytest.raises(ValidationError):
