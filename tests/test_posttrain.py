@@ -160,6 +160,18 @@ def test_eval_reports_accuracy_per_model(run_dir: Path) -> None:
     )
 
 
+def test_changing_an_rlhf_option_reruns_rlhf_and_eval_only(run_dir: Path) -> None:
+    from pipeline.config import load_recipe
+    from pipeline.graph import plan
+
+    path = run_dir.parent / "recipe.yaml"
+    assert not [step.name for step in plan(load_recipe(path)) if step.run]
+    changed = load_recipe(path, ["stages.dpo.beta=0.3"])
+    assert [step.name for step in plan(changed) if step.run] == ["dpo", "eval"]
+    changed = load_recipe(path, ["stages.sft.lr=0.002"])
+    assert [step.name for step in plan(changed) if step.run] == ["sft", "dpo", "eval"]
+
+
 @pytest.mark.slow
 def test_grpo_two_processes_raises_reward(run_dir: Path) -> None:
     recipe = posttrain_recipe(run_dir.parent)
@@ -181,3 +193,16 @@ def test_grpo_two_processes_raises_reward(run_dir: Path) -> None:
     assert {"reward_mean", "frac_reward_zero_std", "completion_length"} <= set(
         summary(run_dir / "grpo")
     )
+
+
+def test_lm_eval_runs_shipped_tasks_on_an_export(run_dir: Path, tmp_path: Path) -> None:
+    from eval.harness import run_harness
+
+    results = run_harness(
+        run_dir / "sft" / "export", ["arithmetic_gen", "arithmetic_choice"], tmp_path, num=8
+    )
+    # Exact match of generated answers and log-likelihood choice accuracy, as fractions.
+    assert 0 <= results["arithmetic_gen/exact_match"] <= 1
+    assert 0 <= results["arithmetic_choice/acc"] <= 1
+    rows = (tmp_path / "arithmetic_choice.jsonl").read_text().splitlines()
+    assert len(rows) == 8 and "choices" in json.loads(rows[0])
