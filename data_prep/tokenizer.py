@@ -39,6 +39,9 @@ class Config(SourceStageConfig):
     character_coverage: float = Field(0.9995, gt=0, le=1)
     max_piece_length: int = Field(16, ge=1, le=64)
     num_threads: int = Field(0, ge=0)
+    split_digits: bool = Field(
+        False, description="every digit its own token (as in LLaMA); helps models learn arithmetic"
+    )
 
 
 def run(ctx: StageContext) -> None:
@@ -58,6 +61,7 @@ def run(ctx: StageContext) -> None:
         max_piece_length=cfg.max_piece_length,
         num_threads=cfg.num_threads,
         seed=ctx.seed,
+        split_digits=cfg.split_digits,
     )
     ctx.log.info(
         "vocab %d trained on %d bytes: %.2f bytes/token",
@@ -77,6 +81,7 @@ def train_tokenizer(
     max_piece_length: int = 16,
     num_threads: int = 0,
     seed: int = 0,
+    split_digits: bool = False,
 ) -> dict[str, Any]:
     """Train SentencePiece on `documents`, write the SP and HF exports; returns summary stats."""
     import io
@@ -103,6 +108,7 @@ def train_tokenizer(
             add_dummy_prefix=False,
             remove_extra_whitespaces=False,
             allow_whitespace_only_pieces=True,
+            split_digits=split_digits,
             input_sentence_size=0,
             unk_id=UNK_ID,
             bos_id=BOS_ID,
@@ -188,7 +194,7 @@ def _quantized(model_proto: bytes) -> bytes:
 def export_hf_tokenizer(model_path: Path, out_dir: Path) -> None:
     """Write tokenizer.json + tokenizer_config.json that encode exactly like `model_path`."""
     from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import Tokenizer, decoders, models, normalizers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.tokenization_utils_base import generate_merges
 
@@ -212,6 +218,8 @@ def export_hf_tokenizer(model_path: Path, out_dir: Path) -> None:
         model = models.Unigram(vocab_scores, unk_id=UNK_ID, byte_fallback=True)
     backend = Tokenizer(model)
     backend.normalizer = normalizers.Replace(" ", "▁")
+    if proto.trainer_spec.split_digits:  # SentencePiece never merges across a digit
+        backend.pre_tokenizer = pre_tokenizers.Digits(individual_digits=True)
     backend.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     )

@@ -29,14 +29,21 @@ TRICKY = [
     "mixed \u00a0nbsp\u2003em space\u200bzero width",
     "",
     " ",
+    "What is 12 + 907? 919\nx1 = 0x1F + 3.14e-10, 2024-11-21 v2",
 ]
 
 
-@pytest.fixture(scope="module", params=["bpe", "unigram"])
+@pytest.fixture(scope="module", params=["bpe", "unigram", "bpe-split-digits"])
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     out = tmp_path_factory.mktemp(request.param)
     source = SourceConfig(uri="builtin:python-stdlib", max_bytes=TRAIN_BYTES)
-    stats = train_tokenizer(iter_documents(source), out, model_type=request.param, vocab_size=700)
+    stats = train_tokenizer(
+        iter_documents(source),
+        out,
+        model_type=request.param.split("-")[0],
+        vocab_size=700,
+        split_digits=request.param.endswith("split-digits"),
+    )
     return out, stats
 
 
@@ -85,6 +92,15 @@ def test_identical_on_held_out_stdlib(exported: Any) -> None:
     assert mismatched == []
     assert all(hf.decode(ids) == doc for ids, doc in zip(hf_ids, docs, strict=True))
     assert all(sp.decode(ids) == doc for ids, doc in zip(sp_ids, docs, strict=True))
+
+
+def test_split_digits_gives_one_token_per_digit(exported: Any) -> None:
+    out, _ = exported
+    if not out.name.startswith("bpe-split-digits"):
+        pytest.skip("only the split_digits tokenizer splits numbers by construction")
+    sp, hf = load(out)
+    pieces = [sp.id_to_piece(i) for i in hf.encode("x = 1234567 + 890")]
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == list("1234567890")
 
 
 def test_whitespace_pieces_are_learned(exported: Any) -> None:
