@@ -200,6 +200,46 @@ def train_and_export(
     trainer.accelerator.wait_for_everyone()
 
 
+def fit(
+    ctx: StageContext,
+    tokenizer: PreTrainedTokenizerBase,
+    build: Callable[[Any], Trainer],
+    keys: dict[str, str],
+    evaluate: Callable[[], dict[str, Any]] | None = None,
+    headline: str = "train_loss",
+) -> dict[str, Any]:
+    """The part every TRL stage shares: train (resuming), export, evaluate, record the summary.
+
+    `build(callback)` makes the trainer with our tracker callback; `keys` renames the trainer's
+    last logged values for the summary; `evaluate()` (rank 0, after the export) adds held-out
+    metrics.
+    """
+    resume = prepare_checkpoints(ctx)
+    with ctx.tracker() as tracker:
+        callback = tracker_callback(tracker)
+        trainer = build(callback)
+        train_and_export(ctx, trainer, tokenizer, resume)
+        summary: dict[str, Any] = last_metrics(callback, keys)
+        if evaluate is not None and ctx.is_main:
+            summary |= evaluate()
+        tracker.summary(summary)
+    ctx.write_summary(summary, headline=headline)
+    return summary
+
+
+def held_out_accuracy(ctx: StageContext, tokenizer: PreTrainedTokenizerBase, num: int) -> dict:
+    """Greedy exact-match accuracy of the exported model on `num` held-out arithmetic problems."""
+    import torch
+
+    from eval.families import load_model
+    from eval.tasks import arithmetic_accuracy
+
+    model, _ = load_model(ctx.export_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    accuracy = arithmetic_accuracy(model, tokenizer, num)["arithmetic_accuracy"]
+    ctx.log.info("held-out arithmetic accuracy %.1f%%", 100 * accuracy)
+    return {"arithmetic_accuracy": accuracy}
+
+
 def last_metrics(callback: Any, keys: dict[str, str]) -> dict[str, float]:
     """The callback's last logged values, renamed by `keys` (trainer key -> summary key)."""
     return {ours: callback.last[theirs] for theirs, ours in keys.items() if theirs in callback.last}

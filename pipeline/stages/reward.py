@@ -75,19 +75,9 @@ def load_reward_model(path: Any, device: str = "cpu") -> PreTrainedModel:
 
 def run(ctx: StageContext) -> None:
     """Train, export the reward model + tokenizer, record held-out pairwise accuracy."""
-    import torch
     from trl import RewardConfig, RewardTrainer
 
-    from pipeline.posttrain import (
-        base_model_dir,
-        dataset,
-        last_metrics,
-        load_tokenizer,
-        prepare_checkpoints,
-        tracker_callback,
-        train_and_export,
-        training_arguments,
-    )
+    from pipeline.posttrain import base_model_dir, dataset, fit, load_tokenizer, training_arguments
 
     cfg: Config = ctx.config  # type: ignore[assignment]
     source = base_model_dir(ctx)
@@ -97,27 +87,29 @@ def run(ctx: StageContext) -> None:
     train, held_out = preference_rows(cfg.data, cfg.num_examples, ctx.seed, f"stages.{ctx.name}")
     args = RewardConfig(**training_arguments(ctx, cfg, model), max_length=cfg.max_length)
     columns = ("prompt", "chosen", "rejected")
-    resume = prepare_checkpoints(ctx)
-    with ctx.tracker() as tracker:
-        callback = tracker_callback(tracker)
-        trainer = RewardTrainer(
+    ctx.log.info("reward model from %s on %d pairs", source.parent.name, len(train))
+
+    def evaluate() -> dict[str, Any]:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        scored = pairwise_accuracy(
+            load_reward_model(ctx.export_dir, device), tokenizer, held_out[: cfg.eval_pairs]
+        )
+        ctx.log.info("held-out pairwise accuracy %.1f%%", 100 * scored["pairwise_accuracy"])
+        return scored
+
+    fit(
+        ctx,
+        tokenizer,
+        lambda callback: RewardTrainer(
             model=model,
             args=args,
             train_dataset=dataset(train, lambda r: {k: r[k] for k in columns}),
             processing_class=tokenizer,
             callbacks=[callback],
-        )
-        ctx.log.info("reward model from %s on %d pairs", source.parent.name, len(train))
-        train_and_export(ctx, trainer, tokenizer, resume)
-        summary: dict[str, Any] = last_metrics(
-            callback, {"loss": "train_loss", "accuracy": "train_accuracy"}
-        )
-        if ctx.is_main:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            scored = pairwise_accuracy(
-                load_reward_model(ctx.export_dir, device), tokenizer, held_out[: cfg.eval_pairs]
-            )
-            summary |= scored
-            ctx.log.info("held-out pairwise accuracy %.1f%%", 100 * scored["pairwise_accuracy"])
-        tracker.summary(summary)
-    ctx.write_summary(summary, headline="pairwise_accuracy")
+        ),
+        {"loss": "train_loss", "accuracy": "train_accuracy"},
+        evaluate=evaluate,
+        headline="pairwise_accuracy",
+    )

@@ -131,39 +131,23 @@ def build_trainer(ctx: StageContext, cfg: Config, model: Any, tokenizer: Any, ca
 
 def run(ctx: StageContext) -> None:
     """Train the policy, export it, record reward statistics and held-out accuracy."""
-    import torch
     from transformers import AutoModelForCausalLM
 
-    from eval.families import load_model
-    from eval.tasks import arithmetic_accuracy
-    from pipeline.posttrain import (
-        base_model_dir,
-        last_metrics,
-        load_tokenizer,
-        prepare_checkpoints,
-        tracker_callback,
-        train_and_export,
-    )
+    from pipeline.posttrain import base_model_dir, fit, held_out_accuracy, load_tokenizer
 
     cfg: Config = ctx.config  # type: ignore[assignment]
     source = base_model_dir(ctx)
     tokenizer = load_tokenizer(source)
     tokenizer.padding_side = "left"  # generation batches are left-padded
     model = AutoModelForCausalLM.from_pretrained(source)
-    resume = prepare_checkpoints(ctx)
-    with ctx.tracker() as tracker:
-        callback = tracker_callback(tracker)
-        trainer = build_trainer(ctx, cfg, model, tokenizer, callback)
-        ctx.log.info(
-            "%s from %s, %d steps", cfg.algorithm.upper(), source.parent.name, cfg.max_steps
-        )
-        train_and_export(ctx, trainer, tokenizer, resume)
-        summary: dict[str, Any] = last_metrics(callback, SUMMARY_KEYS)
-        if cfg.eval_problems and ctx.is_main:
-            policy, _ = load_model(ctx.export_dir, "cuda" if torch.cuda.is_available() else "cpu")
-            scored = arithmetic_accuracy(policy, tokenizer, cfg.eval_problems)
-            summary["arithmetic_accuracy"] = scored["arithmetic_accuracy"]
-            ctx.log.info("held-out arithmetic accuracy %.1f%%", 100 * scored["arithmetic_accuracy"])
-        tracker.summary(summary)
-    headline = "arithmetic_accuracy" if cfg.eval_problems else "train_loss"
-    ctx.write_summary(summary, headline=headline)
+    ctx.log.info("%s from %s, %d steps", cfg.algorithm.upper(), source.parent.name, cfg.max_steps)
+    fit(
+        ctx,
+        tokenizer,
+        lambda callback: build_trainer(ctx, cfg, model, tokenizer, callback),
+        SUMMARY_KEYS,
+        evaluate=(lambda: held_out_accuracy(ctx, tokenizer, cfg.eval_problems))
+        if cfg.eval_problems
+        else None,
+        headline="arithmetic_accuracy" if cfg.eval_problems else "train_loss",
+    )

@@ -41,20 +41,15 @@ def training_rows(cfg: Config, seed: int, where: str) -> list[dict]:
 
 def run(ctx: StageContext) -> None:
     """Train, export the HF model + tokenizer, record train loss and held-out accuracy."""
-    import torch
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from eval.families import load_model
-    from eval.tasks import arithmetic_accuracy
     from pipeline.posttrain import (
         base_model_dir,
         dataset,
-        last_metrics,
+        fit,
+        held_out_accuracy,
         load_tokenizer,
-        prepare_checkpoints,
-        tracker_callback,
-        train_and_export,
         training_arguments,
     )
 
@@ -72,31 +67,23 @@ def run(ctx: StageContext) -> None:
         assistant_only_loss=cfg.completion_only_loss and conversational,
         dataset_num_proc=None,
     )
-    resume = prepare_checkpoints(ctx)
-    with ctx.tracker() as tracker:
-        callback = tracker_callback(tracker)
-        trainer = SFTTrainer(
+    ctx.log.info(
+        "SFT from %s on %d %s rows, %d steps", source.parent.name, len(rows),
+        "chat" if conversational else "prompt/completion", cfg.max_steps,
+    )  # fmt: skip
+    fit(
+        ctx,
+        tokenizer,
+        lambda callback: SFTTrainer(
             model=model,
             args=args,
             train_dataset=dataset(rows),
             processing_class=tokenizer,
             callbacks=[callback],
-        )
-        ctx.log.info(
-            "SFT from %s on %d %s rows, %d steps", source.parent.name, len(rows),
-            "chat" if conversational else "prompt/completion", cfg.max_steps,
-        )  # fmt: skip
-        train_and_export(ctx, trainer, tokenizer, resume)
-        summary = last_metrics(callback, {"loss": "train_loss", "train_loss": "mean_train_loss"})
-        summary["examples"] = len(rows)
-        if cfg.eval_problems and ctx.is_main:
-            model, tokenizer = load_model(
-                ctx.export_dir, "cuda" if torch.cuda.is_available() else "cpu"
-            )
-            scored = arithmetic_accuracy(model, tokenizer, cfg.eval_problems)
-            summary["arithmetic_accuracy"] = scored["arithmetic_accuracy"]
-            ctx.log.info("held-out arithmetic accuracy %.1f%%", 100 * scored["arithmetic_accuracy"])
-        tracker.summary(summary)
-    ctx.write_summary(
-        summary, headline="arithmetic_accuracy" if cfg.eval_problems else "train_loss"
+        ),
+        {"loss": "train_loss", "train_loss": "mean_train_loss"},
+        evaluate=(lambda: held_out_accuracy(ctx, tokenizer, cfg.eval_problems))
+        if cfg.eval_problems
+        else None,
+        headline="arithmetic_accuracy" if cfg.eval_problems else "train_loss",
     )
