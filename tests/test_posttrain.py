@@ -9,7 +9,13 @@ from typing import Any
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.rewards import answer_format, arithmetic_exact, parse_answer, reward_functions
+from pipeline.rewards import (
+    answer_format,
+    arithmetic_close,
+    arithmetic_exact,
+    parse_answer,
+    reward_functions,
+)
 from pipeline.tracking import read_metrics
 from tests.conftest import cli, tiny_recipe, write_recipe
 
@@ -88,6 +94,9 @@ def test_rewards_score_known_strings() -> None:
     assert arithmetic_exact([""] * 9, completions, answer=answers) == [1, 1, 1, 0, 0, 1, 0, 1, 0]
     assert answer_format([""] * 9, completions) == [1, 1, 0, 1, 0, 1, 0, 1, 0]
     assert arithmetic_exact(["p"], [" 5"], answer=["five"]) == [0.0]
+    close = arithmetic_close([""] * 9, completions, answer=answers)
+    assert close == [1, 1, 1, 0.5, 0, 1, 0, 1, 0]
+    assert arithmetic_close(["p", "p"], [" 9", " 3"], answer=[10, 10]) == [0.5, 0.125]
     assert parse_answer("  -42 is it") == -42 and parse_answer("forty") is None
     with pytest.raises(PipelineError, match="unknown reward function 'exact'"):
         reward_functions(["exact"], "stages.rlhf")
