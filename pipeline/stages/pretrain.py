@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -53,6 +53,28 @@ class Config(StageConfig):
                 f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be below max_steps ({self.max_steps})"
             )
         return self
+
+
+def parameter_counts(model: Any, experts_per_token: int, num_experts: int) -> dict[str, int]:
+    """Total, non-embedding and active non-embedding parameter counts (scaling-law N).
+
+    Non-embedding (Kaplan et al. 2020) leaves out every nn.Embedding table (tokens, positions,
+    token types, relative-position buckets) and the projection to the vocabulary; active counts
+    each MoE expert at experts_per_token / num_experts, the share a token passes through.
+    """
+    import torch
+
+    tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    tables.append(model.get_output_embeddings() or torch.nn.Module())
+    vocabulary = {id(p) for table in tables for p in table.parameters()}
+    counts = {"params": 0, "non_embedding_params": 0, "active_non_embedding_params": 0}
+    for name, param in model.named_parameters():
+        counts["params"] += param.numel()
+        if id(param) not in vocabulary:
+            counts["non_embedding_params"] += param.numel()
+            share = (experts_per_token, num_experts) if ".experts." in name else (1, 1)
+            counts["active_non_embedding_params"] += param.numel() * share[0] // share[1]
+    return counts
 
 
 def resolve_precision(precision: str) -> str:
@@ -101,7 +123,8 @@ def run(ctx: StageContext) -> None:
     model, objective = built.model, built.objective
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    num_params = sum(p.numel() for p in model.parameters())
+    param_counts = parameter_counts(model, cfg.model.experts_per_token, cfg.model.num_experts)
+    num_params = param_counts["params"]
     flops_token = flops.flops_per_token(
         flops.matmul_params(
             model,
@@ -256,7 +279,7 @@ def run(ctx: StageContext) -> None:
             "val_loss": val_loss if val_loss is not None else evaluate(),
             "steps": cfg.max_steps,
             "tokens": cfg.max_steps * tokens_per_step,
-            "params": num_params,
+            **param_counts,
             "flops_per_token": flops_token,
         }
         if replicates_parameters(launch):

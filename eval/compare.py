@@ -1,0 +1,187 @@
+"""Comparison stage: one table row per upstream stage, columns taken from what those stages recorded.
+
+Generic over stage kinds: a column names a summary metric of the stage (`val_loss`,
+`non_embedding_params`, `tokens`), else a field of its manifest (`duration_s`, the wall time of
+its last attempt), else a key of its metrics.jsonl (`train/tokens_per_second`), averaged over the
+logged steps. Rows of model stages also say which loss their family trains with, because a masked
+LM's or a span-corruption loss is not the same quantity as a causal LM's next-token loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from pipeline.config import StageConfig
+from pipeline.context import StageContext
+from pipeline.errors import PipelineError
+from pipeline.manifest import atomic_write_json, read_manifest
+from pipeline.models.config import ModelConfig
+from pipeline.tracking import read_metrics
+
+DEFAULT_COLUMNS = [
+    "val_loss",
+    "params",
+    "non_embedding_params",
+    "active_non_embedding_params",
+    "tokens",
+    "train/tokens_per_second",
+    "duration_s",
+]
+TABLE_FILE = "comparison.json"
+CURVES_PNG = "train_loss.png"
+
+
+class Config(StageConfig):
+    """Tabulate the summaries of upstream stages side by side (and plot their training losses)."""
+
+    kind: Literal["compare"] = "compare"
+    kinds: list[str] = Field(
+        ["pretrain"], description="kinds of the direct `after` stages that become rows"
+    )
+    columns: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_COLUMNS),
+        description="summary keys, manifest fields (duration_s) or metrics.jsonl keys (mean)",
+    )
+    curve: str | None = Field(
+        "train/loss", description="metrics.jsonl key plotted against tokens seen; None: no plot"
+    )
+    title: str = Field("Comparison", description="report section title")
+
+
+@dataclass(frozen=True)
+class Row:
+    """What one finished upstream stage left behind."""
+
+    stage: str
+    kind: str
+    config: StageConfig
+    manifest: dict[str, Any]
+    metrics: list[dict[str, Any]]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.manifest.get("summary") or {}
+
+
+def upstream_rows(ctx: StageContext, kinds: list[str]) -> list[Row]:
+    """The direct upstream stages of `kinds`, in `after` order; each must be done."""
+    rows = []
+    for name in ctx.config.after:
+        config = ctx.recipe.stages[name]
+        if config.kind in kinds:
+            up = ctx.upstream(config.kind, name=name)  # raises unless it is done
+            rows.append(Row(name, config.kind, config, read_manifest(up.dir), read_metrics(up.dir)))
+    if not rows:
+        raise PipelineError(
+            f"stages.{ctx.name}.after: no stage of kind {'/'.join(kinds)}; "
+            f"list the stages to compare in its `after:`"
+        )
+    return rows
+
+
+def column_value(row: Row, key: str) -> Any:
+    """A summary metric, else a manifest field, else the mean of a logged metric; None if absent."""
+    if key in row.summary:
+        return row.summary[key]
+    if key in row.manifest:
+        return row.manifest[key]
+    values = [r[key] for r in row.metrics if isinstance(r.get(key), int | float)]
+    return sum(values) / len(values) if values else None
+
+
+def loss_meaning(config: StageConfig) -> str:
+    """What a model stage's loss measures (its family's objective), in nats per scored token."""
+    model = getattr(config, "model", None)
+    if not isinstance(model, ModelConfig):
+        return "-"
+    if model.arch == "bert":
+        return f"masked LM: CE on the {model.mlm_probability:.0%} chosen tokens"
+    if model.arch == "t5":
+        return (
+            f"span corruption: decoder CE on sentinels + spans + eos "
+            f"({model.noise_density:.0%} noise, mean span {model.mean_span_length:g})"
+        )
+    if model.arch == "mixtral":
+        return f"causal LM: next-token CE + {model.router_aux_loss_coef:g} x router balance loss"
+    return "causal LM: next-token CE"
+
+
+def comparison_table(rows: list[Row], columns: list[str]) -> tuple[list[str], list[list[Any]]]:
+    """(header, cells): stage, arch, what the loss is, then the configured columns."""
+    header = ["stage", "arch", "loss is", *columns]
+    cells = [
+        [
+            row.stage,
+            getattr(getattr(row.config, "model", None), "arch", row.kind),
+            loss_meaning(row.config),
+            *(column_value(row, key) for key in columns),
+        ]
+        for row in rows
+    ]
+    return header, cells
+
+
+def plot_curves(rows: list[Row], key: str, path: Path) -> bool:
+    """Plot `key` against tokens seen for every row that logged it; False when none did."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4), dpi=100, layout="constrained")
+    axes = figure.subplots()
+    plotted = False
+    for row in rows:
+        points = [(r.get("train/tokens", r["step"]), r[key]) for r in row.metrics if key in r]
+        if points:
+            tokens, values = zip(*points, strict=True)
+            axes.plot(tokens, values, label=row.stage)
+            plotted = True
+    if not plotted:
+        return False
+    axes.set_xlabel("tokens seen")
+    axes.set_ylabel(f"{key} (nats/token)")
+    axes.set_title("each model under its own objective", fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return True
+
+
+def run(ctx: StageContext) -> None:
+    """Write comparison.json and a report section (table + curve plot) for the upstream stages."""
+    from eval.report import write_sections
+
+    config = ctx.config
+    assert isinstance(config, Config)
+    rows = upstream_rows(ctx, config.kinds)
+    header, cells = comparison_table(rows, config.columns)
+    atomic_write_json(
+        ctx.export_dir / TABLE_FILE, {"columns": header, "rows": cells, "title": config.title}
+    )
+    images = []
+    if config.curve and plot_curves(rows, config.curve, ctx.export_dir / CURVES_PNG):
+        images.append(CURVES_PNG)
+    note = (
+        "One row per upstream stage. Losses are in nats per scored token on held-out windows, "
+        "each under its own family's objective (column 'loss is'), so they compare across rows "
+        "only within a family. Non-embedding parameters leave out embedding tables and the "
+        "vocabulary projection; active counts MoE experts at top-k/E. duration_s is the wall "
+        "time of the stage's last attempt; train/tokens_per_second the mean over logged steps."
+    )
+    write_sections(
+        ctx.export_dir,
+        [{"title": config.title, "note": note, "columns": header, "rows": cells, "images": images}],
+    )
+    numeric = {
+        f"{row[0]}/{key}": value
+        for row in cells
+        for key, value in zip(header, row, strict=True)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    }
+    ctx.write_summary(
+        numeric, note=f"compared {len(rows)} stages: {', '.join(r.stage for r in rows)}"
+    )
