@@ -147,6 +147,6 @@ def test_report_shows_stage_sections_with_tables_and_images(tmp_path: Path) -> N
     page = report.write_report(run_dir).read_text(encoding="utf-8")
 
     assert "<h2>pretrain: Comparison &lt;table&gt;</h2>" in page
-    assert "<td>ridge</td><td class=\"num\">0.1235</td>" in page
+    assert '<td>ridge</td><td class="num">0.1235</td>' in page
     assert '<img src="pretrain_grid.png"' in page
     assert (run_dir / "report" / "pretrain_grid.png").read_bytes() == b"\x89PNG fake"

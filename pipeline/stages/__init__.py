@@ -17,6 +17,13 @@ KINDS: dict[str, str] = {
     "rlhf": "pipeline.stages.rlhf",
     "eval": "eval.lm",
     "report": "eval.report",
+    "images": "data_prep.images",
+    "diffusion": "pipeline.stages.diffusion",
+    "vae": "pipeline.stages.vae",
+    "image_eval": "eval.images",
+    "baseline": "pipeline.stages.baseline",
+    "compare": "eval.compare",
+    "scaling": "eval.scaling",
 }
 
 

@@ -1,0 +1,436 @@
+"""Stage kind `images`: an image dataset -> normalised uint8 shards with labels, train/val split.
+
+Sources: `builtin:digits` (scikit-learn's bundled 8x8 digits), an image folder with one
+subfolder per class, or a local Hugging Face dataset directory (`datasets.save_to_disk`).
+
+Shard format (the contract with the vae, diffusion and image_eval stages and the baselines):
+
+    export/index.json          {"format": "image-shards/1", "shape": [C, H, W], "dtype": "uint8",
+                                "normalisation": "x / 127.5 - 1", "classes": [name, ...],
+                                "splits": {"train": {"count", "images_sha256", "labels_sha256"},
+                                           "val": {...}}, "source": uri}
+    export/train_images.npy    uint8 [N, C, H, W] (C = 1 grey or 3 RGB)
+    export/train_labels.npy    int64 [N], class index into "classes"
+    export/val_images.npy      export/val_labels.npy
+
+Read with `ImageShards(export_dir, "train")`, which memory-maps the arrays
+(`np.load(mmap_mode="r")`) and returns float32 images in [-1, 1]. The vae stage writes latent
+shards in the same format with dtype float32 and normalisation "identity". Which split an image
+lands in is a hash of (seed, image index); batches are a pure function of (seed, step, rank), so
+resume is exact without loader state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.config import StageConfig, Strict
+from pipeline.context import StageContext
+from pipeline.errors import PipelineError
+from pipeline.manifest import atomic_write_json, sha256_file
+
+DIGITS = "builtin:digits"
+FORMAT = "image-shards/1"
+INDEX_FILE = "index.json"
+SPLITS = ("train", "val")
+UINT8_NORMALISATION = "x / 127.5 - 1"
+IDENTITY = "identity"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+
+
+class ImageSourceConfig(Strict):
+    """Where images come from; a bare string in YAML is the `uri`."""
+
+    uri: str = Field(description="builtin:digits, an image folder, or a saved HF dataset dir")
+    image_field: str = Field("image", description="HF dataset: column with the images")
+    label_field: str = Field("label", description="HF dataset: column with integer class labels")
+    split: str = Field("train", description="HF DatasetDict: which split to read")
+    max_images: int | None = Field(None, ge=1, description="use only the first N images")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        return {"uri": data} if isinstance(data, str) else data
+
+    @field_validator("uri")
+    @classmethod
+    def _absolute(cls, uri: str) -> str:
+        if uri.startswith("builtin:"):
+            if uri != DIGITS:
+                raise ValueError(f"unknown built-in image source (known: {DIGITS})")
+            return uri
+        return str(Path(uri).expanduser().absolute())
+
+
+class Config(StageConfig):
+    """Read an image dataset into normalised uint8 train/val shards with class labels."""
+
+    kind: Literal["images"] = "images"
+    source: ImageSourceConfig
+    image_size: int | None = Field(
+        None, ge=4, description="resize (centre crop to square, then resize); default: keep"
+    )
+    channels: Literal[1, 3] | None = Field(
+        None, description="1 grey or 3 RGB; default 1 for builtin:digits, else 3"
+    )
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    num_classes: int | None = Field(
+        None, ge=1, description="expected number of classes; the data must agree"
+    )
+
+    def data_signature(self) -> dict[str, Any]:
+        path = Path(self.source.uri)
+        if self.source.uri == DIGITS or not path.is_dir():
+            return {"uri": self.source.uri}
+        return {
+            "files": [
+                [str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns]
+                for p in sorted(path.rglob("*"))
+                if p.is_file()
+            ]
+        }
+
+
+def run(ctx: StageContext) -> None:
+    """Write the shards and index.json into `ctx.export_dir`."""
+    cfg = ctx.config
+    assert isinstance(cfg, Config)
+    index = prepare_images(cfg, ctx.export_dir, seed=ctx.seed)
+    counts = {split: index["splits"][split]["count"] for split in SPLITS}
+    ctx.log.info(
+        "%d train + %d val images of shape %s, %d classes",
+        counts["train"], counts["val"], index["shape"], len(index["classes"]),
+    )  # fmt: skip
+    ctx.write_summary(
+        {"train_images": counts["train"], "val_images": counts["val"],
+         "classes": len(index["classes"])},
+        headline="train_images",
+    )  # fmt: skip
+
+
+def prepare_images(cfg: Config, export_dir: Path, seed: int) -> dict[str, Any]:
+    """Read the source, split it, and write uint8 shards; returns the index."""
+    channels = cfg.channels or (1 if cfg.source.uri == DIGITS else 3)
+    classes, items = read_source(cfg.source)
+    if cfg.num_classes is not None and cfg.num_classes != len(classes):
+        raise PipelineError(
+            f"source {cfg.source.uri}: has {len(classes)} classes, num_classes says "
+            f"{cfg.num_classes}; fix num_classes or the data"
+        )
+    images, labels = [], []
+    for image, label, where in items:
+        images.append(to_array(image, channels, cfg.image_size, where))
+        labels.append(label)
+        if images[-1].shape != images[0].shape:
+            raise PipelineError(
+                f"{where}: size {images[-1].shape[1:]} differs from the first image's "
+                f"{images[0].shape[1:]}; set image_size to resize every image"
+            )
+    data, targets = np.stack(images), np.asarray(labels, dtype=np.int64)
+    is_val = np.array([is_val_image(i, seed, cfg.val_fraction) for i in range(len(data))])
+    splits = {
+        split: save_split(export_dir, split, data[mask], targets[mask])
+        for split, mask in (("train", ~is_val), ("val", is_val))
+    }
+    if splits["train"]["count"] == 0:
+        raise PipelineError(f"source {cfg.source.uri}: every image went to val; lower val_fraction")
+    return write_index(
+        export_dir, list(data.shape[1:]), "uint8", UINT8_NORMALISATION, classes, splits,
+        source=cfg.source.uri,
+    )  # fmt: skip
+
+
+def is_val_image(index: int, seed: int, val_fraction: float) -> bool:
+    """Whether image `index` is held out: a hash of (seed, index) below val_fraction."""
+    digest = hashlib.blake2b(f"{seed}:image:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < val_fraction * 2**64
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: (class names, iterator of (image, label, where)); an image is a PIL image or an array
+
+
+Item = tuple[Any, int, str]
+
+
+def read_source(source: ImageSourceConfig) -> tuple[list[str], Iterator[Item]]:
+    """Class names and the images of a source, in a fixed order, at most max_images."""
+    path = Path(source.uri)
+    if source.uri == DIGITS:
+        classes, items = _digits()
+    elif not path.exists():
+        raise PipelineError(f"source {source.uri}: no such image folder; check the path")
+    elif path.is_dir() and any((path / marker).is_file() for marker in HF_MARKERS):
+        classes, items = _hf_dataset(path, source)
+    elif path.is_dir():
+        classes, items = _folder(path)
+    else:
+        raise PipelineError(
+            f"source {source.uri}: not a folder; point it at a folder with one subfolder per "
+            f"class, or at a saved HF dataset"
+        )
+    return classes, _take(items, source.max_images)
+
+
+def _take(items: Iterator[Item], limit: int | None) -> Iterator[Item]:
+    for count, item in enumerate(items):
+        if limit is not None and count >= limit:
+            return
+        yield item
+
+
+def _digits() -> tuple[list[str], Iterator[Item]]:
+    """scikit-learn's 1797 bundled 8x8 digits; pixel values 0..16 scaled to 0..255."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255 / 16)).astype(np.uint8)  # [N, 8, 8]
+    items = ((pixels[i], int(digits.target[i]), f"digits #{i}") for i in range(len(pixels)))
+    return [str(name) for name in digits.target_names], items
+
+
+def _folder(path: Path) -> tuple[list[str], Iterator[Item]]:
+    """An image folder: class = subfolder name (sorted); images sorted by path."""
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files = [
+        (file, label)
+        for label, name in enumerate(classes)
+        for file in sorted((path / name).rglob("*"))
+        if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not classes or not files:
+        raise PipelineError(
+            f"source {path}: no images found (expected one subfolder per class holding "
+            f"{'/'.join(IMAGE_SUFFIXES)} files); add images or fix the path"
+        )
+    empty = sorted(set(classes) - {classes[label] for _, label in files})
+    if empty:
+        raise PipelineError(
+            f"source {path}: class folder {empty[0]!r} has no images; add images or remove it"
+        )
+    return classes, ((_open_image(file), label, str(file)) for file, label in files)
+
+
+def _open_image(path: Path) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise PipelineError(
+            f"source {path}: unreadable image ({exc}); delete or replace the file"
+        ) from None
+
+
+def _hf_dataset(path: Path, source: ImageSourceConfig) -> tuple[list[str], Iterator[Item]]:
+    """A saved HF dataset: images from image_field, labels from label_field (ClassLabel names)."""
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if source.split not in loaded:
+            raise PipelineError(
+                f"source {path}: no split {source.split!r} (splits: {', '.join(loaded)}); "
+                f"set source.split"
+            )
+        loaded = loaded[source.split]
+    for field in (source.image_field, source.label_field):
+        if field not in loaded.column_names:
+            raise PipelineError(
+                f"source {path}: no column {field!r} (columns: {', '.join(loaded.column_names)}); "
+                f"set source.image_field / source.label_field"
+            )
+    feature = loaded.features[source.label_field]
+    raw_labels = loaded[source.label_field]
+    if isinstance(feature, datasets.ClassLabel):
+        classes, mapping = list(feature.names), {i: i for i in range(len(feature.names))}
+    else:
+        if not all(isinstance(v, int) for v in raw_labels):
+            raise PipelineError(
+                f"source {path}: column {source.label_field!r} must hold integer class labels; "
+                f"cast it to a ClassLabel"
+            )
+        values = sorted(set(raw_labels))
+        classes, mapping = [str(v) for v in values], {v: i for i, v in enumerate(values)}
+    column = loaded.select_columns([source.image_field])
+    items = (
+        (row[source.image_field], mapping[raw_labels[i]], f"source {path} row {i}")
+        for i, row in enumerate(column)
+    )
+    return classes, items
+
+
+def to_array(image: Any, channels: int, size: int | None, where: str) -> np.ndarray:
+    """uint8 [C, H, W] from a PIL image or an array, converted to grey/RGB and resized."""
+    from PIL import Image, ImageOps
+
+    if not isinstance(image, Image.Image):
+        array = np.asarray(image)
+        if array.dtype != np.uint8:
+            raise PipelineError(f"{where}: image array of dtype {array.dtype}; store uint8 pixels")
+        image = Image.fromarray(array)
+    image = image.convert("L" if channels == 1 else "RGB")
+    if size is not None and image.size != (size, size):
+        image = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing and reading shards
+
+
+def save_split(
+    export_dir: Path, split: str, images: np.ndarray, labels: np.ndarray
+) -> dict[str, Any]:
+    """Write `<split>_images.npy` and `<split>_labels.npy`; returns the split's index entry."""
+    export_dir.mkdir(parents=True, exist_ok=True)
+    paths = (export_dir / f"{split}_images.npy", export_dir / f"{split}_labels.npy")
+    np.save(paths[0], np.ascontiguousarray(images))
+    np.save(paths[1], np.ascontiguousarray(labels, dtype=np.int64))
+    return {
+        "count": len(images),
+        "images_sha256": sha256_file(paths[0]),
+        "labels_sha256": sha256_file(paths[1]),
+    }
+
+
+def write_index(
+    export_dir: Path,
+    shape: list[int],
+    dtype: str,
+    normalisation: str,
+    classes: list[str],
+    splits: dict[str, dict[str, Any]],
+    **extra: Any,
+) -> dict[str, Any]:
+    """Write index.json (see the module docstring) and return it."""
+    index = {
+        "format": FORMAT,
+        "shape": shape,
+        "dtype": dtype,
+        "normalisation": normalisation,
+        "classes": classes,
+        "splits": splits,
+        **extra,
+    }
+    atomic_write_json(export_dir / INDEX_FILE, index)
+    return index
+
+
+class ImageShards:
+    """One split of an images (or latents) export, memory-mapped; float32 batches on demand."""
+
+    def __init__(self, export_dir: Path, split: str = "train") -> None:
+        self.export_dir = Path(export_dir)
+        index_path = self.export_dir / INDEX_FILE
+        if not index_path.is_file():
+            raise PipelineError(f"{index_path}: missing; run the images stage first")
+        self.index = json.loads(index_path.read_text(encoding="utf-8"))
+        if split not in self.index["splits"]:
+            raise PipelineError(f"{self.export_dir}: no split {split!r}; rerun the images stage")
+        self.split = split
+        self.images = np.load(self.export_dir / f"{split}_images.npy", mmap_mode="r")
+        self.labels = np.load(self.export_dir / f"{split}_labels.npy", mmap_mode="r")
+        if list(self.images.shape[1:]) != self.index["shape"] or len(self.images) != len(
+            self.labels
+        ):
+            raise PipelineError(
+                f"{self.export_dir}: {split} arrays disagree with index.json; rerun the stage"
+            )
+        self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.index["classes"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.index["classes"])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one image."""
+        channels, height, width = self.index["shape"]
+        return channels, height, width
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def verify(self) -> None:
+        """Recompute the checksums; PipelineError when a file was modified."""
+        meta = self.index["splits"][self.split]
+        for kind in ("images", "labels"):
+            path = self.export_dir / f"{self.split}_{kind}.npy"
+            if sha256_file(path) != meta[f"{kind}_sha256"]:
+                raise PipelineError(f"{path}: checksum mismatch; rerun the stage that wrote it")
+
+    def to_float(self, raw: np.ndarray) -> np.ndarray:
+        """float32 model inputs: uint8 pixels to [-1, 1]; latents as stored."""
+        if self.index["normalisation"] == UINT8_NORMALISATION:
+            return raw.astype(np.float32) / 127.5 - 1.0
+        return raw.astype(np.float32)
+
+    def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 images [B, C, H, W], int64 labels [B]) of the given rows."""
+        order = np.argsort(rows)  # memory maps read fastest in order
+        images, labels = (
+            np.empty((len(rows), *self.shape), np.float32),
+            np.empty(len(rows), np.int64),
+        )
+        images[order] = self.to_float(self.images[rows[order]])
+        labels[order] = self.labels[rows[order]]
+        return images, labels
+
+    def arrays(self, max_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The first max_images (default all) images as float32 with their labels."""
+        count = len(self) if max_images is None else min(max_images, len(self))
+        return self.take(np.arange(count))
+
+    def batch(
+        self,
+        seed: int,
+        step: int,
+        rank: int,
+        world_size: int,
+        micro_batch_size: int,
+        micro_step: int = 0,
+        accum_steps: int = 1,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One rank's micro batch of a step: a pure function of its arguments.
+
+        Sample j of a step is global sample step * global_batch + j, taken from the epoch's
+        permutation of the split; a micro batch is a contiguous block of j, so the union over
+        ranks and micro steps depends only on the global batch size.
+        """
+        if not (0 <= rank < world_size and 0 <= micro_step < accum_steps and micro_batch_size > 0):
+            raise ValueError(
+                f"need 0 <= rank < world_size, 0 <= micro_step < accum_steps, micro_batch_size > 0;"
+                f" got {rank=} {world_size=} {micro_step=} {accum_steps=} {micro_batch_size=}"
+            )
+        global_batch = world_size * micro_batch_size * accum_steps
+        first = step * global_batch + (micro_step * world_size + rank) * micro_batch_size
+        rows = np.empty(micro_batch_size, dtype=np.int64)
+        for i, g in enumerate(range(first, first + micro_batch_size)):
+            epoch, position = divmod(g, len(self))
+            rows[i] = self._permutation(seed, epoch)[position]
+        return self.take(rows)
+
+    def _permutation(self, seed: int, epoch: int) -> np.ndarray:
+        """The epoch's order of the split; the two most recent epochs are cached."""
+        key = (seed, epoch)
+        if key not in self._perm_cache:
+            if len(self._perm_cache) >= 2:
+                self._perm_cache.pop(next(iter(self._perm_cache)))
+            self._perm_cache[key] = np.random.default_rng([seed, epoch]).permutation(len(self))
+        return self._perm_cache[key]

@@ -1,0 +1,219 @@
+"""Diffusion model builders: DiT and UNet denoisers and the AutoencoderKL, from diffusers configs.
+
+Every model is built from a config (never downloaded weights). Class conditioning uses one extra
+label, index `num_classes`, as the null ("no class") label of classifier-free guidance; the
+training loop drops labels to it itself, from its replayable generator.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.config import Strict
+from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    import torch
+
+# Fields only one architecture reads; setting one for the other is a mistake, not a no-op.
+ARCH_FIELDS: dict[str, tuple[str, ...]] = {
+    "dit": ("patch_size", "hidden_size", "num_layers", "num_heads"),
+    "unet": ("block_out_channels", "layers_per_block", "attention_levels", "norm_num_groups"),
+}
+# Module classes FSDP wraps as units. Not DiT's BasicTransformerBlock: DiT's forward reuses block
+# 0's label embedder after the blocks ran, when a wrapped block's parameters are resharded.
+WRAP_CLASSES = {
+    "dit": ["Attention", "FeedForward"],
+    "unet": ["DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D", "UNetMidBlock2D"],
+}
+
+
+class DiffusionModelConfig(Strict):
+    """The denoiser: a DiT (DiTTransformer2DModel) or a UNet (UNet2DModel)."""
+
+    arch: Literal["dit", "unet"] = "dit"
+    num_classes: int | None = Field(
+        None, ge=1, description="default: the data's class count; if set, the data must agree"
+    )
+    # dit
+    patch_size: int = Field(2, ge=1, description="dit: pixels (or latents) per patch side")
+    hidden_size: int = Field(128, ge=8, description="dit: width (num_heads x head dim)")
+    num_layers: int = Field(4, ge=1, description="dit: transformer blocks")
+    num_heads: int = Field(4, ge=1, description="dit: attention heads")
+    # unet
+    block_out_channels: list[int] = Field(
+        [32, 64], min_length=1, description="unet: channels per resolution level"
+    )
+    layers_per_block: int = Field(1, ge=1, description="unet: resnet layers per level")
+    attention_levels: list[bool] | None = Field(
+        None, description="unet: self-attention per level; default: every level but the first"
+    )
+    norm_num_groups: int = Field(8, ge=1, description="unet: GroupNorm groups")
+
+    @model_validator(mode="after")
+    def _check(self) -> DiffusionModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}"
+            )
+        if self.attention_levels is not None and len(self.attention_levels) != len(
+            self.block_out_channels
+        ):
+            raise ValueError("attention_levels needs one entry per block_out_channels entry")
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(
+                f"block_out_channels {bad} must be divisible by norm_num_groups "
+                f"{self.norm_num_groups}"
+            )
+        for arch, names in ARCH_FIELDS.items():
+            # Compare with defaults: the resolved recipe.yaml spells out every default.
+            stray = [
+                n
+                for n in names
+                if arch != self.arch and getattr(self, n) != type(self).model_fields[n].default
+            ]
+            if stray:
+                raise ValueError(
+                    f"{', '.join(stray)} only applies to arch {arch}, not {self.arch}; remove it"
+                )
+        return self
+
+
+class VAEModelConfig(Strict):
+    """An AutoencoderKL: each level after the first halves the resolution."""
+
+    block_out_channels: list[int] = Field([32, 64], min_length=1)
+    layers_per_block: int = Field(1, ge=1)
+    latent_channels: int = Field(4, ge=1)
+    norm_num_groups: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> VAEModelConfig:
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(
+                f"block_out_channels {bad} must be divisible by norm_num_groups "
+                f"{self.norm_num_groups}"
+            )
+        return self
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+def resolve_num_classes(cfg: DiffusionModelConfig, data_classes: int, where: str) -> int:
+    """The class count: the data's, which a configured num_classes must equal."""
+    if cfg.num_classes is not None and cfg.num_classes != data_classes:
+        raise PipelineError(
+            f"{where}.model.num_classes: {cfg.num_classes}, but the data has {data_classes} "
+            f"classes; remove num_classes or fix the data"
+        )
+    return data_classes
+
+
+def build_denoiser(
+    cfg: DiffusionModelConfig, channels: int, sample_size: int, num_classes: int, where: str
+) -> torch.nn.Module:
+    """A class-conditional DiT or UNet for [B, channels, sample_size, sample_size] inputs.
+
+    Both take (sample, timestep, class_labels) with labels in 0..num_classes (num_classes =
+    null label) and return `.sample` of the input's shape.
+    """
+    if cfg.arch == "dit":
+        if sample_size % cfg.patch_size:
+            raise PipelineError(
+                f"{where}.model.patch_size: {cfg.patch_size} does not divide the input size "
+                f"{sample_size}; choose a divisor"
+            )
+        from diffusers import DiTTransformer2DModel
+
+        model = DiTTransformer2DModel(
+            num_attention_heads=cfg.num_heads,
+            attention_head_dim=cfg.hidden_size // cfg.num_heads,
+            in_channels=channels,
+            num_layers=cfg.num_layers,
+            sample_size=sample_size,
+            patch_size=cfg.patch_size,
+            num_embeds_ada_norm=num_classes,
+        )
+        # Every DiT block embeds the label itself and, in training mode, drops it to the null
+        # row with torch's global RNG, independently per block. We drop labels ourselves (one
+        # decision per sample, from the replayable generator), so switch that off; the null row
+        # (index num_classes) exists because the built-in dropout probability is non-zero.
+        for module in model.modules():
+            if type(module).__name__ == "LabelEmbedding":
+                module.dropout_prob = 0.0
+        return model
+    levels = len(cfg.block_out_channels)
+    if sample_size % 2 ** (levels - 1):
+        raise PipelineError(
+            f"{where}.model.block_out_channels: {levels} levels halve the input {levels - 1} "
+            f"times, but its size {sample_size} is not divisible by {2 ** (levels - 1)}; "
+            f"use fewer levels"
+        )
+    from diffusers import UNet2DModel
+
+    attention = cfg.attention_levels or [level > 0 for level in range(levels)]
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        norm_num_groups=cfg.norm_num_groups,
+        attention_head_dim=8,
+        num_class_embeds=num_classes + 1,  # + the null label
+    )
+
+
+def build_vae(cfg: VAEModelConfig, channels: int, sample_size: int, where: str) -> torch.nn.Module:
+    """An AutoencoderKL for [B, channels, sample_size, sample_size] images in [-1, 1]."""
+    if sample_size % cfg.downsample:
+        raise PipelineError(
+            f"{where}.model.block_out_channels: {len(cfg.block_out_channels)} levels downsample "
+            f"by {cfg.downsample}, which does not divide the image size {sample_size}; "
+            f"use fewer levels or resize the images"
+        )
+    from diffusers import AutoencoderKL
+
+    levels = len(cfg.block_out_channels)
+    return AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        sample_size=sample_size,
+    )
+
+
+def vae_with_loss(vae: torch.nn.Module) -> torch.nn.Module:
+    """The VAE behind one forward that returns (reconstruction, KL per sample).
+
+    DDP synchronises gradients only for work done inside the wrapped module's forward, so the
+    encode-sample-decode step must be one forward call.
+    """
+    import torch
+
+    class VAEWithLoss(torch.nn.Module):
+        def __init__(self, vae: torch.nn.Module) -> None:
+            super().__init__()
+            self.vae = vae
+
+        def forward(
+            self, images: torch.Tensor, generator: torch.Generator
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            posterior = self.vae.encode(images).latent_dist
+            latents = posterior.sample(generator=generator)  # [B, c, h, w]
+            return self.vae.decode(latents).sample, posterior.kl()
+
+    return VAEWithLoss(vae)

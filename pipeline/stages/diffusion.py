@@ -1,0 +1,133 @@
+"""Stage kind `diffusion`: train a class-conditional DiT or UNet and export a diffusers pipeline.
+
+Pixel space reads the images stage's shards; latent space reads the vae stage's cached latents and
+ships its VAE in the export. The objective is DDPM (epsilon or v prediction) or flow matching
+(rectified flow with logit-normal timesteps). Labels are dropped to a null label with probability
+`label_dropout` so the export can sample with classifier-free guidance. The export is a
+`ClassConditionalPipeline` directory (pipeline/diffusion_pipeline.py) holding the EMA weights.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from pipeline.context import StageContext
+from pipeline.diffusion_objectives import ObjectiveConfig
+from pipeline.diffusion_training import ImageTrainingConfig
+from pipeline.errors import PipelineError
+from pipeline.models.diffusion import DiffusionModelConfig
+
+PIPELINE_FILE = "class_conditional_pipeline.py"  # the pipeline's source, shipped in the export
+
+
+class Config(ImageTrainingConfig):
+    """Train a diffusion model on an images (or vae latents) stage's shards."""
+
+    kind: Literal["diffusion"] = "diffusion"
+    model: DiffusionModelConfig = DiffusionModelConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    space: Literal["pixel", "latent"] = Field(
+        "pixel", description="latent: train on the upstream vae stage's latents"
+    )
+    label_dropout: float = Field(
+        0.1, ge=0, lt=1, description="probability a label becomes the null label (for CFG)"
+    )
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA of the weights; the export's")
+
+
+def input_dirs(ctx: StageContext, cfg: Config) -> tuple[Path, Path | None]:
+    """(shards directory, VAE directory or None) this stage trains on."""
+    if cfg.space == "pixel":
+        return ctx.upstream("images").export_dir, None
+    try:
+        vae = ctx.upstream("vae")
+    except PipelineError:
+        raise PipelineError(
+            f"stages.{ctx.name}: space: latent needs a vae stage upstream; add one "
+            f"(kind: vae) and list it in `after:`, or use space: pixel"
+        ) from None
+    return vae.export_dir / "latents", vae.export_dir / "vae"
+
+
+def run(ctx: StageContext) -> None:
+    import torch
+
+    from data_prep.images import ImageShards
+    from pipeline.diffusion_objectives import DiffusionObjective
+    from pipeline.diffusion_training import ema_state_dict, torch_threads, train
+    from pipeline.models.diffusion import WRAP_CLASSES, build_denoiser, resolve_num_classes
+
+    cfg = ctx.config
+    assert isinstance(cfg, Config)
+    data_dir, vae_dir = input_dirs(ctx, cfg)
+    splits = ImageShards(data_dir, "train"), ImageShards(data_dir, "val")
+    channels, height, width = splits[0].shape
+    if height != width:
+        raise PipelineError(
+            f"stages.{ctx.name}: inputs are {height}x{width}; the models need square inputs, "
+            f"set image_size in the images stage"
+        )
+    where = f"stages.{ctx.name}"
+    num_classes = resolve_num_classes(cfg.model, splits[0].num_classes, where)
+    torch.manual_seed(ctx.seed)
+    model = build_denoiser(cfg.model, channels, height, num_classes, where)
+    objective = DiffusionObjective(
+        cfg.objective, null_label=num_classes, label_dropout=cfg.label_dropout,
+        clip_sample=cfg.space == "pixel",
+    )  # fmt: skip
+    with torch_threads(cfg.cpu_threads):
+        trained = train(
+            ctx, cfg, model, objective.loss, splits, cfg.ema_decay, WRAP_CLASSES[cfg.model.arch]
+        )
+        state = ema_state_dict(trained)
+        if trained.accelerator.is_main_process:
+            denoiser = trained.accelerator.unwrap_model(trained.model)
+            export_pipeline(
+                ctx.export_dir, denoiser, state, objective.scheduler(), vae_dir,
+                classes=splits[0].classes, objective=cfg.objective.kind,
+            )  # fmt: skip
+        trained.accelerator.wait_for_everyone()
+    ctx.write_summary(trained.summary, headline="val_ema_loss")
+
+
+def export_pipeline(
+    export_dir: Path,
+    denoiser: Any,
+    state_dict: dict[str, Any],
+    scheduler: Any,
+    vae_dir: Path | None,
+    classes: list[str],
+    objective: str,
+) -> None:
+    """Save a ClassConditionalPipeline with `state_dict` (the EMA weights) into export_dir.
+
+    Written into a temporary directory that is renamed into place, so a crash never leaves half
+    an export; the pipeline's source file travels with it.
+    """
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+    from pipeline import diffusion_pipeline
+    from pipeline.diffusion_pipeline import ClassConditionalPipeline
+
+    model = type(denoiser).from_config(denoiser.config)
+    model.load_state_dict(state_dict)
+    model.eval()
+    role = "transformer" if isinstance(model, DiTTransformer2DModel) else "unet"
+    pipe = ClassConditionalPipeline(
+        scheduler=scheduler,
+        vae=AutoencoderKL.from_pretrained(vae_dir) if vae_dir is not None else None,
+        num_classes=len(classes),
+        class_names=classes,
+        objective=objective,
+        **{role: model},
+    )
+    tmp = export_dir.parent / f".{export_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.copyfile(diffusion_pipeline.__file__, tmp / PIPELINE_FILE)
+    shutil.rmtree(export_dir, ignore_errors=True)
+    tmp.rename(export_dir)
