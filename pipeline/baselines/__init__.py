@@ -21,6 +21,7 @@ TASKS: dict[str, str] = {
     "curves": "pipeline.baselines.curves:CURVES",
     "vision": "pipeline.baselines.vision:VISION",
     "sequence": "pipeline.baselines.sequence:SEQUENCE",
+    "generative": "pipeline.baselines.generative:GENERATIVE",
 }
 
 

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -23,6 +24,7 @@ from pipeline.config import Strict
 from pipeline.manifest import atomic_write_json
 
 if TYPE_CHECKING:
+    from pipeline.context import Upstream
     from pipeline.stages.baseline import Config
     from pipeline.tracking import Tracker
 
@@ -47,6 +49,7 @@ class Job:
     work_dir: Path  # per-model results of this attempt (kept for a resume)
     log: logging.Logger
     tracker: Tracker | None = None
+    upstream: Callable[..., Upstream] | None = None  # ctx.upstream: finished stages this one needs
     _step: int = field(default=0, repr=False)
 
     def where(self, model: str, *keys: str) -> str:

@@ -135,6 +135,7 @@ def run(ctx: StageContext) -> None:
             work_dir=ctx.checkpoint_dir,
             log=ctx.log,
             tracker=tracker,
+            upstream=ctx.upstream,
         )
         data = task.load(job)
         task.check(job, data)

@@ -1,0 +1,449 @@
+"""Generative baselines on the images stage's shards: VAE, GAN, RealNVP flow, PixelCNN, and the
+diffusion stages' exports, all scored by the same code.
+
+Pixels are discrete: the uint8 shards requantised to `levels` grey levels (17 for the digits is
+lossless: scikit-learn's digits hold 0..16). Bits/dim are -log2 p per pixel on the test images
+(the images stage's val split): exact for the PixelCNN, an upper bound for the flow (uniform
+dequantisation) and the VAE (negative ELBO); a uniform model scores log2(levels). Every model's
+samples, on the same pixel grid, get the same scores from eval/images.py: Frechet distance, KID
+and precision/recall on the shared feature classifier's features against the test images.
+A diffusion row (`from_stage`) samples that stage's export; its training time is the stage's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from eval import images as image_eval
+from pipeline.baselines import plots
+from pipeline.baselines.core import Job, Task
+from pipeline.baselines.training import (
+    DeepOptions,
+    TrainSettings,
+    lr_factor,
+    make_optimizer,
+    torch_threads,
+)
+from pipeline.errors import PipelineError
+
+LIKELIHOOD = {"vae": "ELBO bound", "flow": "dequantised bound", "pixelcnn": "exact"}
+GRID_SIDE = 8  # sample grids are GRID_SIDE x GRID_SIDE images
+SAMPLE_BATCH = 500
+
+
+class GenerativeModel(TrainSettings):
+    """A net trained here (`net`) or a diffusion stage's export sampled here (`from_stage`)."""
+
+    net: Literal["vae", "gan", "flow", "pixelcnn"] | None = None
+    hidden: int = Field(64, ge=4, description="vae: MLP width; gan: base channels; flow, "
+                        "pixelcnn: conv channels")  # fmt: skip
+    latent_dim: int = Field(16, ge=1, description="vae, gan: size of z")
+    layers: int = Field(4, ge=1, description="flow: coupling layers; pixelcnn: residual blocks")
+    epochs: int | None = Field(None, ge=1, description="default: options.epochs")
+    from_stage: str | None = Field(None, description="a diffusion stage listed in `after:`")
+    sampler: image_eval.Sampler | None = Field(None, description="default: euler / dpm++")
+    steps: int = Field(20, ge=1, description="diffusion sampler steps")
+    guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance; 1 = none")
+    conditional: bool = Field(
+        True, description="diffusion: class-balanced labels; false: the null (unconditional) label"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerativeModel:
+        if (self.net is None) == (self.from_stage is None):
+            raise ValueError(
+                "set exactly one of net (vae, gan, flow, pixelcnn) or from_stage (a diffusion "
+                "stage of this recipe)"
+            )
+        diffusion_only = ("sampler", "steps", "guidance_scale", "conditional")
+        unused = diffusion_only if self.net else tuple(TrainSettings.model_fields) + (
+            "hidden", "latent_dim", "layers", "epochs",
+        )  # fmt: skip
+        # Compare with defaults: the resolved recipe spells out every default.
+        stray = [n for n in unused if getattr(self, n) != type(self).model_fields[n].default]
+        if stray:
+            kind = f"net: {self.net}" if self.net else "from_stage"
+            raise ValueError(f"{', '.join(stray)} do not apply to a {kind} model; remove them")
+        if self.net == "gan" and self.optimizer != "adam":
+            raise ValueError(
+                "net gan trains with Adam (betas 0.5, 0.999, as DCGAN); drop optimizer"
+            )
+        return self
+
+
+class GenerativeOptions(DeepOptions):
+    """Budget and scoring every model of the stage shares."""
+
+    epochs: int = Field(20, ge=1, description="epochs of each net trained here")
+    batch_size: int = Field(64, ge=1)
+    levels: int = Field(
+        256, ge=2, le=256, description="grey levels per pixel; 17 is lossless for builtin:digits"
+    )
+    num_samples: int = Field(1000, ge=GRID_SIDE**2, description="samples scored per model")
+    classifier_epochs: int = Field(20, ge=1, description="epochs of the shared feature classifier")
+    knn_k: int = Field(3, ge=1, description="k of the precision/recall manifolds")
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """Quantised images (int64 [N, C, H, W] in 0..levels-1) and the shared scorer's state."""
+
+    train: np.ndarray
+    test: np.ndarray
+    levels: int
+    lossless: bool
+    classifier: Any  # eval.images feature classifier, trained on the training images
+    test_features: np.ndarray
+    classifier_accuracy: float
+    references: dict[str, float]  # FD of real training images and of uniform noise
+
+
+def unit(q: np.ndarray, levels: int) -> np.ndarray:
+    """Integer pixels as float32 in [-1, 1], the scale eval/images.py expects."""
+    return (q * (2 / (levels - 1)) - 1).astype(np.float32)
+
+
+class Generative(Task):
+    """Generative models: bits/dim where defined, sample quality and speed, training time."""
+
+    Model = GenerativeModel
+    Options = GenerativeOptions
+    primary = "fd"
+    higher_is_better = False
+    columns = (
+        "bits_per_dim", "likelihood", "fd", "kid", "precision", "recall",
+        "samples_per_second", "train_seconds", "params",
+    )  # fmt: skip
+
+    def dataset_signature(self, config: Any) -> dict[str, Any]:
+        return {"images": "the upstream images stage (its fingerprint covers the content)"}
+
+    def load(self, job: Job) -> Pixels:
+        """The images stage's shards, quantised, and the shared feature classifier."""
+        from data_prep.images import ImageShards
+
+        images = job.upstream("images")
+        train, test = ImageShards(images.export_dir, "train"), ImageShards(images.export_dir, "val")
+        for name, model in job.models.items():
+            check_model(job, name, model, train.shape)
+        if train.index["source"] != job.config.dataset or train.index["dtype"] != "uint8":
+            raise PipelineError(
+                f"stages.{job.stage}.dataset: {job.config.dataset}, but the upstream images stage "
+                f"{images.name!r} holds {train.index['dtype']} {train.index['source']}; set "
+                f"dataset: {train.index['source']}"
+            )
+        if len(test) < 10:
+            raise PipelineError(
+                f"stages.{images.name}.val_fraction: {len(test)} val images, too few to score "
+                f"samples against; raise it (e.g. 0.2)"
+            )
+        rows = np.random.default_rng(job.seed).permutation(len(train))[: job.config.max_rows]
+        raw, labels = train.images[np.sort(rows)], train.labels[np.sort(rows)]
+        levels = job.options.levels
+        train_q, test_q = (
+            np.rint(x * ((levels - 1) / 255)).astype(np.int64) for x in (raw, test.images)
+        )
+        lossless = bool((np.rint(train_q * (255 / (levels - 1))) == raw).all())
+        with torch_threads(job.options.cpu_threads):
+            scorer = feature_scorer(
+                job, unit(train_q, levels), labels, unit(test_q, levels), test.labels
+            )
+        return Pixels(train_q, test_q, levels, lossless, *scorer)
+
+    def describe(self, job: Job, data: Pixels) -> str:
+        o, refs = job.options, data.references
+        grid = "lossless" if data.lossless else "a lossy requantisation of the 8-bit pixels"
+        return (
+            f"{len(data.train)} training and {len(data.test)} test images (the images stage's "
+            f"val split) of shape {data.train.shape[1:]}, pixels as {o.levels} grey levels "
+            f"({grid}); a uniform model scores {math.log2(o.levels):.3f} bits/dim. Bits/dim "
+            f"on the test images: PixelCNN exact, flow and VAE upper bounds "
+            f"(dequantised, ELBO). FD/KID/precision/recall: {o.num_samples} samples per model "
+            f"against the test images on the features of eval/images.py's classifier (trained "
+            f"on the training images, test accuracy {data.classifier_accuracy:.3f}); for "
+            f"reference, {min(o.num_samples, len(data.train))} real training images score FD "
+            f"{refs['real training images']:.3g} and uniform noise {refs['uniform noise']:.3g}. "
+            f"train_seconds: the training loop, or a diffusion stage's whole duration."
+        )
+
+    def evaluate(self, job: Job, data: Pixels, name: str, model: GenerativeModel) -> dict:
+        with torch_threads(job.options.cpu_threads):
+            if model.from_stage is not None:
+                result, samples, seconds = sample_diffusion(job, data, name, model)
+            else:
+                result = self.train(job, data, name, model)
+                samples, seconds = self.sample(job, result.pop("net"), data)
+            result["metrics"].update(self.score(job, data, samples))
+            result["metrics"]["samples_per_second"] = len(samples) / seconds
+        job.save_arrays(name, samples=samples.astype(np.uint8))
+        return result
+
+    def train(self, job: Job, data: Pixels, name: str, model: GenerativeModel) -> dict[str, Any]:
+        """Train one net on the training pixels; its test bits/dim (when it has a likelihood)."""
+        import torch
+
+        from pipeline.models.baselines import init_weights, num_params
+        from pipeline.models.generative import bits_per_dim, build_generative_net
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(job.seed)
+        order = torch.Generator().manual_seed(job.seed)
+        sizes = (model.hidden, model.latent_dim, model.layers)
+        net = build_generative_net(model.net, data.train.shape[1:], data.levels, *sizes)
+        net.to(device)
+        init_weights(net, model.init)
+        train, test = (torch.from_numpy(a).to(device) for a in (data.train, data.test))
+        epochs = model.epochs or job.options.epochs
+        steps = epochs * -(-len(train) // job.options.batch_size)
+        step_fn = Steps(net, model, steps, data.levels)
+        history, started = [], time.perf_counter()
+        for epoch in range(1, epochs + 1):
+            net.train()
+            rows = [step_fn(train[b]) for b in torch.randperm(len(train), generator=order).split(
+                job.options.batch_size)]  # fmt: skip
+            row = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
+            if model.net != "gan":
+                row["test_bits_per_dim"] = bits_per_dim(net, test)
+            history.append({"epoch": epoch, **row})
+            job.log_row(name, row, epoch=epoch)
+        seconds = time.perf_counter() - started
+        likelihood = LIKELIHOOD.get(model.net)
+        metrics = {
+            "bits_per_dim": history[-1].get("test_bits_per_dim"),
+            "likelihood": likelihood or "none",
+            "train_seconds": seconds,
+            "params": num_params(net),
+            "epochs": epochs,
+        }
+        return {"metrics": metrics, "history": history, "net": net}
+
+    @staticmethod
+    def sample(job: Job, net: Any, data: Pixels) -> tuple[np.ndarray, float]:
+        """(options.num_samples integer images, seconds) from a trained net, in eval mode."""
+        import torch
+
+        net.eval()
+        generator = torch.Generator().manual_seed(job.seed + 1)
+        started, out = time.perf_counter(), []
+        for start in range(0, job.options.num_samples, SAMPLE_BATCH):
+            count = min(SAMPLE_BATCH, job.options.num_samples - start)
+            out.append(net.sample(count, generator).cpu().numpy())
+        seconds = time.perf_counter() - started
+        return np.concatenate(out).clip(0, data.levels - 1), seconds
+
+    @staticmethod
+    def score(job: Job, data: Pixels, samples: np.ndarray) -> dict[str, float]:
+        """FD, KID and k-NN precision/recall of samples against the test images."""
+        feats = image_eval.features(data.classifier, unit(samples, data.levels))
+        precision, recall = image_eval.precision_recall(
+            data.test_features, feats, job.options.knn_k
+        )
+        return {
+            "fd": image_eval.frechet_distance(feats, data.test_features),
+            "kid": image_eval.kid(feats, data.test_features, seed=job.seed),
+            "precision": precision,
+            "recall": recall,
+        }
+
+    def sections(self, job: Job, data: Pixels, results: dict[str, dict[str, Any]]) -> list[dict]:
+        grids = {"real test images": data.test[: GRID_SIDE**2]}
+        grids.update({name: job.arrays(name)["samples"][: GRID_SIDE**2] for name in results})
+        path, relative = job.figure("samples.png")
+        sample_figure(path, {k: unit(v, data.levels) for k, v in grids.items()}, job)
+        sections = [
+            {
+                "title": "sample grids",
+                "note": f"The first {GRID_SIDE**2} scored samples of each model; "
+                "diffusion rows follow the labels 0, 1, 2, ... when conditional.",
+                "images": [relative],
+            }
+        ]
+        histories = {n: r["history"] for n, r in results.items() if r.get("history")}
+        if histories:
+            curves, curves_rel = job.figure("training_curves.png")
+            keys = ("train_bits_per_dim", "test_bits_per_dim", "d_loss", "g_loss")
+            plots.training_curves(curves, histories, keys, "epoch")
+            note = "Per epoch; the flow's and the VAE's bits/dim are upper bounds."
+            sections.append({"title": "training curves", "note": note, "images": [curves_rel]})
+        return sections
+
+
+class Steps:
+    """Optimiser steps of one net: on the mean NLL per pixel, or a GAN's discriminator step then
+    generator step (non-saturating loss, Adam with DCGAN's betas 0.5, 0.999)."""
+
+    def __init__(self, net: Any, model: GenerativeModel, total_steps: int, levels: int):
+        import torch
+
+        self.net, self.model, self.levels = net, model, levels
+        if model.net == "gan":
+            adam = {"lr": model.lr, "betas": (0.5, 0.999), "weight_decay": model.weight_decay}
+            parts = (net.discriminator, net.generator)
+            self.optimizers = [torch.optim.Adam(part.parameters(), **adam) for part in parts]
+        else:
+            self.optimizers = [make_optimizer(net.parameters(), model)]
+        self.schedules = [
+            torch.optim.lr_scheduler.LambdaLR(o, lambda step: lr_factor(step, total_steps, model))
+            for o in self.optimizers
+        ]
+
+    def __call__(self, batch: Any) -> dict[str, float]:
+        from pipeline.models.generative import to_unit
+
+        if self.model.net != "gan":
+            loss = self.net.nll(batch).mean() / batch[0].numel()  # nats per pixel
+            self._step(0, loss)
+            return {"train_bits_per_dim": loss.item() / math.log(2)}
+        fake = self.net.generate(len(batch))
+        d_loss = self.net.discriminator_loss(to_unit(batch, self.levels), fake.detach())
+        self._step(0, d_loss)
+        g_loss = self.net.generator_loss(fake)
+        self._step(1, g_loss)
+        return {"d_loss": d_loss.item(), "g_loss": g_loss.item()}
+
+    def _step(self, index: int, loss: Any) -> None:
+        import torch
+
+        optimizer = self.optimizers[index]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.model.grad_clip > 0:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.model.grad_clip)
+        optimizer.step()
+        self.schedules[index].step()
+
+
+def feature_scorer(
+    job: Job, train: np.ndarray, labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray
+) -> tuple[Any, np.ndarray, float, dict[str, float]]:
+    """eval/images.py's classifier trained on the training images; the test images' features,
+    its test accuracy, and the FD of real training images and of uniform noise (references)."""
+    import torch
+
+    import pipeline.models.generative  # noqa: F401 - torch loads here, not in a model's seconds
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    epochs = job.options.classifier_epochs
+    classifier = image_eval.train_feature_classifier(train, labels, job.seed, epochs, device)
+    test_features = image_eval.features(classifier, test)
+    accuracy = float((image_eval.predict(classifier, test) == test_labels).mean())
+    rng = np.random.default_rng(job.seed)
+    real = train[rng.permutation(len(train))[: job.options.num_samples]]
+    noise = rng.uniform(-1, 1, real.shape).astype(np.float32)
+    references = {
+        name: image_eval.frechet_distance(image_eval.features(classifier, x), test_features)
+        for name, x in (("real training images", real), ("uniform noise", noise))
+    }
+    return classifier, test_features, accuracy, references
+
+
+def check_model(job: Job, name: str, model: GenerativeModel, shape: tuple[int, ...]) -> None:
+    """A gan gets square 2^k images; a from_stage is a finished diffusion stage in `after:`
+    whose objective fits the sampler."""
+    from pipeline.diffusion_pipeline import OBJECTIVE_SAMPLERS
+
+    side = shape[1]
+    if model.net == "gan" and (shape[2] != side or side < 4 or side & (side - 1)):
+        raise PipelineError(
+            f"{job.where(name, 'net')}: gan needs square images of 4, 8, 16... pixels, not "
+            f"{side}x{shape[2]}; set image_size in the images stage"
+        )
+    if model.from_stage is None:
+        return
+    where = job.where(name, "from_stage")
+    if model.from_stage not in job.config.after:
+        raise PipelineError(
+            f"{where}: {model.from_stage!r} is not in stages.{job.stage}.after; add it there "
+            f"(a diffusion stage of this recipe)"
+        )
+    upstream = job.upstream("diffusion", model.from_stage)
+    if upstream.kind != "diffusion":
+        raise PipelineError(f"{where}: {upstream.name!r} is a {upstream.kind} stage; name a "
+                            f"diffusion stage")  # fmt: skip
+    objective = upstream.config.objective.kind
+    if model.sampler and model.sampler not in OBJECTIVE_SAMPLERS[objective]:
+        raise PipelineError(
+            f"{job.where(name, 'sampler')}: {model.sampler} does not fit the {objective} model of "
+            f"{upstream.name!r}; use {' or '.join(OBJECTIVE_SAMPLERS[objective])}"
+        )
+
+
+def sample_diffusion(
+    job: Job, data: Pixels, name: str, model: GenerativeModel
+) -> tuple[dict, np.ndarray, float]:
+    """(result, integer samples, seconds) of a diffusion stage's export, on the data's grid."""
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+
+    from pipeline.diffusion_pipeline import ClassConditionalPipeline
+    from pipeline.manifest import read_manifest
+
+    upstream = job.upstream("diffusion", model.from_stage)
+    diffusers_logging.disable_progress_bar()
+    pipe = ClassConditionalPipeline.from_pretrained(upstream.export_dir)
+    pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    objective = pipe.config.objective
+    sampler, steps = model.sampler, model.steps
+    if sampler is None:
+        sampler = image_eval.DEFAULT_SAMPLERS[objective][0][0]
+    pipe.use_sampler(sampler)
+    count, classes = job.options.num_samples, pipe.config.num_classes
+    labels = np.arange(count) % classes if model.conditional else np.full(count, classes)
+    started, out = time.perf_counter(), []
+    for i, start in enumerate(range(0, count, SAMPLE_BATCH)):
+        images = pipe(
+            class_labels=labels[start : start + SAMPLE_BATCH].tolist(),
+            num_inference_steps=steps,
+            guidance_scale=model.guidance_scale,
+            generator=torch.Generator(pipe.device).manual_seed(job.seed + 1 + i),
+            output_type="np",
+        ).images  # [B, H, W, C] in [0, 1]
+        out.append(np.rint(images.transpose(0, 3, 1, 2) * (data.levels - 1)).astype(np.int64))
+    seconds = time.perf_counter() - started
+    samples = np.concatenate(out)
+    if samples.shape[1:] != data.train.shape[1:]:
+        raise PipelineError(
+            f"{job.where(name, 'from_stage')}: stage {upstream.name!r} makes "
+            f"images of shape {samples.shape[1:]}, the images stage {data.train.shape[1:]}; train "
+            f"it on the same images stage"
+        )
+    manifest = read_manifest(upstream.dir)
+    metrics = {
+        "bits_per_dim": None,
+        "likelihood": "none",
+        "train_seconds": manifest.get("duration_s"),
+        "params": manifest.get("summary", {}).get("params"),
+        "sampler": f"{sampler} {steps} steps",
+    }
+    return {"metrics": metrics, "objective": objective}, samples, seconds
+
+
+def sample_figure(path: Any, grids: dict[str, np.ndarray], job: Job) -> None:
+    """One labelled panel per model: its grid PNG (eval.images.save_grid_png, also exported)."""
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    columns = min(len(grids), 4)
+    rows = -(-len(grids) // columns)
+    figure = Figure(figsize=(3 * columns, 3.2 * rows), dpi=90, layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax, (name, images) in zip(axes, grids.items(), strict=False):
+        grid_path, _ = job.figure(f"samples_{name.replace(' ', '_')}.png")
+        image_eval.save_grid_png(images, grid_path, GRID_SIDE)
+        with Image.open(grid_path) as grid:
+            ax.imshow(np.asarray(grid), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(name)
+    for ax in axes:
+        ax.set_axis_off()
+    figure.savefig(path, format="png")
+
+
+GENERATIVE = Generative()
