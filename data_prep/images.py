@@ -31,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
+from data_prep.shards import SampleOrder
 from pipeline.config import StageConfig, Strict
 from pipeline.context import StageContext
 from pipeline.errors import PipelineError
@@ -348,7 +349,7 @@ class ImageShards:
             raise PipelineError(
                 f"{self.export_dir}: {split} arrays disagree with index.json; rerun the stage"
             )
-        self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
+        self._order = SampleOrder()
 
     @property
     def classes(self) -> list[str]:
@@ -413,24 +414,7 @@ class ImageShards:
         permutation of the split; a micro batch is a contiguous block of j, so the union over
         ranks and micro steps depends only on the global batch size.
         """
-        if not (0 <= rank < world_size and 0 <= micro_step < accum_steps and micro_batch_size > 0):
-            raise ValueError(
-                f"need 0 <= rank < world_size, 0 <= micro_step < accum_steps, micro_batch_size > 0;"
-                f" got {rank=} {world_size=} {micro_step=} {accum_steps=} {micro_batch_size=}"
-            )
-        global_batch = world_size * micro_batch_size * accum_steps
-        first = step * global_batch + (micro_step * world_size + rank) * micro_batch_size
-        rows = np.empty(micro_batch_size, dtype=np.int64)
-        for i, g in enumerate(range(first, first + micro_batch_size)):
-            epoch, position = divmod(g, len(self))
-            rows[i] = self._permutation(seed, epoch)[position]
+        rows = self._order.rows(
+            seed, step, rank, world_size, micro_batch_size, len(self), micro_step, accum_steps
+        )
         return self.take(rows)
-
-    def _permutation(self, seed: int, epoch: int) -> np.ndarray:
-        """The epoch's order of the split; the two most recent epochs are cached."""
-        key = (seed, epoch)
-        if key not in self._perm_cache:
-            if len(self._perm_cache) >= 2:
-                self._perm_cache.pop(next(iter(self._perm_cache)))
-            self._perm_cache[key] = np.random.default_rng([seed, epoch]).permutation(len(self))
-        return self._perm_cache[key]

@@ -115,6 +115,54 @@ class ShardWriter:
         self.num_shards += 1
 
 
+class SampleOrder:
+    """Which items a rank's micro batch takes: a pure function of (seed, step, rank, ...).
+
+    Sample j of a step (j < world_size * micro_batch_size * accum_steps) is global sample
+    step * global_batch + j, drawn from its epoch's seeded permutation of the items; a micro
+    batch takes a contiguous block of j, so the union over ranks and micro steps is the same
+    whenever the global batch is. Shared by token and image shards.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, int, int], np.ndarray] = {}
+
+    def rows(
+        self,
+        seed: int,
+        step: int,
+        rank: int,
+        world_size: int,
+        micro_batch_size: int,
+        num_items: int,
+        micro_step: int = 0,
+        accum_steps: int = 1,
+    ) -> np.ndarray:
+        """Item indices (int64) of one rank's micro batch."""
+        if not (0 <= rank < world_size and 0 <= micro_step < accum_steps and micro_batch_size > 0):
+            raise ValueError(
+                f"need 0 <= rank < world_size, 0 <= micro_step < accum_steps, micro_batch_size > 0; "
+                f"got rank={rank} world_size={world_size} micro_step={micro_step} "
+                f"accum_steps={accum_steps} micro_batch_size={micro_batch_size}"
+            )
+        global_batch = world_size * micro_batch_size * accum_steps
+        first = step * global_batch + (micro_step * world_size + rank) * micro_batch_size
+        rows = np.empty(micro_batch_size, dtype=np.int64)
+        for i, g in enumerate(range(first, first + micro_batch_size)):
+            epoch, position = divmod(g, num_items)
+            rows[i] = self._permutation(seed, epoch, num_items)[position]
+        return rows
+
+    def _permutation(self, seed: int, epoch: int, num_items: int) -> np.ndarray:
+        """The epoch's item order; the two most recent epochs are cached."""
+        key = (seed, epoch, num_items)
+        if key not in self._cache:
+            if len(self._cache) >= 2:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = np.random.default_rng([seed, epoch]).permutation(num_items)
+        return self._cache[key]
+
+
 class TokenShards:
     """All shards of a split as one read-only virtual token stream."""
 
@@ -140,7 +188,7 @@ class TokenShards:
         self._starts = np.cumsum([0] + [m["num_tokens"] for m in self.index])
         self.num_tokens = int(self._starts[-1])
         self.num_documents = sum(m["num_documents"] for m in self.index)
-        self._perm_cache: dict[tuple[int, int, int], np.ndarray] = {}
+        self._order = SampleOrder()
 
     def verify(self) -> None:
         """Recompute every shard's checksum; PipelineError naming the first shard that differs."""
@@ -194,31 +242,11 @@ class TokenShards:
         step * global_batch + j; a micro batch takes a contiguous block of j, so the union over
         ranks and micro steps is the same whenever the global batch is.
         """
-        if not (0 <= rank < world_size and 0 <= micro_step < accum_steps and micro_batch_size > 0):
-            raise ValueError(
-                f"need 0 <= rank < world_size, 0 <= micro_step < accum_steps, micro_batch_size > 0; "
-                f"got rank={rank} world_size={world_size} micro_step={micro_step} "
-                f"accum_steps={accum_steps} micro_batch_size={micro_batch_size}"
-            )
-        num_windows = self.num_windows(seq_len)
-        global_batch = world_size * micro_batch_size * accum_steps
-        first = step * global_batch + (micro_step * world_size + rank) * micro_batch_size
-        rows = []
-        for g in range(first, first + micro_batch_size):
-            epoch, position = divmod(g, num_windows)
-            rows.append(
-                self.window(int(self._permutation(seed, epoch, num_windows)[position]), seq_len)
-            )
-        return np.stack(rows)
-
-    def _permutation(self, seed: int, epoch: int, num_windows: int) -> np.ndarray:
-        """The epoch's window order; the two most recent epochs are cached."""
-        key = (seed, epoch, num_windows)
-        if key not in self._perm_cache:
-            if len(self._perm_cache) >= 2:
-                self._perm_cache.pop(next(iter(self._perm_cache)))
-            self._perm_cache[key] = np.random.default_rng([seed, epoch]).permutation(num_windows)
-        return self._perm_cache[key]
+        rows = self._order.rows(
+            seed, step, rank, world_size, micro_batch_size, self.num_windows(seq_len),
+            micro_step, accum_steps,
+        )  # fmt: skip
+        return np.stack([self.window(int(i), seq_len) for i in rows])
 
     def windows(self, seq_len: int, max_windows: int | None = None) -> Iterator[np.ndarray]:
         """Sequential non-overlapping windows of seq_len + 1 tokens (int64), for evaluation."""
