@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field
 
 from data_prep.shards import SampleOrder
-from pipeline.config import StageConfig, Strict
+from data_prep.sources import HF_MARKERS, UriConfig
+from pipeline.config import StageConfig
 from pipeline.context import StageContext
 from pipeline.errors import PipelineError
 from pipeline.manifest import atomic_write_json, sha256_file
@@ -44,31 +45,19 @@ SPLITS = ("train", "val")
 UINT8_NORMALISATION = "x / 127.5 - 1"
 IDENTITY = "identity"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 
 
-class ImageSourceConfig(Strict):
+class ImageSourceConfig(UriConfig):
     """Where images come from; a bare string in YAML is the `uri`."""
+
+    BUILTINS = (DIGITS,)
+    WHAT = "image source"
 
     uri: str = Field(description="builtin:digits, an image folder, or a saved HF dataset dir")
     image_field: str = Field("image", description="HF dataset: column with the images")
     label_field: str = Field("label", description="HF dataset: column with integer class labels")
     split: str = Field("train", description="HF DatasetDict: which split to read")
     max_images: int | None = Field(None, ge=1, description="use only the first N images")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_string(cls, data: Any) -> Any:
-        return {"uri": data} if isinstance(data, str) else data
-
-    @field_validator("uri")
-    @classmethod
-    def _absolute(cls, uri: str) -> str:
-        if uri.startswith("builtin:"):
-            if uri != DIGITS:
-                raise ValueError(f"unknown built-in image source (known: {DIGITS})")
-            return uri
-        return str(Path(uri).expanduser().absolute())
 
 
 class Config(StageConfig):

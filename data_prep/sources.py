@@ -15,7 +15,7 @@ import sys
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
@@ -31,19 +31,15 @@ HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 PARQUET_BATCH_ROWS = 1024
 
 
-class SourceConfig(Strict):
-    """Where documents come from; a bare string in YAML is the `uri`."""
+class UriConfig(Strict):
+    """Base of data sources named by a `uri`: a bare string in YAML is the uri, a `builtin:`
+    name must be one of BUILTINS, and a path is made absolute (every process and Slurm job
+    finds it)."""
+
+    BUILTINS: ClassVar[tuple[str, ...]] = ()
+    WHAT: ClassVar[str] = "source"  # names the source kind in errors
 
     uri: str
-    text_field: str = "text"
-    max_documents: int | None = Field(None, ge=1)
-    max_bytes: int | None = Field(None, ge=1)
-    repeat: int = Field(
-        1,
-        ge=1,
-        description="copies of each train document in the token shards (upsamples this source in "
-        "a mixture); held-out documents are written once",
-    )
 
     @model_validator(mode="before")
     @classmethod
@@ -54,10 +50,26 @@ class SourceConfig(Strict):
     @classmethod
     def _absolute(cls, uri: str) -> str:
         if uri.startswith("builtin:"):
-            if uri not in BUILTINS:
-                raise ValueError(f"unknown built-in source (known: {', '.join(BUILTINS)})")
+            if uri not in cls.BUILTINS:
+                raise ValueError(f"unknown built-in {cls.WHAT} (known: {', '.join(cls.BUILTINS)})")
             return uri
         return str(Path(uri).expanduser().absolute())
+
+
+class SourceConfig(UriConfig):
+    """Where documents come from; a bare string in YAML is the `uri`."""
+
+    BUILTINS = BUILTINS
+
+    text_field: str = "text"
+    max_documents: int | None = Field(None, ge=1)
+    max_bytes: int | None = Field(None, ge=1)
+    repeat: int = Field(
+        1,
+        ge=1,
+        description="copies of each train document in the token shards (upsamples this source in "
+        "a mixture); held-out documents are written once",
+    )
 
 
 def iter_documents(source: SourceConfig) -> Iterator[str]:
