@@ -9,8 +9,7 @@ checkpoint (model, optimizer, LR schedule and EMA) replays exactly what an unint
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -310,23 +309,6 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
-
-
-@contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """Run with `count` intra-op threads (None: unchanged), then restore the previous setting.
-
-    Small image models on a shared CPU run several times faster on one thread than on two.
-    """
-    import torch
-
-    previous = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def resume(ctx: StageContext, accelerator: Accelerator, global_batch: int) -> int:

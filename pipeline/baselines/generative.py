@@ -28,9 +28,9 @@ from pipeline.baselines.training import (
     TrainSettings,
     lr_factor,
     make_optimizer,
-    torch_threads,
 )
 from pipeline.errors import PipelineError
+from pipeline.training import torch_threads
 
 LIKELIHOOD = {"vae": "ELBO bound", "flow": "dequantised bound", "pixelcnn": "exact"}
 GRID_SIDE = 8  # sample grids are GRID_SIDE x GRID_SIDE images

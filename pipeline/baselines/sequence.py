@@ -25,9 +25,9 @@ from pipeline.baselines.training import (
     TrainSettings,
     lr_factor,
     make_optimizer,
-    torch_threads,
 )
 from pipeline.errors import PipelineError
+from pipeline.training import torch_threads
 
 VOCAB_SIZE = 256  # bytes
 

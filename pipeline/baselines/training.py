@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Literal
 
 from pydantic import Field
@@ -23,19 +21,6 @@ class DeepOptions(Strict):
     cpu_threads: int = Field(
         1, ge=1, description="torch threads on a CPU; tiny nets run fastest (and share best) on one"
     )
-
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run with `count` intra-op threads, then restore the process's setting for later stages."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 class TrainSettings(Strict):

@@ -24,9 +24,9 @@ from pipeline.baselines.training import (
     TrainSettings,
     lr_factor,
     make_optimizer,
-    torch_threads,
 )
 from pipeline.errors import PipelineError
+from pipeline.training import torch_threads
 
 
 class VisionModel(TrainSettings):

@@ -58,8 +58,9 @@ def run(ctx: StageContext) -> None:
 
     from data_prep.images import ImageShards
     from pipeline.diffusion_objectives import DiffusionObjective
-    from pipeline.diffusion_training import ema_state_dict, torch_threads, train
+    from pipeline.diffusion_training import ema_state_dict, train
     from pipeline.models.diffusion import WRAP_CLASSES, build_denoiser, resolve_num_classes
+    from pipeline.training import torch_threads
 
     cfg = ctx.config
     assert isinstance(cfg, Config)

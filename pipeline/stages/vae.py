@@ -43,8 +43,9 @@ def run(ctx: StageContext) -> None:
     import torch
 
     from data_prep.images import ImageShards
-    from pipeline.diffusion_training import ema_state_dict, torch_threads, train
+    from pipeline.diffusion_training import ema_state_dict, train
     from pipeline.models.diffusion import build_vae, vae_with_loss
+    from pipeline.training import torch_threads
 
     cfg = ctx.config
     assert isinstance(cfg, Config)
