@@ -10,9 +10,20 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from pipeline.config import Recipe, bundled_recipes_dir, load_recipe, read_yaml
-from pipeline.errors import PipelineError
+from pipeline.config import (
+    Recipe,
+    _suggest,
+    bundled_recipes,
+    bundled_recipes_dir,
+    describe_config,
+    find_recipe,
+    load_recipe,
+    read_recipe,
+    stage_kinds,
+)
+from pipeline.errors import PipelineError, RecipeError
 
 console = Console(stderr=False, highlight=False)
 
@@ -173,14 +184,52 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     table = Table(title=f"bundled recipes ({root})")
     table.add_column("recipe")
     table.add_column("description")
-    for path in sorted(root.rglob("*.yaml")):
+    for path in bundled_recipes():
         try:
-            description = read_yaml(path).get("description", "")
+            description = read_recipe(path).get("description", "")
         except PipelineError as exc:
             description = f"(invalid: {exc})"
         table.add_row(str(path.relative_to(root).with_suffix("")), str(description).strip())
     console.print(table)
     return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    kinds = stage_kinds()
+    if args.target in kinds and not Path(args.target).is_file():
+        if args.override:
+            raise RecipeError(
+                f"-o {args.override[0]}: {args.target} is a stage kind; overrides apply to a "
+                f"recipe, e.g. pipeline show demo -o {args.override[0]}"
+            )
+        show_kind(args.target)
+        return 0
+    try:
+        path = find_recipe(args.target)
+    except RecipeError:
+        names = [
+            *kinds,
+            *(str(p.relative_to(bundled_recipes_dir()).with_suffix("")) for p in bundled_recipes()),
+        ]
+        raise RecipeError(
+            f"{args.target}: not a stage kind or a recipe{_suggest(args.target, names)}; pass a "
+            f"kind ({', '.join(sorted(kinds))}) or a recipe path or name (see `pipeline recipes`)"
+        ) from None
+    console.out(load_recipe(path, args.override).to_yaml(), end="", highlight=False)
+    return 0
+
+
+def show_kind(kind: str) -> None:
+    """Print every field of a stage kind's config: dotted name, type, default, description."""
+    docs = describe_config(stage_kinds()[kind])
+    table = Table(title=f"stage kind {kind}: fields (set them under stages.<name>)", expand=True)
+    table.add_column("field", no_wrap=True, min_width=max(len(d.name) for d in docs))
+    table.add_column("type", overflow="fold", ratio=3)
+    table.add_column("default", overflow="fold", ratio=2)
+    table.add_column("description", overflow="fold", ratio=6)
+    for doc in docs:
+        table.add_row(*(Text(cell) for cell in doc))  # Text: `list[str]` is not rich markup
+    console.print(table)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     recipes = sub.add_parser("recipes", help="list bundled recipes")
     recipes.set_defaults(func=cmd_recipes)
+
+    show = sub.add_parser(
+        "show", help="a stage kind's fields (type, default, description) or a resolved recipe"
+    )
+    show.add_argument(
+        "target", metavar="KIND|RECIPE", help="stage kind (e.g. pretrain) or recipe path or name"
+    )
+    overrides(show)
+    show.set_defaults(func=cmd_show)
     return parser
 
 

@@ -8,6 +8,7 @@ line naming the key path, the bad value and what is allowed.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import types
 import typing
@@ -170,6 +171,16 @@ def bundled_recipes_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "recipes"
 
 
+def bundled_recipes() -> list[Path]:
+    """The bundled recipe files; a file or folder whose name starts with `_` is a base for
+    `extends:`, not a recipe of its own, and is left out."""
+    root = bundled_recipes_dir()
+    paths = root.rglob("*.yaml")
+    return sorted(
+        p for p in paths if not any(part.startswith("_") for part in p.relative_to(root).parts)
+    )
+
+
 def find_recipe(spec: str | Path) -> Path:
     """A recipe path, or a bundled recipe name such as `demo` or `llm/gpt2`."""
     path = Path(spec)
@@ -187,6 +198,7 @@ def find_recipe(spec: str | Path) -> Path:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """One YAML file as a mapping; syntax and encoding problems are one-line RecipeErrors."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -203,6 +215,45 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping with name and stages")
     return data
+
+
+def read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file with its `extends:` chain resolved: the base, then this file merged on top."""
+    chain = (*chain, path.resolve())
+    data = read_yaml(path)
+    spec = data.pop("extends", None)
+    if spec is None:
+        return data
+    base = _extends_path(spec, path)
+    if base.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, base.resolve()))
+        raise RecipeError(f"{path}: extends: cycle {cycle}; remove one of these `extends`")
+    return deep_merge(read_recipe(base, chain), data)
+
+
+def _extends_path(spec: Any, path: Path) -> Path:
+    """The file an `extends:` value names: a path relative to `path`'s folder, or a bundled name."""
+    if not isinstance(spec, str) or not spec:
+        raise RecipeError(f"{path}: extends: got {spec!r}; expected a recipe path or bundled name")
+    root = bundled_recipes_dir()
+    for candidate in (path.parent / spec, root / f"{spec}.yaml", root / spec):
+        if candidate.is_file():
+            return candidate
+    raise RecipeError(
+        f"{path}: extends: {spec}: no such file (looked in {path.parent} and {root}); "
+        f"give a path relative to {path.name} or a bundled recipe name"
+    )
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`update` over `base`: mappings merge key by key, anything else (lists, null) replaces."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -238,7 +289,7 @@ def stage_kinds() -> dict[str, type[StageConfig]]:
 def load_recipe(spec: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Load, override, validate and resolve a recipe; raises RecipeError with one-line messages."""
     path = find_recipe(spec)
-    data = apply_overrides(read_yaml(path), list(overrides or []))
+    data = apply_overrides(read_recipe(path), list(overrides or []))
     return validate_recipe(data, source=str(path))
 
 
@@ -383,6 +434,68 @@ def _sweep_key_problem(config: type[BaseModel], path: tuple[str, ...]) -> str | 
             (a for a in typing.get_args(annotation) if dict in (a, typing.get_origin(a))), None
         )
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Field documentation (`pipeline show KIND`)
+
+
+class FieldDoc(typing.NamedTuple):
+    """One config field as `pipeline show` prints it: dotted name, type, default, description."""
+
+    name: str
+    type: str
+    default: str
+    description: str
+
+
+def describe_config(model: type[BaseModel], prefix: str = "") -> list[FieldDoc]:
+    """Every field of `model`, nested config blocks included under dotted names (`optim.lr`)."""
+    docs = []
+    for name, field in model.model_fields.items():
+        nested = _single_model(field.annotation)
+        default = field.get_default(call_default_factory=True)
+        shown = "required" if field.is_required() else _format_default(default)
+        if nested is not None and isinstance(default, BaseModel):
+            shown = "(below)"
+        description = field.description or (nested.__doc__ if nested else None) or "-"
+        description = " ".join(description.split())
+        docs.append(FieldDoc(f"{prefix}{name}", _format_type(field.annotation), shown, description))
+        if nested is not None:
+            docs += describe_config(nested, prefix=f"{prefix}{name}.")
+    return docs
+
+
+def _single_model(annotation: Any) -> type[BaseModel] | None:
+    """The one config class inside `annotation` (through Optional and lists), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    found = {m for arg in typing.get_args(annotation) if (m := _single_model(arg)) is not None}
+    return found.pop() if len(found) == 1 and typing.get_origin(annotation) is not dict else None
+
+
+def _format_type(annotation: Any) -> str:
+    """A type as a recipe author reads it: `int | None`, `'auto' | 'fp32'`, `list[str]`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (types.UnionType, typing.Union):
+        return " | ".join(_format_type(a) for a in args)
+    if annotation is type(None):
+        return "None"
+    if origin is not None:
+        name = getattr(origin, "__name__", str(origin))
+        return f"{name}[{', '.join(_format_type(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+
+
+def _format_default(value: Any) -> str:
+    """A default on one line as JSON (null, true, 0.001, ["a"]); plain strings as they are."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    if isinstance(value, str) and value.isprintable() and value.strip() == value != "":
+        return value
+    return json.dumps(value, default=str)
 
 
 # ---------------------------------------------------------------------------------------------

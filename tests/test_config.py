@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import bundled_recipes_dir, load_recipe
+from pipeline.config import bundled_recipes, load_recipe
 from pipeline.errors import RecipeError
 from tests.conftest import cli, tiny_recipe, write_recipe
 
@@ -92,9 +92,7 @@ def test_non_utf8_recipe(tmp_path: Path) -> None:
     assert result.returncode == 2 and "not UTF-8" in result.stderr
 
 
-@pytest.mark.parametrize(
-    "path", sorted(bundled_recipes_dir().rglob("*.yaml")), ids=lambda p: p.stem
-)
+@pytest.mark.parametrize("path", bundled_recipes(), ids=lambda p: p.stem)
 def test_every_bundled_recipe_validates(path: Path) -> None:
     recipe = load_recipe(path)
     assert recipe.stages
