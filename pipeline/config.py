@@ -12,6 +12,7 @@ import json
 import re
 import types
 import typing
+from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -19,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
 from pipeline.errors import RecipeError
+from pipeline.kinds import KINDS, stage_module
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -280,10 +282,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+@cache
 def stage_kinds() -> dict[str, type[StageConfig]]:
-    from pipeline.stages import config_classes
-
-    return config_classes()
+    """Kind -> its config class (every stage module is imported on the first call)."""
+    return {kind: stage_module(kind).Config for kind in KINDS}
 
 
 def load_recipe(spec: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -337,10 +339,40 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise RecipeError("\n".join(f"{source}: {e}" for e in errors))
     assert head is not None
     recipe = head.model_copy(update={"stages": stages})
-    from pipeline.graph import topo_order
-
     topo_order(recipe)
     return resolve_paths(recipe)
+
+
+def topo_order(recipe: Recipe) -> list[str]:
+    """Stages in dependency order (recipe order among equals); rejects unknown names and cycles."""
+    names = list(recipe.stages)
+    for name, cfg in recipe.stages.items():
+        for dep in cfg.after:
+            if dep not in recipe.stages:
+                raise RecipeError(
+                    f"stages.{name}.after: unknown stage {dep!r}{_suggest(dep, names)} "
+                    f"(stages: {', '.join(names)})"
+                )
+            if dep == name:
+                raise RecipeError(f"stages.{name}.after: a stage cannot come after itself")
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            cycle = " -> ".join([*path[path.index(name) :], name])
+            raise RecipeError(f"stages: dependency cycle {cycle}; remove one `after` entry")
+        state[name] = "visiting"
+        for dep in recipe.stages[name].after:
+            visit(dep, [*path, name])
+        state[name] = "done"
+        order.append(name)
+
+    for name in names:
+        visit(name, [])
+    return order
 
 
 def resolve_paths(recipe: Recipe) -> Recipe:

@@ -1,4 +1,4 @@
-"""The stage DAG: order, fingerprints, and which stages a run must execute and why."""
+"""The stage DAG: fingerprints, and which stages a run must execute and why (order: topo_order)."""
 
 from __future__ import annotations
 
@@ -7,44 +7,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Recipe, _suggest
+from pipeline.config import Recipe, _suggest, topo_order
 from pipeline.errors import RecipeError
 from pipeline.manifest import read_manifest, verify_outputs
 
 # Bump when the meaning of a stage's outputs changes for the same config.
 FINGERPRINT_VERSION = 1
-
-
-def topo_order(recipe: Recipe) -> list[str]:
-    """Stages in dependency order (recipe order among equals); rejects unknown names and cycles."""
-    names = list(recipe.stages)
-    for name, cfg in recipe.stages.items():
-        for dep in cfg.after:
-            if dep not in recipe.stages:
-                raise RecipeError(
-                    f"stages.{name}.after: unknown stage {dep!r}{_suggest(dep, names)} "
-                    f"(stages: {', '.join(names)})"
-                )
-            if dep == name:
-                raise RecipeError(f"stages.{name}.after: a stage cannot come after itself")
-    order: list[str] = []
-    state: dict[str, str] = {}
-
-    def visit(name: str, path: list[str]) -> None:
-        if state.get(name) == "done":
-            return
-        if state.get(name) == "visiting":
-            cycle = " -> ".join([*path[path.index(name) :], name])
-            raise RecipeError(f"stages: dependency cycle {cycle}; remove one `after` entry")
-        state[name] = "visiting"
-        for dep in recipe.stages[name].after:
-            visit(dep, [*path, name])
-        state[name] = "done"
-        order.append(name)
-
-    for name in names:
-        visit(name, [])
-    return order
 
 
 def downstream(recipe: Recipe, roots: set[str]) -> set[str]:

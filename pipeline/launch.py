@@ -20,14 +20,12 @@ from pathlib import Path
 from pipeline import preempt
 from pipeline.config import LaunchConfig
 from pipeline.errors import PipelineError, Preempted, StageFailed
-
-ERRORS_DIR = "errors"
+from pipeline.manifest import ERRORS_DIR
+from pipeline.worker import execute_stage
 
 
 def run_in_process(run_dir: Path, stage: str) -> None:
     """Run a one-process stage here; errors are recorded like a worker's and re-raised."""
-    from pipeline.worker import execute_stage
-
     try:
         execute_stage(run_dir, stage)
     except PipelineError:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "stage.json"
+ERRORS_DIR = "errors"  # <stage>/errors/rank<N>.json: a failed rank's report to the orchestrator
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -16,9 +16,8 @@ from pipeline import preempt
 from pipeline.config import read_yaml, validate_recipe
 from pipeline.context import StageContext, setup_stage_logging
 from pipeline.errors import PipelineError, Preempted
-from pipeline.launch import ERRORS_DIR
-from pipeline.manifest import atomic_write_json, read_manifest
-from pipeline.stages import stage_module
+from pipeline.kinds import stage_module
+from pipeline.manifest import ERRORS_DIR, atomic_write_json, read_manifest
 
 RECIPE_FILE = "recipe.yaml"
 

@@ -24,8 +24,8 @@ from pipeline.config import Strict
 from pipeline.manifest import atomic_write_json
 
 if TYPE_CHECKING:
+    from pipeline.baselines.config import Config
     from pipeline.context import Upstream
-    from pipeline.stages.baseline import Config
     from pipeline.tracking import Tracker
 
 FIGURES_DIR = "figures"

@@ -1,0 +1,33 @@
+"""Registry of stage kinds: kind -> name of the module with its `Config` class and `run(ctx)`.
+
+Module names are strings resolved with importlib, so the engine imports no stage module and
+every stage module may import the engine (config, context) without an import cycle.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+KINDS: dict[str, str] = {
+    "tokenizer": "data_prep.tokenizer",
+    "tokenize": "data_prep.tokenize",
+    "pretrain": "pipeline.stages.pretrain",
+    "sft": "pipeline.stages.sft",
+    "reward": "pipeline.stages.reward",
+    "rlhf": "pipeline.stages.rlhf",
+    "eval": "eval.lm",
+    "report": "eval.report",
+    "images": "data_prep.images",
+    "diffusion": "pipeline.stages.diffusion",
+    "vae": "pipeline.stages.vae",
+    "image_eval": "eval.images",
+    "baseline": "pipeline.stages.baseline",
+    "compare": "eval.compare",
+    "scaling": "eval.scaling",
+}
+
+
+def stage_module(kind: str) -> ModuleType:
+    """The module of a stage kind (imported on first use)."""
+    return importlib.import_module(KINDS[kind])
