@@ -19,12 +19,14 @@ from typing import IO, Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
+from data_prep.tasks import GENERATOR_VERSION, ArithmeticTask, TaskBase, TaskConfig, task_documents
 from pipeline.config import StageConfig, Strict
 from pipeline.errors import PipelineError
 
 STDLIB = "builtin:python-stdlib"
-ARITHMETIC = "builtin:arithmetic"
-BUILTINS = (STDLIB, ARITHMETIC)
+TASK = "builtin:task"
+ARITHMETIC = "builtin:arithmetic"  # shorthand for builtin:task with the default arithmetic task
+BUILTINS = (STDLIB, TASK, ARITHMETIC)
 FORMATS = (".txt", ".jsonl", ".parquet")
 COMPRESSIONS = (".gz", ".zst")
 HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
@@ -70,6 +72,22 @@ class SourceConfig(UriConfig):
         description="copies of each train document in the token shards (upsamples this source in "
         "a mixture); held-out documents are written once",
     )
+    task: TaskConfig | None = Field(
+        None, description="builtin:task: the task whose train problems are the text"
+    )
+    problems: int | None = Field(
+        None, ge=1, description="builtin:task: train problems written (default: all of them)"
+    )
+
+    @model_validator(mode="after")
+    def _task_only_for_tasks(self) -> SourceConfig:
+        if self.uri not in (TASK, ARITHMETIC) and (self.task or self.problems):
+            raise ValueError(f"`task` and `problems` belong to {TASK} sources, not {self.uri}")
+        return self
+
+    def task_config(self) -> TaskBase:
+        """The task of a builtin:task (or builtin:arithmetic) source."""
+        return self.task or ArithmeticTask()
 
 
 def iter_documents(source: SourceConfig) -> Iterator[str]:
@@ -103,10 +121,8 @@ def source_signature(source: SourceConfig) -> dict[str, Any]:
     """What identifies the source's content beyond its config: file stats, Python version."""
     if source.uri == STDLIB:
         return {"python": sys.version, "stdlib": str(stdlib_root())}
-    if source.uri == ARITHMETIC:
-        from data_prep.arithmetic import GENERATOR_VERSION
-
-        return {"arithmetic_generator": GENERATOR_VERSION}
+    if source.uri in (TASK, ARITHMETIC):
+        return {"task_generator": GENERATOR_VERSION}
     path = Path(source.uri)
     files = (
         sorted(p for p in path.rglob("*") if p.is_file())
@@ -163,10 +179,8 @@ def mixed_documents(sources: list[SourceConfig]) -> Iterator[tuple[str, int]]:
 def _raw_documents(source: SourceConfig) -> Iterator[str]:
     if source.uri == STDLIB:
         yield from stdlib_documents()
-    elif source.uri == ARITHMETIC:
-        from data_prep.arithmetic import arithmetic_documents
-
-        yield from arithmetic_documents()
+    elif source.uri in (TASK, ARITHMETIC):
+        yield from task_documents(source.task_config(), source.problems)
     elif _is_hf_dir(Path(source.uri)):
         yield from _hf_documents(Path(source.uri), source.text_field)
     else:

@@ -1,7 +1,8 @@
 """lm-evaluation-harness on our exports: shipped task YAMLs over generated local JSONL, or any
 installed lm-eval task by name (those may need a network for their datasets).
 
-The shipped tasks (eval/tasks/*.yaml) read JSONL written here from the held-out arithmetic split;
+The shipped tasks (eval/tasks/*.yaml) read JSONL written here from the held-out split of the
+eval stage's verifiable task (data_prep.tasks);
 the model is the export directory, loaded by lm-eval's own `hf` model class, so nothing is
 downloaded.
 """
@@ -15,30 +16,24 @@ from typing import Any
 
 import yaml
 
+from data_prep.tasks import Key, TaskBase, problem_keys
 from pipeline.errors import PipelineError
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 SHIPPED = {path.stem: path for path in sorted(TASKS_DIR.glob("*.yaml"))}
 
 
-def write_task_data(name: str, out_dir: Path, num: int, seed: int = 0) -> Path:
-    """The JSONL of a shipped task: held-out arithmetic problems (with choices for MC)."""
-    from data_prep.arithmetic import arithmetic_problems, plausible_wrong_answer
-
+def write_task_data(name: str, task: TaskBase, out_dir: Path, num: int, seed: int = 0) -> Path:
+    """The JSONL of a shipped task: held-out problems (with four choices for task_choice)."""
     rng = random.Random(seed)
     rows = []
-    for problem in arithmetic_problems("test", num, seed):
-        row = {"prompt": problem["prompt"], "answer": str(problem["answer"])}
-        if name == "arithmetic_choice":
-            options = {problem["answer"]}
-            while len(options) < 4:
-                options.add(plausible_wrong_answer(problem, rng) + rng.choice((0, 0, 20, -20)))
-            choices = sorted(options)
+    for key in problem_keys(task, "test", num, seed):
+        answer = task.answer(key)
+        row = {"prompt": task.prompt(key), "answer": answer}
+        if name == "task_choice":
+            choices = [answer, *distractors(task, key, rng)]
             rng.shuffle(choices)
-            row |= {
-                "choices": [f" {c}" for c in choices],
-                "label": choices.index(problem["answer"]),
-            }
+            row |= {"choices": [f" {c}" for c in choices], "label": choices.index(answer)}
         rows.append(row)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.jsonl"
@@ -46,13 +41,29 @@ def write_task_data(name: str, out_dir: Path, num: int, seed: int = 0) -> Path:
     return path
 
 
-def task_specs(names: list[str], data_dir: Path, num: int) -> list[str | dict[str, Any]]:
+def distractors(task: TaskBase, key: Key, rng: random.Random, count: int = 3) -> list[str]:
+    """`count` distinct wrong answers: the task's near misses, else the answer with a digit added."""
+    answer = task.answer(key)
+    wrong: dict[str, None] = {}
+    for _ in range(20 * count):
+        wrong[task.near_miss(key, rng)] = None
+        if len(wrong) == count:
+            return list(wrong)
+    extra = (answer + digit for digit in "0123456789")
+    while len(wrong) < count:
+        wrong[next(extra)] = None
+    return list(wrong)
+
+
+def task_specs(
+    names: list[str], task: TaskBase, data_dir: Path, num: int
+) -> list[str | dict[str, Any]]:
     """lm-eval task specs: shipped names become configs over fresh JSONL, others pass through."""
     specs: list[str | dict[str, Any]] = []
     for name in names:
         if name in SHIPPED:
             config = yaml.safe_load(SHIPPED[name].read_text(encoding="utf-8"))
-            data = write_task_data(name, data_dir, num)
+            data = write_task_data(name, task, data_dir, num)
             config["dataset_kwargs"] = {"data_files": {"test": str(data)}}
             specs.append(config)
         else:
@@ -61,7 +72,12 @@ def task_specs(names: list[str], data_dir: Path, num: int) -> list[str | dict[st
 
 
 def run_harness(
-    model_dir: Path, names: list[str], data_dir: Path, num: int, batch_size: int = 16
+    model_dir: Path,
+    names: list[str],
+    data_dir: Path,
+    num: int,
+    task: TaskBase,
+    batch_size: int = 16,
 ) -> dict[str, float]:
     """Run lm-eval on an HF export; returns flat `task/metric` -> value (filters dropped)."""
     import torch
@@ -73,7 +89,7 @@ def run_harness(
         results = simple_evaluate(
             model="hf",
             model_args={"pretrained": str(model_dir), "dtype": "float32", "device": device},
-            tasks=task_specs(names, data_dir, num),
+            tasks=task_specs(names, task, data_dir, num),
             task_manager=TaskManager(),
             limit=num,
             batch_size=batch_size,

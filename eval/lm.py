@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from data_prep.tasks import ArithmeticTask, TaskBase, TaskConfig
 from pipeline.config import StageConfig
 from pipeline.context import StageContext
 from pipeline.errors import PipelineError
@@ -52,12 +53,25 @@ class Config(StageConfig):
     batch_size: int = Field(8, ge=1, description="windows per forward pass")
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
     max_new_tokens: int = Field(48, ge=1, description="greedy tokens generated per prompt")
-    arithmetic_problems: int = Field(
-        0, ge=0, description="held-out arithmetic problems answered greedily; 0: off"
+    task: TaskConfig | None = Field(
+        None, description="the verifiable task scored; default: the models' post-training task"
     )
+    task_problems: int = Field(
+        0, ge=0, description="held-out task problems answered greedily (pass@1); 0: off"
+    )
+    pass_k: int = Field(8, ge=2, description="samples per problem for pass@k (temperature 1)")
+    pass_k_problems: int = Field(0, ge=0, description="problems sampled for pass@k; 0: off")
     lm_eval_tasks: list[str] = Field(
-        [], description="lm-eval tasks: arithmetic_gen, arithmetic_choice or installed names"
+        [], description="lm-eval tasks: task_gen, task_choice (over `task`) or installed names"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "arithmetic_problems" in data:
+            raise ValueError("arithmetic_problems was renamed to task_problems; use task_problems")
+        return data
+
     lm_eval_limit: int = Field(100, ge=1, description="examples per lm-eval task")
 
 
@@ -175,83 +189,125 @@ def load_windows(split_dir: Path, seq_len: int, max_tokens: int) -> np.ndarray:
     return np.stack(list(windows))
 
 
-def run(ctx: StageContext) -> None:
-    """Score each model stage on validation tokens, sample from it, write eval.json/samples.jsonl."""
-    import torch
+def eval_task(config: Config, stages: list[Any]) -> TaskBase:
+    """The task scored: the eval's own, else the first model stage's post-training task."""
+    if config.task is not None:
+        return config.task
+    return next(
+        (s.config.task for s in stages if isinstance(getattr(s.config, "task", None), TaskBase)),
+        ArithmeticTask(),
+    )
 
-    from data_prep.shards import TokenShards
-    from data_prep.tokenize import read_meta
+
+def score_causal(
+    ctx: StageContext, config: Config, task: TaskBase, model: Any, tokenizer: Any, stage: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Samples, task accuracy and lm-eval metrics of one causal LM; (metrics, sample rows)."""
+    from eval.harness import run_harness
+    from eval.tasks import score_task
+
+    completions = greedy_samples(model, tokenizer, config.prompts, config.max_new_tokens)
+    samples = [
+        {"model": stage.name, "prompt": p, "completion": c}
+        for p, c in zip(config.prompts, completions, strict=True)
+    ]
+    metrics: dict[str, Any] = {}
+    if config.task_problems:
+        metrics = score_task(
+            model, tokenizer, task, config.task_problems, config.pass_k, config.pass_k_problems
+        )
+        samples += [{"model": stage.name, **e} for e in metrics.pop("examples")]
+    if config.lm_eval_tasks:
+        harness = run_harness(
+            stage.export_dir,
+            config.lm_eval_tasks,
+            ctx.stage_dir / "lm_eval_data",
+            config.lm_eval_limit,
+            task,
+        )
+        metrics |= {f"lm_eval/{key}": value for key, value in harness.items()}
+    return metrics, samples
+
+
+class EvalData:
+    """What every model of an eval stage is scored against: validation shards and train counts."""
+
+    def __init__(self, ctx: StageContext) -> None:
+        from data_prep.shards import TokenShards
+        from data_prep.tokenize import read_meta
+
+        self.stage = ctx.upstream("tokenize")
+        self.vocab_size = read_meta(self.stage.export_dir)["vocab_size"]
+        self.train_counts = TokenShards(self.stage.export_dir / "train").token_counts(
+            self.vocab_size
+        )
+
+
+def score_model(
+    ctx: StageContext, config: Config, task: TaskBase, data: EvalData, stage: Any, device: str
+) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
+    """All metrics of one model stage; (metrics incl. task `outcomes`, sample rows, family)."""
     from eval.families import (
-        HEADLINES,
         family_metrics,
         family_of,
         load_model,
         objective_for,
         objective_metrics,
-        summary_note,
     )
-    from eval.harness import run_harness
-    from eval.tasks import accuracy_table, arithmetic_accuracy
+
+    model, tokenizer = load_model(stage.export_dir, device)
+    family = family_of(model.config.model_type)
+    seq_len = (
+        config.seq_len
+        or getattr(stage.config, "seq_len", None)
+        or model.config.max_position_embeddings
+    )
+    windows = load_windows(data.stage.export_dir / "val", seq_len, config.max_tokens)
+    progress = partial(ctx.progress, desc=f"eval {stage.name}")
+    metrics: dict[str, Any] = {}
+    samples: list[dict[str, Any]] = []
+    if family == "causal":
+        metrics = evaluate_model(
+            model, tokenizer, windows, data.train_counts, config.batch_size, progress
+        )
+        metrics["seq_len"] = seq_len
+        scored, samples = score_causal(ctx, config, task, model, tokenizer, stage)
+        metrics |= scored
+        if metrics["loss_vs_unigram"] >= 1.0:
+            ctx.log.warning("%s does not beat the unigram baseline; train it longer", stage.name)
+    objective = objective_for(stage.config, model.config, data.vocab_size)
+    if objective.name != "causal_lm":  # masked, span corruption or MoE routing
+        scored = objective_metrics(model, objective, windows, config.batch_size, progress)
+        metrics |= family_metrics(family, scored, len(windows), seq_len)
+    return metrics, samples, family
+
+
+def run(ctx: StageContext) -> None:
+    """Score each model stage on validation tokens, sample from it, write eval.json/samples.jsonl."""
+    import torch
+
+    from eval.families import HEADLINES, summary_note
 
     config = ctx.config
     assert isinstance(config, Config)
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    data = ctx.upstream("tokenize")
-    meta = read_meta(data.export_dir)
-    train_counts = TokenShards(data.export_dir / "train").token_counts(meta["vocab_size"])
+    data = EvalData(ctx)
     stages = [ctx.upstream(MODEL_KINDS, name=n) for n in config.models]
     stages = stages or [ctx.upstream(MODEL_KINDS)]
+    task = eval_task(config, stages)
 
     results: dict[str, dict[str, Any]] = {}
-    samples: list[dict[str, str]] = []
+    samples: list[dict[str, Any]] = []
+    outcomes: dict[str, list[dict[str, Any]]] = {}
     summary: dict[str, Any] = {}
     notes: list[str] = []
     headline = "val_loss"
     with ctx.tracker() as tracker:
         for index, stage in enumerate(stages):
-            model, tokenizer = load_model(stage.export_dir, device)
-            family = family_of(model.config.model_type)
-            seq_len = (
-                config.seq_len
-                or getattr(stage.config, "seq_len", None)
-                or model.config.max_position_embeddings
-            )
-            windows = load_windows(data.export_dir / "val", seq_len, config.max_tokens)
-            progress = partial(ctx.progress, desc=f"eval {stage.name}")
-            metrics: dict[str, Any] = {}
-            if family == "causal":
-                metrics = evaluate_model(
-                    model, tokenizer, windows, train_counts, config.batch_size, progress
-                )
-                metrics["seq_len"] = seq_len
-                completions = greedy_samples(
-                    model, tokenizer, config.prompts, config.max_new_tokens
-                )
-                samples += [
-                    {"model": stage.name, "prompt": p, "completion": c}
-                    for p, c in zip(config.prompts, completions, strict=True)
-                ]
-                if config.arithmetic_problems:
-                    scored = arithmetic_accuracy(model, tokenizer, config.arithmetic_problems)
-                    samples += [{"model": stage.name, **e} for e in scored.pop("examples")]
-                    metrics |= scored
-                if config.lm_eval_tasks:
-                    harness = run_harness(
-                        stage.export_dir,
-                        config.lm_eval_tasks,
-                        ctx.stage_dir / "lm_eval_data",
-                        config.lm_eval_limit,
-                    )
-                    metrics |= {f"lm_eval/{key}": value for key, value in harness.items()}
-                if metrics["loss_vs_unigram"] >= 1.0:
-                    ctx.log.warning(
-                        "%s does not beat the unigram baseline; train it longer", stage.name
-                    )
-            objective = objective_for(stage.config, model.config, meta["vocab_size"])
-            if objective.name != "causal_lm":  # masked, span corruption or MoE routing
-                scored = objective_metrics(model, objective, windows, config.batch_size, progress)
-                metrics |= family_metrics(family, scored, len(windows), seq_len)
+            metrics, rows, family = score_model(ctx, config, task, data, stage, device)
+            if "outcomes" in metrics:
+                outcomes[stage.name] = metrics.pop("outcomes")
+            samples += rows
             results[stage.name] = metrics
             notes.append(summary_note(stage.name, family, metrics))
             ctx.log.info("%s", notes[-1])
@@ -260,12 +316,56 @@ def run(ctx: StageContext) -> None:
             prefixed = {prefix + key: value for key, value in metrics.items()}
             tracker.log(prefixed, step=index)
             summary.update(prefixed)
+        tests = task_report(ctx, task, results, outcomes)
+        summary |= {f"paired/{name}/{k}": v for name, t in tests.items() for k, v in t.items()}
         tracker.summary(summary)
 
-    atomic_write_json(ctx.export_dir / "eval.json", {"tokenize": data.name, "models": results})
+    atomic_write_json(
+        ctx.export_dir / "eval.json",
+        {
+            "tokenize": data.stage.name,
+            "task": task.model_dump(),
+            "models": results,
+            "paired": tests,
+        },
+    )
     atomic_write_text(
         ctx.export_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples)
     )
-    if config.arithmetic_problems:
-        notes.append(accuracy_table(results))
-    ctx.write_summary(summary, headline=headline, note="; ".join(notes))
+    note = "; ".join(notes)
+    if outcomes:
+        from eval.tasks import accuracy_table
+
+        table = accuracy_table(results, tests, task)
+        ctx.log.info("%s", table)
+        note += "\n" + table
+    ctx.write_summary(summary, headline=headline, note=note)
+
+
+def task_report(
+    ctx: StageContext,
+    task: TaskBase,
+    results: dict[str, dict[str, Any]],
+    outcomes: dict[str, list[dict[str, Any]]],
+) -> dict[str, dict[str, float]]:
+    """Paired tests between consecutive models, the per-problem outcomes file and the report's
+    accuracy chart; returns the tests."""
+    if not outcomes:
+        return {}
+    from eval.report import write_sections
+    from eval.task_plots import accuracy_section
+    from eval.tasks import paired_tests
+
+    tests = paired_tests({name: [o["correct"] for o in rows] for name, rows in outcomes.items()})
+    first = next(iter(outcomes.values()))
+    rows = [
+        {**{k: problem[k] for k in ("prompt", "answer", "subtask")},
+         **{name: {"completion": o[i]["completion"], "correct": o[i]["correct"]}
+            for name, o in outcomes.items()}}
+        for i, problem in enumerate(first)
+    ]  # fmt: skip
+    atomic_write_text(
+        ctx.export_dir / "task_outcomes.jsonl", "".join(json.dumps(r) + "\n" for r in rows)
+    )
+    write_sections(ctx.export_dir, [accuracy_section(ctx.export_dir, task, results, tests)])
+    return tests

@@ -28,7 +28,7 @@ EVAL_COLUMNS = ("val_loss", "perplexity", "bits_per_byte", "unigram_loss", "loss
 # Headline metrics of the masked (bert) and span-corruption (t5) families; shown when present.
 FAMILY_COLUMNS = ("mlm_loss", "masked_token_accuracy", "span_loss", "span_accuracy")
 # Task metrics (held-out arithmetic, lm-eval tasks); shown when present.
-TASK_COLUMNS = ("arithmetic_accuracy", "arithmetic_answered")
+TASK_COLUMNS = ("task_accuracy", "task_accuracy_low", "task_accuracy_high", "task_format_rate")
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; }
@@ -203,7 +203,8 @@ def eval_results(run_dir: Path, manifests: dict[str, dict[str, Any]]) -> str:
         "<p>Losses in nats/token on validation tokens; unigram_loss is an add-one smoothed unigram "
         "model of the training tokens, loss_vs_unigram = val_loss / unigram_loss (lower is better); "
         "mlm_loss and span_loss are the masked-LM and span-corruption objectives on the same windows; "
-        "arithmetic_accuracy is greedy exact match on held-out arithmetic problems.</p>",
+        "task_accuracy is greedy exact match on held-out problems of the verifiable task (with its "
+        "95% Wilson interval) and task_format_rate the share of bare answers.</p>",
         f"<table>\n<tr>{header}</tr>\n" + "\n".join(rows) + "\n</table>",
     ]
     if samples:

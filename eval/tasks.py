@@ -1,36 +1,42 @@
-"""Task accuracy: greedy answers to held-out arithmetic problems, scored by exact match.
+"""Task accuracy that can tell models apart: greedy pass@1 with a Wilson interval, pass@k by
+sampling, answer-format rate, accuracy per subtask, and paired tests between models.
 
 Prompts are the problems' plain text (as pretraining, SFT and RL see them); the answer is the
-integer the completion starts with. The test split is fixed by a hash of each problem, so no
-stage ever trains on what is scored here.
+digit string the completion starts with. The test split is fixed by a hash of each prompt, so no
+stage ever trains on what is scored here. Every model of an eval stage answers the same problems
+(seed EVAL_SEED), which is what makes the paired test valid.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pipeline.rewards import parse_answer
+from data_prep.tasks import TaskBase, is_bare_answer, score, task_problems
+from eval.stats import mcnemar, pass_at_k, wilson_interval
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-ANSWER_TOKENS = 8  # enough for "-9801" and an end-of-text token in any vocabulary we train
+EVAL_SEED = 0  # the same held-out problems whatever the recipe's seed
 
 
-def greedy_completions(
+def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
-    max_new_tokens: int = ANSWER_TOKENS,
+    max_new_tokens: int,
     batch_size: int = 64,
-) -> list[str]:
-    """Greedy completion of each prompt, batched with left padding."""
+    samples: int = 1,
+    temperature: float = 1.0,
+) -> list[list[str]]:
+    """`samples` completions of each prompt (greedy when samples == 1), batched, left-padded."""
     import torch
 
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    completions: list[str] = []
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    completions: list[list[str]] = []
     for start in range(0, len(prompts), batch_size):
         encoded = [
             tokenizer.encode(p, add_special_tokens=False)
@@ -38,49 +44,119 @@ def greedy_completions(
         ]
         width = max(map(len, encoded))
         ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], device=model.device)
-        mask = torch.tensor(
-            [[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device
-        )
+        mask = (torch.arange(width) >= torch.tensor([[width - len(e)] for e in encoded])).long()
         with torch.inference_mode():
             output = model.generate(
                 ids,
-                attention_mask=mask,
-                do_sample=False,
+                attention_mask=mask.to(model.device),
                 max_new_tokens=max_new_tokens,
+                num_return_sequences=samples,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=pad_id,
+                **(sampling if samples > 1 else {"do_sample": False}),
             )
-        completions += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+        texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+        completions += [texts[i : i + samples] for i in range(0, len(texts), samples)]
     return completions
 
 
-def arithmetic_accuracy(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, num_problems: int, seed: int = 0
-) -> dict[str, Any]:
-    """Exact-match accuracy and answer rate on `num_problems` held-out problems, plus examples."""
-    from data_prep.arithmetic import arithmetic_problems
+def answer_tokens(problems: list[dict[str, Any]]) -> int:
+    """Enough new tokens for the longest answer and an end-of-text token (a token >= 1 char)."""
+    return max(len(p["completion"]) for p in problems) + 1
 
-    problems = arithmetic_problems("test", num_problems, seed)
-    completions = greedy_completions(model, tokenizer, [p["prompt"] for p in problems])
-    answers = [parse_answer(c) for c in completions]
-    correct = sum(a == p["answer"] for a, p in zip(answers, problems, strict=True))
+
+def score_task(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: TaskBase,
+    num_problems: int,
+    pass_k: int = 0,
+    pass_k_problems: int = 0,
+    temperature: float = 1.0,
+) -> dict[str, Any]:
+    """Greedy accuracy (with a 95% interval), format rate, per-subtask accuracy and pass@k.
+
+    Returns metrics plus `outcomes` (one row per problem with the completion and whether it was
+    right, for paired tests) and `examples` (the first five).
+    """
+    problems = task_problems(task, "test", num_problems, EVAL_SEED)
+    tokens = answer_tokens(problems)
+    was_training = model.training
+    model.eval()
+    greedy = [c[0] for c in generate(model, tokenizer, [p["prompt"] for p in problems], tokens)]
+    correct = [score(task, c, p["answer"])[0] == 1.0 for c, p in zip(greedy, problems, strict=True)]
+    low, high = wilson_interval(sum(correct), len(problems))
+    metrics: dict[str, Any] = {
+        "task_accuracy": sum(correct) / len(problems),
+        "task_accuracy_low": low,
+        "task_accuracy_high": high,
+        "task_format_rate": sum(map(is_bare_answer, greedy)) / len(problems),
+        "task_problems": len(problems),
+    }
+    for subtask in sorted({p["subtask"] for p in problems}):
+        picked = [ok for ok, p in zip(correct, problems, strict=True) if p["subtask"] == subtask]
+        metrics[f"task_accuracy/{subtask}"] = sum(picked) / len(picked)
+    if pass_k > 1 and pass_k_problems:
+        import torch
+
+        torch.manual_seed(EVAL_SEED)  # the same samples for the same model, run after run
+        sampled = problems[:pass_k_problems]
+        drawn = generate(
+            model, tokenizer, [p["prompt"] for p in sampled], tokens, batch_size=32,
+            samples=pass_k, temperature=temperature,
+        )  # fmt: skip
+        hits = [
+            sum(score(task, c, p["answer"])[0] == 1.0 for c in cs)
+            for cs, p in zip(drawn, sampled, strict=True)
+        ]
+        metrics[f"task_pass_at_{pass_k}"] = sum(pass_at_k(pass_k, h, pass_k) for h in hits) / len(
+            hits
+        )
+        metrics["task_sampled_accuracy"] = sum(hits) / (pass_k * len(hits))
+    model.train(was_training)
+    metrics["outcomes"] = [
+        {"prompt": p["prompt"], "answer": p["answer"], "subtask": p["subtask"], "completion": c,
+         "correct": ok}
+        for p, c, ok in zip(problems, greedy, correct, strict=True)
+    ]  # fmt: skip
+    metrics["examples"] = [
+        {"prompt": p["prompt"], "completion": c, "answer": p["answer"]}
+        for p, c in list(zip(problems, greedy, strict=True))[:5]
+    ]
+    return metrics
+
+
+def paired_tests(outcomes: dict[str, list[bool]]) -> dict[str, dict[str, float]]:
+    """McNemar test of each model against the one before it (same problems, recipe order)."""
+    names = list(outcomes)
     return {
-        "arithmetic_accuracy": correct / len(problems),
-        "arithmetic_answered": sum(a is not None for a in answers) / len(problems),
-        "arithmetic_problems": len(problems),
-        "examples": [
-            {"prompt": p["prompt"], "completion": c, "answer": p["answer"]}
-            for p, c in list(zip(problems, completions, strict=True))[:5]
-        ],
+        f"{later}_vs_{earlier}": mcnemar(outcomes[earlier], outcomes[later])
+        for earlier, later in zip(names, names[1:], strict=False)
     }
 
 
-def accuracy_table(results: dict[str, dict[str, Any]]) -> str:
-    """One line per model: held-out arithmetic accuracy, side by side for the run summary."""
-    scored = [(name, m) for name, m in results.items() if "arithmetic_accuracy" in m]
+def accuracy_table(
+    results: dict[str, dict[str, Any]], tests: dict[str, dict[str, float]], task: TaskBase
+) -> str:
+    """One line per model: greedy accuracy with its 95% interval, pass@k, and the paired
+    difference and p-value against the model on the line above."""
+    scored = [(name, m) for name, m in results.items() if "task_accuracy" in m]
     width = max(len(name) for name, _ in scored)
+    pass_key = next((k for k in scored[0][1] if k.startswith("task_pass_at_")), None)
     lines = [
-        f"{name:<{width}}  {m['arithmetic_accuracy']:6.1%} of {m['arithmetic_problems']} held-out problems"
-        for name, m in scored
+        f"held-out {task.FAMILY} accuracy: greedy pass@1 of {scored[0][1]['task_problems']} "
+        f"[95% interval]{', ' + pass_key.replace('task_pass_at_', 'pass@') if pass_key else ''}"
+        ", McNemar vs the line above"
     ]
-    return "arithmetic accuracy (greedy, exact match):\n" + "\n".join(lines)
+    for index, (name, m) in enumerate(scored):
+        line = (
+            f"{name:<{width}}  {100 * m['task_accuracy']:5.1f}% [{100 * m['task_accuracy_low']:4.1f}, "
+            f"{100 * m['task_accuracy_high']:4.1f}]"
+        )
+        if pass_key and pass_key in m:
+            line += f"  {100 * m[pass_key]:5.1f}%"
+        test = tests.get(f"{name}_vs_{scored[index - 1][0]}") if index else None
+        if test is not None:
+            line += f"  {100 * test['difference']:+5.1f} pts  p={test['p_value']:.2g}"
+        lines.append(line)
+    return "\n".join(lines)

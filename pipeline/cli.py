@@ -86,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     console.print(table)
     for note in notes:
-        console.print(note)
+        console.print(note, soft_wrap=True)
     report = next(
         (
             recipe.resolved_run_dir() / n / "index.html"
@@ -309,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.context import quiet_libraries
+
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -181,7 +181,21 @@ def setup_stage_logging(stage_dir: Path, name: str, rank: int) -> None:
         file_handler = logging.FileHandler(stage_dir / "logs" / f"rank{rank}.log", encoding="utf-8")
     file_handler.setFormatter(fmt)
     logger.addHandler(file_handler)
+    # Python warnings (third-party deprecations) go to the stage's log file, not the terminal.
+    logging.captureWarnings(True)
+    py_warnings = logging.getLogger("py.warnings")
+    for handler in list(py_warnings.handlers):
+        py_warnings.removeHandler(handler)
+    py_warnings.addHandler(file_handler)
+    py_warnings.propagate = False
     quiet_libraries()
+
+
+class ErrorsOnly(logging.Filter):
+    """Passes records of level ERROR and above."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
 
 
 def quiet_libraries() -> None:
@@ -189,8 +203,15 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Third-party tqdm bars (lm-eval, datasets): tqdm reads this when it is first imported, so the
+    # CLI calls this before any library loads; our own bars pass disable=False.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     for name in ("accelerate", "DeepSpeed", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # DeepSpeed resets its logger's level when it is imported; a filter survives that.
+    deepspeed = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, ErrorsOnly) for f in deepspeed.filters):
+        deepspeed.addFilter(ErrorsOnly())
     # DeepSpeed calls collectives that torch has renamed; the warning repeats every step.
     warnings.filterwarnings(
         "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning

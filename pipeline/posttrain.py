@@ -13,8 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from data_prep.tasks import ArithmeticTask, TaskBase, TaskConfig
 from pipeline.config import StageConfig
 from pipeline.context import StageContext
 from pipeline.errors import PipelineError
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 # Stage kinds whose export is a causal LM a post-training stage can start from.
 MODEL_KINDS = ("pretrain", "sft", "rlhf")
-BUILTIN_ARITHMETIC = "builtin:arithmetic"
+BUILTIN_TASK = "builtin:task"
 FINGERPRINT_FILE = "fingerprint.txt"
 # Plain-text roles (our SentencePiece vocabulary has no role tokens); the assistant turn sits
 # between generation markers so TRL can train on assistant tokens only.
@@ -45,7 +46,10 @@ CHAT_TEMPLATE = (
 class TrainerStageConfig(StageConfig):
     """Fields every TRL-trained stage has: data, steps, batch, optimiser, logging, checkpoints."""
 
-    data: str = Field(BUILTIN_ARITHMETIC, description="builtin:arithmetic or a JSONL file")
+    task: TaskConfig = Field(
+        default_factory=ArithmeticTask, description="the verifiable task: name and its options"
+    )
+    data: str = Field(BUILTIN_TASK, description="builtin:task (train problems of `task`) or JSONL")
     num_examples: int = Field(2000, ge=1, description="training examples drawn from `data`")
     max_steps: int = Field(100, ge=1, description="optimizer steps")
     micro_batch_size: int = Field(16, ge=1, description="sequences per rank per micro step")
@@ -60,6 +64,54 @@ class TrainerStageConfig(StageConfig):
     keep_checkpoints: int = Field(1, ge=1)
 
     distributed = True
+
+    def data_signature(self) -> dict[str, Any]:
+        """The task generator's version, or the JSONL file's size and mtime: a change to the
+        training data reruns the stage."""
+        from data_prep.tasks import GENERATOR_VERSION
+
+        if self.data == BUILTIN_TASK:
+            return {"task_generator": GENERATOR_VERSION}
+        path = Path(self.data)
+        stat = path.stat() if path.is_file() else None
+        return {"file": [str(path), stat.st_size, stat.st_mtime_ns] if stat else None}
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, data: str) -> str:
+        if data == "builtin:arithmetic":
+            raise ValueError(f"renamed: use data: {BUILTIN_TASK} with task: {{name: arithmetic}}")
+        if data.startswith("builtin:") and data != BUILTIN_TASK:
+            raise ValueError(f"unknown built-in data; use {BUILTIN_TASK} or a JSONL path")
+        return data
+
+
+class TaskStageConfig(TrainerStageConfig):
+    """A TRL stage that trains a policy on a task: held-out accuracy after and during training."""
+
+    eval_problems: int = Field(200, ge=0, description="held-out task problems scored; 0: off")
+    eval_every: int = Field(
+        0, ge=0, description="score held-out problems every N steps (and at step 0); 0: off"
+    )
+    eval_every_problems: int = Field(100, ge=1, description="held-out problems per periodic eval")
+
+
+def task_evaluation(
+    ctx: StageContext, cfg: TaskStageConfig, tokenizer: PreTrainedTokenizerBase
+) -> dict[str, Any]:
+    """`fit` keyword arguments for the held-out evaluation of a task stage."""
+    periodic = (
+        PeriodicEval(tokenizer, cfg.task, cfg.eval_every_problems, cfg.eval_every)
+        if cfg.eval_every and cfg.data == BUILTIN_TASK
+        else None
+    )
+    if not cfg.eval_problems:
+        return {"periodic": periodic}
+    return {
+        "evaluate": lambda: held_out_accuracy(ctx, tokenizer, cfg.task, cfg.eval_problems),
+        "headline": "task_accuracy",
+        "periodic": periodic,
+    }
 
 
 def base_model_dir(ctx: StageContext, kinds: tuple[str, ...] = MODEL_KINDS) -> Path:
@@ -88,7 +140,7 @@ def read_jsonl(path: str, required: tuple[tuple[str, ...], ...], where: str) -> 
     file = Path(path)
     if not file.is_file():
         raise PipelineError(
-            f"{where}: data {path}: no such file; give a JSONL path or {BUILTIN_ARITHMETIC}"
+            f"{where}: data {path}: no such file; give a JSONL path or {BUILTIN_TASK}"
         )
     from data_prep.sources import jsonl_records
 
@@ -106,18 +158,30 @@ def read_jsonl(path: str, required: tuple[tuple[str, ...], ...], where: str) -> 
 
 
 def prepare_checkpoints(ctx: StageContext) -> str | None:
-    """The newest TRL checkpoint of this configuration to resume from; stale ones are removed."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete TRL checkpoint of this configuration to resume from.
 
+    Checkpoints of another configuration are removed, and so are incomplete ones (a kill during
+    a save): the Trainer writes trainer_state.json last, so a checkpoint without it is partial.
+    """
     marker = ctx.checkpoint_dir / FINGERPRINT_FILE
+    complete: list[Path] = []
+    if ctx.checkpoint_dir.is_dir():
+        found = [p for p in ctx.checkpoint_dir.glob("checkpoint-*") if p.name[11:].isdigit()]
+        complete = [p for p in found if (p / "trainer_state.json").is_file()]
+        if ctx.is_main:
+            for partial in set(found) - set(complete):
+                ctx.log.warning("removing incomplete checkpoint %s", partial.name)
+                shutil.rmtree(partial, ignore_errors=True)
     if ctx.is_main:
         if marker.is_file() and marker.read_text() != ctx.fingerprint:
             shutil.rmtree(ctx.checkpoint_dir)
+            complete = []
         ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         marker.write_text(ctx.fingerprint)
-    if not ctx.checkpoint_dir.is_dir():
-        return None
-    return get_last_checkpoint(str(ctx.checkpoint_dir))
+    elif marker.is_file() and marker.read_text() != ctx.fingerprint:
+        complete = []
+    newest = max(complete, key=lambda p: int(p.name[11:]), default=None)
+    return str(newest) if newest else None
 
 
 def training_arguments(ctx: StageContext, cfg: TrainerStageConfig, model: Any) -> dict[str, Any]:
@@ -156,8 +220,10 @@ def training_arguments(ctx: StageContext, cfg: TrainerStageConfig, model: Any) -
     }
 
 
-def tracker_callback(tracker: Tracker) -> Any:
-    """A TrainerCallback that sends the trainer's numeric logs to our tracker as `train/*`."""
+def tracker_callback(tracker: Tracker, periodic: PeriodicEval | None = None) -> Any:
+    """A TrainerCallback that sends the trainer's numeric logs to our tracker as `train/*` and,
+    with `periodic`, held-out task metrics as `eval/*` at step 0 and every `periodic.every` steps.
+    """
     from transformers import TrainerCallback
 
     class TrackerCallback(TrainerCallback):
@@ -172,7 +238,36 @@ def tracker_callback(tracker: Tracker) -> Any:
                 self.last.update(numeric)
                 tracker.log({f"train/{k}": v for k, v in numeric.items()}, step=state.global_step)
 
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if periodic is not None and state.global_step == 0:
+                self._evaluate(state, kwargs["model"])
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if periodic is not None and state.global_step % periodic.every == 0:
+                self._evaluate(state, kwargs["model"])
+
+        def _evaluate(self, state: Any, model: Any) -> None:
+            # Every rank scores the same problems (no collective is skipped on any rank).
+            metrics = periodic.evaluate(model)
+            if state.is_world_process_zero:
+                tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.global_step)
+
     return TrackerCallback()
+
+
+class PeriodicEval:
+    """Greedy held-out accuracy of the policy being trained, every `every` steps."""
+
+    def __init__(self, tokenizer: Any, task: TaskBase, num_problems: int, every: int) -> None:
+        self.tokenizer, self.task, self.num_problems, self.every = (
+            tokenizer, task, num_problems, every
+        )  # fmt: skip
+
+    def evaluate(self, model: Any) -> dict[str, float]:
+        from eval.tasks import score_task
+
+        scored = score_task(model, self.tokenizer, self.task, self.num_problems)
+        return {k: v for k, v in scored.items() if k.startswith("task_accuracy")}
 
 
 def train_and_export(
@@ -207,16 +302,17 @@ def fit(
     keys: dict[str, str],
     evaluate: Callable[[], dict[str, Any]] | None = None,
     headline: str = "train_loss",
+    periodic: PeriodicEval | None = None,
 ) -> dict[str, Any]:
     """The part every TRL stage shares: train (resuming), export, evaluate, record the summary.
 
     `build(callback)` makes the trainer with our tracker callback; `keys` renames the trainer's
     last logged values for the summary; `evaluate()` (rank 0, after the export) adds held-out
-    metrics.
+    metrics; `periodic` scores held-out problems during training.
     """
     resume = prepare_checkpoints(ctx)
     with ctx.tracker() as tracker:
-        callback = tracker_callback(tracker)
+        callback = tracker_callback(tracker, periodic)
         trainer = build(callback)
         train_and_export(ctx, trainer, tokenizer, resume)
         summary: dict[str, Any] = last_metrics(callback, keys)
@@ -227,17 +323,23 @@ def fit(
     return summary
 
 
-def held_out_accuracy(ctx: StageContext, tokenizer: PreTrainedTokenizerBase, num: int) -> dict:
-    """Greedy exact-match accuracy of the exported model on `num` held-out arithmetic problems."""
+def held_out_accuracy(
+    ctx: StageContext, tokenizer: PreTrainedTokenizerBase, task: TaskBase, num: int
+) -> dict[str, Any]:
+    """Greedy accuracy (with its 95% interval) of the exported model on held-out problems."""
     import torch
 
     from eval.families import load_model
-    from eval.tasks import arithmetic_accuracy
+    from eval.tasks import score_task
 
     model, _ = load_model(ctx.export_dir, "cuda" if torch.cuda.is_available() else "cpu")
-    accuracy = arithmetic_accuracy(model, tokenizer, num)["arithmetic_accuracy"]
-    ctx.log.info("held-out arithmetic accuracy %.1f%%", 100 * accuracy)
-    return {"arithmetic_accuracy": accuracy}
+    scored = score_task(model, tokenizer, task, num)
+    ctx.log.info(
+        "held-out %s accuracy %.1f%% [%.1f, %.1f] of %d", task.FAMILY,
+        100 * scored["task_accuracy"], 100 * scored["task_accuracy_low"],
+        100 * scored["task_accuracy_high"], num,
+    )  # fmt: skip
+    return {k: v for k, v in scored.items() if k.startswith("task_accuracy")}
 
 
 def last_metrics(callback: Any, keys: dict[str, str]) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""Progress for long loops: a live bar on a terminal, a line every ~10% in logs and pipes."""
+"""Progress for long loops: a live bar on a terminal, a line every ~10% in logs and pipes once a
+loop has run for QUIET_SECONDS (a loop that finishes sooner prints nothing)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
+QUIET_SECONDS = 10.0  # loops shorter than this print no progress lines in logs and pipes
 
 
 def progress(
@@ -31,7 +33,10 @@ def progress(
     if sys.stderr.isatty() or os.environ.get("PIPELINE_PROGRESS") == "bar":
         from tqdm.auto import tqdm
 
-        yield from tqdm(items, total=total, desc=f"  {desc}", leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            items, total=total, desc=f"  {desc}", leave=False, dynamic_ncols=True, disable=False
+        )
+        yield from bar
         return
     log = log or logging.getLogger("pipeline")
     start = time.perf_counter()
@@ -40,5 +45,8 @@ def progress(
         yield item
         if total and done / total >= next_mark:
             elapsed = time.perf_counter() - start
-            log.info("%s: %d/%d (%.0f%%, %.1fs)", desc, done, total, 100 * done / total, elapsed)
+            if elapsed >= QUIET_SECONDS:
+                log.info(
+                    "%s: %d/%d (%.0f%%, %.1fs)", desc, done, total, 100 * done / total, elapsed
+                )
             next_mark += 0.1

@@ -1,87 +1,70 @@
-"""Verifiable reward functions for GRPO/RLOO, selected by name in the recipe.
+"""Verifiable reward functions for GRPO/RLOO, selected by name in the recipe, scored by the task.
 
 Each has TRL's signature `f(prompts, completions, **columns) -> list[float]` and never raises on
-a malformed completion (None, empty, chat messages, text around the number): it scores it 0.
+a malformed completion (None, empty, chat messages, text around the answer): it scores it 0.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
+from data_prep.tasks import TaskBase, is_bare_answer, score
 from pipeline.errors import PipelineError
 
 RewardFunc = Callable[..., list[float]]
-ANSWER = re.compile(r"\s*(-?\d+)")
-BARE_ANSWER = re.compile(r"\s*-?\d+\s*")
+NAMES = ("exact", "partial", "format")
+RENAMED = {"arithmetic_exact": "exact", "arithmetic_close": "partial", "answer_format": "format"}
 
 
-def completion_text(completion: Any) -> str:
-    """The text of a completion: a string, or the last message's content of a conversation."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        content = completion[-1].get("content")
-        return content if isinstance(content, str) else ""
-    return ""
+def exact_reward(task: TaskBase) -> RewardFunc:
+    """1 when the completion starts with the exact answer, else 0."""
+
+    def exact(prompts: list[Any], completions: list[Any], answer: list[Any], **_: Any):
+        return [score(task, c, a)[0] for c, a in zip(completions, answer, strict=True)]
+
+    return exact
 
 
-def parse_answer(completion: Any) -> int | None:
-    """The integer a completion starts with (after whitespace), or None."""
-    match = ANSWER.match(completion_text(completion))
-    return int(match.group(1)) if match else None
+def partial_reward(task: TaskBase) -> RewardFunc:
+    """The task's partial credit (1 / (1 + |error|) for arithmetic, the share of right digits for
+    digit strings); 1 for the exact answer, 0 for no answer.
 
-
-def arithmetic_exact(
-    prompts: list[Any], completions: list[Any], answer: list[Any], **_: Any
-) -> list[float]:
-    """1 when the completion starts with the exact integer answer, else 0."""
-    return [
-        float(parse_answer(c) is not None and parse_answer(c) == _as_int(a))
-        for c, a in zip(completions, answer, strict=True)
-    ]
-
-
-def arithmetic_close(
-    prompts: list[Any], completions: list[Any], answer: list[Any], **_: Any
-) -> list[float]:
-    """Partial credit for a near answer: 1 / (1 + |error|), 0 when there is no integer.
-
-    A dense signal for weak policies: exact match alone gives almost every group of a model
-    that is rarely right zero reward variance, so GRPO has nothing to learn from.
+    A dense signal for weak policies: exact match alone gives almost every group of a model that
+    is rarely right zero reward variance, so GRPO has nothing to learn from.
     """
-    scores = []
-    for c, a in zip(completions, answer, strict=True):
-        got, want = parse_answer(c), _as_int(a)
-        scores.append(0.0 if got is None or want is None else 1.0 / (1.0 + abs(got - want)))
-    return scores
+
+    def partial(prompts: list[Any], completions: list[Any], answer: list[Any], **_: Any):
+        return [score(task, c, a)[1] for c, a in zip(completions, answer, strict=True)]
+
+    return partial
 
 
-def answer_format(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
-    """1 when the completion is a bare integer (surrounding whitespace allowed), else 0."""
-    return [float(BARE_ANSWER.fullmatch(completion_text(c)) is not None) for c in completions]
+def format_reward(task: TaskBase) -> RewardFunc:
+    """1 when the completion is a bare answer (surrounding whitespace allowed), else 0."""
+
+    def format(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:  # noqa: A001
+        return [float(is_bare_answer(c)) for c in completions]
+
+    return format
 
 
-def _as_int(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-REWARDS: dict[str, RewardFunc] = {
-    "arithmetic_exact": arithmetic_exact,
-    "arithmetic_close": arithmetic_close,
-    "answer_format": answer_format,
+BUILDERS: dict[str, Callable[[TaskBase], RewardFunc]] = {
+    "exact": exact_reward,
+    "partial": partial_reward,
+    "format": format_reward,
 }
 
 
-def reward_functions(names: list[str], where: str) -> list[RewardFunc]:
-    """The registered functions for `names`; an unknown name is a one-line error."""
-    unknown = [n for n in names if n not in REWARDS]
-    if unknown:
-        raise PipelineError(
-            f"{where}: unknown reward function {unknown[0]!r}; use one of {', '.join(REWARDS)}"
-        )
-    return [REWARDS[n] for n in names]
+def reward_functions(names: list[str], task: TaskBase, where: str) -> list[RewardFunc]:
+    """The reward functions for `names`, scoring `task`; an unknown name is a one-line error."""
+    for name in names:
+        if name in RENAMED:
+            raise PipelineError(
+                f"{where}.rewards: {name!r} was renamed to {RENAMED[name]!r}; use {RENAMED[name]!r}"
+            )
+        if name not in BUILDERS:
+            raise PipelineError(
+                f"{where}.rewards: unknown reward function {name!r}; use one of {', '.join(NAMES)}"
+            )
+    return [BUILDERS[name](task) for name in names]

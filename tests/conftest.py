@@ -92,15 +92,24 @@ def kill_then_resume(tmp_path: Path, recipe: dict[str, Any], kill_when: str) -> 
 
     Returns (reference run dir, resumed run dir).
     """
-    import signal
-    import time
-
     reference, killed = tmp_path / "runs" / "reference", tmp_path / "runs" / "killed"
     result = cli(
         "run", str(write_recipe(tmp_path / "reference.yaml", {**recipe, "run_dir": str(reference)}))
     )
     assert result.returncode == 0, result.stderr
     path = write_recipe(tmp_path / "killed.yaml", {**recipe, "run_dir": str(killed)})
+    run_until(path, killed, kill_when)
+    result = cli("run", str(path))
+    assert result.returncode == 0, result.stderr
+    return reference, killed
+
+
+def run_until(path: Path, run_dir: Path, kill_when: str) -> None:
+    """`pipeline run path`, killed with SIGKILL (whole process group) once `run_dir/kill_when`
+    exists; checks that the stage was left running, without an export."""
+    import signal
+    import time
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "run", str(path)],
         cwd=ROOT,
@@ -109,7 +118,7 @@ def kill_then_resume(tmp_path: Path, recipe: dict[str, Any], kill_when: str) -> 
         start_new_session=True,
     )
     deadline = time.time() + 300
-    while time.time() < deadline and not (killed / kill_when).exists():
+    while time.time() < deadline and not (run_dir / kill_when).exists():
         assert proc.poll() is None, "run finished before it could be killed"
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -117,8 +126,5 @@ def kill_then_resume(tmp_path: Path, recipe: dict[str, Any], kill_when: str) -> 
     from pipeline.manifest import read_manifest
 
     stage = kill_when.split("/")[0]
-    assert read_manifest(killed / stage)["status"] == "running"
-    assert not (killed / stage / "export").exists()
-    result = cli("run", str(path))
-    assert result.returncode == 0, result.stderr
-    return reference, killed
+    assert read_manifest(run_dir / stage)["status"] == "running"
+    assert not (run_dir / stage / "export").exists()

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from data_prep.arithmetic import arithmetic_problems, problem_split
 from data_prep.sources import SourceConfig, iter_documents, source_signature
 from pipeline.errors import PipelineError
 
@@ -93,15 +92,21 @@ def test_builtins_are_deterministic() -> None:
     assert eval(question) == int(answer)
 
 
-def test_arithmetic_split_is_a_function_of_the_problem() -> None:
-    test = arithmetic_problems("test", 200, seed=1)
-    assert test != arithmetic_problems("test", 200, seed=2)
-    train_prompts = {p["prompt"] for p in arithmetic_problems("train", 20000, seed=3)}
-    assert not train_prompts & {p["prompt"] for p in test}
-    for p in test:
-        a, op, b = p["prompt"].removeprefix("What is ").removesuffix("?").split()
-        assert problem_split(int(a), op, int(b)) == "test"
-        assert p["answer"] == eval(f"{a}{op}{b}") and p["completion"] == str(p["answer"])
+def test_task_sources_write_train_problems_of_their_task() -> None:
+    from data_prep.tasks import SortTask, task_problems
+
+    task = {"name": "sort", "min_length": 4, "max_length": 4}
+    text = "\n".join(iter_documents(SourceConfig(uri="builtin:task", task=task, problems=64)))
+    lines = text.splitlines()
+    assert len(lines) == 64 and all(line.startswith("Sort ") for line in lines)
+    for line in lines:
+        digits, answer = line.removeprefix("Sort ").split(": ")
+        assert answer == "".join(sorted(digits))
+    sort4 = SortTask(min_length=4, max_length=4)
+    held_out = {p["prompt"] for p in task_problems(sort4, "test", 900, 0)}
+    assert not held_out & {line.split(" ")[0] + " " + line.split(" ")[1] for line in lines}
+    with pytest.raises(ValueError, match="belong to builtin:task sources"):
+        SourceConfig.model_validate({"uri": "builtin:python-stdlib", "problems": 3})
 
 
 def test_limits(tmp_path: Path) -> None:

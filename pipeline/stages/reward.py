@@ -1,8 +1,8 @@
 """Reward modelling with TRL's RewardTrainer: a scalar head on the upstream model, trained on pairs.
 
-Data: `builtin:arithmetic` (correct answer chosen, a near miss rejected; train split) or a JSONL
-file of `chosen`/`rejected` rows (with an optional `prompt`). Scored by pairwise accuracy on
-held-out pairs: the arithmetic test split, or every tenth row of a JSONL file (never trained on).
+Data: `builtin:task` (the right answer chosen, a near miss rejected; the task's train split) or
+a JSONL file of `chosen`/`rejected` rows (with an optional `prompt`). Scored by pairwise accuracy
+on held-out pairs: the task's test split, or every tenth row of a JSONL file (never trained on).
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
+from data_prep.tasks import TaskBase
 from pipeline.context import StageContext
-from pipeline.posttrain import BUILTIN_ARITHMETIC, TrainerStageConfig
+from pipeline.posttrain import BUILTIN_TASK, TrainerStageConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -28,13 +29,18 @@ class Config(TrainerStageConfig):
     eval_pairs: int = Field(200, ge=1, description="held-out pairs scored after training")
 
 
-def preference_rows(data: str, num: int, seed: int, where: str) -> tuple[list[dict], list[dict]]:
+def preference_rows(
+    data: str, task: TaskBase, num: int, seed: int, where: str
+) -> tuple[list[dict], list[dict]]:
     """(train, held-out) preference rows with prompt/chosen/rejected (prompt may be empty)."""
-    from data_prep.arithmetic import preference_pairs
+    from data_prep.tasks import preference_pairs
     from pipeline.posttrain import read_jsonl
 
-    if data == BUILTIN_ARITHMETIC:
-        return preference_pairs("train", num, seed), preference_pairs("test", num, seed + 1)
+    if data == BUILTIN_TASK:
+        return (
+            preference_pairs(task, "train", num, seed),
+            preference_pairs(task, "test", num, seed + 1),
+        )
     rows = [
         {"prompt": r.get("prompt", ""), "chosen": r["chosen"], "rejected": r["rejected"]}
         for r in read_jsonl(data, (("chosen", "rejected"),), where)
@@ -84,7 +90,9 @@ def run(ctx: StageContext) -> None:
     tokenizer = load_tokenizer(source)
     model = load_reward_model(source)
     model.config.pad_token_id = tokenizer.pad_token_id
-    train, held_out = preference_rows(cfg.data, cfg.num_examples, ctx.seed, f"stages.{ctx.name}")
+    train, held_out = preference_rows(
+        cfg.data, cfg.task, cfg.num_examples, ctx.seed, f"stages.{ctx.name}"
+    )
     args = RewardConfig(**training_arguments(ctx, cfg, model), max_length=cfg.max_length)
     columns = ("prompt", "chosen", "rejected")
     ctx.log.info("reward model from %s on %d pairs", source.parent.name, len(train))

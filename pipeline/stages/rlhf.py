@@ -3,7 +3,7 @@
 GRPO/RLOO sample `num_generations` completions per prompt and score them with verifiable reward
 functions named in the recipe (pipeline.rewards) and/or a reward stage's model; `beta` is the KL
 coefficient towards a reference model (the starting policy, optionally synced every few steps).
-DPO trains on chosen/rejected pairs (built-in arithmetic pairs or a JSONL file). The trainer's
+DPO trains on chosen/rejected pairs (the task's built-in pairs or a JSONL file). The trainer's
 reward mean/std, fraction of zero-variance groups and completion lengths go to metrics.jsonl.
 """
 
@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 
 from pipeline.context import StageContext
 from pipeline.errors import PipelineError
-from pipeline.posttrain import BUILTIN_ARITHMETIC, TrainerStageConfig
+from pipeline.posttrain import BUILTIN_TASK, TaskStageConfig
 
 # Trainer log keys (GRPO/RLOO/DPO) recorded in the stage summary under our names.
 SUMMARY_KEYS = {
@@ -25,18 +25,20 @@ SUMMARY_KEYS = {
     "frac_reward_zero_std": "frac_reward_zero_std",
     "completions/mean_length": "completion_length",
     "kl": "kl",
+    "clip_ratio/region_mean": "clip_fraction",
+    "entropy": "entropy",
     "rewards/chosen": "rewards_chosen",
     "rewards/rejected": "rewards_rejected",
     "rewards/margins": "reward_margin",
 }
 
 
-class Config(TrainerStageConfig):
+class Config(TaskStageConfig):
     """GRPO/RLOO with verifiable rewards or a reward model, or DPO, from the upstream policy."""
 
     kind: Literal["rlhf"] = "rlhf"
     algorithm: Literal["grpo", "rloo", "dpo"] = "grpo"
-    rewards: list[str] = Field(["arithmetic_exact"], description="names in pipeline.rewards")
+    rewards: list[str] = Field(["exact"], description="exact | partial | format (pipeline.rewards)")
     reward_model: str | None = Field(None, description="a reward stage whose model also scores")
     reward_weights: list[float] | None = Field(None, description="one per reward; default: 1 each")
     beta: float | None = Field(None, ge=0, description="KL coefficient; default: TRL's")
@@ -44,9 +46,18 @@ class Config(TrainerStageConfig):
     ref_model_sync_steps: int = Field(64, ge=1)
     num_generations: int = Field(8, ge=2, description="completions per prompt (grpo/rloo)")
     max_completion_length: int = Field(8, ge=1, description="tokens per completion (grpo/rloo)")
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (grpo/rloo)")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] | None = Field(
+        None, description="GRPO loss aggregation; default: TRL's (dapo)"
+    )
+    scale_rewards: Literal["group", "batch", "none"] | None = Field(
+        None, description="GRPO advantage scaling by the reward std; default: TRL's (group)"
+    )
+    num_iterations: int = Field(1, ge=1, description="policy updates per generation batch")
     max_length: int = Field(64, ge=8, description="prompt + response tokens (dpo)")
-    eval_problems: int = Field(200, ge=0, description="held-out arithmetic problems; 0: off")
+    dpo_sft_weight: float = Field(
+        0.0, ge=0, description="dpo: weight of an NLL loss on the chosen answer (RPO); 0: plain DPO"
+    )
 
     @model_validator(mode="after")
     def _check_rewards(self) -> Config:
@@ -61,16 +72,23 @@ class Config(TrainerStageConfig):
 
 
 def prompt_rows(cfg: Config, seed: int, where: str) -> list[dict[str, Any]]:
-    """GRPO/RLOO prompts: arithmetic train problems (with `answer`) or the user's JSONL rows."""
-    from data_prep.arithmetic import arithmetic_problems
+    """GRPO/RLOO prompts: the task's train problems (with `answer`) or the user's JSONL rows."""
+    from data_prep.tasks import task_problems
     from pipeline.posttrain import read_jsonl
 
-    if cfg.data == BUILTIN_ARITHMETIC:
+    if cfg.data == BUILTIN_TASK:
         return [
             {"prompt": p["prompt"], "answer": p["answer"]}
-            for p in arithmetic_problems("train", cfg.num_examples, seed)
+            for p in task_problems(cfg.task, "train", cfg.num_examples, seed)
         ]
     return read_jsonl(cfg.data, (("prompt",),), where)[: cfg.num_examples]
+
+
+def dpo_losses(cfg: Config) -> dict[str, Any]:
+    """DPOConfig loss fields: plain sigmoid DPO, or DPO plus a weighted NLL term (RPO)."""
+    if not cfg.dpo_sft_weight:
+        return {}
+    return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.dpo_sft_weight]}
 
 
 def build_trainer(ctx: StageContext, cfg: Config, model: Any, tokenizer: Any, callback: Any) -> Any:
@@ -86,11 +104,11 @@ def build_trainer(ctx: StageContext, cfg: Config, model: Any, tokenizer: Any, ca
     if cfg.algorithm == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        rows, _ = preference_rows(cfg.data, cfg.num_examples, ctx.seed, where)
+        rows, _ = preference_rows(cfg.data, cfg.task, cfg.num_examples, ctx.seed, where)
         columns = ("prompt", "chosen", "rejected")
         return DPOTrainer(
             model=model,
-            args=DPOConfig(**common, **ref, **beta, max_length=cfg.max_length),
+            args=DPOConfig(**common, **ref, **beta, **dpo_losses(cfg), max_length=cfg.max_length),
             train_dataset=dataset(rows, lambda r: {k: r[k] for k in columns}),
             processing_class=tokenizer,
             callbacks=[callback],
@@ -102,7 +120,7 @@ def build_trainer(ctx: StageContext, cfg: Config, model: Any, tokenizer: Any, ca
             f"completions per step is not a multiple of num_generations={cfg.num_generations}; "
             f"change one of them"
         )
-    funcs: list[Any] = reward_functions(cfg.rewards, where)
+    funcs: list[Any] = reward_functions(cfg.rewards, cfg.task, where)
     if cfg.reward_model is not None:
         funcs.append(str(ctx.upstream("reward", name=cfg.reward_model).export_dir))
     sampling = {
@@ -114,6 +132,9 @@ def build_trainer(ctx: StageContext, cfg: Config, model: Any, tokenizer: Any, ca
         **beta,
     }
     if cfg.algorithm == "grpo":
+        sampling |= {"num_iterations": cfg.num_iterations}
+        sampling |= {"loss_type": cfg.loss_type} if cfg.loss_type else {}
+        sampling |= {"scale_rewards": cfg.scale_rewards} if cfg.scale_rewards else {}
         from trl import GRPOConfig as TrainerConfig
         from trl import GRPOTrainer as Trainer
     else:
@@ -133,7 +154,7 @@ def run(ctx: StageContext) -> None:
     """Train the policy, export it, record reward statistics and held-out accuracy."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.posttrain import base_model_dir, fit, held_out_accuracy, load_tokenizer
+    from pipeline.posttrain import base_model_dir, fit, load_tokenizer, task_evaluation
 
     cfg: Config = ctx.config  # type: ignore[assignment]
     source = base_model_dir(ctx)
@@ -146,8 +167,12 @@ def run(ctx: StageContext) -> None:
         tokenizer,
         lambda callback: build_trainer(ctx, cfg, model, tokenizer, callback),
         SUMMARY_KEYS,
-        evaluate=(lambda: held_out_accuracy(ctx, tokenizer, cfg.eval_problems))
-        if cfg.eval_problems
-        else None,
-        headline="arithmetic_accuracy" if cfg.eval_problems else "train_loss",
+        **task_evaluation(ctx, cfg, tokenizer),
     )
+    if ctx.is_main and cfg.algorithm != "dpo":
+        from eval.report import write_sections
+        from eval.task_plots import rl_section
+        from pipeline.tracking import read_metrics
+
+        rows = read_metrics(ctx.stage_dir)
+        write_sections(ctx.export_dir, [rl_section(ctx.export_dir, rows, cfg.algorithm.upper())])

@@ -1,7 +1,7 @@
 """Supervised fine-tuning with TRL's SFTTrainer, starting from the upstream pretrain export.
 
-Data: `builtin:arithmetic` (prompt/completion from the train split; the test split is never
-trained on) or a JSONL file in TRL's formats (conversational `messages`, or `prompt` and
+Data: `builtin:task` (prompt/completion from the train split of the stage's `task`; the test
+split is never trained on) or a JSONL file in TRL's formats (conversational `messages`, or `prompt` and
 `completion`). Loss on completions (assistant turns) only by default; packing as an option.
 """
 
@@ -12,28 +12,27 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.context import StageContext
-from pipeline.posttrain import BUILTIN_ARITHMETIC, TrainerStageConfig
+from pipeline.posttrain import BUILTIN_TASK, TaskStageConfig
 
 
-class Config(TrainerStageConfig):
+class Config(TaskStageConfig):
     """Fine-tune the nearest upstream model stage on prompt/completion or chat data."""
 
     kind: Literal["sft"] = "sft"
     completion_only_loss: bool = Field(True, description="no loss on prompt/user tokens")
     packing: bool = Field(False, description="pack examples into max_length rows (BFD)")
     max_length: int = Field(128, ge=8, description="tokens per training row")
-    eval_problems: int = Field(200, ge=0, description="held-out arithmetic problems; 0: off")
 
 
 def training_rows(cfg: Config, seed: int, where: str) -> list[dict]:
-    """The SFT rows: arithmetic prompt/completion pairs or the user's JSONL rows."""
-    from data_prep.arithmetic import arithmetic_problems
+    """The SFT rows: the task's prompt/completion pairs or the user's JSONL rows."""
+    from data_prep.tasks import task_problems
     from pipeline.posttrain import read_jsonl
 
-    if cfg.data == BUILTIN_ARITHMETIC:
+    if cfg.data == BUILTIN_TASK:
         return [
-            {"prompt": p["prompt"], "completion": f" {p['completion']}"}
-            for p in arithmetic_problems("train", cfg.num_examples, seed)
+            {"prompt": p["prompt"], "completion": p["completion"]}
+            for p in task_problems(cfg.task, "train", cfg.num_examples, seed)
         ]
     rows = read_jsonl(cfg.data, (("messages",), ("prompt", "completion")), where)
     return rows[: cfg.num_examples]
@@ -48,8 +47,8 @@ def run(ctx: StageContext) -> None:
         base_model_dir,
         dataset,
         fit,
-        held_out_accuracy,
         load_tokenizer,
+        task_evaluation,
         training_arguments,
     )
 
@@ -82,8 +81,5 @@ def run(ctx: StageContext) -> None:
             callbacks=[callback],
         ),
         {"loss": "train_loss", "train_loss": "mean_train_loss"},
-        evaluate=(lambda: held_out_accuracy(ctx, tokenizer, cfg.eval_problems))
-        if cfg.eval_problems
-        else None,
-        headline="arithmetic_accuracy" if cfg.eval_problems else "train_loss",
+        **task_evaluation(ctx, cfg, tokenizer),
     )
