@@ -13,17 +13,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from data_prep.tasks import ArithmeticTask, TaskBase, TaskConfig
 from pipeline.config import StageConfig
 from pipeline.context import StageContext
 from pipeline.errors import PipelineError
 from pipeline.tracking import Tracker
+from pipeline.training import OptimConfig, ScheduleConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, Trainer
 
+# Flat optimiser keys of earlier versions -> their place now (one spelling in every stage).
+RENAMED_KEYS = {
+    "lr": "optim.lr",
+    "weight_decay": "optim.weight_decay",
+    "grad_clip": "optim.grad_clip",
+    "warmup_steps": "schedule.warmup_steps",
+}
 # Stage kinds whose export is a causal LM a post-training stage can start from.
 MODEL_KINDS = ("pretrain", "sft", "rlhf")
 BUILTIN_TASK = "builtin:task"
@@ -54,16 +62,28 @@ class TrainerStageConfig(StageConfig):
     max_steps: int = Field(100, ge=1, description="optimizer steps")
     micro_batch_size: int = Field(16, ge=1, description="sequences per rank per micro step")
     grad_accum_steps: int = Field(1, ge=1)
-    lr: float = Field(5e-4, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, ge=0)
+    optim: OptimConfig = Field(
+        default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=0.0, beta2=0.999),
+        description="AdamW settings, as in pretrain",
+    )
+    schedule: ScheduleConfig = Field(
+        default_factory=lambda: ScheduleConfig(warmup_steps=0, min_lr_ratio=0.0),
+        description="warmup + cosine, as in pretrain (run by the TRL trainer's scheduler)",
+    )
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(1, ge=1)
 
     distributed = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_optim_keys(cls, data: Any) -> Any:
+        for old, new in RENAMED_KEYS.items():
+            if isinstance(data, dict) and old in data:
+                raise ValueError(f"`{old}` moved to `{new}` (as in pretrain); write {new}: ...")
+        return data
 
     def data_signature(self) -> dict[str, Any]:
         """The task generator's version, or the JSONL file's size and mtime: a change to the
@@ -196,17 +216,20 @@ def training_arguments(ctx: StageContext, cfg: TrainerStageConfig, model: Any) -
         cfg.grad_accum_steps,
         int(os.environ.get("WORLD_SIZE", "1")),
         resolve_precision(cfg.precision),
-        cfg.grad_clip,
+        cfg.optim.grad_clip,
     )
     launch = ctx.recipe.launch_for(ctx.name)
     return {
         **trainer_arguments(launch, shape, list(getattr(model, "_no_split_modules", None) or [])),
         "output_dir": str(ctx.checkpoint_dir),
         "max_steps": cfg.max_steps,
-        "learning_rate": cfg.lr,
-        "warmup_steps": cfg.warmup_steps,
-        "weight_decay": cfg.weight_decay,
-        "lr_scheduler_type": "cosine",
+        "learning_rate": cfg.optim.lr,
+        "weight_decay": cfg.optim.weight_decay,
+        "adam_beta1": cfg.optim.beta1,
+        "adam_beta2": cfg.optim.beta2,
+        "adam_epsilon": cfg.optim.eps,
+        "warmup_steps": cfg.schedule.warmup_steps,
+        **schedule_arguments(cfg.schedule),
         "logging_steps": cfg.log_every,
         "save_strategy": "steps",
         "save_steps": cfg.checkpoint_every,
@@ -217,6 +240,16 @@ def training_arguments(ctx: StageContext, cfg: TrainerStageConfig, model: Any) -
         "data_seed": ctx.seed,
         "use_cpu": not torch.cuda.is_available(),
         "dataloader_num_workers": 0,
+    }
+
+
+def schedule_arguments(schedule: ScheduleConfig) -> dict[str, Any]:
+    """The Trainer's scheduler for our schedule: cosine to 0, or to min_lr_ratio x lr."""
+    if not schedule.min_lr_ratio:
+        return {"lr_scheduler_type": "cosine"}
+    return {
+        "lr_scheduler_type": "cosine_with_min_lr",
+        "lr_scheduler_kwargs": {"min_lr_rate": schedule.min_lr_ratio},
     }
 
 

@@ -20,18 +20,22 @@ if TYPE_CHECKING:
 
 
 class OptimConfig(Strict):
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    eps: float = Field(1e-8, gt=0)
+    """AdamW settings; the same keys in every training stage (`stages.<name>.optim.lr`)."""
+
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay (matrices only)")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW first-moment decay")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW second-moment decay")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
 
 
 class ScheduleConfig(Strict):
+    """Learning-rate schedule: linear warmup, then cosine decay to min_lr_ratio x lr."""
+
     kind: Literal["cosine"] = "cosine"
-    warmup_steps: int = Field(20, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0, description="steps of linear warmup from 0")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of the peak")
 
 
 def lr_factor(step: int, schedule: ScheduleConfig, max_steps: int) -> float:

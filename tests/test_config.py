@@ -97,3 +97,14 @@ def test_every_bundled_recipe_validates(path: Path) -> None:
     recipe = load_recipe(path)
     assert recipe.stages
     assert recipe.description, f"{path} needs a one-line description for `pipeline recipes`"
+
+
+def test_optimiser_keys_are_spelled_the_same_in_every_training_stage() -> None:
+    overrides = [f"stages.{s}.optim.lr=2e-4" for s in ("pretrain", "sft", "rlhf")]
+    recipe = load_recipe("demo", [*overrides, "stages.rlhf.schedule.warmup_steps=3"])
+    assert {recipe.stages[s].optim.lr for s in ("pretrain", "sft", "rlhf")} == {2e-4}
+    assert recipe.stages["rlhf"].schedule.warmup_steps == 3
+    for old, new in (("lr", "optim.lr"), ("warmup_steps", "schedule.warmup_steps")):
+        with pytest.raises(RecipeError, match=rf"stages\.sft.*`{old}` moved to `{new}`") as error:
+            load_recipe("demo", [f"stages.sft.{old}=1e-3"])
+        assert "\n" not in str(error.value)

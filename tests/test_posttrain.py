@@ -47,11 +47,11 @@ def posttrain_recipe(root: Path) -> dict[str, Any]:
     pairs = str(format_pairs(root / "pairs.jsonl", 300))
     recipe["stages"] |= {
         "sft": {"kind": "sft", "after": ["pretrain"], "max_steps": 30, "num_examples": 240,
-                "lr": 3e-3, "eval_problems": 20, **common},
+                "optim": {"lr": 3e-3}, "eval_problems": 20, **common},
         "reward": {"kind": "reward", "after": ["pretrain"], "data": pairs, "max_steps": 30,
-                   "lr": 1e-3, "eval_pairs": 30, **common},
+                   "optim": {"lr": 1e-3}, "eval_pairs": 30, **common},
         "dpo": {"kind": "rlhf", "algorithm": "dpo", "after": ["sft"], "data": pairs,
-                "max_steps": 12, "num_examples": 96, "lr": 3e-3, "beta": 0.1, "eval_problems": 0,
+                "max_steps": 12, "num_examples": 96, "optim": {"lr": 3e-3}, "beta": 0.1, "eval_problems": 0,
                 **common},
         "grpo": {"kind": "rlhf", "after": ["sft"], "rewards": ["exact", "partial"],
                  "max_steps": 4, "num_examples": 32, "num_generations": 4, "max_completion_length": 4,
@@ -184,7 +184,7 @@ def test_changing_an_rlhf_option_reruns_rlhf_and_eval_only(run_dir: Path) -> Non
     assert not [step.name for step in plan(load_recipe(path)) if step.run]
     changed = load_recipe(path, ["stages.dpo.beta=0.3"])
     assert [step.name for step in plan(changed) if step.run] == ["dpo", "eval", "report"]
-    changed = load_recipe(path, ["stages.sft.lr=0.002"])
+    changed = load_recipe(path, ["stages.sft.optim.lr=0.002"])
     assert [step.name for step in plan(changed) if step.run] == [
         "sft", "dpo", "grpo", "eval", "report"
     ]  # fmt: skip
@@ -196,7 +196,7 @@ def test_grpo_two_processes_raises_reward(run_dir: Path) -> None:
     recipe["stages"]["grpo"] = {
         "kind": "rlhf", "after": ["sft"], "algorithm": "grpo", "rewards": ["format"],
         "max_steps": 12, "num_examples": 96, "micro_batch_size": 16, "num_generations": 8,
-        "max_completion_length": 2, "lr": 1e-2, "log_every": 1, "eval_problems": 0,
+        "max_completion_length": 2, "optim": {"lr": 1e-2}, "log_every": 1, "eval_problems": 0,
         "launch": {"nproc": 2},
     }  # fmt: skip
     path = write_recipe(run_dir.parent / "grpo.yaml", recipe)

@@ -23,10 +23,10 @@ def resume_recipe(run_dir: Path) -> dict[str, Any]:
               "keep_checkpoints": 3, "eval_problems": 20}  # fmt: skip
     recipe["stages"] |= {
         "sft": {"kind": "sft", "after": ["pretrain"], "max_steps": 12, "num_examples": 200,
-                "lr": 3e-3, **common},
+                "optim": {"lr": 3e-3}, **common},
         "rlhf": {"kind": "rlhf", "after": ["sft"], "algorithm": "grpo", "max_steps": 8,
                  "num_examples": 64, "num_generations": 4, "max_completion_length": 4,
-                 "rewards": ["exact", "partial"], "lr": 1e-3, **common},
+                 "rewards": ["exact", "partial"], "optim": {"lr": 1e-3}, **common},
     }  # fmt: skip
     del recipe["stages"]["eval"]
     return recipe
