@@ -51,6 +51,21 @@ CHAT_TEMPLATE = (
 )
 
 
+class TrainerOptimConfig(OptimConfig):
+    """pretrain's optimiser keys with the TRL trainers' defaults (no decay, beta2 0.999)."""
+
+    lr: float = Field(5e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
+    beta2: float = Field(0.999, ge=0, lt=1, description="AdamW second-moment decay")
+
+
+class TrainerScheduleConfig(ScheduleConfig):
+    """pretrain's schedule keys with the TRL trainers' defaults (no warmup, cosine to 0)."""
+
+    warmup_steps: int = Field(0, ge=0, description="steps of linear warmup from 0")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of the peak")
+
+
 class TrainerStageConfig(StageConfig):
     """Fields every TRL-trained stage has: data, steps, batch, optimiser, logging, checkpoints."""
 
@@ -62,12 +77,11 @@ class TrainerStageConfig(StageConfig):
     max_steps: int = Field(100, ge=1, description="optimizer steps")
     micro_batch_size: int = Field(16, ge=1, description="sequences per rank per micro step")
     grad_accum_steps: int = Field(1, ge=1)
-    optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=0.0, beta2=0.999),
-        description="AdamW settings, as in pretrain",
+    optim: TrainerOptimConfig = Field(
+        default_factory=TrainerOptimConfig, description="AdamW settings, as in pretrain"
     )
-    schedule: ScheduleConfig = Field(
-        default_factory=lambda: ScheduleConfig(warmup_steps=0, min_lr_ratio=0.0),
+    schedule: TrainerScheduleConfig = Field(
+        default_factory=TrainerScheduleConfig,
         description="warmup + cosine, as in pretrain (run by the TRL trainer's scheduler)",
     )
     precision: Literal["auto", "fp32", "bf16"] = "auto"
