@@ -70,7 +70,7 @@ def test_show_kind_lists_nested_fields_with_descriptions(monkeypatch: pytest.Mon
     assert docs["max_steps"].type == "int" and docs["max_steps"].default == "200"
     assert docs["micro_batch_size"].description == "sequences per rank per micro step"
     assert docs["optim.lr"].type == "float" and docs["optim.lr"].default == "0.001"
-    assert docs["optim.lr"].description == "-"  # no description in OptimConfig yet
+    assert docs["optim.lr"].description == "peak learning rate"
     assert docs["optim.grad_clip"].description.startswith("max global grad norm")
     assert docs["precision"].type == "'auto' | 'fp32' | 'bf16'"
     assert docs["optim"].default == "(below)"
