@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import LaunchConfig
+from pipeline.config import LaunchConfig, deep_merge
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def deepspeed_config(launch: LaunchConfig, shape: TrainShape) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     if launch.deepspeed_config:
-        config = _merge(config, _read_expert_config(Path(launch.deepspeed_config), config))
+        config = deep_merge(config, _read_expert_config(Path(launch.deepspeed_config), config))
     return config
 
 
@@ -86,16 +86,6 @@ def _read_expert_config(path: Path, ours: dict[str, Any]) -> dict[str, Any]:
                 f'(micro_batch_size x grad_accum_steps x world size); set it to "auto" or change the recipe'
             )
     return {k: v for k, v in expert.items() if not (k in BATCH_KEYS and v == "auto")}
-
-
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def fsdp_plugin_kwargs(wrap_classes: list[str]) -> dict[str, Any]:
