@@ -17,12 +17,12 @@ from pipeline.config import (
     _suggest,
     bundled_recipes,
     bundled_recipes_dir,
-    describe_config,
     find_recipe,
     load_recipe,
     read_recipe,
     stage_kinds,
 )
+from pipeline.config_docs import describe_config
 from pipeline.errors import PipelineError, RecipeError
 
 console = Console(stderr=False, highlight=False)

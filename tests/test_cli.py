@@ -15,11 +15,11 @@ from pipeline import cli as cli_module
 from pipeline.config import (
     bundled_recipes,
     bundled_recipes_dir,
-    describe_config,
     load_recipe,
     read_recipe,
     stage_kinds,
 )
+from pipeline.config_docs import describe_config
 from pipeline.errors import RecipeError
 from pipeline.graph import fingerprints, plan
 from tests.conftest import cli, tiny_recipe, write_recipe
