@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import validate_recipe
-from pipeline.runner import run_recipe
-from pipeline.tracking import read_metrics
+from pipeline.engine.config import validate_recipe
+from pipeline.engine.runner import run_recipe
+from pipeline.engine.tracking import read_metrics
 
 
 def stage_seconds_per_step(run_dir: Path, args: argparse.Namespace) -> tuple[float, dict]:
@@ -72,7 +72,7 @@ def bare_seconds_per_step(run_dir: Path, cfg, steps: int) -> float:
 
     from data_prep.shards import TokenShards
     from pipeline.models.causal_lm import build_causal_lm
-    from pipeline.training import param_groups
+    from pipeline.train.optim import param_groups
 
     shards = TokenShards(run_dir / "tokenize" / "export" / "train")
     torch.manual_seed(0)

@@ -54,11 +54,11 @@ def live_tensor_bytes() -> int:
 def worker(engine: str, hidden: int, layers: int, precision: str, out: Path) -> None:
     import torch
 
-    from pipeline.config import LaunchConfig
-    from pipeline.distributed import TrainShape, build_accelerator
+    from pipeline.engine.config import LaunchConfig
     from pipeline.models import build_model
     from pipeline.models.causal_lm import ModelConfig
-    from pipeline.objectives import CausalLM
+    from pipeline.train.distributed import TrainShape, build_accelerator
+    from pipeline.train.objectives import CausalLM
 
     torch.manual_seed(0)
     seq_len, vocab, micro = 64, 4096, 2

@@ -33,10 +33,10 @@ from pydantic import Field
 
 from data_prep.shards import SampleOrder
 from data_prep.sources import HF_MARKERS, UriConfig
-from pipeline.config import StageConfig
-from pipeline.context import StageContext
-from pipeline.errors import PipelineError
-from pipeline.manifest import atomic_write_json, sha256_file
+from pipeline.engine.config import StageConfig
+from pipeline.engine.context import StageContext
+from pipeline.engine.errors import PipelineError
+from pipeline.engine.manifest import atomic_write_json, sha256_file
 
 DIGITS = "builtin:digits"
 FORMAT = "image-shards/1"

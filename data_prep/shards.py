@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import PipelineError
-from pipeline.manifest import atomic_write_json, sha256_file
+from pipeline.engine.errors import PipelineError
+from pipeline.engine.manifest import atomic_write_json, sha256_file
 
 SHARD_PREFIX = "shard_"
 COUNT_CHUNK_TOKENS = 1 << 24

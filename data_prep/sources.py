@@ -20,8 +20,8 @@ from typing import IO, Any, ClassVar
 from pydantic import Field, field_validator, model_validator
 
 from data_prep.tasks import GENERATOR_VERSION, ArithmeticTask, TaskBase, TaskConfig, task_documents
-from pipeline.config import StageConfig, Strict
-from pipeline.errors import PipelineError
+from pipeline.engine.config import StageConfig, Strict
+from pipeline.engine.errors import PipelineError
 
 STDLIB = "builtin:python-stdlib"
 TASK = "builtin:task"

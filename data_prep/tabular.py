@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.engine.errors import PipelineError
 
 # builtin name -> scikit-learn loader (bundled with the package, no download)
 BUILTIN_TABULAR = {

@@ -21,8 +21,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import Strict
-from pipeline.errors import PipelineError
+from pipeline.engine.config import Strict
+from pipeline.engine.errors import PipelineError
 
 SPLITS = ("train", "test")
 PROBLEMS_PER_DOCUMENT = 16

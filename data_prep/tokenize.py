@@ -22,9 +22,9 @@ from pydantic import Field
 from data_prep.shards import ShardWriter, token_dtype
 from data_prep.sources import SourceStageConfig, mixed_documents
 from data_prep.tokenizer import EOS_ID, MODEL_FILE
-from pipeline.context import StageContext
-from pipeline.errors import PipelineError
-from pipeline.manifest import atomic_write_json
+from pipeline.engine.context import StageContext
+from pipeline.engine.errors import PipelineError
+from pipeline.engine.manifest import atomic_write_json
 
 META_FILE = "meta.json"
 SPLITS = ("train", "val")

@@ -14,8 +14,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from data_prep.sources import SourceStageConfig, mixed_documents
-from pipeline.context import StageContext
-from pipeline.errors import PipelineError
+from pipeline.engine.context import StageContext
+from pipeline.engine.errors import PipelineError
 
 MODEL_FILE = "tokenizer.model"
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"

@@ -16,12 +16,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pipeline.config import StageConfig
-from pipeline.context import StageContext
-from pipeline.errors import PipelineError
-from pipeline.manifest import atomic_write_json, read_manifest
+from pipeline.engine.config import StageConfig
+from pipeline.engine.context import StageContext
+from pipeline.engine.errors import PipelineError
+from pipeline.engine.manifest import atomic_write_json, read_manifest
+from pipeline.engine.tracking import read_metrics
 from pipeline.models.config import ModelConfig
-from pipeline.tracking import read_metrics
 
 DEFAULT_COLUMNS = [
     "val_loss",

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.engine.errors import PipelineError
 from pipeline.models import AUTO_CLASSES, build_objective
 from pipeline.models.config import ModelConfig
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-    from pipeline.objectives import Objective
+    from pipeline.train.objectives import Objective
 
 Family = Literal["causal", "masked", "seq2seq"]
 HEADLINES: dict[Family, str] = {"causal": "val_loss", "masked": "mlm_loss", "seq2seq": "span_loss"}

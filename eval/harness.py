@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from data_prep.tasks import Key, TaskBase, problem_keys
-from pipeline.errors import PipelineError
+from pipeline.engine.errors import PipelineError
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 SHIPPED = {path.stem: path for path in sorted(TASKS_DIR.glob("*.yaml"))}

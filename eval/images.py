@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field
 
-from pipeline.config import StageConfig, Strict
-from pipeline.context import StageContext
-from pipeline.errors import PipelineError
+from pipeline.engine.config import StageConfig, Strict
+from pipeline.engine.context import StageContext
+from pipeline.engine.errors import PipelineError
 
 if TYPE_CHECKING:
     import torch
@@ -267,7 +267,7 @@ def generate(
 
 def run(ctx: StageContext) -> None:
     """Sample with each sampler, score against the real images, write grids and tables."""
-    from pipeline.training import torch_threads
+    from pipeline.train.optim import torch_threads
 
     cfg = ctx.config
     assert isinstance(cfg, Config)
@@ -280,7 +280,10 @@ def evaluate(ctx: StageContext, cfg: Config) -> None:
     import torch
 
     from data_prep.images import ImageShards
-    from pipeline.diffusion_pipeline import OBJECTIVE_SAMPLERS, ClassConditionalPipeline
+    from pipeline.diffusion.class_conditional_pipeline import (
+        OBJECTIVE_SAMPLERS,
+        ClassConditionalPipeline,
+    )
 
     export, images_dir = ctx.upstream("diffusion").export_dir, ctx.upstream("images").export_dir
     from diffusers.utils import logging as diffusers_logging

@@ -23,10 +23,10 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from data_prep.tasks import ArithmeticTask, TaskBase, TaskConfig
-from pipeline.config import StageConfig
-from pipeline.context import StageContext
-from pipeline.errors import PipelineError
-from pipeline.manifest import atomic_write_json, atomic_write_text
+from pipeline.engine.config import StageConfig
+from pipeline.engine.context import StageContext
+from pipeline.engine.errors import PipelineError
+from pipeline.engine.manifest import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -16,11 +16,11 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pipeline.config import StageConfig, read_yaml
-from pipeline.context import StageContext
-from pipeline.errors import PipelineError
-from pipeline.manifest import MANIFEST, atomic_write_text, read_manifest
-from pipeline.tracking import read_metrics
+from pipeline.engine.config import StageConfig, read_yaml
+from pipeline.engine.context import StageContext
+from pipeline.engine.errors import PipelineError
+from pipeline.engine.manifest import MANIFEST, atomic_write_text, read_manifest
+from pipeline.engine.tracking import read_metrics
 
 REPORT_DIR = "report"
 SECTIONS_FILE = "report.json"  # tables and figures a stage hands to the report (write_sections)

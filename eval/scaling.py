@@ -20,10 +20,10 @@ import numpy as np
 from pydantic import Field
 
 from eval.compare import Row, column_value, upstream_rows
-from pipeline.config import StageConfig
-from pipeline.context import StageContext
-from pipeline.errors import PipelineError
-from pipeline.manifest import atomic_write_json
+from pipeline.engine.config import StageConfig
+from pipeline.engine.context import StageContext
+from pipeline.engine.errors import PipelineError
+from pipeline.engine.manifest import atomic_write_json
 
 FIT_PNG = "scaling.png"
 FULL_FORM = "a * N^-alpha + c"

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.config import (
+from pipeline.engine.config import (
     Recipe,
     _suggest,
     bundled_recipes,
@@ -22,8 +22,8 @@ from pipeline.config import (
     read_recipe,
     stage_kinds,
 )
-from pipeline.config_docs import describe_config
-from pipeline.errors import PipelineError, RecipeError
+from pipeline.engine.config_docs import describe_config
+from pipeline.engine.errors import PipelineError, RecipeError
 
 console = Console(stderr=False, highlight=False)
 
@@ -43,8 +43,8 @@ def _fmt_metric(manifest: dict[str, Any]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.graph import plan
-    from pipeline.runner import run_recipe
+    from pipeline.engine.graph import plan
+    from pipeline.engine.runner import run_recipe
 
     recipe = load_recipe(args.recipe, args.override)
     if args.dry_run:
@@ -70,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     table = Table(title=f"{recipe.name}: done in {_fmt_duration(time.perf_counter() - started)}")
     for col in ("stage", "kind", "action", "duration", "metric"):
         table.add_column(col)
-    from pipeline.manifest import read_manifest
+    from pipeline.engine.manifest import read_manifest
 
     notes = []
     for step, manifest in results:
@@ -101,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from pipeline.slurm import submit
+    from pipeline.engine.slurm import submit
 
     recipe = load_recipe(args.recipe, args.override)
     submissions = submit(recipe, from_stage=args.from_stage, only=args.only, dry_run=args.dry_run)
@@ -125,7 +125,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def _recipe_for_status(target: str, overrides: list[str]) -> Recipe:
     path = Path(target)
     if path.is_dir():
-        from pipeline.worker import RECIPE_FILE
+        from pipeline.engine.worker import RECIPE_FILE
 
         if not (path / RECIPE_FILE).is_file():
             raise PipelineError(
@@ -136,9 +136,9 @@ def _recipe_for_status(target: str, overrides: list[str]) -> Recipe:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.graph import fingerprints, stage_state
-    from pipeline.manifest import read_manifest, verify_outputs
-    from pipeline.slurm import queue_column
+    from pipeline.engine.graph import fingerprints, stage_state
+    from pipeline.engine.manifest import read_manifest, verify_outputs
+    from pipeline.engine.slurm import queue_column
 
     recipe = _recipe_for_status(args.target, args.override)
     run_dir = recipe.resolved_run_dir()
@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.context import quiet_libraries
+    from pipeline.engine.context import quiet_libraries
 
     quiet_libraries()
     args = build_parser().parse_args(argv)

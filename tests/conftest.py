@@ -123,7 +123,7 @@ def run_until(path: Path, run_dir: Path, kill_when: str) -> None:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    from pipeline.manifest import read_manifest
+    from pipeline.engine.manifest import read_manifest
 
     stage = kill_when.split("/")[0]
     assert read_manifest(run_dir / stage)["status"] == "running"

@@ -79,7 +79,7 @@ def _digest(export: Path) -> str:
 
 def trace(run_root: Path, with_kernel: bool = True) -> dict[str, Any]:
     """Run every traced recipe under run_root and collect its trace."""
-    from pipeline.tracking import read_metrics
+    from pipeline.engine.tracking import read_metrics
 
     out: dict[str, Any] = {}
     for name, recipe in recipes(run_root, with_kernel).items():

@@ -11,8 +11,8 @@ from sklearn.manifold import trustworthiness as sk_trustworthiness
 
 from data_prep.tabular import fold_rows, load_dataset, split_rows
 from eval import tabular
-from pipeline.config import validate_recipe
-from pipeline.errors import PipelineError, RecipeError
+from pipeline.engine.config import validate_recipe
+from pipeline.engine.errors import PipelineError, RecipeError
 
 
 def _noisy_predictions(rng: np.random.Generator, num_classes: int, n: int = 300):

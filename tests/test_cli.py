@@ -12,16 +12,16 @@ import yaml
 from rich.console import Console
 
 from pipeline import cli as cli_module
-from pipeline.config import (
+from pipeline.engine.config import (
     bundled_recipes,
     bundled_recipes_dir,
     load_recipe,
     read_recipe,
     stage_kinds,
 )
-from pipeline.config_docs import describe_config
-from pipeline.errors import RecipeError
-from pipeline.graph import fingerprints, plan
+from pipeline.engine.config_docs import describe_config
+from pipeline.engine.errors import RecipeError
+from pipeline.engine.graph import fingerprints, plan
 from tests.conftest import cli, tiny_recipe, write_recipe
 
 # Every subcommand and its flags (positionals by dest). A change here is a change to the CLI

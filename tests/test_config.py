@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import bundled_recipes, load_recipe
-from pipeline.errors import RecipeError
+from pipeline.engine.config import bundled_recipes, load_recipe
+from pipeline.engine.errors import RecipeError
 from tests.conftest import cli, tiny_recipe, write_recipe
 
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from eval import images as image_eval
-from pipeline.config import validate_recipe
-from pipeline.context import StageContext
-from pipeline.errors import PipelineError
-from pipeline.manifest import read_manifest
+from pipeline.engine.config import validate_recipe
+from pipeline.engine.context import StageContext
+from pipeline.engine.errors import PipelineError
+from pipeline.engine.manifest import read_manifest
+from pipeline.engine.tracking import read_metrics
 from pipeline.stages import diffusion
-from pipeline.tracking import read_metrics
 from tests.conftest import cli, kill_then_resume, write_recipe
 
 
@@ -76,7 +76,7 @@ def _context(run_dir: Path, recipe: dict[str, Any], stage: str) -> StageContext:
 
 
 def _pipeline(run_dir: Path) -> Any:
-    from pipeline.diffusion_pipeline import ClassConditionalPipeline
+    from pipeline.diffusion.class_conditional_pipeline import ClassConditionalPipeline
 
     pipe = ClassConditionalPipeline.from_pretrained(run_dir / "diffusion" / "export")
     pipe.set_progress_bar_config(disable=True)
@@ -291,7 +291,7 @@ def test_kill_then_resume_gives_the_uninterrupted_export(resumed: tuple[Path, Pa
     ids=["arch-field", "objective-field", "heads", "warmup"],
 )
 def test_inconsistent_diffusion_configs_are_refused(stage: dict, message: str) -> None:
-    from pipeline.errors import RecipeError
+    from pipeline.engine.errors import RecipeError
 
     recipe = diffusion_recipe(Path("/tmp/unused"))
     recipe["stages"]["diffusion"].update(stage)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.manifest import read_manifest
+from pipeline.engine.manifest import read_manifest
 from tests.conftest import cli, tiny_recipe, write_recipe
 
 STAGES = ["tokenizer", "tokenize", "pretrain", "eval"]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.manifest import read_manifest
-from pipeline.tracking import read_metrics
+from pipeline.engine.manifest import read_manifest
+from pipeline.engine.tracking import read_metrics
 from tests.conftest import cli, kill_then_resume, tiny_recipe, write_recipe
 
 ENGINES = {
@@ -182,9 +182,9 @@ def test_engine_options_are_validated(tmp_path: Path) -> None:
 
 
 def test_expert_deepspeed_json_wins_and_is_checked(tmp_path: Path) -> None:
-    from pipeline.config import LaunchConfig
-    from pipeline.distributed import TrainShape, deepspeed_config, trainer_arguments
-    from pipeline.errors import PipelineError
+    from pipeline.engine.config import LaunchConfig
+    from pipeline.engine.errors import PipelineError
+    from pipeline.train.distributed import TrainShape, deepspeed_config, trainer_arguments
 
     shape = TrainShape(micro_batch_size=4, grad_accum_steps=2, world_size=2)
     expert = tmp_path / "ds.json"
@@ -216,7 +216,7 @@ def test_expert_deepspeed_json_wins_and_is_checked(tmp_path: Path) -> None:
 def test_flops_and_peak_table() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from pipeline import flops
+    from pipeline.train import flops
 
     # GPT-2 small: 124.4M parameters of which 38.6M + 0.8M are token/position embeddings;
     # the tied output projection is a matmul and counts.

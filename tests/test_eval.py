@@ -26,10 +26,10 @@ from eval.lm import (
     token_byte_lengths,
     unigram_loss,
 )
-from pipeline.config import Recipe, StageConfig, TrackingConfig
-from pipeline.context import SUMMARY_FILE, StageContext
-from pipeline.manifest import write_manifest
-from pipeline.tracking import read_metrics
+from pipeline.engine.config import Recipe, StageConfig, TrackingConfig
+from pipeline.engine.context import SUMMARY_FILE, StageContext
+from pipeline.engine.manifest import write_manifest
+from pipeline.engine.tracking import read_metrics
 
 SAMPLE_TEXT = "def f(x):\n    return  x + 1\t# café ü 日本 → ∑\n\n  end\n"
 UNSEEN_TEXT = "naïve 🙂 Ωμ\t∫ dx — done\n"  # characters the tokenizer never saw: byte pieces

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.context import SUMMARY_FILE
-from pipeline.tracking import read_metrics
+from pipeline.engine.context import SUMMARY_FILE
+from pipeline.engine.tracking import read_metrics
 from tests.conftest import cli, tiny_recipe, write_recipe
 
 FAMILIES = {

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.config import bundled_recipes_dir, validate_recipe
-from pipeline.errors import RecipeError
-from pipeline.manifest import read_manifest
+from pipeline.engine.config import bundled_recipes_dir, validate_recipe
+from pipeline.engine.errors import RecipeError
+from pipeline.engine.manifest import read_manifest
 from tests.conftest import cli, write_recipe
 
 RECIPE = bundled_recipes_dir() / "baselines" / "generative-digits.yaml"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from data_prep.images import Config, ImageShards, prepare_images
-from pipeline.errors import PipelineError
-from pipeline.manifest import sha256_file
+from pipeline.engine.errors import PipelineError
+from pipeline.engine.manifest import sha256_file
 from tests.conftest import cli, write_recipe
 
 

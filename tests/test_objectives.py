@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from pipeline.models import BuiltModel, add_special_tokens, build_model
 from pipeline.models.causal_lm import ModelConfig
-from pipeline.objectives import (
+from pipeline.train.objectives import (
     IGNORE_INDEX,
     corrupt_spans,
     expert_fractions,

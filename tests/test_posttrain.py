@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.tracking import read_metrics
+from pipeline.engine.tracking import read_metrics
 from tests.conftest import cli, tiny_recipe, write_recipe
 
 # A preference a tiny model learns in a few steps: a number is preferred over a word.
@@ -97,7 +97,7 @@ def test_sft_loss_is_on_completions_only(
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.posttrain import dataset, load_tokenizer
+    from pipeline.stages.posttrain import dataset, load_tokenizer
 
     export = run_dir / "pretrain" / "export"
     tokenizer = load_tokenizer(export)
@@ -177,8 +177,8 @@ def test_report_shows_rl_curves_and_accuracy_chart(run_dir: Path) -> None:
 
 
 def test_changing_an_rlhf_option_reruns_rlhf_and_eval_only(run_dir: Path) -> None:
-    from pipeline.config import load_recipe
-    from pipeline.graph import plan
+    from pipeline.engine.config import load_recipe
+    from pipeline.engine.graph import plan
 
     path = run_dir.parent / "recipe.yaml"
     assert not [step.name for step in plan(load_recipe(path)) if step.run]

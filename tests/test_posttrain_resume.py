@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.tracking import read_metrics
+from pipeline.engine.tracking import read_metrics
 from tests.conftest import cli, run_until, tiny_recipe, write_recipe
 
 TASK = {"name": "arithmetic", "max_operand": 20, "operators": ["+", "-"]}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.manifest import read_manifest
-from pipeline.tracking import read_metrics
+from pipeline.engine.manifest import read_manifest
+from pipeline.engine.tracking import read_metrics
 from tests.conftest import cli, kill_then_resume, tiny_recipe, write_recipe
 
 

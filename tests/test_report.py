@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from eval import report
-from pipeline.config import Recipe, TrackingConfig
-from pipeline.context import StageContext
-from pipeline.errors import PipelineError
-from pipeline.manifest import write_manifest
+from pipeline.engine.config import Recipe, TrackingConfig
+from pipeline.engine.context import StageContext
+from pipeline.engine.errors import PipelineError
+from pipeline.engine.manifest import write_manifest
 
 HOSTILE_SAMPLE = "</pre><script>alert(1)</script>"
 

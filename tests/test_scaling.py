@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from eval.scaling import FULL_FORM, PURE_FORM, fit_power_law
-from pipeline.config import bundled_recipes_dir, load_recipe, validate_recipe
-from pipeline.errors import RecipeError
-from pipeline.manifest import read_manifest
+from pipeline.engine.config import bundled_recipes_dir, load_recipe, validate_recipe
+from pipeline.engine.errors import RecipeError
+from pipeline.engine.manifest import read_manifest
 from tests.conftest import cli, tiny_recipe, write_recipe
 
 SIZES = [16, 24, 32, 48]
@@ -132,7 +132,7 @@ def test_sweep_on_an_unknown_kind_is_refused(tmp_path: Path) -> None:
 
 
 def test_submit_plan_runs_the_sweep_points_as_parallel_jobs(tmp_path: Path) -> None:
-    from pipeline.slurm import submit
+    from pipeline.engine.slurm import submit
 
     recipe = validate_recipe(_swept(tmp_path / "runs"))
     plan = {s.stage: s.after for s in submit(recipe, dry_run=True)}

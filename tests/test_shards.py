@@ -12,7 +12,7 @@ from data_prep.shards import ShardWriter, TokenShards, token_dtype
 from data_prep.sources import SourceConfig, iter_documents
 from data_prep.tokenize import read_meta, tokenize_corpus
 from data_prep.tokenizer import EOS_ID, train_tokenizer
-from pipeline.errors import PipelineError
+from pipeline.engine.errors import PipelineError
 
 
 def write_split(split_dir: Path, tokens: np.ndarray, shard_tokens: int = 1000) -> TokenShards:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.manifest import read_manifest
+from pipeline.engine.manifest import read_manifest
 from tests.conftest import cli, tiny_recipe, write_recipe
 from tests.slurm_cluster import slurm_cluster  # noqa: F401 - pytest fixture
 

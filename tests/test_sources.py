@@ -11,7 +11,7 @@ import pytest
 import zstandard
 
 from data_prep.sources import SourceConfig, iter_documents, source_signature
-from pipeline.errors import PipelineError
+from pipeline.engine.errors import PipelineError
 
 DOCS = ["first document\nwith two lines\n", "  second, indented\ttab", "third: 中文 😀"]
 
@@ -180,7 +180,7 @@ def test_signature_tracks_file_changes(tmp_path: Path) -> None:
 
 def test_post_training_jsonl_shares_the_source_reader(tmp_path: Path) -> None:
     """SFT/reward/RLHF data files get the same formats and one-line errors as text sources."""
-    from pipeline.posttrain import read_jsonl
+    from pipeline.stages.posttrain import read_jsonl
 
     good = tmp_path / "pairs.jsonl.gz"
     with gzip.open(good, "wt", encoding="utf-8") as f:

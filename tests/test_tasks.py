@@ -22,8 +22,8 @@ from data_prep.tasks import (
 )
 from eval.harness import distractors
 from eval.stats import mcnemar, pass_at_k, wilson_interval
-from pipeline.errors import PipelineError
-from pipeline.rewards import reward_functions
+from pipeline.engine.errors import PipelineError
+from pipeline.train.rewards import reward_functions
 
 TASKS = [
     ArithmeticTask(),

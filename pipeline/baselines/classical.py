@@ -24,8 +24,8 @@ from eval.tabular import (
 from pipeline.baselines import plots
 from pipeline.baselines.core import Job, Task
 from pipeline.baselines.estimators import EstimatorSpec, build_estimator
-from pipeline.config import Strict
-from pipeline.errors import PipelineError
+from pipeline.engine.config import Strict
+from pipeline.engine.errors import PipelineError
 
 
 class SupervisedOptions(Strict):

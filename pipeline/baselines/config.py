@@ -15,7 +15,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from pipeline.baselines import TASKS, get_task
-from pipeline.config import NAME_PATTERN, StageConfig, format_errors
+from pipeline.engine.config import NAME_PATTERN, StageConfig, format_errors
 
 
 class Config(StageConfig):

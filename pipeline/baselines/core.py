@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from pipeline.config import Strict
-from pipeline.manifest import atomic_write_json
+from pipeline.engine.config import Strict
+from pipeline.engine.manifest import atomic_write_json
 
 if TYPE_CHECKING:
     from pipeline.baselines.config import Config
-    from pipeline.context import Upstream
-    from pipeline.tracking import Tracker
+    from pipeline.engine.context import Upstream
+    from pipeline.engine.tracking import Tracker
 
 FIGURES_DIR = "figures"
 PREDICTIONS_DIR = "predictions"

@@ -19,8 +19,8 @@ from pipeline.baselines import plots
 from pipeline.baselines.classical import Split, describe_split, load_split
 from pipeline.baselines.core import Job, Task
 from pipeline.baselines.estimators import EstimatorSpec, build_estimator, param_name
-from pipeline.config import Strict
-from pipeline.errors import PipelineError
+from pipeline.engine.config import Strict
+from pipeline.engine.errors import PipelineError
 
 
 class CurveModel(EstimatorSpec):

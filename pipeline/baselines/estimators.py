@@ -15,8 +15,8 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from pipeline.config import Strict
-from pipeline.errors import PipelineError
+from pipeline.engine.config import Strict
+from pipeline.engine.errors import PipelineError
 
 
 class StepSpec(Strict):

@@ -29,8 +29,8 @@ from pipeline.baselines.training import (
     lr_factor,
     make_optimizer,
 )
-from pipeline.errors import PipelineError
-from pipeline.training import torch_threads
+from pipeline.engine.errors import PipelineError
+from pipeline.train.optim import torch_threads
 
 LIKELIHOOD = {"vae": "ELBO bound", "flow": "dequantised bound", "pixelcnn": "exact"}
 GRID_SIDE = 8  # sample grids are GRID_SIDE x GRID_SIDE images
@@ -347,7 +347,7 @@ def feature_scorer(
 def check_model(job: Job, name: str, model: GenerativeModel, shape: tuple[int, ...]) -> None:
     """A gan gets square 2^k images; a from_stage is a finished diffusion stage in `after:`
     whose objective fits the sampler."""
-    from pipeline.diffusion_pipeline import OBJECTIVE_SAMPLERS
+    from pipeline.diffusion.class_conditional_pipeline import OBJECTIVE_SAMPLERS
 
     side = shape[1]
     if model.net == "gan" and (shape[2] != side or side < 4 or side & (side - 1)):
@@ -382,8 +382,8 @@ def sample_diffusion(
     import torch
     from diffusers.utils import logging as diffusers_logging
 
-    from pipeline.diffusion_pipeline import ClassConditionalPipeline
-    from pipeline.manifest import read_manifest
+    from pipeline.diffusion.class_conditional_pipeline import ClassConditionalPipeline
+    from pipeline.engine.manifest import read_manifest
 
     upstream = job.upstream("diffusion", model.from_stage)
     diffusers_logging.disable_progress_bar()

@@ -26,8 +26,8 @@ from pipeline.baselines.training import (
     lr_factor,
     make_optimizer,
 )
-from pipeline.errors import PipelineError
-from pipeline.training import torch_threads
+from pipeline.engine.errors import PipelineError
+from pipeline.train.optim import torch_threads
 
 VOCAB_SIZE = 256  # bytes
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pipeline.config import Strict
+from pipeline.engine.config import Strict
 
 
 class DeepOptions(Strict):

@@ -18,8 +18,8 @@ from eval.tabular import adjusted_rand, neighbour_accuracy, silhouette, trustwor
 from pipeline.baselines import plots
 from pipeline.baselines.core import Job, Task
 from pipeline.baselines.estimators import EstimatorSpec, build_estimator
-from pipeline.config import Strict
-from pipeline.errors import PipelineError
+from pipeline.engine.config import Strict
+from pipeline.engine.errors import PipelineError
 
 
 class ClusteringOptions(Strict):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipeline.models.config import ModelConfig
-from pipeline.objectives import (
+from pipeline.train.objectives import (
     CausalLM,
     MaskedLM,
     MoECausalLM,

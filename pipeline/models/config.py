@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import Strict
+from pipeline.engine.config import Strict
 
 Arch = Literal["llama", "gpt2", "mixtral", "bert", "t5"]
 

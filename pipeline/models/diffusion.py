@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import Strict
-from pipeline.errors import PipelineError
+from pipeline.engine.config import Strict
+from pipeline.engine.errors import PipelineError
 
 if TYPE_CHECKING:
     import torch

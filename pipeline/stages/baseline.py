@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pipeline.baselines import get_task
 from pipeline.baselines.config import Config
-from pipeline.context import StageContext
+from pipeline.engine.context import StageContext
 
 __all__ = ["Config", "run"]
 

@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pipeline.context import StageContext
-from pipeline.diffusion_objectives import ObjectiveConfig
-from pipeline.diffusion_training import ImageTrainingConfig
-from pipeline.errors import PipelineError
+from pipeline.diffusion.objectives import ObjectiveConfig
+from pipeline.diffusion.training import ImageTrainingConfig
+from pipeline.engine.context import StageContext
+from pipeline.engine.errors import PipelineError
 from pipeline.models.diffusion import DiffusionModelConfig
 
 PIPELINE_FILE = "class_conditional_pipeline.py"  # the pipeline's source, shipped in the export
@@ -57,10 +57,10 @@ def run(ctx: StageContext) -> None:
     import torch
 
     from data_prep.images import ImageShards
-    from pipeline.diffusion_objectives import DiffusionObjective
-    from pipeline.diffusion_training import ema_state_dict, train
+    from pipeline.diffusion.objectives import DiffusionObjective
+    from pipeline.diffusion.training import ema_state_dict, train
     from pipeline.models.diffusion import WRAP_CLASSES, build_denoiser, resolve_num_classes
-    from pipeline.training import torch_threads
+    from pipeline.train.optim import torch_threads
 
     cfg = ctx.config
     assert isinstance(cfg, Config)
@@ -111,8 +111,8 @@ def export_pipeline(
     """
     from diffusers import AutoencoderKL, DiTTransformer2DModel
 
-    from pipeline import diffusion_pipeline
-    from pipeline.diffusion_pipeline import ClassConditionalPipeline
+    from pipeline.diffusion import class_conditional_pipeline as diffusion_pipeline
+    from pipeline.diffusion.class_conditional_pipeline import ClassConditionalPipeline
 
     model = type(denoiser).from_config(denoiser.config)
     model.load_state_dict(state_dict)

@@ -1,7 +1,7 @@
 """Pretraining on token shards: one short, linear loop on Accelerate for every engine and family.
 
 The engine (DDP, FSDP, DeepSpeed ZeRO) comes from the recipe's launch section through
-`pipeline.distributed`; the objective (causal, masked, span corruption, MoE) comes from the model
+`pipeline.train.distributed`; the objective (causal, masked, span corruption, MoE) comes from the model
 family through `pipeline.models`. Batches and objective randomness are pure functions of
 (seed, step, rank, micro step), so resuming from a checkpoint replays exactly the data an
 uninterrupted run would have seen, and the resumed run ends with the same weights.
@@ -15,12 +15,12 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline import preempt
-from pipeline.config import StageConfig
-from pipeline.context import StageContext
-from pipeline.errors import PipelineError, Preempted
+from pipeline.engine import preempt
+from pipeline.engine.config import StageConfig
+from pipeline.engine.context import StageContext
+from pipeline.engine.errors import PipelineError, Preempted
 from pipeline.models.causal_lm import ModelConfig
-from pipeline.training import OptimConfig, ScheduleConfig
+from pipeline.train.optim import OptimConfig, ScheduleConfig
 
 
 class Config(StageConfig):
@@ -92,16 +92,16 @@ def run(ctx: StageContext) -> None:
     import torch
 
     from data_prep.shards import TokenShards
-    from pipeline import flops
-    from pipeline.checkpoint import latest_checkpoint, save_checkpoint
-    from pipeline.distributed import (
+    from pipeline.models import build_model
+    from pipeline.train import flops
+    from pipeline.train.checkpoint import latest_checkpoint, save_checkpoint
+    from pipeline.train.distributed import (
         TrainShape,
         build_accelerator,
         replica_digests,
         replicates_parameters,
     )
-    from pipeline.models import build_model
-    from pipeline.training import export_model, lr_factor, param_groups, replay_generator
+    from pipeline.train.optim import export_model, lr_factor, param_groups, replay_generator
 
     cfg: Config = ctx.config  # type: ignore[assignment]
     data_dir = ctx.upstream("tokenize").export_dir

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from data_prep.tasks import TaskBase
-from pipeline.context import StageContext
-from pipeline.posttrain import BUILTIN_TASK, TrainerStageConfig
+from pipeline.engine.context import StageContext
+from pipeline.stages.posttrain import BUILTIN_TASK, TrainerStageConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -34,7 +34,7 @@ def preference_rows(
 ) -> tuple[list[dict], list[dict]]:
     """(train, held-out) preference rows with prompt/chosen/rejected (prompt may be empty)."""
     from data_prep.tasks import preference_pairs
-    from pipeline.posttrain import read_jsonl
+    from pipeline.stages.posttrain import read_jsonl
 
     if data == BUILTIN_TASK:
         return (
@@ -83,7 +83,13 @@ def run(ctx: StageContext) -> None:
     """Train, export the reward model + tokenizer, record held-out pairwise accuracy."""
     from trl import RewardConfig, RewardTrainer
 
-    from pipeline.posttrain import base_model_dir, dataset, fit, load_tokenizer, training_arguments
+    from pipeline.stages.posttrain import (
+        base_model_dir,
+        dataset,
+        fit,
+        load_tokenizer,
+        training_arguments,
+    )
 
     cfg: Config = ctx.config  # type: ignore[assignment]
     source = base_model_dir(ctx)

@@ -1,7 +1,7 @@
 """Preference and reinforcement learning with TRL: GRPO or RLOO against rewards, or DPO on pairs.
 
 GRPO/RLOO sample `num_generations` completions per prompt and score them with verifiable reward
-functions named in the recipe (pipeline.rewards) and/or a reward stage's model; `beta` is the KL
+functions named in the recipe (pipeline.train.rewards) and/or a reward stage's model; `beta` is the KL
 coefficient towards a reference model (the starting policy, optionally synced every few steps).
 DPO trains on chosen/rejected pairs (the task's built-in pairs or a JSONL file). The trainer's
 reward mean/std, fraction of zero-variance groups and completion lengths go to metrics.jsonl.
@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.context import StageContext
-from pipeline.errors import PipelineError
-from pipeline.posttrain import BUILTIN_TASK, TaskStageConfig
+from pipeline.engine.context import StageContext
+from pipeline.engine.errors import PipelineError
+from pipeline.stages.posttrain import BUILTIN_TASK, TaskStageConfig
 
 # Trainer log keys (GRPO/RLOO/DPO) recorded in the stage summary under our names.
 SUMMARY_KEYS = {
@@ -38,7 +38,9 @@ class Config(TaskStageConfig):
 
     kind: Literal["rlhf"] = "rlhf"
     algorithm: Literal["grpo", "rloo", "dpo"] = "grpo"
-    rewards: list[str] = Field(["exact"], description="exact | partial | format (pipeline.rewards)")
+    rewards: list[str] = Field(
+        ["exact"], description="exact | partial | format (pipeline.train.rewards)"
+    )
     reward_model: str | None = Field(None, description="a reward stage whose model also scores")
     reward_weights: list[float] | None = Field(None, description="one per reward; default: 1 each")
     beta: float | None = Field(None, ge=0, description="KL coefficient; default: TRL's")
@@ -74,7 +76,7 @@ class Config(TaskStageConfig):
 def prompt_rows(cfg: Config, seed: int, where: str) -> list[dict[str, Any]]:
     """GRPO/RLOO prompts: the task's train problems (with `answer`) or the user's JSONL rows."""
     from data_prep.tasks import task_problems
-    from pipeline.posttrain import read_jsonl
+    from pipeline.stages.posttrain import read_jsonl
 
     if cfg.data == BUILTIN_TASK:
         return [
@@ -93,9 +95,9 @@ def dpo_losses(cfg: Config) -> dict[str, Any]:
 
 def build_trainer(ctx: StageContext, cfg: Config, model: Any, tokenizer: Any, callback: Any) -> Any:
     """The TRL trainer for `cfg.algorithm`, configured from the recipe."""
-    from pipeline.posttrain import dataset, training_arguments
-    from pipeline.rewards import reward_functions
+    from pipeline.stages.posttrain import dataset, training_arguments
     from pipeline.stages.reward import preference_rows
+    from pipeline.train.rewards import reward_functions
 
     where = f"stages.{ctx.name}"
     common = training_arguments(ctx, cfg, model)
@@ -154,7 +156,7 @@ def run(ctx: StageContext) -> None:
     """Train the policy, export it, record reward statistics and held-out accuracy."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.posttrain import base_model_dir, fit, load_tokenizer, task_evaluation
+    from pipeline.stages.posttrain import base_model_dir, fit, load_tokenizer, task_evaluation
 
     cfg: Config = ctx.config  # type: ignore[assignment]
     source = base_model_dir(ctx)
@@ -172,7 +174,7 @@ def run(ctx: StageContext) -> None:
     if ctx.is_main and cfg.algorithm != "dpo":
         from eval.report import write_sections
         from eval.task_plots import rl_section
-        from pipeline.tracking import read_metrics
+        from pipeline.engine.tracking import read_metrics
 
         rows = read_metrics(ctx.stage_dir)
         write_sections(ctx.export_dir, [rl_section(ctx.export_dir, rows, cfg.algorithm.upper())])

@@ -11,8 +11,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.context import StageContext
-from pipeline.posttrain import BUILTIN_TASK, TaskStageConfig
+from pipeline.engine.context import StageContext
+from pipeline.stages.posttrain import BUILTIN_TASK, TaskStageConfig
 
 
 class Config(TaskStageConfig):
@@ -27,7 +27,7 @@ class Config(TaskStageConfig):
 def training_rows(cfg: Config, seed: int, where: str) -> list[dict]:
     """The SFT rows: the task's prompt/completion pairs or the user's JSONL rows."""
     from data_prep.tasks import task_problems
-    from pipeline.posttrain import read_jsonl
+    from pipeline.stages.posttrain import read_jsonl
 
     if cfg.data == BUILTIN_TASK:
         return [
@@ -43,7 +43,7 @@ def run(ctx: StageContext) -> None:
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.posttrain import (
+    from pipeline.stages.posttrain import (
         base_model_dir,
         dataset,
         fit,

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field
 
-from pipeline.context import StageContext
-from pipeline.diffusion_training import ImageTrainingConfig
+from pipeline.diffusion.training import ImageTrainingConfig
+from pipeline.engine.context import StageContext
 from pipeline.models.diffusion import VAEModelConfig
 
 if TYPE_CHECKING:
@@ -43,9 +43,9 @@ def run(ctx: StageContext) -> None:
     import torch
 
     from data_prep.images import ImageShards
-    from pipeline.diffusion_training import ema_state_dict, train
+    from pipeline.diffusion.training import ema_state_dict, train
     from pipeline.models.diffusion import build_vae, vae_with_loss
-    from pipeline.training import torch_threads
+    from pipeline.train.optim import torch_threads
 
     cfg = ctx.config
     assert isinstance(cfg, Config)

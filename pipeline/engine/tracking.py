@@ -15,10 +15,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import TrackingConfig
+from pipeline.engine.config import TrackingConfig
 
 METRICS_FILE = "metrics.jsonl"
-log = logging.getLogger("pipeline.tracking")
+log = logging.getLogger("pipeline.engine.tracking")
 
 
 def new_run_id() -> str:

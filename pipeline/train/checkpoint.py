@@ -13,12 +13,12 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.manifest import atomic_write_json, checksum_tree, sha256_file
+from pipeline.engine.manifest import atomic_write_json, checksum_tree, sha256_file
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-log = logging.getLogger("pipeline.checkpoint")
+log = logging.getLogger("pipeline.train.checkpoint")
 META = "meta.json"
 
 

@@ -3,7 +3,7 @@
 diffusers' DiTPipeline assumes a VAE and ImageNet's 1000 classes; this pipeline takes a DiT
 (`transformer`) or a UNet (`unet`), any number of classes, pixel or latent space (`vae`), either
 objective (DDPM epsilon/v, or flow matching) and classifier-free guidance. It loads the standard
-way, with this module's class (pipeline.diffusion_pipeline.ClassConditionalPipeline):
+way, with this module's class (pipeline.diffusion.class_conditional_pipeline.ClassConditionalPipeline):
 
     pipe = ClassConditionalPipeline.from_pretrained("runs/digits-dit/diffusion/export")
     images = pipe(class_labels=[0, 1, 2], num_inference_steps=20, guidance_scale=2.0).images

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from data_prep.tasks import TaskBase, is_bare_answer, score
-from pipeline.errors import PipelineError
+from pipeline.engine.errors import PipelineError
 
 RewardFunc = Callable[..., list[float]]
 NAMES = ("exact", "partial", "format")

@@ -15,14 +15,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Recipe
-from pipeline.context import SUMMARY_FILE
-from pipeline.errors import PipelineError, Preempted, StageFailed
-from pipeline.graph import Step, plan
-from pipeline.launch import Rendezvous, run_in_process, run_torchrun
-from pipeline.manifest import atomic_write_text, checksum_tree, read_manifest, write_manifest
-from pipeline.tracking import new_run_id
-from pipeline.worker import RECIPE_FILE
+from pipeline.engine.config import Recipe
+from pipeline.engine.context import SUMMARY_FILE
+from pipeline.engine.errors import PipelineError, Preempted, StageFailed
+from pipeline.engine.graph import Step, plan
+from pipeline.engine.launch import Rendezvous, run_in_process, run_torchrun
+from pipeline.engine.manifest import atomic_write_text, checksum_tree, read_manifest, write_manifest
+from pipeline.engine.tracking import new_run_id
+from pipeline.engine.worker import RECIPE_FILE
 
 
 def now_iso() -> str:

@@ -7,9 +7,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Recipe, _suggest, topo_order
-from pipeline.errors import RecipeError
-from pipeline.manifest import read_manifest, verify_outputs
+from pipeline.engine.config import Recipe, _suggest, topo_order
+from pipeline.engine.errors import RecipeError
+from pipeline.engine.manifest import read_manifest, verify_outputs
 
 # Bump when the meaning of a stage's outputs changes for the same config.
 FINGERPRINT_VERSION = 1

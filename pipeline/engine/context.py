@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.config import Recipe, StageConfig
-from pipeline.errors import PipelineError
-from pipeline.manifest import atomic_write_json, read_manifest
-from pipeline.tracking import Tracker
+from pipeline.engine.config import Recipe, StageConfig
+from pipeline.engine.errors import PipelineError
+from pipeline.engine.manifest import atomic_write_json, read_manifest
+from pipeline.engine.tracking import Tracker
 
 T = TypeVar("T")
 
@@ -156,7 +156,7 @@ class StageContext:
         self, items: Iterable[T] | None = None, total: int | None = None, desc: str = ""
     ) -> Iterator[T]:
         """Progress over a long loop: a bar on a terminal, periodic lines in logs, silent off rank 0."""
-        from pipeline.progress import progress
+        from pipeline.engine.progress import progress
 
         return progress(items, total=total, desc=desc, enabled=self.is_main, log=self.log)
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import Strict
+from pipeline.engine.config import Strict
 
 if TYPE_CHECKING:
     import torch

@@ -1,7 +1,7 @@
 """The training loop shared by the vae and diffusion stages: one short, linear loop on Accelerate.
 
 The engine (DDP, FSDP, DeepSpeed ZeRO-1/2) comes from the recipe's launch section through
-`pipeline.distributed`; the loss is the stage's. Batches come from `ImageShards.batch` and every
+`pipeline.train.distributed`; the loss is the stage's. Batches come from `ImageShards.batch` and every
 random number of a loss from `replay_generator(seed, step, rank, micro)`, so resuming from a
 checkpoint (model, optimizer, LR schedule and EMA) replays exactly what an uninterrupted run did.
 """
@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline import preempt
-from pipeline.config import StageConfig
-from pipeline.context import StageContext
-from pipeline.errors import PipelineError, Preempted
-from pipeline.training import OptimConfig, ScheduleConfig
+from pipeline.engine import preempt
+from pipeline.engine.config import StageConfig
+from pipeline.engine.context import StageContext
+from pipeline.engine.errors import PipelineError, Preempted
+from pipeline.train.optim import OptimConfig, ScheduleConfig
 
 if TYPE_CHECKING:
     import torch
@@ -85,10 +85,10 @@ def train(
     """Train `model` on the (train, val) shards for cfg.max_steps, resuming if a checkpoint fits."""
     import torch
 
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.distributed import TrainShape, build_accelerator
     from pipeline.stages.pretrain import resolve_precision
-    from pipeline.training import lr_factor, param_groups
+    from pipeline.train.checkpoint import save_checkpoint
+    from pipeline.train.distributed import TrainShape, build_accelerator
+    from pipeline.train.optim import lr_factor, param_groups
 
     train_split, val_split = data
     launch = ctx.recipe.launch_for(ctx.name)
@@ -313,7 +313,7 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
 
 def resume(ctx: StageContext, accelerator: Accelerator, global_batch: int) -> int:
     """Load the newest checkpoint of this configuration; the step to continue from (0: none)."""
-    from pipeline.checkpoint import latest_checkpoint
+    from pipeline.train.checkpoint import latest_checkpoint
 
     found = latest_checkpoint(ctx.checkpoint_dir, ctx.fingerprint)
     if not found:
@@ -346,7 +346,7 @@ def ema_state_dict(trained: Trained) -> dict[str, Any]:
 
 def _replica_check(launch: Any, accelerator: Accelerator, model: torch.nn.Module) -> dict:
     """Under data parallelism every rank must end with the same weights; their digests."""
-    from pipeline.distributed import replica_digests, replicates_parameters
+    from pipeline.train.distributed import replica_digests, replicates_parameters
 
     if not replicates_parameters(launch):
         return {}
@@ -404,6 +404,6 @@ def _to_device(batch: tuple[Any, Any], device: Any) -> tuple[torch.Tensor, torch
 
 
 def _generator(*key: object) -> torch.Generator:
-    from pipeline.training import replay_generator
+    from pipeline.train.optim import replay_generator
 
     return replay_generator(*key)

@@ -1,7 +1,7 @@
 """What the post-training stages (sft, reward, rlhf) share: data, base model, TRL wiring, export.
 
 TRL trainers do the training; this module only hands them our launch settings (through
-`pipeline.distributed.trainer_arguments`), our tracker (a callback, rank 0) and our directories
+`pipeline.train.distributed.trainer_arguments`), our tracker (a callback, rank 0) and our directories
 (checkpoints under the stage's `checkpoints/`, the export under `export/`).
 """
 
@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from data_prep.tasks import ArithmeticTask, TaskBase, TaskConfig
-from pipeline.config import StageConfig
-from pipeline.context import StageContext
-from pipeline.errors import PipelineError
-from pipeline.tracking import Tracker
-from pipeline.training import OptimConfig, ScheduleConfig
+from pipeline.engine.config import StageConfig
+from pipeline.engine.context import StageContext
+from pipeline.engine.errors import PipelineError
+from pipeline.engine.tracking import Tracker
+from pipeline.train.optim import OptimConfig, ScheduleConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, Trainer
@@ -222,8 +222,8 @@ def training_arguments(ctx: StageContext, cfg: TrainerStageConfig, model: Any) -
     """TrainingArguments fields shared by every TRL config: launch, schedule, logging, saving."""
     import torch
 
-    from pipeline.distributed import TrainShape, trainer_arguments
     from pipeline.stages.pretrain import resolve_precision
+    from pipeline.train.distributed import TrainShape, trainer_arguments
 
     shape = TrainShape(
         cfg.micro_batch_size,

@@ -1,7 +1,7 @@
 """`pipeline submit`: one sbatch job per stage that is not up to date, chained with afterok.
 
 Each job file is rendered from `slurm/stage.sbatch` and carries only the run directory and the
-stage name; the job (`pipeline.slurm_job`) reads everything else from the resolved recipe. Jobs
+stage name; the job (`pipeline.engine.slurm_job`) reads everything else from the resolved recipe. Jobs
 are submitted held, recorded in their stage manifests, then released, so a job never races the
 record of its own submission.
 """
@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
-from pipeline.config import Recipe, SlurmConfig
-from pipeline.errors import PipelineError
-from pipeline.graph import plan
-from pipeline.manifest import atomic_write_text, read_manifest, update_manifest
-from pipeline.runner import now_iso, write_resolved_recipe
+from pipeline.engine.config import Recipe, SlurmConfig
+from pipeline.engine.errors import PipelineError
+from pipeline.engine.graph import plan
+from pipeline.engine.manifest import atomic_write_text, read_manifest, update_manifest
+from pipeline.engine.runner import now_iso, write_resolved_recipe
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "stage.sbatch"
+TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "stage.sbatch"
 SLURM_DIR = "slurm"
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED"}
 

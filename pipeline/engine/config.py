@@ -18,8 +18,8 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
-from pipeline.errors import RecipeError
-from pipeline.kinds import KINDS, stage_module
+from pipeline.engine.errors import RecipeError
+from pipeline.engine.kinds import KINDS, stage_module
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -169,7 +169,7 @@ class Recipe(Strict):
 
 
 def bundled_recipes_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "recipes"
+    return Path(__file__).resolve().parents[2] / "recipes"
 
 
 def bundled_recipes() -> list[Path]:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import LaunchConfig, deep_merge
-from pipeline.errors import PipelineError
+from pipeline.engine.config import LaunchConfig, deep_merge
+from pipeline.engine.errors import PipelineError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from pipeline.errors import PipelineError
+from pipeline.engine.errors import PipelineError
 
 if TYPE_CHECKING:
     import torch

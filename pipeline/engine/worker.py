@@ -1,4 +1,4 @@
-"""One process of a stage: `python -m pipeline.worker RUN_DIR STAGE` (usually under torchrun).
+"""One process of a stage: `python -m pipeline.engine.worker RUN_DIR STAGE` (usually under torchrun).
 
 Every process reads the resolved recipe from the run directory, so what runs is exactly what the
 orchestrator planned, whether started locally, by torchrun or by a Slurm job.
@@ -12,12 +12,12 @@ import time
 import traceback
 from pathlib import Path
 
-from pipeline import preempt
-from pipeline.config import read_yaml, validate_recipe
-from pipeline.context import StageContext, setup_stage_logging
-from pipeline.errors import PipelineError, Preempted
-from pipeline.kinds import stage_module
-from pipeline.manifest import ERRORS_DIR, atomic_write_json, read_manifest
+from pipeline.engine import preempt
+from pipeline.engine.config import read_yaml, validate_recipe
+from pipeline.engine.context import StageContext, setup_stage_logging
+from pipeline.engine.errors import PipelineError, Preempted
+from pipeline.engine.kinds import stage_module
+from pipeline.engine.manifest import ERRORS_DIR, atomic_write_json, read_manifest
 
 RECIPE_FILE = "recipe.yaml"
 

@@ -1,6 +1,6 @@
 """Start a stage: in this process (one process) or under torchrun (several), and report failures.
 
-`python -m pipeline.launch TORCHRUN_ARGS...` is torchrun with its launcher noise silenced: when
+`python -m pipeline.engine.launch TORCHRUN_ARGS...` is torchrun with its launcher noise silenced: when
 a rank fails, the engine shows that rank's own error (from `<stage>/errors/`), not the elastic
 agent's wall of tracebacks.
 """
@@ -17,11 +17,11 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import preempt
-from pipeline.config import LaunchConfig
-from pipeline.errors import PipelineError, Preempted, StageFailed
-from pipeline.manifest import ERRORS_DIR
-from pipeline.worker import execute_stage
+from pipeline.engine import preempt
+from pipeline.engine.config import LaunchConfig
+from pipeline.engine.errors import PipelineError, Preempted, StageFailed
+from pipeline.engine.manifest import ERRORS_DIR
+from pipeline.engine.worker import execute_stage
 
 
 def run_in_process(run_dir: Path, stage: str) -> None:
@@ -64,12 +64,12 @@ def torchrun_command(
     return [
         sys.executable,
         "-m",
-        "pipeline.launch",
+        "pipeline.engine.launch",
         *where,
         f"--nnodes={launch.nnodes}",
         f"--nproc-per-node={launch.nproc}",
         "--module",
-        "pipeline.worker",
+        "pipeline.engine.worker",
         str(run_dir),
         stage,
     ]

@@ -1,4 +1,4 @@
-"""One node's share of a stage's Slurm job: `python -m pipeline.slurm_job RUN_DIR STAGE` (srun).
+"""One node's share of a stage's Slurm job: `python -m pipeline.engine.slurm_job RUN_DIR STAGE` (srun).
 
 Node 0 runs the stage exactly as `pipeline run` does (the same manifest contract: done only
 after the outputs are checksummed) with torchrun's rendezvous at its own address; the other nodes
@@ -16,14 +16,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline import preempt
-from pipeline.config import Recipe, read_yaml, validate_recipe
-from pipeline.errors import PipelineError, Preempted
-from pipeline.graph import Step, fingerprints
-from pipeline.launch import Rendezvous, run_torchrun
-from pipeline.manifest import update_manifest
-from pipeline.runner import execute
-from pipeline.worker import RECIPE_FILE, shutdown
+from pipeline.engine import preempt
+from pipeline.engine.config import Recipe, read_yaml, validate_recipe
+from pipeline.engine.errors import PipelineError, Preempted
+from pipeline.engine.graph import Step, fingerprints
+from pipeline.engine.launch import Rendezvous, run_torchrun
+from pipeline.engine.manifest import update_manifest
+from pipeline.engine.runner import execute
+from pipeline.engine.worker import RECIPE_FILE, shutdown
 
 BASE_PORT = 29500
 
