@@ -1,130 +1,14 @@
-"""Shared helpers: a tiny recipe on real built-in data, and a way to run the real CLI."""
+"""Fixtures shared by the test modules; the helpers they import are in tests/helpers.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_recipe(run_dir: Path, *, nproc: int = 1, tracking: str = "disabled") -> dict[str, Any]:
-    """tokenizer -> tokenize -> pretrain -> eval on ~300 KB of the stdlib; seconds on a CPU."""
-    source = {"uri": "builtin:python-stdlib", "max_bytes": 300_000}
-    return {
-        "name": "tiny",
-        "run_dir": str(run_dir),
-        "tracking": {"mode": tracking},
-        "launch": {"nproc": nproc},
-        "stages": {
-            "tokenizer": {
-                "kind": "tokenizer",
-                "source": source,
-                "vocab_size": 400,
-                "sample_bytes": 300_000,
-            },
-            "tokenize": {
-                "kind": "tokenize",
-                "after": ["tokenizer"],
-                "source": source,
-                "num_workers": 1,
-            },
-            "pretrain": {
-                "kind": "pretrain",
-                "after": ["tokenize"],
-                "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2},
-                "seq_len": 32,
-                "micro_batch_size": 4,
-                "max_steps": 8,
-                "schedule": {"warmup_steps": 2},
-                "log_every": 2,
-                "eval_every": 4,
-                "eval_batches": 2,
-                "checkpoint_every": 2,
-                "keep_checkpoints": 2,
-            },
-            "eval": {
-                "kind": "eval",
-                "after": ["pretrain"],
-                "max_tokens": 2000,
-                "max_new_tokens": 4,
-                "prompts": ["def "],
-            },
-        },
-    }
-
-
-def write_recipe(path: Path, data: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def cli(
-    *args: str, cwd: Path | None = None, timeout: float = 600, **popen: Any
-) -> subprocess.CompletedProcess:
-    """Run `pipeline ARGS` as a user would, in a fresh process."""
-    env = {**os.environ, "WANDB_SILENT": "true"}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        cwd=cwd or ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **popen,
-    )
+from tests.helpers import tiny_recipe, write_recipe
 
 
 @pytest.fixture
 def recipe_path(tmp_path: Path) -> Path:
     return write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tmp_path / "runs" / "tiny"))
-
-
-def kill_then_resume(tmp_path: Path, recipe: dict[str, Any], kill_when: str) -> tuple[Path, Path]:
-    """Run `recipe` uninterrupted, and again killed with SIGKILL (whole process group) as soon as
-    `kill_when` (a path inside the run dir) exists, then rerun it to completion.
-
-    Returns (reference run dir, resumed run dir).
-    """
-    reference, killed = tmp_path / "runs" / "reference", tmp_path / "runs" / "killed"
-    result = cli(
-        "run", str(write_recipe(tmp_path / "reference.yaml", {**recipe, "run_dir": str(reference)}))
-    )
-    assert result.returncode == 0, result.stderr
-    path = write_recipe(tmp_path / "killed.yaml", {**recipe, "run_dir": str(killed)})
-    run_until(path, killed, kill_when)
-    result = cli("run", str(path))
-    assert result.returncode == 0, result.stderr
-    return reference, killed
-
-
-def run_until(path: Path, run_dir: Path, kill_when: str) -> None:
-    """`pipeline run path`, killed with SIGKILL (whole process group) once `run_dir/kill_when`
-    exists; checks that the stage was left running, without an export."""
-    import signal
-    import time
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", str(path)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and not (run_dir / kill_when).exists():
-        assert proc.poll() is None, "run finished before it could be killed"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    from pipeline.engine.manifest import read_manifest
-
-    stage = kill_when.split("/")[0]
-    assert read_manifest(run_dir / stage)["status"] == "running"
-    assert not (run_dir / stage / "export").exists()

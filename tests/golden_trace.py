@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import cli, write_recipe
+from tests.helpers import cli, write_recipe
 
 GOLDEN = Path(__file__).parent / "golden" / "trace.json"
 TRACED_KEYS = ("train/loss", "train/grad_norm", "train/lr", "val/loss", "val/ema_loss")

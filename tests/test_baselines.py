@@ -17,7 +17,7 @@ from data_prep.tabular import load_dataset, subsample_rows
 from pipeline.engine.config import bundled_recipes_dir
 from pipeline.engine.manifest import read_manifest
 from pipeline.engine.tracking import read_metrics
-from tests.conftest import cli, kill_then_resume, write_recipe
+from tests.helpers import cli, kill_then_resume, write_recipe
 
 # stage -> overrides that keep every model of the bundled recipe but shrink data and budgets
 SHRINK: dict[str, dict[str, Any]] = {

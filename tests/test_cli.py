@@ -22,7 +22,7 @@ from pipeline.engine.config import (
 from pipeline.engine.config_docs import describe_config
 from pipeline.engine.errors import RecipeError
 from pipeline.engine.graph import fingerprints, plan
-from tests.conftest import cli, tiny_recipe, write_recipe
+from tests.helpers import cli, tiny_recipe, write_recipe
 
 # Every subcommand and its flags (positionals by dest). A change here is a change to the CLI
 # users script against: update this deliberately, with the README.

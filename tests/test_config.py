@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.engine.config import bundled_recipes, load_recipe
 from pipeline.engine.errors import RecipeError
-from tests.conftest import cli, tiny_recipe, write_recipe
+from tests.helpers import cli, tiny_recipe, write_recipe
 
 
 def _error(tmp_path: Path, mutate) -> str:

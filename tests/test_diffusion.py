@@ -16,7 +16,7 @@ from pipeline.engine.errors import PipelineError
 from pipeline.engine.manifest import read_manifest
 from pipeline.engine.tracking import read_metrics
 from pipeline.stages import diffusion
-from tests.conftest import cli, kill_then_resume, write_recipe
+from tests.helpers import cli, kill_then_resume, write_recipe
 
 
 def diffusion_recipe(run_dir: Path, nproc: int = 1, **diffusion: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.engine.context import SUMMARY_FILE
 from pipeline.engine.tracking import read_metrics
-from tests.conftest import cli, tiny_recipe, write_recipe
+from tests.helpers import cli, tiny_recipe, write_recipe
 
 FAMILIES = {
     "mixtral": {"num_experts": 4, "experts_per_token": 2},

@@ -16,7 +16,7 @@ import yaml
 from pipeline.engine.config import bundled_recipes_dir, validate_recipe
 from pipeline.engine.errors import RecipeError
 from pipeline.engine.manifest import read_manifest
-from tests.conftest import cli, write_recipe
+from tests.helpers import cli, write_recipe
 
 RECIPE = bundled_recipes_dir() / "baselines" / "generative-digits.yaml"
 NATIVE = ("vae", "gan", "flow", "pixelcnn")

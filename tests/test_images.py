@@ -10,7 +10,7 @@ import pytest
 from data_prep.images import Config, ImageShards, prepare_images
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.manifest import sha256_file
-from tests.conftest import cli, write_recipe
+from tests.helpers import cli, write_recipe
 
 
 def _prepare(tmp_path: Path, seed: int = 0, **config: object) -> Path:

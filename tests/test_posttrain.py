@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from pipeline.engine.tracking import read_metrics
-from tests.conftest import cli, tiny_recipe, write_recipe
+from tests.helpers import cli, tiny_recipe, write_recipe
 
 # A preference a tiny model learns in a few steps: a number is preferred over a word.
 WORDS = ("apple", "blue", "maybe", "river", "seven", "none")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from pipeline.engine.tracking import read_metrics
-from tests.conftest import cli, write_recipe
+from tests.helpers import cli, write_recipe
 
 TASK = {"name": "sort", "min_length": 4, "max_length": 4}
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from pipeline.engine.tracking import read_metrics
-from tests.conftest import cli, run_until, tiny_recipe, write_recipe
+from tests.helpers import cli, run_until, tiny_recipe, write_recipe
 
 TASK = {"name": "arithmetic", "max_operand": 20, "operators": ["+", "-"]}
 

@@ -15,7 +15,7 @@ from eval.scaling import FULL_FORM, PURE_FORM, fit_power_law
 from pipeline.engine.config import bundled_recipes_dir, load_recipe, validate_recipe
 from pipeline.engine.errors import RecipeError
 from pipeline.engine.manifest import read_manifest
-from tests.conftest import cli, tiny_recipe, write_recipe
+from tests.helpers import cli, tiny_recipe, write_recipe
 
 SIZES = [16, 24, 32, 48]
 LAYERS = [1, 1, 2, 2]

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.engine.manifest import read_manifest
-from tests.conftest import cli, tiny_recipe, write_recipe
+from tests.helpers import cli, tiny_recipe, write_recipe
 from tests.slurm_cluster import slurm_cluster  # noqa: F401 - pytest fixture
 
 STAGES = ["tokenizer", "tokenize", "pretrain", "eval"]

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.engine.manifest import read_manifest
 from pipeline.engine.tracking import read_metrics
-from tests.conftest import cli, kill_then_resume, tiny_recipe, write_recipe
+from tests.helpers import cli, kill_then_resume, tiny_recipe, write_recipe
 
 ENGINES = {
     "ddp": {"nproc": 2, "engine": "ddp"},

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from pipeline.engine.manifest import read_manifest
-from tests.conftest import cli, tiny_recipe, write_recipe
+from tests.helpers import cli, tiny_recipe, write_recipe
 
 STAGES = ["tokenizer", "tokenize", "pretrain", "eval"]
 
