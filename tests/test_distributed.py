@@ -11,6 +11,7 @@ import pytest
 from pipeline.engine.manifest import read_manifest
 from pipeline.engine.tracking import read_metrics
 from tests.helpers import cli, kill_then_resume, tiny_recipe, write_recipe
+from tests.spawn import run_distributed
 
 ENGINES = {
     "ddp": {"nproc": 2, "engine": "ddp"},
@@ -54,6 +55,7 @@ def engine_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp"])
+@pytest.mark.e2e
 def test_losses_match_ddp(engine_runs: dict[str, Path], engine: str) -> None:
     ddp = losses(engine_runs["ddp"])
     assert len(ddp) == 8
@@ -63,6 +65,7 @@ def test_losses_match_ddp(engine_runs: dict[str, Path], engine: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_engines_write_their_own_sharded_checkpoints(engine_runs: dict[str, Path]) -> None:
     def newest(name: str) -> Path:
         return sorted((engine_runs[name] / "pretrain" / "checkpoints").glob("step_*"))[-1]
@@ -77,6 +80,7 @@ def test_engines_write_their_own_sharded_checkpoints(engine_runs: dict[str, Path
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_zero3_export_equals_the_gathered_checkpoint_and_loads(
     engine_runs: dict[str, Path],
 ) -> None:
@@ -96,6 +100,7 @@ def test_zero3_export_equals_the_gathered_checkpoint_and_loads(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp"])
+@pytest.mark.e2e
 def test_exports_match_ddp(engine_runs: dict[str, Path], engine: str) -> None:
     import torch
 
@@ -106,6 +111,7 @@ def test_exports_match_ddp(engine_runs: dict[str, Path], engine: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_zero3_resumes_after_kill_9(tmp_path: Path) -> None:
     import torch
 
@@ -129,6 +135,7 @@ def test_zero3_resumes_after_kill_9(tmp_path: Path) -> None:
         assert torch.allclose(ours[name], tensor, atol=1e-6), name
 
 
+@pytest.mark.e2e
 def test_gradient_accumulation_is_exact(tmp_path: Path) -> None:
     """k micro batches of b give the same update as one batch of k*b."""
     import torch
@@ -147,6 +154,7 @@ def test_gradient_accumulation_is_exact(tmp_path: Path) -> None:
             assert torch.allclose(other[name], tensor, atol=2e-6), name
 
 
+@pytest.mark.e2e
 def test_bf16_and_activation_checkpointing_train(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "bf16"
     data = pretrain_recipe(
@@ -163,6 +171,7 @@ def test_bf16_and_activation_checkpointing_train(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_compile_switch_trains(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "compiled"
     data = pretrain_recipe(run_dir, {"nproc": 1}, compile=True, max_steps=4)
@@ -171,6 +180,7 @@ def test_compile_switch_trains(tmp_path: Path) -> None:
     assert len(losses(run_dir)) == 4
 
 
+@pytest.mark.e2e
 def test_engine_options_are_validated(tmp_path: Path) -> None:
     data = pretrain_recipe(
         tmp_path / "runs" / "x",
@@ -213,20 +223,92 @@ def test_expert_deepspeed_json_wins_and_is_checked(tmp_path: Path) -> None:
         deepspeed_config(launch, shape)
 
 
-def test_flops_and_peak_table() -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
+# ---------------------------------------------------------------------------------------------
+# The same pieces on real gloo ranks spawned inside the test (tests/spawn.py): seconds, not a run.
 
-    from pipeline.train import flops
 
-    # GPT-2 small: 124.4M parameters of which 38.6M + 0.8M are token/position embeddings;
-    # the tied output projection is a matmul and counts.
-    model = GPT2LMHeadModel(GPT2Config())
-    n = flops.matmul_params(model)
-    assert n == sum(p.numel() for p in model.parameters()) - 1024 * 768
-    assert flops.flops_per_token(n, 12, 768, 1024) == 6 * n + 12 * 12 * 768 * 1024
-    assert flops.peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
-    assert flops.peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
-    assert flops.peak_flops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5e12
-    assert flops.peak_flops(None, "bf16") is None
-    assert flops.mfu(1000.0, 6e9, None) is None
-    assert flops.mfu(1000.0, 6e9, 1.2e13) == pytest.approx(0.5)
+def _ddp_accelerator(micro_batch_size: int = 4, grad_accum_steps: int = 1):
+    """The Accelerator a 2-process DDP stage builds (gloo on CPU)."""
+    from pipeline.engine.config import LaunchConfig
+    from pipeline.train.distributed import TrainShape, build_accelerator
+
+    shape = TrainShape(micro_batch_size, grad_accum_steps, world_size=2)
+    return build_accelerator(LaunchConfig(nproc=2, engine="ddp"), shape, [])
+
+
+def _tiny_net():
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+
+
+def _digests_of_replicas() -> tuple[list[str], list[str]]:
+    """(digests once DDP has wrapped the model, digests after rank 1 nudged one weight)."""
+    import torch
+
+    from pipeline.train.distributed import replica_digests
+
+    accelerator = _ddp_accelerator()
+    torch.manual_seed(accelerator.process_index)  # each rank starts from its own weights...
+    model = accelerator.prepare(_tiny_net())  # ...and DDP broadcasts rank 0's
+    synced = replica_digests(accelerator, model)
+    if accelerator.process_index == 1:
+        with torch.no_grad():
+            accelerator.unwrap_model(model)[2].bias[0] += 1e-3
+    return synced, replica_digests(accelerator, model)
+
+
+def test_replica_digests_agree_under_ddp_and_expose_one_drifted_rank() -> None:
+    (synced_0, drifted_0), (synced_1, drifted_1) = run_distributed(_digests_of_replicas)
+    assert synced_0 == synced_1 and drifted_0 == drifted_1  # every rank sees every digest
+    assert len(synced_0) == 2 and synced_0[0] == synced_0[1]
+    assert drifted_0[0] == synced_0[0] and drifted_0[1] != synced_0[1]
+
+
+def _accumulated_ddp_step(inputs, targets, lr: float) -> dict:
+    """One optimizer step of 2 micro batches of 2 rows per rank, as the training loop takes it."""
+    import torch
+    import torch.nn.functional as F
+
+    accelerator = _ddp_accelerator(micro_batch_size=2, grad_accum_steps=2)
+    torch.manual_seed(0)
+    net = _tiny_net()
+    model, optimizer = accelerator.prepare(net, torch.optim.SGD(net.parameters(), lr=lr))
+    rank, synced, grads = accelerator.process_index, [], {}
+    for micro in range(2):
+        rows = slice((rank * 2 + micro) * 2, (rank * 2 + micro + 1) * 2)
+        with accelerator.accumulate(model):
+            accelerator.backward(F.mse_loss(model(inputs[rows]), targets[rows]))
+            synced.append(accelerator.sync_gradients)
+            grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+            optimizer.step()
+            optimizer.zero_grad()
+    return {"synced": synced, "grads": grads, "weights": net.state_dict()}
+
+
+def test_ddp_with_accumulation_steps_like_one_process_on_the_whole_batch() -> None:
+    """2 ranks x 2 micro batches x 2 rows: the gradient and the update of one batch of 8 rows."""
+    import torch
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(1)
+    inputs, targets = torch.randn(8, 6, generator=generator), torch.randn(8, 3, generator=generator)
+    lr = 0.5
+    ranks = run_distributed(_accumulated_ddp_step, inputs, targets, lr)
+
+    def gradients(rows: slice) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        net = _tiny_net()
+        F.mse_loss(net(inputs[rows]), targets[rows]).backward()
+        return {n: p.grad for n, p in net.named_parameters()}
+
+    whole, rank_0_only = gradients(slice(0, 8)), gradients(slice(0, 4))
+    torch.manual_seed(0)
+    expected = {n: p.detach() - lr * whole[n] for n, p in _tiny_net().named_parameters()}
+    for rank in ranks:
+        assert rank["synced"] == [False, True]  # all-reduce on the last micro batch only
+        for name, grad in whole.items():
+            assert torch.allclose(rank["grads"][name], grad, atol=1e-6), name
+            assert torch.allclose(rank["weights"][name], expected[name], atol=1e-6), name
+    # Not a tolerance too loose to tell: the gradient of rank 0's rows alone is far off.
+    assert max((whole[n] - rank_0_only[n]).abs().max() for n in whole) > 1e-2
