@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from tests import helpers
 from tests.helpers import tiny_recipe, write_recipe
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before the test's fixtures are set up: may it (or they) run the CLI in a subprocess?"""
+    helpers.subprocess_allowed = any(item.get_closest_marker(m) for m in ("e2e", "slow"))
 
 
 @pytest.fixture

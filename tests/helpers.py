@@ -16,6 +16,16 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# conftest sets this for each test: only tests marked e2e or slow may start `pipeline` processes,
+# so the fast tier (`-m "not slow and not e2e"`) never does.
+subprocess_allowed = True
+
+
+def _require_e2e_marker() -> None:
+    if not subprocess_allowed:
+        raise AssertionError(
+            "this test runs the pipeline CLI in a subprocess: mark it @pytest.mark.e2e"
+        )
 
 
 def tiny_recipe(run_dir: Path, *, nproc: int = 1, tracking: str = "disabled") -> dict[str, Any]:
@@ -73,6 +83,7 @@ def cli(
     *args: str, cwd: Path | None = None, timeout: float = 600, **popen: Any
 ) -> subprocess.CompletedProcess:
     """Run `pipeline ARGS` as a user would, in a fresh process."""
+    _require_e2e_marker()
     env = {**os.environ, "WANDB_SILENT": "true"}
     return subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *args],
@@ -108,6 +119,7 @@ def run_until(path: Path, run_dir: Path, kill_when: str) -> None:
     exists; checks that the stage was left running, without an export."""
     from pipeline.engine.manifest import read_manifest
 
+    _require_e2e_marker()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "run", str(path)],
         cwd=ROOT,

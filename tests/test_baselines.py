@@ -19,6 +19,8 @@ from pipeline.engine.manifest import read_manifest
 from pipeline.engine.tracking import read_metrics
 from tests.helpers import cli, kill_then_resume, write_recipe
 
+pytestmark = pytest.mark.e2e  # every test here runs `pipeline` in a subprocess
+
 # stage -> overrides that keep every model of the bundled recipe but shrink data and budgets
 SHRINK: dict[str, dict[str, Any]] = {
     "diabetes": {"cv_folds": 2},

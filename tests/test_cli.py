@@ -86,6 +86,7 @@ def test_show_kind_lists_nested_fields_with_descriptions(monkeypatch: pytest.Mon
         assert "…" not in table and max(len(line) for line in table.splitlines()) <= 100
 
 
+@pytest.mark.e2e
 def test_show_kind_in_a_real_process_at_100_columns(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "100")
     result = cli("show", "pretrain")
@@ -152,6 +153,7 @@ def test_extends_missing_base_names_file_and_recipe(tmp_path: Path) -> None:
     assert "child.yaml" in message and "nope.yaml" in message and "\n" not in message
 
 
+@pytest.mark.e2e
 def test_extends_cycle_is_one_line_exit_2(tmp_path: Path) -> None:
     _write(tmp_path / "a.yaml", {"extends": "b.yaml", "name": "a"})
     _write(tmp_path / "b.yaml", {"extends": "a.yaml", "stages": {}})

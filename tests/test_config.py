@@ -19,6 +19,7 @@ def _error(tmp_path: Path, mutate) -> str:
     return str(info.value)
 
 
+@pytest.mark.e2e
 def test_misspelt_key_one_line_with_suggestion_and_exit_2(tmp_path: Path) -> None:
     data = tiny_recipe(tmp_path / "runs")
     data["stages"]["pretrain"]["max_stepz"] = 5
@@ -72,6 +73,7 @@ def test_overrides_apply_and_validate(tmp_path: Path) -> None:
         load_recipe(path, ["stages.pretrain.optim.lrr=1"])
 
 
+@pytest.mark.e2e
 def test_malformed_yaml_and_missing_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nstages: {a: [\n")
@@ -85,6 +87,7 @@ def test_malformed_yaml_and_missing_file(tmp_path: Path) -> None:
     assert result.returncode == 2 and "no such recipe" in result.stderr
 
 
+@pytest.mark.e2e
 def test_non_utf8_recipe(tmp_path: Path) -> None:
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes("name: caf\xe9\n".encode("latin-1"))

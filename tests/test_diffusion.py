@@ -83,6 +83,7 @@ def _pipeline(run_dir: Path) -> Any:
     return pipe
 
 
+@pytest.mark.e2e
 def test_training_loss_falls(flow_run: Path) -> None:
     losses = [r["train/loss"] for r in read_metrics(flow_run / "diffusion") if "train/loss" in r]
     assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
@@ -90,6 +91,7 @@ def test_training_loss_falls(flow_run: Path) -> None:
     assert summary["val_ema_loss"] > 0 and summary["images_seen"] == 20 * 32
 
 
+@pytest.mark.e2e
 def test_export_holds_the_ema_weights_not_the_live_ones(flow_run: Path) -> None:
     import torch
     from safetensors.torch import load_file
@@ -108,6 +110,7 @@ def test_export_holds_the_ema_weights_not_the_live_ones(flow_run: Path) -> None:
     assert differing > len(names) // 2
 
 
+@pytest.mark.e2e
 def test_export_loads_with_from_pretrained_and_samples_the_right_shape(flow_run: Path) -> None:
     import torch
 
@@ -121,6 +124,7 @@ def test_export_loads_with_from_pretrained_and_samples_the_right_shape(flow_run:
     assert tensors.shape == (1, 1, 8, 8)
 
 
+@pytest.mark.e2e
 def test_export_loads_as_a_diffusers_custom_pipeline_without_this_project(
     flow_run: Path, tmp_path: Path
 ) -> None:
@@ -145,6 +149,7 @@ def test_export_loads_as_a_diffusers_custom_pipeline_without_this_project(
     assert "ClassConditionalPipeline (2, 8, 8, 1)" in result.stdout
 
 
+@pytest.mark.e2e
 def test_guidance_changes_samples_and_zero_guidance_is_unconditional(flow_run: Path) -> None:
     import torch
 
@@ -163,6 +168,7 @@ def test_guidance_changes_samples_and_zero_guidance_is_unconditional(flow_run: P
     assert np.allclose(sample([3, 4], 0.0), sample([null, null], 1.0), atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_eval_scores_against_real_images_and_report_shows_grids(flow_run: Path) -> None:
     from PIL import Image
 
@@ -181,6 +187,7 @@ def test_eval_scores_against_real_images_and_report_shows_grids(flow_run: Path) 
     assert read_manifest(flow_run / "eval")["headline"] == "class_accuracy"
 
 
+@pytest.mark.e2e
 def test_ddpm_unet_v_prediction_with_ddim_and_dpm_solver(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     recipe = diffusion_recipe(
@@ -209,6 +216,7 @@ def test_ddpm_unet_v_prediction_with_ddim_and_dpm_solver(tmp_path: Path) -> None
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.e2e
 def test_latent_diffusion_through_a_vae_stage(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     recipe = diffusion_recipe(
@@ -250,6 +258,7 @@ def resumed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_two_processes_keep_identical_replicas(resumed: tuple[Path, Path]) -> None:
     reference, _ = resumed
     summary = read_manifest(reference / "diffusion")["summary"]
@@ -260,6 +269,7 @@ def test_two_processes_keep_identical_replicas(resumed: tuple[Path, Path]) -> No
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_kill_then_resume_gives_the_uninterrupted_export(resumed: tuple[Path, Path]) -> None:
     import torch
     from safetensors.torch import load_file

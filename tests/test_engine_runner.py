@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from pipeline.engine.manifest import read_manifest
 from tests.helpers import cli, tiny_recipe, write_recipe
+
+pytestmark = pytest.mark.e2e  # every test here runs `pipeline` in a subprocess
 
 STAGES = ["tokenizer", "tokenize", "pretrain", "eval"]
 

@@ -15,6 +15,8 @@ from pipeline.engine.context import SUMMARY_FILE
 from pipeline.engine.tracking import read_metrics
 from tests.helpers import cli, tiny_recipe, write_recipe
 
+pytestmark = pytest.mark.e2e  # every test here runs `pipeline` in a subprocess
+
 FAMILIES = {
     "mixtral": {"num_experts": 4, "experts_per_token": 2},
     "bert": {"mlm_probability": 0.25},

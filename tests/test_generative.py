@@ -77,6 +77,7 @@ def column(table: dict[str, Any], name: str) -> dict[str, Any]:
     return {row[0]: row[index] for row in table["rows"]}
 
 
+@pytest.mark.e2e
 def test_all_six_rows_are_scored_and_the_report_shows_table_and_grids(run_dir: Path) -> None:
     table = results(run_dir, "generative")
     recipe = yaml.safe_load(RECIPE.read_text())
@@ -101,6 +102,7 @@ def test_all_six_rows_are_scored_and_the_report_shows_table_and_grids(run_dir: P
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.e2e
 def test_diffusion_rows_take_training_time_and_size_from_their_stage(run_dir: Path) -> None:
     table = results(run_dir, "generative")
     seconds, params = column(table, "train_seconds"), column(table, "params")
@@ -111,6 +113,7 @@ def test_diffusion_rows_take_training_time_and_size_from_their_stage(run_dir: Pa
     assert table["models"]["ddpm"]["metrics"]["sampler"] == "dpm++ 3 steps"
 
 
+@pytest.mark.e2e
 def test_exported_samples_are_images_on_the_pixel_grid(run_dir: Path) -> None:
     for name in (*NATIVE, "ddpm", "flow_matching"):
         with np.load(run_dir / "generative" / "export" / "predictions" / f"{name}.npz") as data:
@@ -121,6 +124,7 @@ def test_exported_samples_are_images_on_the_pixel_grid(run_dir: Path) -> None:
         assert not np.array_equal(data["samples"][0], data["samples"][1])
 
 
+@pytest.mark.e2e
 def test_flow_and_pixelcnn_beat_the_uniform_8_bit_baseline(run_dir: Path) -> None:
     table = results(run_dir, "eight_bit")
     bits = column(table, "bits_per_dim")
@@ -188,6 +192,7 @@ def test_bad_model_specs_are_refused_naming_the_model(model: dict, message: str)
     assert "stages.generative.models.bad" in str(info.value)
 
 
+@pytest.mark.e2e
 def test_a_from_stage_outside_after_fails_in_one_line(tmp_path: Path) -> None:
     recipe = shrunk_recipe(tmp_path / "run")
     stages = recipe["stages"]

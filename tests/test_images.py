@@ -180,6 +180,7 @@ def test_bad_image_folders_are_one_line_errors(
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.e2e
 def test_cli_reports_a_missing_folder_in_one_line(tmp_path: Path) -> None:
     recipe = {
         "name": "imgs",

@@ -11,6 +11,8 @@ import pytest
 from pipeline.engine.tracking import read_metrics
 from tests.helpers import cli, tiny_recipe, write_recipe
 
+pytestmark = pytest.mark.e2e  # every test here runs `pipeline` in a subprocess
+
 # A preference a tiny model learns in a few steps: a number is preferred over a word.
 WORDS = ("apple", "blue", "maybe", "river", "seven", "none")
 

@@ -11,6 +11,8 @@ import pytest
 from pipeline.engine.tracking import read_metrics
 from tests.helpers import cli, write_recipe
 
+pytestmark = pytest.mark.e2e  # every test here runs `pipeline` in a subprocess
+
 TASK = {"name": "sort", "min_length": 4, "max_length": 4}
 
 

@@ -12,6 +12,8 @@ import pytest
 from pipeline.engine.tracking import read_metrics
 from tests.helpers import cli, run_until, tiny_recipe, write_recipe
 
+pytestmark = pytest.mark.e2e  # every test here runs `pipeline` in a subprocess
+
 TASK = {"name": "arithmetic", "max_operand": 20, "operators": ["+", "-"]}
 
 

@@ -11,6 +11,8 @@ from pipeline.engine.manifest import read_manifest
 from pipeline.engine.tracking import read_metrics
 from tests.helpers import cli, kill_then_resume, tiny_recipe, write_recipe
 
+pytestmark = pytest.mark.e2e  # every test here runs `pipeline` in a subprocess
+
 
 def _pretrain_recipe(run_dir: Path, **pretrain: object) -> dict:
     data = tiny_recipe(run_dir)

@@ -168,6 +168,7 @@ def _shrunk(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     return data
 
 
+@pytest.mark.e2e
 def test_scaling_recipe_runs_fits_and_reports(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "scaling"
     data = _shrunk(_bundled("scaling"), run_dir)
@@ -219,6 +220,7 @@ def test_variants_recipe_matches_parameter_counts_within_10_percent() -> None:
                for arch, c in counts.items() if arch != "mixtral")  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_variants_recipe_compares_four_families(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "variants"
     data = _shrunk(_bundled("variants"), run_dir)

@@ -17,6 +17,8 @@ from pipeline.engine.manifest import read_manifest
 from tests.helpers import cli, tiny_recipe, write_recipe
 from tests.slurm_cluster import slurm_cluster  # noqa: F401 - pytest fixture
 
+pytestmark = pytest.mark.e2e  # every test here runs `pipeline` in a subprocess
+
 STAGES = ["tokenizer", "tokenize", "pretrain", "eval"]
 
 
