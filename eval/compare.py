@@ -21,7 +21,7 @@ from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.manifest import atomic_write_json, read_manifest
 from pipeline.engine.tracking import read_metrics
-from pipeline.models.config import ModelConfig
+from pipeline.models.families import FAMILIES, ModelConfig
 
 DEFAULT_COLUMNS = [
     "val_loss",
@@ -99,16 +99,7 @@ def loss_meaning(config: StageConfig) -> str:
     model = getattr(config, "model", None)
     if not isinstance(model, ModelConfig):
         return "-"
-    if model.arch == "bert":
-        return f"masked LM: CE on the {model.mlm_probability:.0%} chosen tokens"
-    if model.arch == "t5":
-        return (
-            f"span corruption: decoder CE on sentinels + spans + eos "
-            f"({model.noise_density:.0%} noise, mean span {model.mean_span_length:g})"
-        )
-    if model.arch == "mixtral":
-        return f"causal LM: next-token CE + {model.router_aux_loss_coef:g} x router balance loss"
-    return "causal LM: next-token CE"
+    return FAMILIES[model.arch].loss_meaning.format(**model.model_dump())
 
 
 def comparison_table(rows: list[Row], columns: list[str]) -> tuple[list[str], list[list[Any]]]:

@@ -3,6 +3,7 @@
 `build_model` returns the model, the objective its family trains with, the Auto class its export
 loads with, and any special tokens the exported tokenizer must gain (bert's mask token, t5's
 sentinels). Those tokens take the ids right after the tokenizer's own: vocab_size, vocab_size + 1...
+Each family is one spec in `pipeline.models.families.FAMILIES`; everything here is a lookup.
 """
 
 from __future__ import annotations
@@ -10,29 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipeline.models.config import ModelConfig
-from pipeline.train.objectives import (
-    CausalLM,
-    MaskedLM,
-    MoECausalLM,
-    Objective,
-    SpanCorruption,
-    span_counts,
-)
+from pipeline.models.families import FAMILIES, ModelConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-BOS_ID, EOS_ID, PAD_ID = 1, 2, 3  # fixed by data_prep.tokenizer (unk is 0)
-MASK_TOKEN = "<mask>"
-SENTINEL_TOKEN = "<extra_id_{}>"
-AUTO_CLASSES = {
-    "llama": "AutoModelForCausalLM",
-    "gpt2": "AutoModelForCausalLM",
-    "mixtral": "AutoModelForCausalLM",
-    "bert": "AutoModelForMaskedLM",
-    "t5": "AutoModelForSeq2SeqLM",
-}
+    from pipeline.train.objectives import Objective
 
 
 @dataclass
@@ -46,12 +30,7 @@ class BuiltModel:
 
 def special_tokens_for(cfg: ModelConfig, max_seq_len: int) -> dict[str, Any]:
     """The tokens `cfg.arch` adds to the tokenizer, as `tokenizer.add_special_tokens` takes them."""
-    if cfg.arch == "bert":
-        return {"mask_token": MASK_TOKEN}
-    if cfg.arch == "t5":
-        num_spans = span_counts(max_seq_len, cfg.noise_density, cfg.mean_span_length)[1]
-        return {"additional_special_tokens": [SENTINEL_TOKEN.format(i) for i in range(num_spans)]}
-    return {}
+    return FAMILIES[cfg.arch].special_tokens(cfg, max_seq_len)
 
 
 def _count_tokens(added: dict[str, Any]) -> int:
@@ -61,37 +40,20 @@ def _count_tokens(added: dict[str, Any]) -> int:
 
 def build_objective(cfg: ModelConfig, vocab_size: int, model_vocab_size: int) -> Objective:
     """The objective of `cfg.arch`; ids vocab_size..model_vocab_size-1 are its added tokens."""
-    if cfg.arch == "mixtral":
-        return MoECausalLM(cfg.experts_per_token, cfg.router_aux_loss_coef)
-    if cfg.arch == "bert":
-        return MaskedLM(vocab_size, vocab_size, cfg.mlm_probability, PAD_ID)
-    if cfg.arch == "t5":
-        return SpanCorruption(
-            sentinel_start=vocab_size,
-            num_sentinels=model_vocab_size - vocab_size,
-            noise_density=cfg.noise_density,
-            mean_span_length=cfg.mean_span_length,
-            eos_id=EOS_ID,
-            pad_id=PAD_ID,
-        )
-    return CausalLM()
+    return FAMILIES[cfg.arch].objective(cfg, vocab_size, model_vocab_size)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, max_seq_len: int) -> BuiltModel:
     """A freshly initialised model of `cfg.arch` (uses the global torch seed)."""
-    from pipeline.models.causal_lm import build_causal_lm
-    from pipeline.models.encoders import build_masked_lm, build_seq2seq_lm
+    import transformers
 
-    added = special_tokens_for(cfg, max_seq_len)
+    spec = FAMILIES[cfg.arch]
+    added = spec.special_tokens(cfg, max_seq_len)
     model_vocab_size = vocab_size + _count_tokens(added)
-    if cfg.arch == "bert":
-        model = build_masked_lm(cfg, model_vocab_size, max_seq_len, PAD_ID)
-    elif cfg.arch == "t5":
-        model = build_seq2seq_lm(cfg, model_vocab_size, EOS_ID, PAD_ID)
-    else:
-        model = build_causal_lm(cfg, vocab_size, max_seq_len, BOS_ID, EOS_ID, PAD_ID)
-    objective = build_objective(cfg, vocab_size, model_vocab_size)
-    return BuiltModel(model, objective, AUTO_CLASSES[cfg.arch], added)
+    config = spec.hf_config(cfg, model_vocab_size, max_seq_len)
+    model = getattr(transformers, spec.auto_class).from_config(config)
+    objective = spec.objective(cfg, vocab_size, model_vocab_size)
+    return BuiltModel(model, objective, spec.auto_class, added)
 
 
 def add_special_tokens(tokenizer: PreTrainedTokenizerBase, added: dict[str, Any]) -> None:

@@ -7,6 +7,8 @@ training loop drops labels to it itself, from its replayable generator.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
@@ -17,23 +19,104 @@ from pipeline.engine.errors import PipelineError
 if TYPE_CHECKING:
     import torch
 
-# Fields only one architecture reads; setting one for the other is a mistake, not a no-op.
-ARCH_FIELDS: dict[str, tuple[str, ...]] = {
-    "dit": ("patch_size", "hidden_size", "num_layers", "num_heads"),
-    "unet": ("block_out_channels", "layers_per_block", "attention_levels", "norm_num_groups"),
+
+@dataclass(frozen=True)
+class DenoiserSpec:
+    """One denoiser architecture: its builder, the config fields only it reads, its FSDP units."""
+
+    # (cfg, channels, sample_size, num_classes, where) -> a module taking (sample, timestep,
+    # class_labels) and returning `.sample` of the input's shape
+    build: Callable[[DiffusionModelConfig, int, int, int, str], torch.nn.Module]
+    fields: tuple[str, ...]
+    wrap_classes: tuple[str, ...]  # module class names FSDP wraps as units
+
+
+def build_dit(
+    cfg: DiffusionModelConfig, channels: int, sample_size: int, num_classes: int, where: str
+) -> torch.nn.Module:
+    """A DiTTransformer2DModel over patches of the input."""
+    if sample_size % cfg.patch_size:
+        raise PipelineError(
+            f"{where}.model.patch_size: {cfg.patch_size} does not divide the input size "
+            f"{sample_size}; choose a divisor"
+        )
+    from diffusers import DiTTransformer2DModel
+
+    model = DiTTransformer2DModel(
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=cfg.hidden_size // cfg.num_heads,
+        in_channels=channels,
+        num_layers=cfg.num_layers,
+        sample_size=sample_size,
+        patch_size=cfg.patch_size,
+        num_embeds_ada_norm=num_classes,
+    )
+    # Every DiT block embeds the label itself and, in training mode, drops it to the null
+    # row with torch's global RNG, independently per block. We drop labels ourselves (one
+    # decision per sample, from the replayable generator), so switch that off; the null row
+    # (index num_classes) exists because the built-in dropout probability is non-zero.
+    for module in model.modules():
+        if type(module).__name__ == "LabelEmbedding":
+            module.dropout_prob = 0.0
+    return model
+
+
+def build_unet(
+    cfg: DiffusionModelConfig, channels: int, sample_size: int, num_classes: int, where: str
+) -> torch.nn.Module:
+    """A UNet2DModel with a class embedding (one row more for the null label)."""
+    levels = len(cfg.block_out_channels)
+    if sample_size % 2 ** (levels - 1):
+        raise PipelineError(
+            f"{where}.model.block_out_channels: {levels} levels halve the input {levels - 1} "
+            f"times, but its size {sample_size} is not divisible by {2 ** (levels - 1)}; "
+            f"use fewer levels"
+        )
+    from diffusers import UNet2DModel
+
+    attention = cfg.attention_levels or [level > 0 for level in range(levels)]
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        norm_num_groups=cfg.norm_num_groups,
+        attention_head_dim=8,
+        num_class_embeds=num_classes + 1,  # + the null label
+    )
+
+
+DENOISERS: dict[str, DenoiserSpec] = {
+    "dit": DenoiserSpec(
+        build_dit,
+        fields=("patch_size", "hidden_size", "num_layers", "num_heads"),
+        # Not DiT's BasicTransformerBlock: DiT's forward reuses block 0's label embedder after
+        # the blocks ran, when a wrapped block's parameters are resharded.
+        wrap_classes=("Attention", "FeedForward"),
+    ),
+    "unet": DenoiserSpec(
+        build_unet,
+        fields=("block_out_channels", "layers_per_block", "attention_levels", "norm_num_groups"),
+        wrap_classes=(
+            "DownBlock2D",
+            "AttnDownBlock2D",
+            "UpBlock2D",
+            "AttnUpBlock2D",
+            "UNetMidBlock2D",
+        ),
+    ),
 }
-# Module classes FSDP wraps as units. Not DiT's BasicTransformerBlock: DiT's forward reuses block
-# 0's label embedder after the blocks ran, when a wrapped block's parameters are resharded.
-WRAP_CLASSES = {
-    "dit": ["Attention", "FeedForward"],
-    "unet": ["DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D", "UNetMidBlock2D"],
-}
+# FSDP units per arch, as the diffusion stage reads them; DENOISERS[arch].wrap_classes is the spec.
+WRAP_CLASSES = {arch: list(spec.wrap_classes) for arch, spec in DENOISERS.items()}
 
 
 class DiffusionModelConfig(Strict):
     """The denoiser: a DiT (DiTTransformer2DModel) or a UNet (UNet2DModel)."""
 
-    arch: Literal["dit", "unet"] = "dit"
+    arch: Literal[tuple(DENOISERS)] = "dit"
     num_classes: int | None = Field(
         None, ge=1, description="default: the data's class count; if set, the data must agree"
     )
@@ -68,11 +151,11 @@ class DiffusionModelConfig(Strict):
                 f"block_out_channels {bad} must be divisible by norm_num_groups "
                 f"{self.norm_num_groups}"
             )
-        for arch, names in ARCH_FIELDS.items():
+        for arch, spec in DENOISERS.items():
             # Compare with defaults: the resolved recipe.yaml spells out every default.
             stray = [
                 n
-                for n in names
+                for n in spec.fields
                 if arch != self.arch and getattr(self, n) != type(self).model_fields[n].default
             ]
             if stray:
@@ -123,53 +206,7 @@ def build_denoiser(
     Both take (sample, timestep, class_labels) with labels in 0..num_classes (num_classes =
     null label) and return `.sample` of the input's shape.
     """
-    if cfg.arch == "dit":
-        if sample_size % cfg.patch_size:
-            raise PipelineError(
-                f"{where}.model.patch_size: {cfg.patch_size} does not divide the input size "
-                f"{sample_size}; choose a divisor"
-            )
-        from diffusers import DiTTransformer2DModel
-
-        model = DiTTransformer2DModel(
-            num_attention_heads=cfg.num_heads,
-            attention_head_dim=cfg.hidden_size // cfg.num_heads,
-            in_channels=channels,
-            num_layers=cfg.num_layers,
-            sample_size=sample_size,
-            patch_size=cfg.patch_size,
-            num_embeds_ada_norm=num_classes,
-        )
-        # Every DiT block embeds the label itself and, in training mode, drops it to the null
-        # row with torch's global RNG, independently per block. We drop labels ourselves (one
-        # decision per sample, from the replayable generator), so switch that off; the null row
-        # (index num_classes) exists because the built-in dropout probability is non-zero.
-        for module in model.modules():
-            if type(module).__name__ == "LabelEmbedding":
-                module.dropout_prob = 0.0
-        return model
-    levels = len(cfg.block_out_channels)
-    if sample_size % 2 ** (levels - 1):
-        raise PipelineError(
-            f"{where}.model.block_out_channels: {levels} levels halve the input {levels - 1} "
-            f"times, but its size {sample_size} is not divisible by {2 ** (levels - 1)}; "
-            f"use fewer levels"
-        )
-    from diffusers import UNet2DModel
-
-    attention = cfg.attention_levels or [level > 0 for level in range(levels)]
-    return UNet2DModel(
-        sample_size=sample_size,
-        in_channels=channels,
-        out_channels=channels,
-        block_out_channels=tuple(cfg.block_out_channels),
-        layers_per_block=cfg.layers_per_block,
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
-        norm_num_groups=cfg.norm_num_groups,
-        attention_head_dim=8,
-        num_class_embeds=num_classes + 1,  # + the null label
-    )
+    return DENOISERS[cfg.arch].build(cfg, channels, sample_size, num_classes, where)
 
 
 def build_vae(cfg: VAEModelConfig, channels: int, sample_size: int, where: str) -> torch.nn.Module:
