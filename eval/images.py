@@ -267,7 +267,7 @@ def generate(
 
 def run(ctx: StageContext) -> None:
     """Sample with each sampler, score against the real images, write grids and tables."""
-    from pipeline.train.optim import torch_threads
+    from pipeline.train.runtime import torch_threads
 
     cfg = ctx.config
     assert isinstance(cfg, Config)

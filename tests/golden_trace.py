@@ -19,6 +19,8 @@ from tests.helpers import cli, write_recipe
 GOLDEN = Path(__file__).parent / "golden" / "trace.json"
 TRACED_KEYS = ("train/loss", "train/grad_norm", "train/lr", "val/loss", "val/ema_loss")
 # The kernel the trace was recorded with (the loop's default became fused AdamW afterwards).
+# The image stages spell out every optim value they were recorded with: a partial optim block
+# used to fall back to pretrain's defaults, not the image stages' own.
 KERNEL = {"optim": {"kernel": "loop"}}
 
 
@@ -48,12 +50,14 @@ def recipes(run_root: Path, with_kernel: bool) -> dict[str, dict[str, Any]]:
     diffusion = {"kind": "diffusion", "after": ["images"],
                  "model": {"arch": "dit", "hidden_size": 32, "num_layers": 2, "num_heads": 2},
                  "micro_batch_size": 16, "grad_accum_steps": 2, "max_steps": 20,
-                 "optim": {"lr": 2e-3, **pin.get("optim", {})}, "schedule": {"warmup_steps": 5},
+                 "optim": {"lr": 2e-3, "weight_decay": 0.1, "beta2": 0.95, **pin.get("optim", {})},
+                 "schedule": {"warmup_steps": 5},
                  "ema_decay": 0.9, "log_every": 1, "eval_every": 10, "checkpoint_every": 100,
                  "cpu_threads": 1}  # fmt: skip
     vae = {"kind": "vae", "after": ["images"], "max_steps": 10, "micro_batch_size": 16,
            "schedule": {"warmup_steps": 2}, "log_every": 1, "eval_every": 5,
-           "checkpoint_every": 100, "cpu_threads": 1, **pin,
+           "checkpoint_every": 100, "cpu_threads": 1,
+           "optim": {"lr": 1e-3, "weight_decay": 0.0, "beta2": 0.999, **pin.get("optim", {})},
            "model": {"block_out_channels": [8, 16], "latent_channels": 2,
                      "norm_num_groups": 4}}  # fmt: skip
     base = {"tracking": {"mode": "disabled"}, "launch": {"nproc": 1}}

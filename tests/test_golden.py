@@ -19,7 +19,7 @@ from tests.golden_trace import GOLDEN, trace
 @pytest.mark.slow
 def test_training_runs_reproduce_the_golden_trace_bit_for_bit(tmp_path: Path) -> None:
     expected = json.loads(GOLDEN.read_text())
-    got = trace(tmp_path, with_kernel=False)
+    got = trace(tmp_path, with_kernel=True)
     assert set(got) == set(expected)
     for name in expected:
         assert got[name]["rows"] == expected[name]["rows"], name

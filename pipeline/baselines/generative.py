@@ -30,7 +30,7 @@ from pipeline.baselines.training import (
     make_optimizer,
 )
 from pipeline.engine.errors import PipelineError
-from pipeline.train.optim import torch_threads
+from pipeline.train.runtime import torch_threads
 
 LIKELIHOOD = {"vae": "ELBO bound", "flow": "dequantised bound", "pixelcnn": "exact"}
 GRID_SIDE = 8  # sample grids are GRID_SIDE x GRID_SIDE images

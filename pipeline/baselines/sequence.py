@@ -27,7 +27,7 @@ from pipeline.baselines.training import (
     make_optimizer,
 )
 from pipeline.engine.errors import PipelineError
-from pipeline.train.optim import torch_threads
+from pipeline.train.runtime import torch_threads
 
 VOCAB_SIZE = 256  # bytes
 

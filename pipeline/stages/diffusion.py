@@ -58,9 +58,10 @@ def run(ctx: StageContext) -> None:
 
     from data_prep.images import ImageShards
     from pipeline.diffusion.objectives import DiffusionObjective
-    from pipeline.diffusion.training import ema_state_dict, train
+    from pipeline.diffusion.training import train_images
     from pipeline.models.diffusion import WRAP_CLASSES, build_denoiser, resolve_num_classes
-    from pipeline.train.optim import torch_threads
+    from pipeline.train.ema import ema_state_dict
+    from pipeline.train.runtime import torch_threads
 
     cfg = ctx.config
     assert isinstance(cfg, Config)
@@ -81,7 +82,7 @@ def run(ctx: StageContext) -> None:
         clip_sample=cfg.space == "pixel",
     )  # fmt: skip
     with torch_threads(cfg.cpu_threads):
-        trained = train(
+        trained = train_images(
             ctx, cfg, model, objective.loss, splits, cfg.ema_decay, WRAP_CLASSES[cfg.model.arch]
         )
         state = ema_state_dict(trained)

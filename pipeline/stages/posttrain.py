@@ -11,7 +11,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator, model_validator
 
@@ -20,6 +20,7 @@ from pipeline.engine.config import StageConfig
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.tracking import Tracker
+from pipeline.train.loop import TrainingConfig
 from pipeline.train.optim import OptimConfig, ScheduleConfig
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ class TrainerScheduleConfig(ScheduleConfig):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of the peak")
 
 
-class TrainerStageConfig(StageConfig):
+class TrainerStageConfig(TrainingConfig, StageConfig):
     """Fields every TRL-trained stage has: data, steps, batch, optimiser, logging, checkpoints."""
 
     task: TaskConfig = Field(
@@ -76,18 +77,15 @@ class TrainerStageConfig(StageConfig):
     num_examples: int = Field(2000, ge=1, description="training examples drawn from `data`")
     max_steps: int = Field(100, ge=1, description="optimizer steps")
     micro_batch_size: int = Field(16, ge=1, description="sequences per rank per micro step")
-    grad_accum_steps: int = Field(1, ge=1)
     optim: TrainerOptimConfig = Field(
         default_factory=TrainerOptimConfig, description="AdamW settings, as in pretrain"
     )
     schedule: TrainerScheduleConfig = Field(
         default_factory=TrainerScheduleConfig,
-        description="warmup + cosine, as in pretrain (run by the TRL trainer's scheduler)",
+        description="the schedule keys of pretrain (run by the TRL trainer's scheduler)",
     )
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    log_every: int = Field(10, ge=1)
-    checkpoint_every: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(1, ge=1)
+    checkpoint_every: int = Field(100, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(1, ge=1, description="newest checkpoints kept")
 
     distributed = True
 
@@ -222,8 +220,8 @@ def training_arguments(ctx: StageContext, cfg: TrainerStageConfig, model: Any) -
     """TrainingArguments fields shared by every TRL config: launch, schedule, logging, saving."""
     import torch
 
-    from pipeline.stages.pretrain import resolve_precision
-    from pipeline.train.distributed import TrainShape, trainer_arguments
+    from pipeline.train.distributed import TrainShape, resolve_precision, trainer_arguments
+    from pipeline.train.optim import trainer_optimizer, trainer_schedule
 
     shape = TrainShape(
         cfg.micro_batch_size,
@@ -237,13 +235,8 @@ def training_arguments(ctx: StageContext, cfg: TrainerStageConfig, model: Any) -
         **trainer_arguments(launch, shape, list(getattr(model, "_no_split_modules", None) or [])),
         "output_dir": str(ctx.checkpoint_dir),
         "max_steps": cfg.max_steps,
-        "learning_rate": cfg.optim.lr,
-        "weight_decay": cfg.optim.weight_decay,
-        "adam_beta1": cfg.optim.beta1,
-        "adam_beta2": cfg.optim.beta2,
-        "adam_epsilon": cfg.optim.eps,
-        "warmup_steps": cfg.schedule.warmup_steps,
-        **schedule_arguments(cfg.schedule),
+        **trainer_optimizer(cfg.optim),
+        **trainer_schedule(cfg.schedule, cfg.max_steps),
         "logging_steps": cfg.log_every,
         "save_strategy": "steps",
         "save_steps": cfg.checkpoint_every,
@@ -254,16 +247,6 @@ def training_arguments(ctx: StageContext, cfg: TrainerStageConfig, model: Any) -
         "data_seed": ctx.seed,
         "use_cpu": not torch.cuda.is_available(),
         "dataloader_num_workers": 0,
-    }
-
-
-def schedule_arguments(schedule: ScheduleConfig) -> dict[str, Any]:
-    """The Trainer's scheduler for our schedule: cosine to 0, or to min_lr_ratio x lr."""
-    if not schedule.min_lr_ratio:
-        return {"lr_scheduler_type": "cosine"}
-    return {
-        "lr_scheduler_type": "cosine_with_min_lr",
-        "lr_scheduler_kwargs": {"min_lr_rate": schedule.min_lr_ratio},
     }
 
 

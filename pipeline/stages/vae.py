@@ -43,9 +43,10 @@ def run(ctx: StageContext) -> None:
     import torch
 
     from data_prep.images import ImageShards
-    from pipeline.diffusion.training import ema_state_dict, train
+    from pipeline.diffusion.training import train_images
     from pipeline.models.diffusion import build_vae, vae_with_loss
-    from pipeline.train.optim import torch_threads
+    from pipeline.train.ema import ema_state_dict
+    from pipeline.train.runtime import torch_threads
 
     cfg = ctx.config
     assert isinstance(cfg, Config)
@@ -69,7 +70,9 @@ def run(ctx: StageContext) -> None:
         }
 
     with torch_threads(cfg.cpu_threads):
-        trained = train(ctx, cfg, vae_with_loss(vae), loss_fn, splits, None, ["DownEncoderBlock2D"])
+        trained = train_images(
+            ctx, cfg, vae_with_loss(vae), loss_fn, splits, None, ["DownEncoderBlock2D"]
+        )
         state = ema_state_dict(trained)
         summary = dict(trained.summary)
         if trained.accelerator.is_main_process:

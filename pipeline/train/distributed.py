@@ -35,6 +35,15 @@ class TrainShape:
         return self.micro_batch_size * self.grad_accum_steps * self.world_size
 
 
+def resolve_precision(precision: str) -> str:
+    """auto: bf16 on a GPU that has it, else fp32."""
+    import torch
+
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def deepspeed_config(launch: LaunchConfig, shape: TrainShape) -> dict[str, Any]:
     """The DeepSpeed JSON for this launch; an expert file's values win, batch keys are checked."""
     offload = {"device": "cpu", "pin_memory": False}

@@ -1,13 +1,9 @@
-"""Pieces shared by training loops: schedule, parameter groups, replayable randomness, export."""
+"""AdamW and learning-rate schedules: the same `optim:` and `schedule:` keys in every training
+stage (our loop and the TRL trainers), so `stages.<name>.optim.lr` means one thing everywhere."""
 
 from __future__ import annotations
 
-import hashlib
 import math
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
@@ -16,7 +12,8 @@ from pipeline.engine.config import Strict
 
 if TYPE_CHECKING:
     import torch
-    from accelerate import Accelerator
+
+Kernel = Literal["auto", "fused", "foreach", "loop"]
 
 
 class OptimConfig(Strict):
@@ -28,23 +25,63 @@ class OptimConfig(Strict):
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW second-moment decay")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
+    kernel: Kernel = Field(
+        "loop",
+        description="AdamW implementation: fused (one kernel per step), foreach (batched "
+        "tensor ops), loop (per parameter, the reference); auto: fused where torch has it",
+    )
 
 
 class ScheduleConfig(Strict):
-    """Learning-rate schedule: linear warmup, then cosine decay to min_lr_ratio x lr."""
+    """Learning-rate schedule: linear warmup, then constant, cosine, linear or warmup-stable-decay."""
 
-    kind: Literal["cosine"] = "cosine"
+    kind: Literal["cosine", "linear", "constant", "wsd"] = Field(
+        "cosine",
+        description="after warmup: cosine or linear decay to min_lr_ratio x lr at max_steps; "
+        "constant; wsd: constant, then linear decay over the last decay_fraction of the steps",
+    )
     warmup_steps: int = Field(20, ge=0, description="steps of linear warmup from 0")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of the peak")
+    decay_fraction: float = Field(
+        0.2, gt=0, le=1, description="wsd only: share of max_steps spent decaying"
+    )
+
+    def check(self, max_steps: int) -> str | None:
+        """What is wrong with this schedule over max_steps optimizer steps (None: nothing)."""
+        if self.warmup_steps >= max_steps:
+            return (
+                f"schedule.warmup_steps ({self.warmup_steps}) must be below max_steps ({max_steps})"
+            )
+        if self.kind == "wsd" and self.warmup_steps > max_steps - decay_steps(self, max_steps):
+            return (
+                f"schedule: warmup_steps ({self.warmup_steps}) overlaps the wsd decay (the last "
+                f"{decay_steps(self, max_steps)} of {max_steps} steps); lower one of them"
+            )
+        return None
+
+
+def decay_steps(schedule: ScheduleConfig, max_steps: int) -> int:
+    """Length of the decay phase of a wsd schedule."""
+    return max(1, round(schedule.decay_fraction * max_steps))
 
 
 def lr_factor(step: int, schedule: ScheduleConfig, max_steps: int) -> float:
-    """Linear warmup to 1, then cosine decay to min_lr_ratio at max_steps."""
+    """The learning rate at `step` (0-based optimizer step) as a fraction of the peak."""
     if step < schedule.warmup_steps:
         return (step + 1) / schedule.warmup_steps
+    floor = schedule.min_lr_ratio
+    if schedule.kind == "constant":
+        return 1.0
+    if schedule.kind == "wsd":
+        start = max_steps - decay_steps(schedule, max_steps)
+        if step < start:
+            return 1.0
+        return 1 - (1 - floor) * min(1.0, (step - start) / decay_steps(schedule, max_steps))
     progress = (step - schedule.warmup_steps) / max(1, max_steps - schedule.warmup_steps)
+    if schedule.kind == "linear":
+        return 1 - (1 - floor) * min(1.0, progress)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * cosine
+    return floor + (1 - floor) * cosine
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -57,59 +94,81 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def replay_generator(*key: object) -> torch.Generator:
-    """A CPU generator seeded from a key such as (seed, step, rank, micro): same key, same draws."""
+def resolve_kernel(kernel: Kernel, model: torch.nn.Module) -> str:
+    """fused where torch has a fused AdamW for every parameter's device and dtype, else foreach."""
+    if kernel != "auto":
+        return kernel
+    import torch
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    supported = _get_fused_kernels_supported_devices()
+    fused = all(
+        p.device.type in supported and torch.is_floating_point(p) for p in model.parameters()
+    )
+    return "fused" if fused else "foreach"
+
+
+def build_optimizer(model: torch.nn.Module, opt: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over `model` with decay on matrices only, in the chosen kernel."""
     import torch
 
-    digest = hashlib.sha256(repr(key).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    kernel = resolve_kernel(opt.kernel, model)
+    flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
+    return torch.optim.AdamW(
+        param_groups(model, opt.weight_decay),
+        lr=opt.lr,
+        betas=(opt.beta1, opt.beta2),
+        eps=opt.eps,
+        **flags[kernel],
+    )
 
 
-def export_model(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    tokenizer_dir: Path,
-    export_dir: Path,
-    added_special_tokens: dict[str, Any] | None = None,
-) -> None:
-    """Gather the (possibly sharded) model and save it with its tokenizer as a HF directory.
-
-    Every rank takes part in the gather (ZeRO-3 and FSDP hold shards); rank 0 writes into a
-    temporary directory that is renamed into place, so a crash never leaves half an export.
-    """
-    from transformers import AutoTokenizer
-
-    from pipeline.models import add_special_tokens
-
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        tmp = export_dir.parent / f".{export_dir.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = accelerator.unwrap_model(model)
-        if getattr(unwrapped, "generation_config", None) is not None:  # encoders have none
-            unwrapped.generation_config.pad_token_id = unwrapped.config.pad_token_id
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        if added_special_tokens:
-            add_special_tokens(tokenizer, added_special_tokens)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(export_dir, ignore_errors=True)
-        tmp.rename(export_dir)
-    accelerator.wait_for_everyone()
-
-
-@contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """Run with `count` intra-op threads (None: unchanged), then restore the previous setting.
-
-    Small models on a shared CPU run several times faster on one thread than on two.
-    """
+def lambda_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     import torch
 
-    previous = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, schedule, max_steps))
+
+
+def trainer_schedule(schedule: ScheduleConfig, max_steps: int) -> dict[str, Any]:
+    """The same schedule as transformers.TrainingArguments fields (for the TRL trainers)."""
+    warmup, floor = schedule.warmup_steps, schedule.min_lr_ratio
+    args: dict[str, Any] = {"warmup_steps": warmup}
+    if schedule.kind == "constant":
+        return {**args, "lr_scheduler_type": "constant_with_warmup"}
+    if schedule.kind == "cosine":
+        if not floor:
+            return {**args, "lr_scheduler_type": "cosine"}
+        kwargs: dict[str, Any] = {"min_lr_rate": floor}
+        return {**args, "lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": kwargs}
+    if schedule.kind == "linear" and not floor:
+        return {**args, "lr_scheduler_type": "linear"}
+    decay = decay_steps(schedule, max_steps) if schedule.kind == "wsd" else max_steps - warmup
+    kwargs = {
+        "num_decay_steps": decay,
+        "num_stable_steps": max_steps - warmup - decay,
+        "decay_type": "linear",
+        "min_lr_ratio": floor,
+    }
+    return {**args, "lr_scheduler_type": "warmup_stable_decay", "lr_scheduler_kwargs": kwargs}
+
+
+def trainer_optimizer(opt: OptimConfig) -> dict[str, Any]:
+    """AdamW settings as TrainingArguments fields; auto keeps the Trainer's default (fused).
+
+    The Trainer has no switch between foreach and the per-parameter loop: both become
+    `adamw_torch`, where torch picks foreach on GPUs and the loop on CPUs.
+    """
+    args: dict[str, Any] = {
+        "learning_rate": opt.lr,
+        "weight_decay": opt.weight_decay,
+        "adam_beta1": opt.beta1,
+        "adam_beta2": opt.beta2,
+        "adam_epsilon": opt.eps,
+    }
+    if opt.kernel == "fused":
+        args["optim"] = "adamw_torch_fused"
+    elif opt.kernel in ("foreach", "loop"):
+        args["optim"] = "adamw_torch"
+    return args

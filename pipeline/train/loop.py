@@ -1,0 +1,360 @@
+"""The training loop: one short, linear Accelerate loop that pretrain, diffusion and vae drive.
+
+A stage hands the loop a `Workload`: its model, a loss function and its data as pure functions
+of (seed, step, rank, micro step). The loop owns everything else: the engine (DDP, FSDP,
+DeepSpeed ZeRO, from the recipe's launch section through `pipeline.train.distributed`), the
+optimizer and schedule, gradient accumulation and clipping, EMA, logging, validation,
+checkpoints, preemption, resume and the check that data-parallel replicas agree. Every random
+number of a loss comes from `replay_generator(seed, step, rank, micro)`, so resuming from a
+checkpoint replays exactly what an uninterrupted run did and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.engine import preempt
+from pipeline.engine.config import Strict
+from pipeline.engine.errors import PipelineError, Preempted
+from pipeline.train.optim import OptimConfig, ScheduleConfig
+from pipeline.train.runtime import replay_generator
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+
+    from pipeline.engine.context import StageContext
+    from pipeline.engine.tracking import Tracker
+    from pipeline.train.ema import EMA
+
+# loss(model, batch on the device, generator) -> (loss to backpropagate, extra metrics to log)
+LossFn = Callable[..., tuple["torch.Tensor", dict[str, Any]]]
+
+
+class TrainingConfig(Strict):
+    """Steps, batch, optimizer, schedule, precision and checkpoint cadence: the fields every
+    training stage has, ours and the TRL-trained ones, with the same keys."""
+
+    max_steps: int = Field(200, ge=1, description="optimizer steps")
+    micro_batch_size: int = Field(8, ge=1, description="sequences per rank per micro step")
+    grad_accum_steps: int = Field(1, ge=1, description="micro steps per optimizer step")
+    optim: OptimConfig = Field(
+        default_factory=OptimConfig, description="AdamW: lr, weight_decay, betas, eps, grad_clip"
+    )
+    schedule: ScheduleConfig = Field(
+        default_factory=ScheduleConfig, description="warmup, then cosine | linear | constant | wsd"
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on GPUs with bf16"
+    )
+    log_every: int = Field(10, ge=1, description="optimizer steps between logged rows")
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> TrainingConfig:
+        problem = self.schedule.check(self.max_steps)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+class LoopConfig(TrainingConfig):
+    """What our own loop adds: compilation and in-loop validation."""
+
+    compile: bool = Field(False, description="torch.compile the model (inductor)")
+    eval_every: int = Field(50, ge=1, description="optimizer steps between validation passes")
+    eval_batches: int = Field(4, ge=1, description="validation micro batches per rank")
+
+
+@dataclass
+class Workload:
+    """What a stage hands the loop.
+
+    `train_batch(step, micro, rank, world)` and `val_batches(rank, world)` return host arrays
+    (or tuples of them), the first dimension being the batch; `item` names what a batch holds
+    ("sequences", "images") and `tokens_per_item`, when set, turns throughput into tokens/s.
+    """
+
+    model: torch.nn.Module
+    loss: LossFn
+    train_batch: Callable[[int, int, int, int], Any]
+    val_batches: Callable[[int, int], Sequence[Any]]
+    item: str
+    wrap_classes: list[str]
+    tokens_per_item: int | None = None
+    ema_decay: float | None = None
+    flops_per_token: float | None = None
+    peak_flops: float | None = None
+    describe: str = ""  # the head of the start line, e.g. "llama (causal_lm): 3.30M params"
+    summary: dict[str, Any] = field(default_factory=dict)  # the stage's own summary metrics
+
+
+@dataclass
+class Trained:
+    """What the loop hands back: the prepared model, its EMA (or None) and summary metrics."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    ema: EMA | None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def train(ctx: StageContext, cfg: LoopConfig, work: Workload) -> Trained:
+    """Train work.model for cfg.max_steps, resuming from the newest checkpoint that fits."""
+    loop = _Loop(ctx, cfg, work)
+    with ctx.tracker(resume_step=loop.start_step or None) as tracker:
+        for step in ctx.progress(range(loop.start_step, cfg.max_steps), desc=f"{ctx.kind} steps"):
+            loop.step(step, tracker)
+        summary = loop.summary()
+        tracker.summary(summary)
+    return Trained(loop.accelerator, loop.model, loop.ema, summary)
+
+
+class _Loop:
+    """The state of one training run between steps (engine, optimizer, EMA, log window)."""
+
+    def __init__(self, ctx: StageContext, cfg: LoopConfig, work: Workload) -> None:
+        from pipeline.train.distributed import TrainShape, build_accelerator, resolve_precision
+        from pipeline.train.ema import EMA
+        from pipeline.train.optim import build_optimizer, lambda_scheduler
+
+        self.ctx, self.cfg, self.work = ctx, cfg, work
+        self.launch = launch = ctx.recipe.launch_for(ctx.name)
+        if work.ema_decay is not None and launch.engine == "deepspeed" and launch.zero_stage == 3:
+            raise PipelineError(
+                f"stages.{ctx.name}.launch: ZeRO-3 partitions the parameters the EMA averages; "
+                f"use zero_stage 1 or 2, fsdp or ddp"
+            )
+        self.shape = shape = TrainShape(
+            cfg.micro_batch_size, cfg.grad_accum_steps, ctx.world_size,
+            resolve_precision(cfg.precision), cfg.optim.grad_clip,
+        )  # fmt: skip
+        accelerator = build_accelerator(launch, shape, work.wrap_classes, cfg.compile)
+        self.accelerator = accelerator
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        optimizer = build_optimizer(work.model, cfg.optim)
+        self.scheduler = lambda_scheduler(optimizer, cfg.schedule, cfg.max_steps)
+        _fill_deepspeed_buckets(accelerator, work.model)
+        self.model, self.optimizer = accelerator.prepare(work.model, optimizer)
+        accelerator.register_for_checkpointing(self.scheduler)
+        self.ema = None
+        if work.ema_decay is not None:
+            self.ema = EMA(accelerator.unwrap_model(self.model).parameters(), work.ema_decay)
+            accelerator.register_for_checkpointing(self.ema)
+        self.start_step = self._resume()
+        self.per_step = shape.global_batch * (work.tokens_per_item or 1)
+        unit = "tokens" if work.tokens_per_item else work.item
+        engine = launch.engine + (
+            f" ZeRO-{launch.zero_stage}" if launch.engine == "deepspeed" else ""
+        )
+        ctx.log.info(
+            "%s, %s on %d ranks, %s, %d %s/step, steps %d..%d", work.describe, engine, self.world,
+            shape.precision, self.per_step, unit, self.start_step, cfg.max_steps,
+        )  # fmt: skip
+        self.val = work.val_batches(self.rank, self.world)
+        self.last_loss, self.val_loss, self.val_ema_loss = float("nan"), None, None
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.model.train()
+
+    def _resume(self) -> int:
+        """Load the newest checkpoint of this configuration; the step to continue from (0: none)."""
+        from pipeline.train.checkpoint import latest_checkpoint
+
+        ctx, global_batch = self.ctx, self.shape.global_batch
+        found = latest_checkpoint(ctx.checkpoint_dir, ctx.fingerprint)
+        if not found:
+            return 0
+        path, meta = found
+        if meta["global_batch"] != global_batch:
+            raise PipelineError(
+                f"stages.{ctx.name}: checkpoint {path.name} used a global batch of "
+                f"{meta['global_batch']} {self.work.item}, this launch gives {global_batch}; keep "
+                f"nproc*micro_batch_size*grad_accum_steps equal to resume, or rerun with --force"
+            )
+        self.accelerator.load_state(str(path))
+        ctx.log.info("resuming from %s (step %d)", path.name, meta["step"])
+        return int(meta["step"])
+
+    def step(self, step: int, tracker: Tracker) -> None:
+        """One optimizer step over grad_accum_steps micro batches, then log, eval, checkpoint."""
+        import torch
+
+        cfg, accelerator, model = self.cfg, self.accelerator, self.model
+        step_loss = torch.zeros((), device=accelerator.device)
+        extras: dict[str, Any] = {}
+        for micro in range(cfg.grad_accum_steps):
+            raw = self.work.train_batch(step, micro, self.rank, self.world)
+            batch = _to_device(raw, accelerator.device)
+            # accumulate(): gradients sync (and DeepSpeed steps) on the last micro batch only;
+            # backward() divides the loss by grad_accum_steps.
+            with accelerator.accumulate(model), accelerator.autocast():
+                generator = replay_generator(self.ctx.seed, step, self.rank, micro)
+                loss, metrics = self.work.loss(model, batch, generator)
+                accelerator.backward(loss)
+            # Metrics stay tensors (no host sync) until a log step reads them.
+            step_loss += loss.detach() / cfg.grad_accum_steps
+            for key, value in metrics.items():
+                extras[key] = extras.get(key, 0.0) + value / cfg.grad_accum_steps
+        clip = cfg.optim.grad_clip
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip) if clip > 0 else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(model.parameters())
+        self.window_steps += 1
+        done = step + 1
+        final = done == cfg.max_steps
+        if done % cfg.log_every == 0 or final:
+            self._log(tracker, done, step_loss, extras, grad_norm)
+        if done % cfg.eval_every == 0 or final:
+            self._validate(tracker, done)
+        stopping = not final and preempt.requested(accelerator)
+        if done % cfg.checkpoint_every == 0 or final or stopping:
+            from pipeline.train.checkpoint import save_checkpoint
+
+            meta = {"fingerprint": self.ctx.fingerprint, "global_batch": self.shape.global_batch,
+                    "world_size": self.world}  # fmt: skip
+            save_checkpoint(accelerator, self.ctx.checkpoint_dir, done, meta, cfg.keep_checkpoints)
+        if stopping:
+            raise Preempted(
+                f"stages.{self.ctx.name}: preempted after step {done}; checkpoint saved, "
+                f"a rerun or requeue resumes from it"
+            )
+
+    def _log(
+        self, tracker: Tracker, done: int, step_loss: Any, extras: dict[str, Any], grad_norm: Any
+    ) -> None:
+        from pipeline.train import flops
+
+        work = self.work
+        self.last_loss = self.accelerator.reduce(step_loss, reduction="mean").item()
+        rate = self.window_steps * self.per_step / (time.perf_counter() - self.window_start)
+        unit = "tokens" if work.tokens_per_item else work.item
+        row: dict[str, Any] = {
+            "train/loss": self.last_loss,
+            "train/lr": self.scheduler.get_last_lr()[0],
+        }
+        row[f"train/{unit}_per_second"] = rate
+        if work.tokens_per_item:
+            row["train/tokens_per_second_per_device"] = rate / self.world
+        row[f"train/{unit}"] = done * self.per_step
+        row.update({f"train/{k}": float(v) for k, v in extras.items()})
+        utilisation = None
+        if work.flops_per_token is not None:
+            utilisation = flops.mfu(rate / self.world, work.flops_per_token, work.peak_flops)
+        if utilisation is not None:
+            row["train/mfu"] = utilisation
+        if grad_norm is not None:
+            row["train/grad_norm"] = float(grad_norm)
+        tracker.log(row, step=done)
+        self.ctx.log.info(
+            "step %d/%d loss %.4f lr %.2e %.0f %s/s%s", done, self.cfg.max_steps, self.last_loss,
+            row["train/lr"], rate, unit, f" MFU {utilisation:.1%}" if utilisation is not None else "",
+        )  # fmt: skip
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def _validate(self, tracker: Tracker, done: int) -> None:
+        self.val_loss, self.val_ema_loss = self.evaluate(), self.evaluate_ema()
+        row = {"val/loss": self.val_loss}
+        if self.val_ema_loss is not None:
+            row["val/ema_loss"] = self.val_ema_loss
+        tracker.log(row, step=done)
+        ema_note = f" (EMA {self.val_ema_loss:.4f})" if self.val_ema_loss is not None else ""
+        self.ctx.log.info("step %d val loss %.4f%s", done, self.val_loss, ema_note)
+
+    def evaluate(self) -> float:
+        """Mean loss over this rank's validation batches (fixed randomness), averaged over ranks."""
+        import torch
+
+        accelerator, model = self.accelerator, self.model
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # [sum, count]
+        with torch.no_grad(), accelerator.autocast():
+            for i, raw in enumerate(self.val):
+                batch = _to_device(raw, accelerator.device)
+                generator = replay_generator(self.ctx.seed, "val", self.rank, i)
+                loss, _ = self.work.loss(model, batch, generator)
+                size = len(raw[0]) if isinstance(raw, tuple) else len(raw)
+                total += torch.stack([loss.double() * size, total.new_tensor(size)])
+        total = accelerator.reduce(total, reduction="sum")
+        _reshard(model)
+        model.train()
+        return (total[0] / total[1]).item()
+
+    def evaluate_ema(self) -> float | None:
+        """The validation loss of the EMA weights (swapped in, then the live ones restored)."""
+        if self.ema is None:
+            return None
+        self.ema.store(self.model.parameters())
+        self.ema.copy_to(self.model.parameters())
+        try:
+            return self.evaluate()
+        finally:
+            self.ema.restore(self.model.parameters())
+
+    def summary(self) -> dict[str, Any]:
+        """Final train/val losses, steps and what was seen, the stage's metrics, replica digests."""
+        from pipeline.train.distributed import replica_digests, replicates_parameters
+
+        if self.val_loss is None:  # resumed at the last step: nothing was validated this run
+            self.val_loss, self.val_ema_loss = self.evaluate(), self.evaluate_ema()
+        seen = "tokens" if self.work.tokens_per_item else f"{self.work.item}_seen"
+        summary = {
+            "train_loss": self.last_loss,
+            "val_loss": self.val_loss,
+            "steps": self.cfg.max_steps,
+            seen: self.cfg.max_steps * self.per_step,
+            **self.work.summary,
+        }
+        if self.val_ema_loss is not None:
+            summary["val_ema_loss"] = self.val_ema_loss
+        if replicates_parameters(self.launch):
+            digests = replica_digests(self.accelerator, self.model)
+            if len(set(digests)) != 1:
+                raise RuntimeError(f"data-parallel replicas diverged: parameter digests {digests}")
+            summary["replica_digests"] = digests
+        return summary
+
+
+def _to_device(batch: Any, device: Any) -> Any:
+    """Host arrays (or a tuple of them) as tensors on `device`."""
+    import torch
+
+    if isinstance(batch, tuple):
+        return tuple(torch.from_numpy(part).to(device) for part in batch)
+    return torch.from_numpy(batch).to(device)
+
+
+def _fill_deepspeed_buckets(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Fill DeepSpeed's "auto" bucket sizes from the model's width squared, as Accelerate does for
+    configs with a hidden_size; for configs without one (diffusers) the width is the widest layer's."""
+    plugin = accelerator.state.deepspeed_plugin
+    config = getattr(model, "config", None)
+    if plugin is None or hasattr(config, "hidden_size") or hasattr(config, "hidden_sizes"):
+        return
+    width = max(max(p.shape[:2]) for p in model.parameters() if p.dim() >= 2)
+    sizes = {
+        "zero_optimization.reduce_bucket_size": width * width,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * width * width),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * width,
+    }
+    for key, value in sizes.items():
+        if plugin.is_auto(key):
+            plugin.fill_match(key, must_match=False, **{key: value})
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    """FSDP2 keeps the root's parameters gathered after a forward without backward; shard them
+    again so parameters (and the EMA that mirrors them) keep one layout."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
