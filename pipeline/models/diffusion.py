@@ -110,7 +110,6 @@ DENOISERS: dict[str, DenoiserSpec] = {
     ),
 }
 # FSDP units per arch, as the diffusion stage reads them; DENOISERS[arch].wrap_classes is the spec.
-WRAP_CLASSES = {arch: list(spec.wrap_classes) for arch, spec in DENOISERS.items()}
 
 
 class DiffusionModelConfig(Strict):

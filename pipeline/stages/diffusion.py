@@ -59,8 +59,7 @@ def run(ctx: StageContext) -> None:
     from data_prep.images import ImageShards
     from pipeline.diffusion.objectives import DiffusionObjective
     from pipeline.diffusion.training import train_images
-    from pipeline.models.diffusion import WRAP_CLASSES, build_denoiser, resolve_num_classes
-    from pipeline.train.ema import ema_state_dict
+    from pipeline.models.diffusion import DENOISERS, build_denoiser, resolve_num_classes
     from pipeline.train.runtime import torch_threads
 
     cfg = ctx.config
@@ -83,9 +82,15 @@ def run(ctx: StageContext) -> None:
     )  # fmt: skip
     with torch_threads(cfg.cpu_threads):
         trained = train_images(
-            ctx, cfg, model, objective.loss, splits, cfg.ema_decay, WRAP_CLASSES[cfg.model.arch]
+            ctx,
+            cfg,
+            model,
+            objective.loss,
+            splits,
+            cfg.ema_decay,
+            list(DENOISERS[cfg.model.arch].wrap_classes),
         )
-        state = ema_state_dict(trained)
+        state = trained.ema_state_dict()
         if trained.accelerator.is_main_process:
             denoiser = trained.accelerator.unwrap_model(trained.model)
             export_pipeline(

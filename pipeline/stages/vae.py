@@ -45,7 +45,6 @@ def run(ctx: StageContext) -> None:
     from data_prep.images import ImageShards
     from pipeline.diffusion.training import train_images
     from pipeline.models.diffusion import build_vae, vae_with_loss
-    from pipeline.train.ema import ema_state_dict
     from pipeline.train.runtime import torch_threads
 
     cfg = ctx.config
@@ -73,7 +72,7 @@ def run(ctx: StageContext) -> None:
         trained = train_images(
             ctx, cfg, vae_with_loss(vae), loss_fn, splits, None, ["DownEncoderBlock2D"]
         )
-        state = ema_state_dict(trained)
+        state = trained.ema_state_dict()
         summary = dict(trained.summary)
         if trained.accelerator.is_main_process:
             from diffusers import AutoencoderKL

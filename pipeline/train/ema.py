@@ -8,8 +8,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.train.loop import Trained
-
 
 class EMA:
     """Exponential moving average of parameters, decay warming up as (1 + n) / (10 + n).
@@ -81,17 +79,3 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
-
-
-def ema_state_dict(trained: Trained) -> dict[str, Any]:
-    """The full state dict with the EMA weights (gathered from shards; every rank calls this)."""
-    accelerator, model, ema = trained.accelerator, trained.model, trained.ema
-    if ema is None:
-        return accelerator.get_state_dict(model)
-    ema.store(model.parameters())
-    ema.copy_to(model.parameters())
-    try:
-        # Copies: the state dict shares storage with the parameters restore() overwrites.
-        return {k: v.detach().clone() for k, v in accelerator.get_state_dict(model).items()}
-    finally:
-        ema.restore(model.parameters())

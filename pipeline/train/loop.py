@@ -104,6 +104,20 @@ class Trained:
     ema: EMA | None
     summary: dict[str, Any] = field(default_factory=dict)
 
+    def ema_state_dict(self) -> dict[str, Any]:
+        """The full state dict with the EMA weights, if any (gathered from shards; every rank
+        calls this)."""
+        accelerator, model, ema = self.accelerator, self.model, self.ema
+        if ema is None:
+            return accelerator.get_state_dict(model)
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+        try:
+            # Copies: the state dict shares storage with the parameters restore() overwrites.
+            return {k: v.detach().clone() for k, v in accelerator.get_state_dict(model).items()}
+        finally:
+            ema.restore(model.parameters())
+
 
 def train(ctx: StageContext, cfg: LoopConfig, work: Workload) -> Trained:
     """Train work.model for cfg.max_steps, resuming from the newest checkpoint that fits."""

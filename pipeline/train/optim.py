@@ -26,7 +26,7 @@ class OptimConfig(Strict):
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
     kernel: Kernel = Field(
-        "loop",
+        "auto",
         description="AdamW implementation: fused (one kernel per step), foreach (batched "
         "tensor ops), loop (per parameter, the reference); auto: fused where torch has it",
     )
@@ -147,7 +147,6 @@ def trainer_schedule(schedule: ScheduleConfig, max_steps: int) -> dict[str, Any]
     decay = decay_steps(schedule, max_steps) if schedule.kind == "wsd" else max_steps - warmup
     kwargs = {
         "num_decay_steps": decay,
-        "num_stable_steps": max_steps - warmup - decay,
         "decay_type": "linear",
         "min_lr_ratio": floor,
     }
