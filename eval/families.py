@@ -88,7 +88,7 @@ def objective_metrics(
             tokens = torch.as_tensor(batch, dtype=torch.long, device=model.device)  # (B, T+1)
             loss, metrics = objective.loss(model, tokens, generator)
             for key, value in {"loss": loss.item(), **metrics}.items():
-                totals[key] = totals.get(key, 0.0) + value * len(batch)
+                totals[key] = totals.get(key, 0.0) + float(value) * len(batch)
     return {key: total / len(windows) for key, total in totals.items()}
 
 

@@ -158,6 +158,7 @@ def test_expert_fractions_sum_to_one_and_aux_loss_is_positive() -> None:
     torch.manual_seed(0)
     built = build_model(tiny("mixtral", num_experts=4, experts_per_token=2), VOCAB, SEQ_LEN)
     loss, metrics = loss_of(built, windows(), seed=0)
+    metrics = {key: float(value) for key, value in metrics.items()}  # the loop logs floats
     fractions = [metrics[f"moe/expert_{i}_fraction"] for i in range(4)]
     assert sum(fractions) == pytest.approx(1.0)
     assert metrics["moe/max_expert_fraction"] == max(fractions)

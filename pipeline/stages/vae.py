@@ -64,8 +64,8 @@ def run(ctx: StageContext) -> None:
         mse = torch.nn.functional.mse_loss(recon.float(), images.float())
         kl_per_latent = kl.float().mean() / latents_per_image
         return mse + kl_weight * kl_per_latent, {
-            "recon_mse": mse.item(),
-            "kl": kl_per_latent.item(),
+            "recon_mse": mse.detach(),
+            "kl": kl_per_latent.detach(),
         }
 
     with torch_threads(cfg.cpu_threads):

@@ -24,7 +24,7 @@ class Objective(Protocol):
 
     def loss(
         self, model: torch.nn.Module, tokens: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(mean loss to backpropagate, extra metrics to log) for `tokens` [batch, seq_len + 1]."""
         ...
 
@@ -38,10 +38,10 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Fraction of scored positions (labels != IGNORE_INDEX) where the argmax is the label."""
     scored = labels != IGNORE_INDEX  # [B, L]
-    return (logits.argmax(-1)[scored] == labels[scored]).float().mean().item()
+    return (logits.argmax(-1)[scored] == labels[scored]).float().mean().detach()
 
 
 class CausalLM:
@@ -51,7 +51,7 @@ class CausalLM:
 
     def loss(
         self, model: torch.nn.Module, tokens: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean next-token cross-entropy; no randomness, no extra metrics."""
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, T], [B, T]
         logits = model(input_ids=inputs).logits  # [B, T, V]
@@ -82,18 +82,18 @@ class MoECausalLM:
 
     def loss(
         self, model: torch.nn.Module, tokens: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """CE + coef * aux loss; logs the CE alone as `lm_loss` and per-expert routing shares."""
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, T], [B, T]
         out = model(input_ids=inputs, output_router_logits=True)
         lm_loss = _cross_entropy(out.logits, targets)
         fractions = expert_fractions(out.router_logits, self.experts_per_token)  # [E]
         metrics = {
-            "lm_loss": lm_loss.item(),
-            "moe/aux_loss": out.aux_loss.item(),
-            "moe/max_expert_fraction": fractions.max().item(),
+            "lm_loss": lm_loss.detach(),
+            "moe/aux_loss": out.aux_loss.detach(),
+            "moe/max_expert_fraction": fractions.max(),
         }
-        metrics |= {f"moe/expert_{i}_fraction": share for i, share in enumerate(fractions.tolist())}
+        metrics |= {f"moe/expert_{i}_fraction": share for i, share in enumerate(fractions)}
         return lm_loss + self.aux_loss_coef * out.aux_loss.to(lm_loss.dtype), metrics
 
 
@@ -140,7 +140,7 @@ class MaskedLM:
 
     def loss(
         self, model: torch.nn.Module, tokens: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean CE over the chosen positions only; logs `mlm_accuracy` there."""
         sequence = tokens[:, :-1]  # [B, T]
         inputs, labels = mask_tokens(
@@ -245,7 +245,7 @@ class SpanCorruption:
 
     def loss(
         self, model: torch.nn.Module, tokens: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean CE over every target token (sentinels, span tokens, eos); logs span accuracy."""
         import torch
 
@@ -265,4 +265,4 @@ class SpanCorruption:
         decoder_inputs = torch.cat([start, targets[:, :-1]], 1)  # [B, L] targets shifted right
         logits = model(input_ids=inputs, decoder_input_ids=decoder_inputs).logits  # [B, L, V]
         loss = _cross_entropy(logits, targets)
-        return loss, {"span_loss": loss.item(), "span_accuracy": _accuracy(logits, targets)}
+        return loss, {"span_loss": loss.detach(), "span_accuracy": _accuracy(logits, targets)}
