@@ -153,9 +153,13 @@ def test_classifier_tables_agree_with_scikit_learn_on_the_predictions(
 
 
 def test_logistic_regression_on_breast_cancer_is_above_90_percent(run_dir: Path) -> None:
-    scores = metrics_of(run_dir, "breast_cancer")["logistic_regression"]
+    result = results(run_dir, "breast_cancer")["models"]["logistic_regression"]
+    scores, folds = result["metrics"], result["cv_scores"]
     assert scores["accuracy"] > 0.9
-    assert 0.9 < scores["cv_accuracy"] <= 1 and scores["cv_accuracy_std"] >= 0
+    assert len(folds) == SHRINK["breast_cancer"]["cv_folds"]
+    assert 0.9 < scores["cv_accuracy"] <= 1
+    assert scores["cv_accuracy"] == pytest.approx(np.mean(folds))
+    assert scores["cv_accuracy_std"] == pytest.approx(np.std(folds)) and np.std(folds) > 0
 
 
 def test_a_csv_file_gives_the_same_result_as_the_bundled_set(run_dir: Path) -> None:

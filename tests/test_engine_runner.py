@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -102,14 +101,22 @@ def test_only_refuses_when_upstream_is_missing(tmp_path: Path) -> None:
     assert "upstream stage 'tokenize' is not up to date" in result.stderr
 
 
-def test_recipes_command_lists_bundled_recipes() -> None:
+def test_recipes_command_lists_bundled_recipes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.engine.config import bundled_recipes, bundled_recipes_dir, read_recipe
+
+    monkeypatch.setenv("COLUMNS", "250")  # wide enough that no name wraps
     result = cli("recipes")
     assert result.returncode == 0
-    assert "demo" in result.stdout and "Tokenizer" in result.stdout
+    cells = [line.split("│")[1:3] for line in result.stdout.splitlines() if line.startswith("│")]
+    rows = {name.strip(): description.strip() for name, description in cells if name.strip()}
+    root = bundled_recipes_dir()
+    for path in bundled_recipes():  # every recipe, with the start of its description
+        name = str(path.relative_to(root).with_suffix(""))
+        assert rows[name] and read_recipe(path)["description"].startswith(rows[name][:30]), name
 
 
 def test_unknown_stage_for_from(tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tmp_path / "runs" / "tiny"))
     result = cli("run", str(recipe), "--from", "pretrian")
     assert result.returncode == 2 and "did you mean 'pretrain'" in result.stderr
-    assert not json.dumps(result.stderr).count("Traceback")
+    assert "Traceback" not in result.stderr

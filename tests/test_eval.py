@@ -158,13 +158,33 @@ def test_evaluate_model_metrics_are_consistent(tokenizer: PreTrainedTokenizerBas
     )
 
 
-def test_greedy_samples_are_deterministic_completions(tokenizer: PreTrainedTokenizerBase) -> None:
+def argmax_continuation(model: LlamaForCausalLM, ids: list[int], max_new_tokens: int) -> list[int]:
+    """The greedy continuation of `ids` by hand: the most likely next token, one at a time."""
+    ids, new = list(ids), []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            if token == model.config.eos_token_id:
+                break
+            ids.append(token)
+            new.append(token)
+    return new
+
+
+def test_greedy_samples_are_the_argmax_continuation_of_a_fresh_document(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
     model = tiny_llama(vocab_size=len(tokenizer))
+    model.config.eos_token_id = tokenizer.eos_token_id
     prompts = Config().prompts
-    first = greedy_samples(model, tokenizer, prompts, max_new_tokens=8)
-    assert len(first) == len(prompts)
-    assert all(isinstance(text, str) for text in first)
-    assert greedy_samples(model, tokenizer, prompts, max_new_tokens=8) == first
+    samples = greedy_samples(model, tokenizer, prompts, max_new_tokens=8)
+    assert len(samples) == len(prompts)
+    for prompt, sample in zip(prompts, samples, strict=True):
+        start = [tokenizer.eos_token_id, *tokenizer.encode(prompt, add_special_tokens=False)]
+        expected = argmax_continuation(model, start, max_new_tokens=8)
+        assert len(expected) == 8  # this model never picks end-of-text: nothing to cut short
+        assert sample == tokenizer.decode(expected, skip_special_tokens=True) != ""
+    assert greedy_samples(model, tokenizer, prompts, max_new_tokens=8) == samples
 
 
 def test_eval_stage_scores_every_model_and_writes_its_outputs(
@@ -215,6 +235,11 @@ def test_eval_stage_scores_every_model_and_writes_its_outputs(
     assert [(s["model"], s["prompt"]) for s in samples] == [
         (model, prompt) for model in ("small", "other") for prompt in ("def ", "x <y>")
     ]
+    for name, seed in (("small", 0), ("other", 1)):  # each model's own greedy completions
+        model = tiny_llama(vocab_size=len(tokenizer), seed=seed)
+        expected = greedy_samples(model, tokenizer, ["def ", "x <y>"], max_new_tokens=4)
+        completions = [s["completion"] for s in samples if s["model"] == name]
+        assert completions == expected and all(completions), name
     summary = json.loads((run_dir / "eval" / SUMMARY_FILE).read_text())
     assert summary["headline"] == "val_loss"
     assert summary["metrics"]["val_loss"] == results["small"]["val_loss"]

@@ -89,7 +89,8 @@ def test_mixtral_logs_routing_and_is_evaluated_as_a_causal_lm(run_dir: Path) -> 
     assert metrics["val_loss"] < metrics["unigram_loss"] * 1.5
     assert 0.25 <= metrics["moe/max_expert_fraction"] <= 1
     samples = (run_dir / "eval_mixtral" / "export" / "samples.jsonl").read_text().splitlines()
-    assert len(samples) == 1
+    assert [json.loads(s)["prompt"] for s in samples] == ["def "]
+    assert json.loads(samples[0])["completion"] != ""  # a causal LM continues the prompt
 
 
 def test_bert_is_evaluated_by_masked_token_loss_without_samples(run_dir: Path) -> None:

@@ -22,7 +22,7 @@ LAYERS = [1, 1, 2, 2]
 
 
 def _swept(run_dir: Path) -> dict[str, Any]:
-    """The conftest tiny recipe with its pretrain stage swept over four widths."""
+    """The helpers' tiny recipe with its pretrain stage swept over four widths."""
     data = tiny_recipe(run_dir)
     data["stages"]["pretrain"]["sweep"] = {"model.hidden_size": SIZES, "model.num_layers": LAYERS}
     del data["stages"]["eval"]

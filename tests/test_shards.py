@@ -135,7 +135,7 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def split_documents(export: Path, split: str, sp: object) -> list[str]:
     shards = TokenShards(export / split)
     tokens = shards.tokens(0, shards.num_tokens)
-    assert shards.num_tokens == 0 or tokens[-1] == EOS_ID
+    assert shards.num_tokens > 0 and tokens[-1] == EOS_ID  # every document ends with EOS
     ends = np.flatnonzero(tokens == EOS_ID)
     pieces = np.split(tokens, ends + 1)[:-1]
     return [sp.decode(p[:-1].tolist()) for p in pieces]  # type: ignore[attr-defined]
