@@ -14,7 +14,6 @@ from rich.text import Text
 
 from pipeline.engine.config import (
     Recipe,
-    _suggest,
     bundled_recipes,
     bundled_recipes_dir,
     find_recipe,
@@ -24,6 +23,7 @@ from pipeline.engine.config import (
 )
 from pipeline.engine.config_docs import describe_config
 from pipeline.engine.errors import PipelineError, RecipeError
+from pipeline.engine.schema_errors import suggest
 
 console = Console(stderr=False, highlight=False)
 
@@ -212,7 +212,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             *(str(p.relative_to(bundled_recipes_dir()).with_suffix("")) for p in bundled_recipes()),
         ]
         raise RecipeError(
-            f"{args.target}: not a stage kind or a recipe{_suggest(args.target, names)}; pass a "
+            f"{args.target}: not a stage kind or a recipe{suggest(args.target, names)}; pass a "
             f"kind ({', '.join(sorted(kinds))}) or a recipe path or name (see `pipeline recipes`)"
         ) from None
     console.out(load_recipe(path, args.override).to_yaml(), end="", highlight=False)

@@ -15,7 +15,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from pipeline.baselines import TASKS, get_task
-from pipeline.engine.config import NAME_PATTERN, StageConfig, format_errors
+from pipeline.engine.config import NAME_PATTERN, StageConfig
+from pipeline.engine.schema_errors import format_errors
 
 
 class Config(StageConfig):

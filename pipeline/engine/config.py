@@ -7,10 +7,7 @@ line naming the key path, the bad value and what is allowed.
 
 from __future__ import annotations
 
-import difflib
 import re
-import types
-import typing
 from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -20,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from pipeline.engine.errors import RecipeError
 from pipeline.engine.kinds import KINDS, stage_module
+from pipeline.engine.schema_errors import format_errors, suggest
+from pipeline.engine.sweeps import expand_sweeps
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -300,14 +299,14 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise RecipeError(
             f"{source}: stages: missing or empty; add a mapping of stage name -> config"
         )
-    raw_stages = expand_sweeps(raw_stages, source)
+    kinds = stage_kinds()
+    raw_stages = expand_sweeps(raw_stages, kinds, source)
     errors: list[str] = []
     try:
         head = Recipe.model_validate({**data, "stages": {}})
     except ValidationError as exc:
         errors += format_errors(exc, Recipe, prefix=())
         head = None
-    kinds = stage_kinds()
     stages: dict[str, StageConfig] = {}
     for name, raw in raw_stages.items():
         where = ("stages", str(name))
@@ -316,7 +315,7 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
             continue
         kind = raw.get("kind")
         if kind not in kinds:
-            hint = _suggest(str(kind), kinds)
+            hint = suggest(str(kind), kinds)
             got = "missing" if kind is None else f"unknown kind {kind!r}"
             errors.append(
                 f"{'.'.join(where)}.kind: {got}{hint} (known: {', '.join(sorted(kinds))})"
@@ -349,7 +348,7 @@ def topo_order(recipe: Recipe) -> list[str]:
         for dep in cfg.after:
             if dep not in recipe.stages:
                 raise RecipeError(
-                    f"stages.{name}.after: unknown stage {dep!r}{_suggest(dep, names)} "
+                    f"stages.{name}.after: unknown stage {dep!r}{suggest(dep, names)} "
                     f"(stages: {', '.join(names)})"
                 )
             if dep == name:
@@ -377,155 +376,3 @@ def topo_order(recipe: Recipe) -> list[str]:
 def resolve_paths(recipe: Recipe) -> Recipe:
     """Make the run directory absolute so every process (and Slurm job) agrees on it."""
     return recipe.model_copy(update={"run_dir": str(recipe.resolved_run_dir())})
-
-
-# ---------------------------------------------------------------------------------------------
-# Sweeps
-
-_SLUG = re.compile(r"[A-Za-z0-9_.-]{1,40}")
-
-
-def expand_sweeps(stages: dict[str, Any], source: str = "recipe") -> dict[str, Any]:
-    """Replace each stage with a `sweep:` by one stage per point; `after:` lists follow.
-
-    `sweep: {model.hidden_size: [64, 128], model.num_layers: [2, 4]}` zips equal-length lists
-    (keys dotted or nested) into `NAME.hidden_size-64_num_layers-2`, ... (`NAME.0`... if long).
-    """
-    expanded: dict[str, Any] = {}
-    renamed: dict[str, list[str]] = {}
-    for name, raw in stages.items():
-        if not isinstance(raw, dict) or "sweep" not in raw:
-            expanded[name] = dict(raw) if isinstance(raw, dict) else raw
-            continue
-        points = _sweep_points(f"{source}: stages.{name}", raw)
-        slugs = ["_".join(f"{path[-1]}-{value}" for path, value in p.items()) for p in points]
-        readable = len(set(slugs)) == len(slugs) and all(_SLUG.fullmatch(s) for s in slugs)
-        renamed[name] = [f"{name}.{slug if readable else i}" for i, slug in enumerate(slugs)]
-        for new_name, point in zip(renamed[name], points, strict=True):
-            if new_name in stages:
-                raise RecipeError(f"{source}: stages.{name}.sweep: {new_name!r} is already a stage")
-            expanded[new_name] = stage = {k: v for k, v in raw.items() if k != "sweep"}
-            for path, value in point.items():
-                node = stage
-                for part in path[:-1]:  # copy each block on the path: expansions share nothing
-                    node[part] = node = dict(b) if isinstance(b := node.get(part), dict) else {}
-                node[path[-1]] = value
-    for raw in expanded.values():
-        if isinstance(raw, dict) and isinstance(raw.get("after"), list):
-            raw["after"] = [new for dep in raw["after"] for new in renamed.get(dep, [dep])]
-    return expanded
-
-
-def _sweep_points(where: str, raw: dict[str, Any]) -> list[dict[tuple[str, ...], Any]]:
-    """The zipped values of a stage's sweep, one {key path: value} per expansion."""
-    kinds, kind, sweep = stage_kinds(), raw.get("kind"), raw["sweep"]
-    if kind not in kinds:
-        raise RecipeError(f"{where}.kind: {kind!r} is not a stage kind{_suggest(str(kind), kinds)}")
-    if not isinstance(sweep, dict) or not sweep:
-        raise RecipeError(f"{where}.sweep: expected {{key: [values]}}, got {sweep!r}")
-    lists: dict[tuple[str, ...], list[Any]] = {}
-    pending: list[tuple[tuple[str, ...], dict[str, Any]]] = [((), sweep)]
-    while pending:
-        prefix, block = pending.pop(0)
-        for key, value in block.items():
-            path = (*prefix, *str(key).split("."))
-            if isinstance(value, dict):
-                pending.append((path, value))
-                continue
-            if not isinstance(value, list) or not value:
-                got = f"{where}.sweep.{'.'.join(path)}: got {value!r}"
-                raise RecipeError(f"{got}; expected a non-empty list of values")
-            if problem := _sweep_key_problem(kinds[kind], path):
-                raise RecipeError(f"{where}.sweep.{problem}")
-            lists[path] = value
-    first, *others = lists
-    for path in others:
-        if len(lists[path]) != len(lists[first]):
-            raise RecipeError(
-                f"{where}.sweep.{'.'.join(path)}: {len(lists[path])} values but "
-                f"{'.'.join(first)} has {len(lists[first])}; zipped lists need equal lengths"
-            )
-    return [{path: values[i] for path, values in lists.items()} for i in range(len(lists[first]))]
-
-
-def _sweep_key_problem(config: type[BaseModel], path: tuple[str, ...]) -> str | None:
-    """Why `path` is not a key of a stage of class `config` (one line), or None if it is."""
-    current: Any = config
-    for i, part in enumerate(path):
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            if current is Any or dict in (current, typing.get_origin(current)):
-                return None  # a free-form mapping: its keys are checked by the stage
-            return f"{'.'.join(path[:i])}: not a mapping, cannot set {'.'.join(path)}"
-        if part not in current.model_fields:
-            allowed = sorted(current.model_fields)
-            hint = _suggest(part, allowed)
-            return f"{'.'.join(path[: i + 1])}: unknown key{hint} (allowed: {', '.join(allowed)})"
-        annotation = current.model_fields[part].annotation
-        current = _unwrap(annotation) or next(
-            (a for a in typing.get_args(annotation) if dict in (a, typing.get_origin(a))), None
-        )
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Error formatting
-
-
-def format_errors(
-    exc: ValidationError, model: type[BaseModel], prefix: tuple[str, ...]
-) -> list[str]:
-    lines = []
-    for err in exc.errors():
-        loc = [str(p) for p in err["loc"] if not _is_union_tag(p)]
-        path = ".".join((*prefix, *loc))
-        if err["type"] == "extra_forbidden":
-            parent = _model_at(model, loc[:-1])
-            allowed = sorted(parent.model_fields) if parent else []
-            hint = _suggest(loc[-1], allowed)
-            lines.append(f"{path}: unknown key{hint} (allowed: {', '.join(allowed)})")
-        elif err["type"] == "missing":
-            lines.append(f"{path}: required key is missing")
-        else:
-            value = err.get("input")
-            shown = repr(value) if not isinstance(value, dict) else "a mapping"
-            lines.append(f"{path}: got {shown}: {err['msg']}")
-    return lines
-
-
-def _is_union_tag(part: Any) -> bool:
-    return isinstance(part, str) and ("[" in part or part in {"function-after", "function-before"})
-
-
-def _suggest(word: str, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
-    """The config class that owns the key at `loc` (to list allowed keys and suggest one)."""
-    current: Any = model
-    for part in loc:
-        if part.isdigit():  # an index into a list of models
-            continue
-        if isinstance(current, type) and issubclass(current, BaseModel):
-            field = current.model_fields.get(part)
-            if field is None:
-                return None
-            current = _unwrap(field.annotation)
-        elif part.isdigit() or current is dict:
-            continue
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
-
-
-def _unwrap(annotation: Any) -> Any:
-    """Strip Optional/list/dict wrappers down to the first BaseModel class, if any."""
-    origin = typing.get_origin(annotation)
-    if origin is None:
-        return annotation
-    for arg in typing.get_args(annotation):
-        if arg is type(None):
-            continue
-        inner = _unwrap(arg)
-        if isinstance(inner, type) and issubclass(inner, BaseModel):
-            return inner
-    return annotation if origin not in (types.UnionType, typing.Union) else None

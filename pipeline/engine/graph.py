@@ -7,9 +7,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.engine.config import Recipe, _suggest, topo_order
+from pipeline.engine.config import Recipe, topo_order
 from pipeline.engine.errors import RecipeError
 from pipeline.engine.manifest import read_manifest, verify_outputs
+from pipeline.engine.schema_errors import suggest
 
 # Bump when the meaning of a stage's outputs changes for the same config.
 FINGERPRINT_VERSION = 1
@@ -88,7 +89,7 @@ def plan(
         for stage in stages:
             if stage not in recipe.stages:
                 raise RecipeError(
-                    f"{flag} {stage}: no such stage{_suggest(stage, recipe.stages)} "
+                    f"{flag} {stage}: no such stage{suggest(stage, recipe.stages)} "
                     f"(stages: {', '.join(recipe.stages)})"
                 )
     run_dir = recipe.resolved_run_dir()
