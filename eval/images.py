@@ -15,7 +15,6 @@ runs on the same data. Images are float arrays in [-1, 1], shape [N, C, H, W].
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -280,6 +279,7 @@ def evaluate(ctx: StageContext, cfg: Config) -> None:
     import torch
 
     from data_prep.images import ImageShards
+    from eval.image_report import write_outputs
     from pipeline.diffusion.class_conditional_pipeline import (
         OBJECTIVE_SAMPLERS,
         ClassConditionalPipeline,
@@ -330,7 +330,7 @@ def evaluate(ctx: StageContext, cfg: Config) -> None:
         )
         sections_images.append(f"grid_{name}.png")
         ctx.log.info("%s: %s", name, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    write_outputs(ctx, cfg, rows, sections_images, train.classes, summary)
+    write_outputs(ctx, cfg.guidance_scale, rows, sections_images, train.classes, summary)
 
 
 def subset(shards: Any, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -355,55 +355,3 @@ def nearest_figure(scorer: Scorer, images: np.ndarray, per_class: int, path: Pat
     firsts = images[::per_class]
     _, nearest = nearest_neighbour(firsts, scorer.train_images)
     save_grid_png(np.concatenate([firsts, scorer.train_images[nearest]]), path, len(firsts))
-
-
-def write_outputs(
-    ctx: StageContext,
-    cfg: Config,
-    rows: list[tuple],
-    grids: list[str],
-    classes: list[str],
-    summary: dict[str, Any],
-) -> None:
-    """metrics.json, report sections, tracker summary and the stage summary."""
-    from eval.report import write_sections
-
-    keys = ("fd", "kid", "precision", "recall", "class_accuracy", "nn_ratio", "images_per_second")
-    table = [
-        [name, steps if steps is not None else "-", count, *(m.get(k, "-") for k in keys)]
-        for name, m, steps, count in rows
-    ]
-    (ctx.export_dir / "metrics.json").write_text(
-        json.dumps({name: {"steps": s, "images": n, **m} for name, m, s, n in rows}, indent=1)
-    )
-    note = (
-        f"Features and class accuracy from a CNN trained on the real training split "
-        f"(its accuracy on held-out images: {summary['classifier_val_accuracy']:.3f}). FD/KID/"
-        f"precision/recall against {len(classes)}-class real training images; guidance scale "
-        f"{cfg.guidance_scale}; nn_ratio = median pixel distance to the nearest training image "
-        f"over that of held-out images (well below 1 = copies). Lower FD/KID is better."
-    )
-    write_sections(
-        ctx.export_dir,
-        [
-            {"title": "Sample quality and speed", "note": note,
-             "columns": ["samples", "steps", "images", *keys], "rows": table},
-            *(
-                {"title": f"Samples: {_sampler_title(grid)}",
-                 "note": f"One row per class, top to bottom: {', '.join(classes)}.",
-                 "images": [grid]}
-                for grid in grids
-            ),
-            {"title": "Nearest training images", "images": ["nearest.png"],
-             "note": "Top: one sample per class; bottom: its nearest training image (pixels)."},
-        ],
-    )  # fmt: skip
-    with ctx.tracker() as tracker:
-        tracker.summary(summary)
-    ctx.write_summary(summary, headline="class_accuracy")
-
-
-def _sampler_title(grid: str) -> str:
-    """'grid_dpm++_20.png' -> 'dpm++, 20 steps'."""
-    sampler, steps = grid.removeprefix("grid_").removesuffix(".png").rsplit("_", 1)
-    return f"{sampler}, {steps} steps"
