@@ -135,22 +135,33 @@ def test_zero3_resumes_after_kill_9(tmp_path: Path) -> None:
         assert torch.allclose(ours[name], tensor, atol=1e-6), name
 
 
+def one_process_run(root: Path, name: str, **pretrain: object) -> Path:
+    """The run dir of a 4-step one-process pretrain with `pretrain` settings."""
+    run_dir = root / "runs" / name
+    data = pretrain_recipe(run_dir, {"nproc": 1}, max_steps=4, **pretrain)
+    result = cli("run", str(write_recipe(root / f"{name}.yaml", data)))
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def eager_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 eager steps of one micro batch of 8: the reference for accumulation and compile."""
+    return one_process_run(tmp_path_factory.mktemp("eager"), "m8a1", micro_batch_size=8)
+
+
 @pytest.mark.e2e
-def test_gradient_accumulation_is_exact(tmp_path: Path) -> None:
+def test_gradient_accumulation_is_exact(tmp_path: Path, eager_run: Path) -> None:
     """k micro batches of b give the same update as one batch of k*b."""
     import torch
 
-    exports = []
-    for micro, accum in ((8, 1), (4, 2), (2, 4)):
-        run_dir = tmp_path / "runs" / f"m{micro}a{accum}"
-        data = pretrain_recipe(
-            run_dir, {"nproc": 1}, micro_batch_size=micro, grad_accum_steps=accum, max_steps=4
+    reference = weights(eager_run / "pretrain" / "export")
+    for micro, accum in ((4, 2), (2, 4)):
+        run_dir = one_process_run(
+            tmp_path, f"m{micro}a{accum}", micro_batch_size=micro, grad_accum_steps=accum
         )
-        result = cli("run", str(write_recipe(tmp_path / f"m{micro}.yaml", data)))
-        assert result.returncode == 0, result.stderr
-        exports.append(weights(run_dir / "pretrain" / "export"))
-    for other in exports[1:]:
-        for name, tensor in exports[0].items():
+        other = weights(run_dir / "pretrain" / "export")
+        for name, tensor in reference.items():
             assert torch.allclose(other[name], tensor, atol=2e-6), name
 
 
@@ -172,17 +183,10 @@ def test_bf16_and_activation_checkpointing_train(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_compile_switch_trains(tmp_path: Path) -> None:
+def test_compile_switch_trains(tmp_path: Path, eager_run: Path) -> None:
     """compile: true trains the same model: its losses are the eager run's, to rounding."""
-    curves = []
-    for compiled in (False, True):
-        run_dir = tmp_path / "runs" / f"compile_{compiled}"
-        data = pretrain_recipe(run_dir, {"nproc": 1}, compile=compiled, max_steps=4)
-        result = cli("run", str(write_recipe(tmp_path / f"c_{compiled}.yaml", data)))
-        assert result.returncode == 0, result.stderr
-        curves.append(losses(run_dir))
-    eager, compiled_curve = curves
-    assert len(compiled_curve) == 4 and compiled_curve == pytest.approx(eager, rel=1e-3)
+    compiled = losses(one_process_run(tmp_path, "compiled", micro_batch_size=8, compile=True))
+    assert len(compiled) == 4 and compiled == pytest.approx(losses(eager_run), rel=1e-3)
 
 
 def test_engine_options_are_validated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
