@@ -19,7 +19,8 @@ from pydantic import Field
 from pipeline.engine.config import StageConfig, read_yaml
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
-from pipeline.engine.manifest import MANIFEST, atomic_write_text, read_manifest
+from pipeline.engine.manifest import atomic_write_text, read_manifest
+from pipeline.engine.rundir import EXPORT_DIR, MANIFEST_FILE, RECIPE_FILE
 from pipeline.engine.tracking import read_metrics
 
 REPORT_DIR = "report"
@@ -60,14 +61,16 @@ def run(ctx: StageContext) -> None:
 def write_report(run_dir: Path, title: str | None = None, out_dir: Path | None = None) -> Path:
     """Write `out_dir/index.html` (default RUN_DIR/report) and PNG loss curves; return its path."""
     out_dir = out_dir or run_dir / REPORT_DIR
-    recipe = read_yaml(run_dir / "recipe.yaml") if (run_dir / "recipe.yaml").is_file() else {}
+    recipe = read_yaml(run_dir / RECIPE_FILE) if (run_dir / RECIPE_FILE).is_file() else {}
     recipe_stages = recipe.get("stages") or {}
     names = list(recipe_stages) + sorted(
-        p.parent.name for p in run_dir.glob(f"*/{MANIFEST}") if p.parent.name not in recipe_stages
+        p.parent.name
+        for p in run_dir.glob(f"*/{MANIFEST_FILE}")
+        if p.parent.name not in recipe_stages
     )
     if not names:
         raise PipelineError(
-            f"{run_dir}: not a run directory (no recipe.yaml and no */{MANIFEST}); "
+            f"{run_dir}: not a run directory (no {RECIPE_FILE} and no */{MANIFEST_FILE}); "
             f"pass the run_dir of a recipe, e.g. runs/demo"
         )
     manifests = {name: read_manifest(run_dir / name) for name in names}
@@ -174,7 +177,7 @@ def eval_results(run_dir: Path, manifests: dict[str, dict[str, Any]]) -> str:
     scored: list[tuple[str, str, dict[str, Any]]] = []
     samples: list[str] = []
     for name, manifest in manifests.items():
-        export = run_dir / name / "export"
+        export = run_dir / name / EXPORT_DIR
         if manifest.get("status") != "done" or not (export / "eval.json").is_file():
             continue
         results = json.loads((export / "eval.json").read_text(encoding="utf-8"))
@@ -238,7 +241,7 @@ def stage_sections(run_dir: Path, manifests: dict[str, dict[str, Any]], out_dir:
     """HTML of the report.json sections of every finished stage (tables, then images)."""
     parts = []
     for name, manifest in manifests.items():
-        export = run_dir / name / "export"
+        export = run_dir / name / EXPORT_DIR
         path = export / SECTIONS_FILE
         if manifest.get("status") != "done" or not path.is_file():
             continue

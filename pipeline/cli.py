@@ -125,7 +125,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def _recipe_for_status(target: str, overrides: list[str]) -> Recipe:
     path = Path(target)
     if path.is_dir():
-        from pipeline.engine.worker import RECIPE_FILE
+        from pipeline.engine.rundir import RECIPE_FILE
 
         if not (path / RECIPE_FILE).is_file():
             raise PipelineError(

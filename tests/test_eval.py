@@ -27,8 +27,9 @@ from eval.lm import (
     unigram_loss,
 )
 from pipeline.engine.config import Recipe, StageConfig, TrackingConfig
-from pipeline.engine.context import SUMMARY_FILE, StageContext
+from pipeline.engine.context import StageContext
 from pipeline.engine.manifest import write_manifest
+from pipeline.engine.rundir import SUMMARY_FILE
 from pipeline.engine.tracking import read_metrics
 
 SAMPLE_TEXT = "def f(x):\n    return  x + 1\t# café ü 日本 → ∑\n\n  end\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.engine.context import SUMMARY_FILE
+from pipeline.engine.rundir import SUMMARY_FILE
 from pipeline.engine.tracking import read_metrics
 from tests.helpers import cli, tiny_recipe, write_recipe
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from pipeline.engine.errors import RecipeError
 from pipeline.engine.kinds import KINDS, stage_module
+from pipeline.engine.rundir import RECIPE_FILE
 from pipeline.engine.schema_errors import format_errors, suggest
 from pipeline.engine.sweeps import expand_sweeps
 
@@ -186,8 +187,8 @@ def find_recipe(spec: str | Path) -> Path:
     path = Path(spec)
     if path.is_file():
         return path
-    if path.is_dir() and (path / "recipe.yaml").is_file():
-        return path / "recipe.yaml"
+    if path.is_dir() and (path / RECIPE_FILE).is_file():
+        return path / RECIPE_FILE
     for candidate in (bundled_recipes_dir() / f"{spec}.yaml", bundled_recipes_dir() / str(spec)):
         if candidate.is_file():
             return candidate

@@ -19,11 +19,10 @@ from typing import Any, TypeVar
 from pipeline.engine.config import Recipe, StageConfig
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.manifest import atomic_write_json, read_manifest
+from pipeline.engine.rundir import CHECKPOINTS_DIR, EXPORT_DIR, LOG_FILE, SUMMARY_FILE
 from pipeline.engine.tracking import Tracker
 
 T = TypeVar("T")
-
-SUMMARY_FILE = "summary.json"
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class Upstream:
 
     @property
     def export_dir(self) -> Path:
-        return self.dir / "export"
+        return self.dir / EXPORT_DIR
 
 
 @dataclass
@@ -73,11 +72,11 @@ class StageContext:
 
     @property
     def export_dir(self) -> Path:
-        return self.stage_dir / "export"
+        return self.stage_dir / EXPORT_DIR
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.stage_dir / "checkpoints"
+        return self.stage_dir / CHECKPOINTS_DIR
 
     @property
     def log(self) -> logging.Logger:
@@ -172,7 +171,7 @@ def setup_stage_logging(stage_dir: Path, name: str, rank: int) -> None:
     logger.propagate = False
     fmt = logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S")
     if rank == 0:
-        file_handler = logging.FileHandler(stage_dir / "stage.log", encoding="utf-8")
+        file_handler = logging.FileHandler(stage_dir / LOG_FILE, encoding="utf-8")
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(logging.Formatter(f"  [{name}] %(message)s"))
         logger.addHandler(console)

@@ -20,7 +20,7 @@ from pathlib import Path
 from pipeline.engine import preempt
 from pipeline.engine.config import LaunchConfig
 from pipeline.engine.errors import PipelineError, Preempted, StageFailed
-from pipeline.engine.manifest import ERRORS_DIR
+from pipeline.engine.rundir import ERRORS_DIR, LOG_FILE
 from pipeline.engine.worker import execute_stage
 
 
@@ -31,7 +31,7 @@ def run_in_process(run_dir: Path, stage: str) -> None:
     except PipelineError:
         raise
     except Exception as exc:
-        log_path = run_dir / stage / "stage.log"
+        log_path = run_dir / stage / LOG_FILE
         with open(log_path, "a", encoding="utf-8") as f:
             f.write(traceback.format_exc())
         raise StageFailed(

@@ -13,8 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "stage.json"
-ERRORS_DIR = "errors"  # <stage>/errors/rank<N>.json: a failed rank's report to the orchestrator
+from pipeline.engine.rundir import MANIFEST_FILE
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -73,7 +72,7 @@ def verify_outputs(
 
 
 def read_manifest(stage_dir: Path) -> dict[str, Any]:
-    path = stage_dir / MANIFEST
+    path = stage_dir / MANIFEST_FILE
     if not path.is_file():
         return {}
     try:
@@ -83,7 +82,7 @@ def read_manifest(stage_dir: Path) -> dict[str, Any]:
 
 
 def write_manifest(stage_dir: Path, manifest: dict[str, Any]) -> None:
-    atomic_write_json(stage_dir / MANIFEST, manifest)
+    atomic_write_json(stage_dir / MANIFEST_FILE, manifest)
 
 
 def update_manifest(stage_dir: Path, **fields: Any) -> dict[str, Any]:

@@ -16,13 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.engine.config import Recipe
-from pipeline.engine.context import SUMMARY_FILE
 from pipeline.engine.errors import PipelineError, Preempted, StageFailed
 from pipeline.engine.graph import Step, plan
 from pipeline.engine.launch import Rendezvous, run_in_process, run_torchrun
 from pipeline.engine.manifest import atomic_write_text, checksum_tree, read_manifest, write_manifest
+from pipeline.engine.rundir import (
+    CHECKPOINTS_DIR,
+    EXPORT_DIR,
+    METRICS_FILE,
+    RECIPE_FILE,
+    SUMMARY_FILE,
+)
 from pipeline.engine.tracking import new_run_id
-from pipeline.engine.worker import RECIPE_FILE
 
 
 def now_iso() -> str:
@@ -35,9 +40,9 @@ def prepare_stage(run_dir: Path, step: Step, slurm: dict[str, Any] | None = None
     previous = read_manifest(stage_dir)
     resuming = previous.get("fingerprint") == step.fingerprint and previous.get("status") != "done"
     if not resuming:
-        shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
-        (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
-    shutil.rmtree(stage_dir / "export", ignore_errors=True)
+        shutil.rmtree(stage_dir / CHECKPOINTS_DIR, ignore_errors=True)
+        (stage_dir / METRICS_FILE).unlink(missing_ok=True)
+    shutil.rmtree(stage_dir / EXPORT_DIR, ignore_errors=True)
     (stage_dir / SUMMARY_FILE).unlink(missing_ok=True)
     manifest = {
         "stage": step.name,
@@ -69,7 +74,7 @@ def finish_stage(
     stage_dir = run_dir / name
     summary_path = stage_dir / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    export = stage_dir / "export"
+    export = stage_dir / EXPORT_DIR
     outputs = (
         {f"export/{rel}": meta for rel, meta in checksum_tree(export).items()}
         if export.is_dir()

@@ -20,10 +20,10 @@ from pipeline.engine.config import Recipe, SlurmConfig
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.graph import plan
 from pipeline.engine.manifest import atomic_write_text, read_manifest, update_manifest
+from pipeline.engine.rundir import SLURM_DIR
 from pipeline.engine.runner import now_iso, write_resolved_recipe
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "stage.sbatch"
-SLURM_DIR = "slurm"
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED"}
 
 

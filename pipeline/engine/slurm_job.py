@@ -22,8 +22,9 @@ from pipeline.engine.errors import PipelineError, Preempted
 from pipeline.engine.graph import Step, fingerprints
 from pipeline.engine.launch import Rendezvous, run_torchrun
 from pipeline.engine.manifest import update_manifest
+from pipeline.engine.rundir import RECIPE_FILE
 from pipeline.engine.runner import execute
-from pipeline.engine.worker import RECIPE_FILE, shutdown
+from pipeline.engine.worker import shutdown
 
 BASE_PORT = 29500
 

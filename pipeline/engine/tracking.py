@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.engine.config import TrackingConfig
+from pipeline.engine.rundir import METRICS_FILE
 
-METRICS_FILE = "metrics.jsonl"
 log = logging.getLogger("pipeline.engine.tracking")
 
 

@@ -17,9 +17,8 @@ from pipeline.engine.config import read_yaml, validate_recipe
 from pipeline.engine.context import StageContext, setup_stage_logging
 from pipeline.engine.errors import PipelineError, Preempted
 from pipeline.engine.kinds import stage_module
-from pipeline.engine.manifest import ERRORS_DIR, atomic_write_json, read_manifest
-
-RECIPE_FILE = "recipe.yaml"
+from pipeline.engine.manifest import atomic_write_json, read_manifest
+from pipeline.engine.rundir import ERRORS_DIR, RECIPE_FILE
 
 
 def load_context(run_dir: Path, stage: str) -> StageContext:
