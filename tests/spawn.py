@@ -46,10 +46,9 @@ def run_distributed(
     context = mp.get_context("spawn")
     results: Any = context.Queue()
     port = free_port()
+    # Not daemonic, so a rank may start processes of its own; the `finally` below stops them all.
     procs = [
-        context.Process(
-            target=_rank_main, args=(rank, world_size, port, fn, args, results), daemon=True
-        )
+        context.Process(target=_rank_main, args=(rank, world_size, port, fn, args, results))
         for rank in range(world_size)
     ]
     for proc in procs:
