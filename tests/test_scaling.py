@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from eval.scaling import FULL_FORM, PURE_FORM, fit_power_law
-from pipeline.engine.config import bundled_recipes_dir, load_recipe, validate_recipe
+from pipeline.engine.config import bundled_recipes_dir, load_recipe, read_recipe, validate_recipe
 from pipeline.engine.errors import RecipeError
 from pipeline.engine.manifest import read_manifest
 from tests.helpers import cli, tiny_recipe, write_recipe
@@ -149,7 +149,7 @@ def test_submit_plan_runs_the_sweep_points_as_parallel_jobs(tmp_path: Path) -> N
 
 
 def _bundled(name: str) -> dict[str, Any]:
-    return yaml.safe_load((bundled_recipes_dir() / "llm" / f"{name}.yaml").read_text())
+    return read_recipe(bundled_recipes_dir() / "llm" / f"{name}.yaml")  # with extends resolved
 
 
 def _shrunk(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
