@@ -13,7 +13,7 @@ import pytest
 import yaml
 from sklearn import metrics as skm
 
-from data_prep.tabular import load_dataset, subsample_rows
+from pipeline.baselines.data import load_dataset, subsample_rows
 from pipeline.engine.config import bundled_recipes_dir
 from pipeline.engine.manifest import read_manifest
 from pipeline.engine.tracking import read_metrics

@@ -9,8 +9,8 @@ import pytest
 from sklearn import metrics as skm
 from sklearn.manifold import trustworthiness as sk_trustworthiness
 
-from data_prep.tabular import fold_rows, load_dataset, split_rows
-from eval import tabular
+from pipeline.baselines import metrics as tabular
+from pipeline.baselines.data import fold_rows, load_dataset, split_rows
 from pipeline.engine.config import validate_recipe
 from pipeline.engine.errors import PipelineError, RecipeError
 

@@ -138,7 +138,7 @@ def test_bits_per_dim_of_a_uniform_pixelcnn_is_log2_of_the_levels() -> None:
     """A PixelCNN whose output layer is zero predicts uniform categoricals: exactly log2(levels)."""
     import torch
 
-    from pipeline.models.generative import PixelCNN, bits_per_dim
+    from pipeline.baselines.generative_nets import PixelCNN, bits_per_dim
 
     for levels in (17, 256):
         net = PixelCNN((1, 8, 8), levels, hidden=16, layers=1)
@@ -152,7 +152,7 @@ def test_flow_couplings_invert_exactly_and_their_log_det_matches_the_jacobian() 
     """Sampling runs the couplings backwards, and the likelihood needs the exact log |det J|."""
     import torch
 
-    from pipeline.models.generative import RealNVP
+    from pipeline.baselines.generative_nets import RealNVP
 
     torch.manual_seed(0)
     flow = RealNVP((1, 3, 3), 17, hidden=8, layers=4).double()

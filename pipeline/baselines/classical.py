@@ -14,16 +14,16 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from data_prep.tabular import Dataset, fold_rows, load_dataset, split_rows, subsample_rows
-from eval.tabular import (
+from pipeline.baselines import plots
+from pipeline.baselines.core import Job, Task
+from pipeline.baselines.data import Dataset, fold_rows, load_dataset, split_rows, subsample_rows
+from pipeline.baselines.estimators import EstimatorSpec, build_estimator
+from pipeline.baselines.metrics import (
     classification_metrics,
     confusion_matrix,
     mean_std,
     regression_metrics,
 )
-from pipeline.baselines import plots
-from pipeline.baselines.core import Job, Task
-from pipeline.baselines.estimators import EstimatorSpec, build_estimator
 from pipeline.engine.config import Strict
 from pipeline.engine.errors import PipelineError
 

@@ -1,7 +1,7 @@
 """The baseline stage's config: task, dataset, splits and the models to compare.
 
 It lives with the tasks (below the stage module) because every task reads it through `Job.config`;
-`pipeline.stages.baseline` re-exports it as the stage kind's `Config`.
+`pipeline.baselines.stage` re-exports it as the stage kind's `Config`.
 """
 
 from __future__ import annotations

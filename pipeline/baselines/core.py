@@ -101,7 +101,7 @@ class Task:
 
     def dataset_signature(self, config: Config) -> dict[str, Any]:
         """What identifies the dataset's content (part of the stage fingerprint)."""
-        from data_prep.tabular import dataset_signature
+        from pipeline.baselines.data import dataset_signature
 
         return dataset_signature(config.dataset)
 

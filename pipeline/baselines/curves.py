@@ -14,11 +14,11 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from eval.tabular import classification_metrics, regression_metrics
 from pipeline.baselines import plots
 from pipeline.baselines.classical import Split, describe_split, load_split
 from pipeline.baselines.core import Job, Task
 from pipeline.baselines.estimators import EstimatorSpec, build_estimator, param_name
+from pipeline.baselines.metrics import classification_metrics, regression_metrics
 from pipeline.engine.config import Strict
 from pipeline.engine.errors import PipelineError
 

@@ -14,99 +14,27 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import Field, model_validator
 
 from eval import images as image_eval
 from pipeline.baselines import plots
 from pipeline.baselines.core import Job, Task
-from pipeline.baselines.training import (
-    DeepOptions,
-    TrainSettings,
-    lr_factor,
-    make_optimizer,
+from pipeline.baselines.generative_config import (
+    GRID_SIDE,
+    SAMPLE_BATCH,
+    GenerativeModel,
+    GenerativeOptions,
+    Pixels,
+    unit,
 )
+from pipeline.baselines.generative_diffusion import sample_diffusion
+from pipeline.baselines.training import lr_factor, make_optimizer
 from pipeline.engine.errors import PipelineError
 from pipeline.train.runtime import torch_threads
 
 LIKELIHOOD = {"vae": "ELBO bound", "flow": "dequantised bound", "pixelcnn": "exact"}
-GRID_SIDE = 8  # sample grids are GRID_SIDE x GRID_SIDE images
-SAMPLE_BATCH = 500
-
-
-class GenerativeModel(TrainSettings):
-    """A net trained here (`net`) or a diffusion stage's export sampled here (`from_stage`)."""
-
-    net: Literal["vae", "gan", "flow", "pixelcnn"] | None = None
-    hidden: int = Field(64, ge=4, description="vae: MLP width; gan: base channels; flow, "
-                        "pixelcnn: conv channels")  # fmt: skip
-    latent_dim: int = Field(16, ge=1, description="vae, gan: size of z")
-    layers: int = Field(4, ge=1, description="flow: coupling layers; pixelcnn: residual blocks")
-    epochs: int | None = Field(None, ge=1, description="default: options.epochs")
-    from_stage: str | None = Field(None, description="a diffusion stage listed in `after:`")
-    sampler: image_eval.Sampler | None = Field(None, description="default: euler / dpm++")
-    steps: int = Field(20, ge=1, description="diffusion sampler steps")
-    guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance; 1 = none")
-    conditional: bool = Field(
-        True, description="diffusion: class-balanced labels; false: the null (unconditional) label"
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> GenerativeModel:
-        if (self.net is None) == (self.from_stage is None):
-            raise ValueError(
-                "set exactly one of net (vae, gan, flow, pixelcnn) or from_stage (a diffusion "
-                "stage of this recipe)"
-            )
-        diffusion_only = ("sampler", "steps", "guidance_scale", "conditional")
-        unused = diffusion_only if self.net else tuple(TrainSettings.model_fields) + (
-            "hidden", "latent_dim", "layers", "epochs",
-        )  # fmt: skip
-        # Compare with defaults: the resolved recipe spells out every default.
-        stray = [n for n in unused if getattr(self, n) != type(self).model_fields[n].default]
-        if stray:
-            kind = f"net: {self.net}" if self.net else "from_stage"
-            raise ValueError(f"{', '.join(stray)} do not apply to a {kind} model; remove them")
-        if self.net == "gan" and self.optimizer != "adam":
-            raise ValueError(
-                "net gan trains with Adam (betas 0.5, 0.999, as DCGAN); drop optimizer"
-            )
-        return self
-
-
-class GenerativeOptions(DeepOptions):
-    """Budget and scoring every model of the stage shares."""
-
-    epochs: int = Field(20, ge=1, description="epochs of each net trained here")
-    batch_size: int = Field(64, ge=1)
-    levels: int = Field(
-        256, ge=2, le=256, description="grey levels per pixel; 17 is lossless for builtin:digits"
-    )
-    num_samples: int = Field(1000, ge=GRID_SIDE**2, description="samples scored per model")
-    classifier_epochs: int = Field(20, ge=1, description="epochs of the shared feature classifier")
-    knn_k: int = Field(3, ge=1, description="k of the precision/recall manifolds")
-
-
-@dataclass(frozen=True)
-class Pixels:
-    """Quantised images (int64 [N, C, H, W] in 0..levels-1) and the shared scorer's state."""
-
-    train: np.ndarray
-    test: np.ndarray
-    levels: int
-    lossless: bool
-    classifier: Any  # eval.images feature classifier, trained on the training images
-    test_features: np.ndarray
-    classifier_accuracy: float
-    references: dict[str, float]  # FD of real training images and of uniform noise
-
-
-def unit(q: np.ndarray, levels: int) -> np.ndarray:
-    """Integer pixels as float32 in [-1, 1], the scale eval/images.py expects."""
-    return (q * (2 / (levels - 1)) - 1).astype(np.float32)
 
 
 class Generative(Task):
@@ -188,8 +116,8 @@ class Generative(Task):
         """Train one net on the training pixels; its test bits/dim (when it has a likelihood)."""
         import torch
 
-        from pipeline.models.baselines import init_weights, num_params
-        from pipeline.models.generative import bits_per_dim, build_generative_net
+        from pipeline.baselines.generative_nets import bits_per_dim, build_generative_net
+        from pipeline.baselines.nets import init_weights, num_params
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(job.seed)
@@ -294,7 +222,7 @@ class Steps:
         ]
 
     def __call__(self, batch: Any) -> dict[str, float]:
-        from pipeline.models.generative import to_unit
+        from pipeline.baselines.generative_nets import to_unit
 
         if self.model.net != "gan":
             loss = self.net.nll(batch).mean() / batch[0].numel()  # nats per pixel
@@ -327,7 +255,7 @@ def feature_scorer(
     its test accuracy, and the FD of real training images and of uniform noise (references)."""
     import torch
 
-    import pipeline.models.generative  # noqa: F401 - torch loads here, not in a model's seconds
+    import pipeline.baselines.generative_nets  # noqa: F401 - torch loads here, not in a model's seconds
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     epochs = job.options.classifier_epochs
@@ -373,57 +301,6 @@ def check_model(job: Job, name: str, model: GenerativeModel, shape: tuple[int, .
             f"{job.where(name, 'sampler')}: {model.sampler} does not fit the {objective} model of "
             f"{upstream.name!r}; use {' or '.join(OBJECTIVE_SAMPLERS[objective])}"
         )
-
-
-def sample_diffusion(
-    job: Job, data: Pixels, name: str, model: GenerativeModel
-) -> tuple[dict, np.ndarray, float]:
-    """(result, integer samples, seconds) of a diffusion stage's export, on the data's grid."""
-    import torch
-    from diffusers.utils import logging as diffusers_logging
-
-    from pipeline.diffusion.class_conditional_pipeline import ClassConditionalPipeline
-    from pipeline.engine.manifest import read_manifest
-
-    upstream = job.upstream("diffusion", model.from_stage)
-    diffusers_logging.disable_progress_bar()
-    pipe = ClassConditionalPipeline.from_pretrained(upstream.export_dir)
-    pipe.to("cuda" if torch.cuda.is_available() else "cpu")
-    pipe.set_progress_bar_config(disable=True)
-    objective = pipe.config.objective
-    sampler, steps = model.sampler, model.steps
-    if sampler is None:
-        sampler = image_eval.DEFAULT_SAMPLERS[objective][0][0]
-    pipe.use_sampler(sampler)
-    count, classes = job.options.num_samples, pipe.config.num_classes
-    labels = np.arange(count) % classes if model.conditional else np.full(count, classes)
-    started, out = time.perf_counter(), []
-    for i, start in enumerate(range(0, count, SAMPLE_BATCH)):
-        images = pipe(
-            class_labels=labels[start : start + SAMPLE_BATCH].tolist(),
-            num_inference_steps=steps,
-            guidance_scale=model.guidance_scale,
-            generator=torch.Generator(pipe.device).manual_seed(job.seed + 1 + i),
-            output_type="np",
-        ).images  # [B, H, W, C] in [0, 1]
-        out.append(np.rint(images.transpose(0, 3, 1, 2) * (data.levels - 1)).astype(np.int64))
-    seconds = time.perf_counter() - started
-    samples = np.concatenate(out)
-    if samples.shape[1:] != data.train.shape[1:]:
-        raise PipelineError(
-            f"{job.where(name, 'from_stage')}: stage {upstream.name!r} makes "
-            f"images of shape {samples.shape[1:]}, the images stage {data.train.shape[1:]}; train "
-            f"it on the same images stage"
-        )
-    manifest = read_manifest(upstream.dir)
-    metrics = {
-        "bits_per_dim": None,
-        "likelihood": "none",
-        "train_seconds": manifest.get("duration_s"),
-        "params": manifest.get("summary", {}).get("params"),
-        "sampler": f"{sampler} {steps} steps",
-    }
-    return {"metrics": metrics, "objective": objective}, samples, seconds
 
 
 def sample_figure(path: Any, grids: dict[str, np.ndarray], job: Job) -> None:

@@ -101,7 +101,7 @@ class SequenceTask(Task):
         return source_signature(SourceConfig(uri=config.dataset))
 
     def load(self, job: Job) -> Text:
-        import pipeline.models.baselines  # noqa: F401 - torch loads here, not in a model's seconds
+        import pipeline.baselines.nets  # noqa: F401 - torch loads here, not in a model's seconds
 
         options = job.options
         stream = read_bytes(job.config.dataset, options.max_bytes)
@@ -144,7 +144,7 @@ class SequenceTask(Task):
         """Train one net for the stage's step budget and score it on the held-out windows."""
         import torch
 
-        from pipeline.models.baselines import build_sequence_net, init_weights, num_params
+        from pipeline.baselines.nets import build_sequence_net, init_weights, num_params
 
         options = job.options
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

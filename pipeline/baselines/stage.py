@@ -2,10 +2,10 @@
 
 The `task` picks the family (pipeline.baselines.TASKS): classical estimators named by import path
 (regression, classification, clustering, embedding, bias-variance curves) or small torch nets
-(vision, sequence). Every model sees the same rows and seed and is scored by eval.tabular; the
-stage writes one comparison table to export/results.json, the run report and W&B, with the
-task's figures. The stage runs in one process: a stage-level `launch.nproc` above 1 is refused
-and the recipe-wide launch is ignored.
+(vision, sequence). Every model sees the same rows and seed and is scored by
+pipeline.baselines.metrics; the stage writes one comparison table to export/results.json, the run
+report and W&B, with the task's figures. The stage runs in one process: a stage-level
+`launch.nproc` above 1 is refused and the recipe-wide launch is ignored.
 """
 
 from __future__ import annotations

@@ -13,11 +13,16 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from data_prep.tabular import Dataset, load_dataset, subsample_rows
-from eval.tabular import adjusted_rand, neighbour_accuracy, silhouette, trustworthiness
 from pipeline.baselines import plots
 from pipeline.baselines.core import Job, Task
+from pipeline.baselines.data import Dataset, load_dataset, subsample_rows
 from pipeline.baselines.estimators import EstimatorSpec, build_estimator
+from pipeline.baselines.metrics import (
+    adjusted_rand,
+    neighbour_accuracy,
+    silhouette,
+    trustworthiness,
+)
 from pipeline.engine.config import Strict
 from pipeline.engine.errors import PipelineError
 

@@ -2,8 +2,8 @@
 
 Every net trains for the same number of epochs on the same rows, in one process on the CPU or
 the first GPU. A validation share of the training rows gives the per-epoch curves and early
-stopping (best weights restored); the held-out test rows are scored once, by eval.tabular, the
-same way as the classical classifiers.
+stopping (best weights restored); the held-out test rows are scored once, by
+pipeline.baselines.metrics, the same way as the classical classifiers.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from data_prep.tabular import load_dataset, split_rows, subsample_rows
-from eval.tabular import classification_metrics, confusion_matrix
 from pipeline.baselines import plots
 from pipeline.baselines.core import Job, Task
+from pipeline.baselines.data import load_dataset, split_rows, subsample_rows
+from pipeline.baselines.metrics import classification_metrics, confusion_matrix
 from pipeline.baselines.training import (
     DeepOptions,
     EarlyStopping,
@@ -87,7 +87,7 @@ class Vision(Task):
     columns = ("accuracy", "precision", "recall", "f1", "roc_auc", "params", "epochs")
 
     def load(self, job: Job) -> Images:
-        import pipeline.models.baselines  # noqa: F401 - torch loads here, not in a model's seconds
+        import pipeline.baselines.nets  # noqa: F401 - torch loads here, not in a model's seconds
 
         cfg = job.config
         data = subsample_rows(load_dataset(cfg.dataset, cfg.target, True), cfg.max_rows, job.seed)
@@ -119,7 +119,7 @@ class Vision(Task):
         """Train one net for the stage's budget and score it on the test images."""
         import torch
 
-        from pipeline.models.baselines import build_vision_net, init_weights, num_params
+        from pipeline.baselines.nets import build_vision_net, init_weights, num_params
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(job.seed)

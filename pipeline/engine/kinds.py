@@ -22,7 +22,7 @@ KINDS: dict[str, str] = {
     "diffusion": "pipeline.stages.diffusion",
     "vae": "pipeline.stages.vae",
     "image_eval": "eval.images",
-    "baseline": "pipeline.stages.baseline",
+    "baseline": "pipeline.baselines.stage",
     "compare": "eval.compare",
     "scaling": "eval.scaling",
 }

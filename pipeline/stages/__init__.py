@@ -1,4 +1,5 @@
-"""Stage kinds of the pipeline package (pretrain, sft, reward, rlhf, vae, diffusion, baseline).
+"""Training stage kinds of the pipeline package: pretrain, sft, reward, rlhf, vae, diffusion.
 
-The registry of every kind, these and those in data_prep and eval, is `pipeline.engine.kinds`.
+The `baseline` kind lives with its tasks, in `pipeline.baselines.stage`. The registry of every
+kind, these and those in data_prep, eval and baselines, is `pipeline.engine.kinds`.
 """
