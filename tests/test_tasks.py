@@ -23,7 +23,7 @@ from data_prep.tasks import (
 from eval.harness import distractors
 from eval.stats import mcnemar, pass_at_k, wilson_interval
 from pipeline.engine.errors import PipelineError
-from pipeline.train.rewards import reward_functions
+from pipeline.stages.rewards import reward_functions
 
 TASKS = [
     ArithmeticTask(),

@@ -1,7 +1,7 @@
 """Preference and reinforcement learning with TRL: GRPO or RLOO against rewards, or DPO on pairs.
 
 GRPO/RLOO sample `num_generations` completions per prompt and score them with verifiable reward
-functions named in the recipe (pipeline.train.rewards) and/or a reward stage's model; `beta` is the KL
+functions named in the recipe (pipeline.stages.rewards) and/or a reward stage's model; `beta` is the KL
 coefficient towards a reference model (the starting policy, optionally synced every few steps).
 DPO trains on chosen/rejected pairs (the task's built-in pairs or a JSONL file). The trainer's
 reward mean/std, fraction of zero-variance groups and completion lengths go to metrics.jsonl.
@@ -39,7 +39,7 @@ class Config(TaskStageConfig):
     kind: Literal["rlhf"] = "rlhf"
     algorithm: Literal["grpo", "rloo", "dpo"] = "grpo"
     rewards: list[str] = Field(
-        ["exact"], description="exact | partial | format (pipeline.train.rewards)"
+        ["exact"], description="exact | partial | format (pipeline.stages.rewards)"
     )
     reward_model: str | None = Field(None, description="a reward stage whose model also scores")
     reward_weights: list[float] | None = Field(None, description="one per reward; default: 1 each")
@@ -97,7 +97,7 @@ def build_trainer(ctx: StageContext, cfg: Config, model: Any, tokenizer: Any, ca
     """The TRL trainer for `cfg.algorithm`, configured from the recipe."""
     from pipeline.stages.posttrain import dataset, training_arguments
     from pipeline.stages.reward import preference_rows
-    from pipeline.train.rewards import reward_functions
+    from pipeline.stages.rewards import reward_functions
 
     where = f"stages.{ctx.name}"
     common = training_arguments(ctx, cfg, model)
