@@ -15,7 +15,8 @@ from pydantic import Field
 from pipeline.engine.config import StageConfig
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
-from pipeline.train.loop import LoopConfig, Trained, Workload
+from pipeline.train.config import LoopConfig
+from pipeline.train.loop import Trained, Workload
 from pipeline.train.optim import OptimConfig, ScheduleConfig
 
 if TYPE_CHECKING:

@@ -27,6 +27,11 @@ def install() -> None:
     signal.signal(SIGNAL, _on_signal)
 
 
+def received() -> bool:
+    """Whether this process got the signal (no collective; the loop agrees on it with others)."""
+    return _received
+
+
 def requested(accelerator: Accelerator) -> bool:
     """True on every rank when any rank received the signal (a collective: call it on all ranks)."""
     if accelerator.num_processes == 1:

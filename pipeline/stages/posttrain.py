@@ -20,7 +20,7 @@ from pipeline.engine.config import StageConfig
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.tracking import Tracker
-from pipeline.train.loop import TrainingConfig
+from pipeline.train.config import TrainingConfig
 from pipeline.train.optim import OptimConfig, ScheduleConfig
 
 if TYPE_CHECKING:

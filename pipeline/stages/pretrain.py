@@ -19,7 +19,7 @@ from pipeline.engine.config import StageConfig
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
 from pipeline.models.causal_lm import ModelConfig
-from pipeline.train.loop import LoopConfig
+from pipeline.train.config import LoopConfig
 
 
 class Config(LoopConfig, StageConfig):

@@ -14,14 +14,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
-
-from pydantic import Field, model_validator
+from typing import TYPE_CHECKING, Any
 
 from pipeline.engine import preempt
-from pipeline.engine.config import Strict
 from pipeline.engine.errors import PipelineError, Preempted
-from pipeline.train.optim import OptimConfig, ScheduleConfig
+from pipeline.train.config import LoopConfig
 from pipeline.train.runtime import replay_generator
 
 if TYPE_CHECKING:
@@ -34,42 +31,6 @@ if TYPE_CHECKING:
 
 # loss(model, batch on the device, generator) -> (loss to backpropagate, extra metrics to log)
 LossFn = Callable[..., tuple["torch.Tensor", dict[str, Any]]]
-
-
-class TrainingConfig(Strict):
-    """Steps, batch, optimizer, schedule, precision and checkpoint cadence: the fields every
-    training stage has, ours and the TRL-trained ones, with the same keys."""
-
-    max_steps: int = Field(200, ge=1, description="optimizer steps")
-    micro_batch_size: int = Field(8, ge=1, description="sequences per rank per micro step")
-    grad_accum_steps: int = Field(1, ge=1, description="micro steps per optimizer step")
-    optim: OptimConfig = Field(
-        default_factory=OptimConfig, description="AdamW: lr, weight_decay, betas, eps, grad_clip"
-    )
-    schedule: ScheduleConfig = Field(
-        default_factory=ScheduleConfig, description="warmup, then cosine | linear | constant | wsd"
-    )
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 on GPUs with bf16"
-    )
-    log_every: int = Field(10, ge=1, description="optimizer steps between logged rows")
-    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
-    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
-
-    @model_validator(mode="after")
-    def _check_schedule(self) -> TrainingConfig:
-        problem = self.schedule.check(self.max_steps)
-        if problem:
-            raise ValueError(problem)
-        return self
-
-
-class LoopConfig(TrainingConfig):
-    """What our own loop adds: compilation and in-loop validation."""
-
-    compile: bool = Field(False, description="torch.compile the model (inductor)")
-    eval_every: int = Field(50, ge=1, description="optimizer steps between validation passes")
-    eval_batches: int = Field(4, ge=1, description="validation micro batches per rank")
 
 
 @dataclass
@@ -173,6 +134,7 @@ class _Loop:
         )  # fmt: skip
         self.val = work.val_batches(self.rank, self.world)
         self.last_loss, self.val_loss, self.val_ema_loss = float("nan"), None, None
+        self.bad_streak, self.skipped = 0, 0
         self.window_start, self.window_steps = time.perf_counter(), 0
         self.model.train()
 
@@ -217,19 +179,24 @@ class _Loop:
                 extras[key] = extras.get(key, 0.0) + value / cfg.grad_accum_steps
         clip = cfg.optim.grad_clip
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip) if clip > 0 else None
-        self.optimizer.step()
-        self.scheduler.step()
+        done = step + 1
+        bad, preempted = self._signals(step_loss, grad_norm)
+        if bad:
+            self._skip(tracker, done)
+        else:
+            self.bad_streak = 0
+            self.optimizer.step()
+        self.scheduler.step()  # the learning rate stays a function of the step, skipped or not
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
+        if self.ema is not None and not bad:
             self.ema.step(model.parameters())
         self.window_steps += 1
-        done = step + 1
         final = done == cfg.max_steps
         if done % cfg.log_every == 0 or final:
             self._log(tracker, done, step_loss, extras, grad_norm)
         if done % cfg.eval_every == 0 or final:
             self._validate(tracker, done)
-        stopping = not final and preempt.requested(accelerator)
+        stopping = not final and preempted
         if done % cfg.checkpoint_every == 0 or final or stopping:
             from pipeline.train.checkpoint import save_checkpoint
 
@@ -240,6 +207,41 @@ class _Loop:
             raise Preempted(
                 f"stages.{self.ctx.name}: preempted after step {done}; checkpoint saved, "
                 f"a rerun or requeue resumes from it"
+            )
+
+    def _signals(self, step_loss: Any, grad_norm: Any) -> tuple[bool, bool]:
+        """(a non-finite loss or grad norm on any rank, preemption asked on any rank), agreed by
+        every rank in one collective, so all ranks skip, stop or checkpoint the same step."""
+        import torch
+
+        if not self.cfg.max_bad_steps:
+            return False, preempt.requested(self.accelerator)
+        finite = torch.isfinite(step_loss)
+        if grad_norm is not None:
+            finite = finite & torch.isfinite(torch.as_tensor(grad_norm, device=finite.device))
+        flags = torch.stack([(~finite).float(), step_loss.new_tensor(float(preempt.received()))])
+        if self.world > 1:
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        bad, preempted = flags.tolist()
+        return bad > 0, preempted > 0
+
+    def _skip(self, tracker: Tracker, done: int) -> None:
+        """Leave out the update of a non-finite step; stop after max_bad_steps in a row."""
+        from pipeline.train.checkpoint import latest_checkpoint
+
+        self.bad_streak += 1
+        self.skipped += 1
+        tracker.log({"train/skipped_step": 1.0, "train/skipped_steps": self.skipped}, step=done)
+        self.ctx.log.warning("step %d: non-finite loss or gradient norm; update skipped", done)
+        deepspeed = self.launch.engine == "deepspeed"  # DeepSpeed stepped inside backward()
+        if self.bad_streak >= self.cfg.max_bad_steps or deepspeed:
+            found = latest_checkpoint(self.ctx.checkpoint_dir, self.ctx.fingerprint)
+            last = found[0].name if found else "none (the stage starts over)"
+            raise PipelineError(
+                f"stages.{self.ctx.name}: {self.bad_streak} optimizer step(s) in a row up to step "
+                f"{done} had a non-finite loss or gradient norm; last good checkpoint: {last}; "
+                f"lower optim.lr, lengthen schedule.warmup_steps or check the data of those "
+                f"steps, then rerun (it resumes from that checkpoint)"
             )
 
     def _log(
@@ -325,6 +327,7 @@ class _Loop:
             "val_loss": self.val_loss,
             "steps": self.cfg.max_steps,
             seen: self.cfg.max_steps * self.per_step,
+            "skipped_steps": self.skipped,
             **self.work.summary,
         }
         if self.val_ema_loss is not None:
