@@ -92,3 +92,29 @@ def test_ranks_agree_to_skip_a_step_only_one_rank_saw_go_bad(tmp_path: Path) -> 
     (skipped_0, digests_0), (skipped_1, digests_1) = run_distributed(_two_rank_run, tmp_path)
     assert skipped_0 == skipped_1 == 1
     assert digests_0 == digests_1 and len(set(digests_0)) == 1  # replicas still identical
+
+
+def test_resume_reproduces_the_saved_probe_loss_and_the_uninterrupted_weights(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+    import shutil
+
+    import torch
+
+    _train(tmp_path, poisoned={}, checkpoint_every=2)
+    checkpoints = tmp_path / "pretrain" / "checkpoints"
+    final = _weights(tmp_path, 6)
+    shutil.rmtree(checkpoints / "step_00000006")  # as if killed after step 4's checkpoint
+    summary = _train(tmp_path, poisoned={}, checkpoint_every=2)
+    assert summary["resume_loss_diff"] == 0.0  # bit for bit on the same code and engine
+    assert all(torch.equal(final[k], v) for k, v in _weights(tmp_path, 6).items())
+    # A checkpoint that does not give back the state it was saved with is reported.
+    shutil.rmtree(checkpoints / "step_00000006")
+    meta_path = checkpoints / "step_00000004" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "probe_loss": meta["probe_loss"] + 0.5}))
+    with caplog.at_level("WARNING", logger="pipeline.pretrain"):
+        summary = _train(tmp_path, poisoned={}, checkpoint_every=2)
+    assert summary["resume_loss_diff"] == pytest.approx(0.5)
+    assert "does not continue the interrupted one exactly" in caplog.text

@@ -200,3 +200,31 @@ def replica_digests(accelerator: Accelerator, model) -> list[str]:
     mine = torch.tensor(list(digest.digest()[:8]), dtype=torch.int64, device=accelerator.device)
     gathered = accelerator.gather(mine.unsqueeze(0)).cpu().tolist()
     return [bytes(row).hex() for row in gathered]
+
+
+def fill_deepspeed_buckets(accelerator: Accelerator, model: Any) -> None:
+    """Fill DeepSpeed's "auto" bucket sizes from the model's width squared, as Accelerate does for
+    configs with a hidden_size; for configs without one (diffusers) the width is the widest layer's."""
+    plugin = accelerator.state.deepspeed_plugin
+    config = getattr(model, "config", None)
+    if plugin is None or hasattr(config, "hidden_size") or hasattr(config, "hidden_sizes"):
+        return
+    width = max(max(p.shape[:2]) for p in model.parameters() if p.dim() >= 2)
+    sizes = {
+        "zero_optimization.reduce_bucket_size": width * width,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * width * width),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * width,
+    }
+    for key, value in sizes.items():
+        if plugin.is_auto(key):
+            plugin.fill_match(key, must_match=False, **{key: value})
+
+
+def reshard(model: Any) -> None:
+    """FSDP2 keeps the root's parameters gathered after a forward without backward; shard them
+    again so parameters (and the EMA that mirrors them) keep one layout."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

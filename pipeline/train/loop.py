@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.engine import preempt
 from pipeline.engine.errors import PipelineError, Preempted
 from pipeline.train.config import LoopConfig
+from pipeline.train.distributed import reshard
 from pipeline.train.runtime import replay_generator
 
 if TYPE_CHECKING:
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from pipeline.engine.tracking import Tracker
     from pipeline.train.ema import EMA
 
+# A resumed run's probe loss may differ from the saved one by this much (relative) before it is
+# reported; on the same code and engine it is bit-identical.
+RESUME_TOLERANCE = 1e-5
 # loss(model, batch on the device, generator) -> (loss to backpropagate, extra metrics to log)
 LossFn = Callable[..., tuple["torch.Tensor", dict[str, Any]]]
 
@@ -95,7 +99,12 @@ class _Loop:
     """The state of one training run between steps (engine, optimizer, EMA, log window)."""
 
     def __init__(self, ctx: StageContext, cfg: LoopConfig, work: Workload) -> None:
-        from pipeline.train.distributed import TrainShape, build_accelerator, resolve_precision
+        from pipeline.train.distributed import (
+            TrainShape,
+            build_accelerator,
+            fill_deepspeed_buckets,
+            resolve_precision,
+        )
         from pipeline.train.ema import EMA
         from pipeline.train.optim import build_optimizer, lambda_scheduler
 
@@ -115,13 +124,14 @@ class _Loop:
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         optimizer = build_optimizer(work.model, cfg.optim)
         self.scheduler = lambda_scheduler(optimizer, cfg.schedule, cfg.max_steps)
-        _fill_deepspeed_buckets(accelerator, work.model)
+        fill_deepspeed_buckets(accelerator, work.model)
         self.model, self.optimizer = accelerator.prepare(work.model, optimizer)
         accelerator.register_for_checkpointing(self.scheduler)
         self.ema = None
         if work.ema_decay is not None:
             self.ema = EMA(accelerator.unwrap_model(self.model).parameters(), work.ema_decay)
             accelerator.register_for_checkpointing(self.ema)
+        self.resume_loss_diff: float | None = None
         self.start_step = self._resume()
         self.per_step = shape.global_batch * (work.tokens_per_item or 1)
         unit = "tokens" if work.tokens_per_item else work.item
@@ -155,7 +165,37 @@ class _Loop:
             )
         self.accelerator.load_state(str(path))
         ctx.log.info("resuming from %s (step %d)", path.name, meta["step"])
+        self._check_continuity(path.name, int(meta["step"]), meta.get("probe_loss"))
         return int(meta["step"])
+
+    def _probe_loss(self, step: int) -> float:
+        """The loss of the next step's first micro batch under the current weights (no update,
+        fixed randomness), averaged over ranks: saved with a checkpoint, recomputed on resume."""
+        import torch
+
+        raw = self.work.train_batch(step, 0, self.rank, self.world)
+        self.model.eval()
+        with torch.no_grad(), self.accelerator.autocast():
+            generator = replay_generator(self.ctx.seed, "probe", step, self.rank)
+            loss, _ = self.work.loss(
+                self.model, _to_device(raw, self.accelerator.device), generator
+            )
+        reshard(self.model)
+        self.model.train()
+        return self.accelerator.reduce(loss.detach().double(), reduction="mean").item()
+
+    def _check_continuity(self, name: str, step: int, saved: float | None) -> None:
+        """Warn (log and summary) when the resumed state does not reproduce the saved probe loss:
+        the checkpoint did not restore what the run had (a resume bug, other code or data)."""
+        if saved is None:
+            return
+        now = self._probe_loss(step)
+        self.resume_loss_diff = abs(now - saved)
+        if not self.resume_loss_diff <= RESUME_TOLERANCE * max(1.0, abs(saved)):
+            self.ctx.log.warning(
+                "resume from %s: the probe loss is %.6f now, %.6f when saved; the resumed run "
+                "does not continue the interrupted one exactly", name, now, saved,
+            )  # fmt: skip
 
     def step(self, step: int, tracker: Tracker) -> None:
         """One optimizer step over grad_accum_steps micro batches, then log, eval, checkpoint."""
@@ -201,7 +241,7 @@ class _Loop:
             from pipeline.train.checkpoint import save_checkpoint
 
             meta = {"fingerprint": self.ctx.fingerprint, "global_batch": self.shape.global_batch,
-                    "world_size": self.world}  # fmt: skip
+                    "world_size": self.world, "probe_loss": self._probe_loss(done)}  # fmt: skip
             save_checkpoint(accelerator, self.ctx.checkpoint_dir, done, meta, cfg.keep_checkpoints)
         if stopping:
             raise Preempted(
@@ -218,6 +258,8 @@ class _Loop:
             return False, preempt.requested(self.accelerator)
         finite = torch.isfinite(step_loss)
         if grad_norm is not None:
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
+                grad_norm = grad_norm.full_tensor()
             finite = finite & torch.isfinite(torch.as_tensor(grad_norm, device=finite.device))
         flags = torch.stack([(~finite).float(), step_loss.new_tensor(float(preempt.received()))])
         if self.world > 1:
@@ -300,7 +342,7 @@ class _Loop:
                 size = len(raw[0]) if isinstance(raw, tuple) else len(raw)
                 total += torch.stack([loss.double() * size, total.new_tensor(size)])
         total = accelerator.reduce(total, reduction="sum")
-        _reshard(model)
+        reshard(model)
         model.train()
         return (total[0] / total[1]).item()
 
@@ -332,6 +374,8 @@ class _Loop:
         }
         if self.val_ema_loss is not None:
             summary["val_ema_loss"] = self.val_ema_loss
+        if self.resume_loss_diff is not None:
+            summary["resume_loss_diff"] = self.resume_loss_diff
         if replicates_parameters(self.launch):
             digests = replica_digests(self.accelerator, self.model)
             if len(set(digests)) != 1:
@@ -347,31 +391,3 @@ def _to_device(batch: Any, device: Any) -> Any:
     if isinstance(batch, tuple):
         return tuple(torch.from_numpy(part).to(device) for part in batch)
     return torch.from_numpy(batch).to(device)
-
-
-def _fill_deepspeed_buckets(accelerator: Accelerator, model: torch.nn.Module) -> None:
-    """Fill DeepSpeed's "auto" bucket sizes from the model's width squared, as Accelerate does for
-    configs with a hidden_size; for configs without one (diffusers) the width is the widest layer's."""
-    plugin = accelerator.state.deepspeed_plugin
-    config = getattr(model, "config", None)
-    if plugin is None or hasattr(config, "hidden_size") or hasattr(config, "hidden_sizes"):
-        return
-    width = max(max(p.shape[:2]) for p in model.parameters() if p.dim() >= 2)
-    sizes = {
-        "zero_optimization.reduce_bucket_size": width * width,
-        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * width * width),
-        "zero_optimization.stage3_param_persistence_threshold": 10 * width,
-    }
-    for key, value in sizes.items():
-        if plugin.is_auto(key):
-            plugin.fill_match(key, must_match=False, **{key: value})
-
-
-def _reshard(model: torch.nn.Module) -> None:
-    """FSDP2 keeps the root's parameters gathered after a forward without backward; shard them
-    again so parameters (and the EMA that mirrors them) keep one layout."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
