@@ -51,6 +51,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_export(tmp_path: Path) -> Non
         "micro_batch_size": 8,
         "max_steps": 60,
         "checkpoint_every": 5,
+        "keep_checkpoints": 20,  # step_10 stays until the end: the kill cannot miss it on a busy CPU
         "eval_every": 20,
     }
     recipe = _pretrain_recipe(tmp_path / "unused", **settings)
