@@ -60,7 +60,6 @@ def run(ctx: StageContext) -> None:
     from data_prep.shards import TokenShards
     from pipeline.models import build_model
     from pipeline.train import flops
-    from pipeline.train.distributed import resolve_precision
     from pipeline.train.export import export_model
     from pipeline.train.loop import Workload, train
 
@@ -81,7 +80,6 @@ def run(ctx: StageContext) -> None:
     flops_token = flops.flops_per_token(
         matmul, cfg.model.num_layers, cfg.model.hidden_size, seq_len
     )
-    precision = resolve_precision(cfg.precision)
 
     def train_batch(step: int, micro: int, rank: int, world: int) -> np.ndarray:
         return shards.batch(ctx.seed, step, rank, world, mb, seq_len, micro, accum)  # [B, T + 1]
@@ -105,7 +103,7 @@ def run(ctx: StageContext) -> None:
         wrap_classes=list(model._no_split_modules or []),
         tokens_per_item=seq_len,
         flops_per_token=flops_token,
-        peak_flops=cfg.peak_flops or flops.peak_flops(flops.device_name(), precision),
+        peak_flops=cfg.peak_flops,
         describe=f"{cfg.model.arch} ({objective.name}): {counts['params'] / 1e6:.2f}M params",
         summary={**counts, "flops_per_token": flops_token},
     )

@@ -12,7 +12,8 @@ checkpoint replays exactly what an uninterrupted run did and ends with the same 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ from pipeline.engine import preempt
 from pipeline.engine.errors import PipelineError, Preempted
 from pipeline.train.config import LoopConfig
 from pipeline.train.distributed import reshard
-from pipeline.train.runtime import replay_generator
+from pipeline.train.runtime import replay_generator, to_device
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +56,7 @@ class Workload:
     tokens_per_item: int | None = None
     ema_decay: float | None = None
     flops_per_token: float | None = None
-    peak_flops: float | None = None
+    peak_flops: float | None = None  # per device; default: the device's, at the run's precision
     describe: str = ""  # the head of the start line, e.g. "llama (causal_lm): 3.30M params"
     summary: dict[str, Any] = field(default_factory=dict)  # the stage's own summary metrics
 
@@ -134,7 +135,7 @@ class _Loop:
         self.resume_loss_diff: float | None = None
         self.start_step = self._resume()
         self.per_step = shape.global_batch * (work.tokens_per_item or 1)
-        unit = "tokens" if work.tokens_per_item else work.item
+        self.unit = unit = "tokens" if work.tokens_per_item else work.item
         engine = launch.engine + (
             f" ZeRO-{launch.zero_stage}" if launch.engine == "deepspeed" else ""
         )
@@ -171,17 +172,10 @@ class _Loop:
     def _probe_loss(self, step: int) -> float:
         """The loss of the next step's first micro batch under the current weights (no update,
         fixed randomness), averaged over ranks: saved with a checkpoint, recomputed on resume."""
-        import torch
-
         raw = self.work.train_batch(step, 0, self.rank, self.world)
-        self.model.eval()
-        with torch.no_grad(), self.accelerator.autocast():
+        with self._measuring():
             generator = replay_generator(self.ctx.seed, "probe", step, self.rank)
-            loss, _ = self.work.loss(
-                self.model, _to_device(raw, self.accelerator.device), generator
-            )
-        reshard(self.model)
-        self.model.train()
+            loss, _ = self.work.loss(self.model, to_device(raw, self.accelerator.device), generator)
         return self.accelerator.reduce(loss.detach().double(), reduction="mean").item()
 
     def _check_continuity(self, name: str, step: int, saved: float | None) -> None:
@@ -206,7 +200,7 @@ class _Loop:
         extras: dict[str, Any] = {}
         for micro in range(cfg.grad_accum_steps):
             raw = self.work.train_batch(step, micro, self.rank, self.world)
-            batch = _to_device(raw, accelerator.device)
+            batch = to_device(raw, accelerator.device)
             # accumulate(): gradients sync (and DeepSpeed steps) on the last micro batch only;
             # backward() divides the loss by grad_accum_steps.
             with accelerator.accumulate(model), accelerator.autocast():
@@ -294,7 +288,7 @@ class _Loop:
         work = self.work
         self.last_loss = self.accelerator.reduce(step_loss, reduction="mean").item()
         rate = self.window_steps * self.per_step / (time.perf_counter() - self.window_start)
-        unit = "tokens" if work.tokens_per_item else work.item
+        unit = self.unit
         row: dict[str, Any] = {
             "train/loss": self.last_loss,
             "train/lr": self.scheduler.get_last_lr()[0],
@@ -306,7 +300,8 @@ class _Loop:
         row.update({f"train/{k}": float(v) for k, v in extras.items()})
         utilisation = None
         if work.flops_per_token is not None:
-            utilisation = flops.mfu(rate / self.world, work.flops_per_token, work.peak_flops)
+            peak = work.peak_flops or flops.peak_flops(flops.device_name(), self.shape.precision)
+            utilisation = flops.mfu(rate / self.world, work.flops_per_token, peak)
         if utilisation is not None:
             row["train/mfu"] = utilisation
         if grad_norm is not None:
@@ -331,20 +326,31 @@ class _Loop:
         """Mean loss over this rank's validation batches (fixed randomness), averaged over ranks."""
         import torch
 
-        accelerator, model = self.accelerator, self.model
-        model.eval()
+        accelerator = self.accelerator
         total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # [sum, count]
-        with torch.no_grad(), accelerator.autocast():
+        with self._measuring():
             for i, raw in enumerate(self.val):
-                batch = _to_device(raw, accelerator.device)
+                batch = to_device(raw, accelerator.device)
                 generator = replay_generator(self.ctx.seed, "val", self.rank, i)
-                loss, _ = self.work.loss(model, batch, generator)
+                loss, _ = self.work.loss(self.model, batch, generator)
                 size = len(raw[0]) if isinstance(raw, tuple) else len(raw)
                 total += torch.stack([loss.double() * size, total.new_tensor(size)])
         total = accelerator.reduce(total, reduction="sum")
-        reshard(model)
-        model.train()
         return (total[0] / total[1]).item()
+
+    @contextmanager
+    def _measuring(self) -> Iterator[None]:
+        """Forward passes that measure, not train: eval mode, no grad, the training autocast;
+        then back to training, FSDP2 parameters sharded again."""
+        import torch
+
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.accelerator.autocast():
+                yield
+        finally:
+            reshard(self.model)
+            self.model.train()
 
     def evaluate_ema(self) -> float | None:
         """The validation loss of the EMA weights (swapped in, then the live ones restored)."""
@@ -382,12 +388,3 @@ class _Loop:
                 raise RuntimeError(f"data-parallel replicas diverged: parameter digests {digests}")
             summary["replica_digests"] = digests
         return summary
-
-
-def _to_device(batch: Any, device: Any) -> Any:
-    """Host arrays (or a tuple of them) as tensors on `device`."""
-    import torch
-
-    if isinstance(batch, tuple):
-        return tuple(torch.from_numpy(part).to(device) for part in batch)
-    return torch.from_numpy(batch).to(device)

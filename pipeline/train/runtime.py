@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -34,3 +34,12 @@ def torch_threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def to_device(batch: Any, device: Any) -> Any:
+    """Host arrays (or a tuple of them) as tensors on `device`."""
+    import torch
+
+    if isinstance(batch, tuple):
+        return tuple(torch.from_numpy(part).to(device) for part in batch)
+    return torch.from_numpy(batch).to(device)
