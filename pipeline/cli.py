@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -64,9 +65,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             console.print(f"[dim]-- {step.name}: skip, {step.reason}[/]")
 
-    results = run_recipe(
-        recipe, from_stage=args.from_stage, only=args.only, force=args.force, on_step=announce
-    )
+    from pipeline.engine import preempt
+    from pipeline.engine.lock import run_dir_lock
+    from pipeline.engine.slurm import refuse_active_jobs
+
+    with run_dir_lock(recipe.resolved_run_dir()):
+        refuse_active_jobs(recipe, list(recipe.stages), "run")
+        preempt.install_interrupts()
+        results = run_recipe(
+            recipe, from_stage=args.from_stage, only=args.only, force=args.force, on_step=announce
+        )
     table = Table(title=f"{recipe.name}: done in {_fmt_duration(time.perf_counter() - started)}")
     for col in ("stage", "kind", "action", "duration", "metric"):
         table.add_column(col)
@@ -101,10 +109,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.engine.lock import run_dir_lock
     from pipeline.engine.slurm import submit
 
     recipe = load_recipe(args.recipe, args.override)
-    submissions = submit(recipe, from_stage=args.from_stage, only=args.only, dry_run=args.dry_run)
+    # Even --dry-run: it writes recipe.yaml and the sbatch files, which a local run reads.
+    with run_dir_lock(recipe.resolved_run_dir()):
+        submissions = submit(
+            recipe, from_stage=args.from_stage, only=args.only, dry_run=args.dry_run
+        )
     verb = "would submit" if args.dry_run else "submitted"
     table = Table(title=f"{recipe.name}: {verb} ({recipe.resolved_run_dir()})")
     for col in ("stage", "kind", "job", "after", "why"):
@@ -166,6 +179,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             _fmt_metric(manifest),
         )
     console.print(table)
+    from pipeline.engine.lock import describe, held_by
+
+    holder = held_by(run_dir)
+    if holder:
+        console.print(f"in use by {describe(holder)}", soft_wrap=True)
     return 0
 
 
@@ -323,8 +341,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         return exc.exit_code
     except KeyboardInterrupt:
+        from pipeline.engine.preempt import interrupt_signal
+
         print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return 128 + (interrupt_signal() or signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -136,3 +136,44 @@ def run_until(path: Path, run_dir: Path, kill_when: str) -> None:
     stage = kill_when.split("/")[0]
     assert read_manifest(run_dir / stage)["status"] == "running"
     assert not (run_dir / stage / "export").exists()
+
+
+def start_run(path: Path) -> subprocess.Popen:
+    """`pipeline run path` in the background, in a session of its own (stderr captured), so a
+    test can signal the launcher alone, as a kill, the OOM killer or a Ctrl-C would."""
+    _require_e2e_marker()
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", str(path)],
+        cwd=ROOT,
+        env={**os.environ, "WANDB_SILENT": "true"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until `path` exists while `proc` still runs."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended before {path} appeared: {proc.stderr.read()}"
+        assert time.time() < deadline, f"{path} did not appear within {timeout}s"
+        time.sleep(0.02)
+
+
+def live_descendants(pid: int) -> list[Any]:
+    """The processes started (directly or not) by `pid` that still run (psutil.Process list)."""
+    import psutil
+
+    return [p for p in psutil.Process(pid).children(recursive=True) if is_running(p)]
+
+
+def is_running(proc: Any) -> bool:
+    """Whether a psutil.Process still runs (a zombie does not)."""
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -2,11 +2,13 @@
 
 `python -m pipeline.engine.launch TORCHRUN_ARGS...` is torchrun with its launcher noise silenced: when
 a rank fails, the engine shows that rank's own error (from `<stage>/errors/`), not the elastic
-agent's wall of tracebacks.
+agent's wall of tracebacks. The agent runs in a session of its own (a Ctrl-C in the terminal reaches
+the launcher only, which asks the ranks to stop at a step boundary) and dies with its launcher.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,7 +22,7 @@ from pathlib import Path
 from pipeline.engine import preempt
 from pipeline.engine.config import LaunchConfig
 from pipeline.engine.errors import PipelineError, Preempted, StageFailed
-from pipeline.engine.rundir import ERRORS_DIR, LOG_FILE
+from pipeline.engine.rundir import ERRORS_DIR, LOG_FILE, STOP_FILE
 from pipeline.engine.worker import execute_stage
 
 
@@ -76,7 +78,9 @@ def torchrun_command(
 
 
 def worker_env(launch: LaunchConfig) -> dict[str, str]:
+    """The environment of the agent and its ranks: threads per rank, progress style, our pid."""
     env = dict(os.environ)
+    env[preempt.LAUNCHER_PID_ENV] = str(os.getpid())
     cores = os.cpu_count() or 1
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores // launch.nproc)))
     if sys.stderr.isatty():
@@ -91,13 +95,28 @@ def run_torchrun(
     errors = run_dir / stage / ERRORS_DIR
     for old in errors.glob("rank*.json"):
         old.unlink()
-    proc = subprocess.run(
-        torchrun_command(run_dir, stage, launch, rendezvous), env=worker_env(launch), check=False
-    )
-    if proc.returncode == Preempted.exit_code:
+    stop_file = run_dir / stage / STOP_FILE
+    stop_file.unlink(missing_ok=True)
+    command = torchrun_command(run_dir, stage, launch, rendezvous)
+    proc = subprocess.Popen(command, env=worker_env(launch), start_new_session=True)
+    try:
+        with preempt.delegated(stop=stop_file.touch, kill=lambda: _kill_session(proc)):
+            returncode = proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted while waiting: the ranks follow their agent
+            _kill_session(proc)
+            proc.wait()
+        stop_file.unlink(missing_ok=True)
+    if returncode == Preempted.exit_code:
         raise Preempted(f"stage {stage}: preempted; checkpoint saved, a rerun resumes from it")
-    if proc.returncode != 0:
-        raise StageFailed(first_rank_error(errors, stage, proc.returncode))
+    if returncode != 0:
+        raise StageFailed(first_rank_error(errors, stage, returncode))
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the torchrun agent's session; its ranks die with it (parent-death signal)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def first_rank_error(errors: Path, stage: str, returncode: int) -> str:
@@ -126,7 +145,8 @@ def quiet_torchrun(argv: list[str]) -> int:
     """torchrun's main with the elastic agent's logging and ChildFailedError dump suppressed.
 
     The agent ignores the preemption signal (Slurm sends it to every process of the step; the
-    workers act on it) and exits with the workers' preemption code when they all stopped for it.
+    workers act on it), exits with the workers' preemption code when they all stopped for it, and
+    dies with its launcher.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
@@ -138,6 +158,7 @@ def quiet_torchrun(argv: list[str]) -> int:
     ):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     signal.signal(preempt.SIGNAL, signal.SIG_IGN)
+    preempt.watch_launcher()
     args = get_args_parser().parse_args(argv)
     try:
         run(args)

@@ -1,6 +1,7 @@
 """Names inside a run directory, the contract between stages (../shared/DESIGN.md):
 
 <run_dir>/recipe.yaml               the resolved recipe every process reads
+<run_dir>/run.lock                  held (flock) by the one `pipeline run`/`submit` using the dir
 <run_dir>/<stage>/stage.json        manifest
 <run_dir>/<stage>/summary.json      summary metrics (headline, note)
 <run_dir>/<stage>/metrics.jsonl     one JSON object per logged step
@@ -9,9 +10,11 @@
 <run_dir>/<stage>/export/           the hand-off to later stages and to other tools
 <run_dir>/<stage>/errors/           rank<N>.json: a failed rank's report to the orchestrator
 <run_dir>/<stage>/slurm/            rendered sbatch files and job logs
+<run_dir>/<stage>/stop.request      present while the launcher asks the ranks to stop at a step
 """
 
 RECIPE_FILE = "recipe.yaml"
+LOCK_FILE = "run.lock"
 MANIFEST_FILE = "stage.json"
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
@@ -20,3 +23,4 @@ CHECKPOINTS_DIR = "checkpoints"
 EXPORT_DIR = "export"
 ERRORS_DIR = "errors"
 SLURM_DIR = "slurm"
+STOP_FILE = "stop.request"

@@ -1,20 +1,23 @@
 """The orchestrator: walk the plan, run each stage, and keep its manifest honest.
 
 A manifest says "done" only after the stage returned, its summary was read and every file under
-its export/ was checksummed. Anything else (crash, kill, Ctrl-C) leaves "running" or "failed",
-and the next `pipeline run` retries the stage, resuming from its newest checkpoint when the
-config is unchanged.
+its export/ was checksummed. Anything else (crash, kill) leaves "running" or "failed"; a Ctrl-C
+or SIGTERM leaves "interrupted" after a checkpoint at the next step boundary (see preempt). The
+next `pipeline run` retries the stage, resuming from its newest checkpoint when the config is
+unchanged.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.engine import preempt
 from pipeline.engine.config import Recipe
 from pipeline.engine.errors import PipelineError, Preempted, StageFailed
 from pipeline.engine.graph import Step, plan
@@ -99,7 +102,7 @@ def execute(
     rendezvous: Rendezvous | None = None,
     slurm: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run one stage to completion or raise StageFailed (Preempted), updating the manifest."""
+    """Run one stage to completion or raise StageFailed (Preempted, Interrupted); update the manifest."""
     run_dir = recipe.resolved_run_dir()
     manifest = prepare_stage(run_dir, step, slurm)
     launch = recipe.launch_for(step.name)
@@ -110,18 +113,41 @@ def execute(
         else:
             run_torchrun(run_dir, step.name, launch, rendezvous)
     except (PipelineError, KeyboardInterrupt) as exc:
-        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc).splitlines()[0]
+        status, reason = stopped_status(run_dir / step.name, exc)
         manifest.update(
-            status="preempted" if isinstance(exc, Preempted) else "failed",
+            status=status,
             error=reason,
             finished_at=now_iso(),
             duration_s=round(time.perf_counter() - started, 2),
         )
         write_manifest(run_dir / step.name, manifest)
-        if isinstance(exc, KeyboardInterrupt | Preempted):
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        if status == "interrupted":
+            signum = preempt.interrupt_signal() or signal.SIGINT
+            raise preempt.Interrupted(signum, f"stage {step.name}: {reason}") from None
+        if isinstance(exc, Preempted):
             raise
         raise StageFailed(str(exc)) from None
     return finish_stage(run_dir, step.name, manifest, started)
+
+
+def stopped_status(stage_dir: Path, exc: BaseException) -> tuple[str, str]:
+    """(status, error) for the manifest of a stage that raised `exc`: interrupted (SIGINT or
+    SIGTERM in `pipeline run`), preempted (a Slurm warning) or failed."""
+    signum = preempt.interrupt_signal()
+    if not isinstance(exc, KeyboardInterrupt) and not (
+        isinstance(exc, Preempted) and signum is not None
+    ):
+        return ("preempted" if isinstance(exc, Preempted) else "failed"), str(exc).splitlines()[0]
+    name = signal.Signals(signum or signal.SIGINT).name
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", (
+            f"interrupted by {name} at once; a rerun resumes from its newest checkpoint, if any"
+        )
+    newest = max((p.name for p in (stage_dir / CHECKPOINTS_DIR).glob("step_*")), default=None)
+    saved = f"checkpoint {newest} saved, " if newest else ""
+    return "interrupted", f"interrupted by {name}; {saved}rerun the same command to resume"
 
 
 def write_resolved_recipe(recipe: Recipe) -> Path:
@@ -145,6 +171,13 @@ def run_recipe(
     write_resolved_recipe(recipe)
     results: list[tuple[Step, dict[str, Any] | None]] = []
     for step in steps:
+        signum = preempt.interrupt_signal()
+        if signum is not None and step.run:
+            raise preempt.Interrupted(
+                signum,
+                f"interrupted by {signal.Signals(signum).name} before stage {step.name}; rerun the "
+                f"same command to continue",
+            )
         if on_step:
             on_step(step)
         results.append((step, execute(recipe, step) if step.run else None))

@@ -133,6 +133,20 @@ def queue_column(manifest: dict) -> str:
     return f"{job_id} {state}" + (f" ({reason})" if reason else "")
 
 
+def refuse_active_jobs(recipe: Recipe, stages: list[str], command: str) -> None:
+    """Raise when a job recorded in one of these stages' manifests is still queued or running:
+    it writes into the run directory (`pipeline run` and `submit` call this under the lock)."""
+    run_dir = recipe.resolved_run_dir()
+    for stage in stages:
+        job_id = (read_manifest(run_dir / stage).get("slurm") or {}).get("job_id")
+        live = job_state(str(job_id)) if job_id else None
+        if live and live[0] in ACTIVE_STATES:
+            raise PipelineError(
+                f"stage {stage}: already queued as job {job_id} ({live[0]}); "
+                f"wait for it or `scancel {job_id}`, then {command} again"
+            )
+
+
 def submit(
     recipe: Recipe,
     *,
@@ -143,14 +157,7 @@ def submit(
     """Submit every stage that is not up to date as a job that waits for its upstream jobs."""
     steps = plan(recipe, from_stage=from_stage, only=only)
     run_dir = recipe.resolved_run_dir()
-    for step in steps:
-        job_id = (read_manifest(run_dir / step.name).get("slurm") or {}).get("job_id")
-        live = job_state(str(job_id)) if job_id and step.run else None
-        if live and live[0] in ACTIVE_STATES:
-            raise PipelineError(
-                f"stage {step.name}: already queued as job {job_id} ({live[0]}); "
-                f"wait for it or `scancel {job_id}`, then submit again"
-            )
+    refuse_active_jobs(recipe, [step.name for step in steps if step.run], "submit")
     write_resolved_recipe(recipe)
     submissions: list[Submission] = []
     job_ids: dict[str, str] = {}

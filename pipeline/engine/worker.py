@@ -1,7 +1,9 @@
 """One process of a stage: `python -m pipeline.engine.worker RUN_DIR STAGE` (usually under torchrun).
 
 Every process reads the resolved recipe from the run directory, so what runs is exactly what the
-orchestrator planned, whether started locally, by torchrun or by a Slurm job.
+orchestrator planned, whether started locally, by torchrun or by a Slurm job. A worker exits as
+soon as its launcher is gone (so an orphaned rank never writes an export) and stops at a step
+boundary when the launcher asks it to (`<stage>/stop.request`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pipeline.engine.context import StageContext, setup_stage_logging
 from pipeline.engine.errors import PipelineError, Preempted
 from pipeline.engine.kinds import stage_module
 from pipeline.engine.manifest import atomic_write_json, read_manifest
-from pipeline.engine.rundir import ERRORS_DIR, RECIPE_FILE
+from pipeline.engine.rundir import ERRORS_DIR, RECIPE_FILE, STOP_FILE
 
 
 def load_context(run_dir: Path, stage: str) -> StageContext:
@@ -59,6 +61,7 @@ def main(argv: list[str]) -> int:
     if rank != 0:
         _redirect_output(run_dir / stage / "logs" / f"rank{rank}.out")
     preempt.install()
+    preempt.watch_launcher(run_dir / stage / STOP_FILE)
     try:
         execute_stage(run_dir, stage)
     except Preempted:
