@@ -40,19 +40,38 @@ def _count_tokens(added: dict[str, Any]) -> int:
 
 def build_objective(cfg: ModelConfig, vocab_size: int, model_vocab_size: int) -> Objective:
     """The objective of `cfg.arch`; ids vocab_size..model_vocab_size-1 are its added tokens."""
-    return FAMILIES[cfg.arch].objective(cfg, vocab_size, model_vocab_size)
+    return FAMILIES[cfg.arch].objective(cfg, vocab_size, model_vocab_size, None)
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, max_seq_len: int) -> BuiltModel:
-    """A freshly initialised model of `cfg.arch` (uses the global torch seed)."""
+def document_mask_problem(arch: str) -> str | None:
+    """Why `arch` cannot train with document masking, and the fix; None when it can."""
+    problem = FAMILIES[arch].document_mask_problem
+    if problem is None:
+        return None
+    able = ", ".join(name for name, spec in FAMILIES.items() if spec.document_mask_problem is None)
+    return (
+        f"arch {arch} {problem}, so packed documents would attend to each other; "
+        f"set document_mask: false or use one of: {able}"
+    )
+
+
+def build_model(
+    cfg: ModelConfig, vocab_size: int, max_seq_len: int, document_eos_id: int | None = None
+) -> BuiltModel:
+    """A freshly initialised model of `cfg.arch` (uses the global torch seed).
+
+    `document_eos_id` turns on document masking: attention and positions restart after it.
+    """
     import transformers
 
     spec = FAMILIES[cfg.arch]
+    if document_eos_id is not None and (problem := document_mask_problem(cfg.arch)):
+        raise ValueError(problem)  # recipe validation refuses this first
     added = spec.special_tokens(cfg, max_seq_len)
     model_vocab_size = vocab_size + _count_tokens(added)
     config = spec.hf_config(cfg, model_vocab_size, max_seq_len)
     model = getattr(transformers, spec.auto_class).from_config(config)
-    objective = spec.objective(cfg, vocab_size, model_vocab_size)
+    objective = spec.objective(cfg, vocab_size, model_vocab_size, document_eos_id)
     return BuiltModel(model, objective, spec.auto_class, added)
 
 

@@ -104,9 +104,10 @@ class FamilySpec:
     # (cfg, model vocab incl. the added tokens, max_seq_len) -> a transformers config
     hf_config: Callable[[ModelConfig, int, int], PretrainedConfig]
     auto_class: str  # the transformers Auto class that builds the model and loads its export
-    # (cfg, tokenizer vocab, model vocab) -> the training objective; the ids in between are the
-    # added special tokens
-    objective: Callable[[ModelConfig, int, int], Objective]
+    # (cfg, tokenizer vocab, model vocab, eos id or None) -> the training objective; the ids in
+    # between the vocabs are the added special tokens; an eos id turns on document masking, which
+    # only families with `document_mask_problem` None are given
+    objective: Callable[[ModelConfig, int, int, int | None], Objective]
     scoring: Scoring
     loss_meaning: str  # what its loss is (compare's 'loss is'), formatted with cfg's fields
     fields: tuple[str, ...] = ()  # ModelConfig fields only this family reads
@@ -116,6 +117,10 @@ class FamilySpec:
     # ModelConfig field -> attribute of the exported config, to rebuild the objective from an
     # export whose stage config is not at hand
     export_fields: dict[str, str] = field(default_factory=dict)
+    # Why the family cannot keep packed documents apart (document_mask), or None when it can:
+    # its attention mask is transformers' create_causal_mask, which turns packed position_ids
+    # into a block-causal mask (sdpa, eager; flash-attention varlen on GPU)
+    document_mask_problem: str | None = None
 
 
 def _decoder_kwargs(cfg: ModelConfig, vocab_size: int, max_seq_len: int) -> dict[str, Any]:
@@ -224,22 +229,30 @@ def t5_config(cfg: ModelConfig, vocab_size: int, max_seq_len: int) -> Pretrained
     )
 
 
-def causal_objective(cfg: ModelConfig, vocab_size: int, model_vocab_size: int) -> Objective:
-    """Next-token cross-entropy."""
-    return CausalLM()
+def causal_objective(
+    cfg: ModelConfig, vocab_size: int, model_vocab_size: int, eos_id: int | None
+) -> Objective:
+    """Next-token cross-entropy, documents kept apart at `eos_id` when given."""
+    return CausalLM(eos_id)
 
 
-def moe_objective(cfg: ModelConfig, vocab_size: int, model_vocab_size: int) -> Objective:
+def moe_objective(
+    cfg: ModelConfig, vocab_size: int, model_vocab_size: int, eos_id: int | None
+) -> Objective:
     """Next-token cross-entropy plus the router's load-balancing loss."""
-    return MoECausalLM(cfg.experts_per_token, cfg.router_aux_loss_coef)
+    return MoECausalLM(cfg.experts_per_token, cfg.router_aux_loss_coef, eos_id)
 
 
-def masked_objective(cfg: ModelConfig, vocab_size: int, model_vocab_size: int) -> Objective:
+def masked_objective(
+    cfg: ModelConfig, vocab_size: int, model_vocab_size: int, eos_id: int | None
+) -> Objective:
     """Masked-token cross-entropy; the mask token is the first id after the tokenizer's."""
     return MaskedLM(vocab_size, vocab_size, cfg.mlm_probability, PAD_ID)
 
 
-def span_objective(cfg: ModelConfig, vocab_size: int, model_vocab_size: int) -> Objective:
+def span_objective(
+    cfg: ModelConfig, vocab_size: int, model_vocab_size: int, eos_id: int | None
+) -> Objective:
     """Span corruption with sentinels vocab_size..model_vocab_size-1."""
     return SpanCorruption(
         sentinel_start=vocab_size,
@@ -292,6 +305,8 @@ FAMILIES: dict[str, FamilySpec] = {
         "masked LM: CE on the {mlm_probability:.0%} chosen tokens",
         fields=("mlm_probability",),
         special_tokens=mask_token,
+        document_mask_problem="is a masked LM: its attention is bidirectional over the window "
+        "and its mask ignores position_ids",
     ),
     "t5": FamilySpec(
         t5_config,
@@ -302,6 +317,8 @@ FAMILIES: dict[str, FamilySpec] = {
         "({noise_density:.0%} noise, mean span {mean_span_length:g})",
         fields=("noise_density", "mean_span_length", "num_decoder_layers", "feed_forward_proj"),
         special_tokens=sentinel_tokens,
+        document_mask_problem="does span corruption: its encoder attends across the whole "
+        "window and its relative positions ignore position_ids",
     ),
     "qwen2": FamilySpec(
         qwen2_config, CAUSAL_LM, causal_objective, CAUSAL, NEXT_TOKEN_CE, gated_mlp=True

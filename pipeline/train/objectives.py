@@ -44,17 +44,61 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1)[scored] == labels[scored]).float().mean().detach()
 
 
+def document_positions(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Each token's position within its document, restarting right after every eos: [B, T].
+
+    A row starts mid-document, so its first document counts from 0 at the row's start.
+    """
+    import torch
+
+    index = torch.arange(inputs.size(1), device=inputs.device).expand_as(inputs)  # [B, T]
+    after_eos = torch.zeros_like(inputs, dtype=torch.bool)
+    after_eos[:, 1:] = inputs[:, :-1] == eos_id
+    starts = torch.where(after_eos, index, 0).cummax(1).values  # [B, T] first index of its doc
+    return index - starts
+
+
+def next_token_inputs(
+    tokens: torch.Tensor, eos_id: int | None
+) -> tuple[dict[str, torch.Tensor | bool], torch.Tensor]:
+    """(model keyword arguments, targets [B, T]) of a causal LM on windows [B, T + 1].
+
+    With `eos_id` (document masking) positions restart after each eos; with no attention mask,
+    transformers turns those packed position_ids into a block-causal mask, so no token attends
+    across a document boundary. The eos token's own target, the next document's first token, is
+    IGNORE_INDEX: it cannot be predicted from a context that ends at the boundary, so the loss
+    is the sum of the documents' own losses. use_cache=False because transformers ignores
+    packed positions whenever a cache object exists, and the models default to making one.
+    """
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, T], [B, T]
+    if eos_id is None:
+        return {"input_ids": inputs}, targets
+    kwargs = {
+        "input_ids": inputs,
+        "position_ids": document_positions(inputs, eos_id),
+        "use_cache": False,
+    }
+    return kwargs, targets.masked_fill(inputs == eos_id, IGNORE_INDEX)
+
+
 class CausalLM:
-    """Next-token prediction: inputs tokens[:, :-1], targets tokens[:, 1:]."""
+    """Next-token prediction: inputs tokens[:, :-1], targets tokens[:, 1:].
+
+    `eos_id` turns on document masking (see `next_token_inputs`); None packs windows plainly,
+    attending across documents.
+    """
 
     name = "causal_lm"
+
+    def __init__(self, eos_id: int | None = None) -> None:
+        self.eos_id = eos_id
 
     def loss(
         self, model: torch.nn.Module, tokens: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean next-token cross-entropy; no randomness, no extra metrics."""
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, T], [B, T]
-        logits = model(input_ids=inputs).logits  # [B, T, V]
+        kwargs, targets = next_token_inputs(tokens, self.eos_id)
+        logits = model(**kwargs).logits  # [B, T, V]
         return _cross_entropy(logits, targets), {}
 
 
@@ -76,16 +120,19 @@ class MoECausalLM:
 
     name = "moe_causal_lm"
 
-    def __init__(self, experts_per_token: int, aux_loss_coef: float) -> None:
+    def __init__(
+        self, experts_per_token: int, aux_loss_coef: float, eos_id: int | None = None
+    ) -> None:
         self.experts_per_token = experts_per_token
         self.aux_loss_coef = aux_loss_coef
+        self.eos_id = eos_id  # document masking, as in CausalLM
 
     def loss(
         self, model: torch.nn.Module, tokens: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """CE + coef * aux loss; logs the CE alone as `lm_loss` and per-expert routing shares."""
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, T], [B, T]
-        out = model(input_ids=inputs, output_router_logits=True)
+        kwargs, targets = next_token_inputs(tokens, self.eos_id)
+        out = model(**kwargs, output_router_logits=True)
         lm_loss = _cross_entropy(out.logits, targets)
         fractions = expert_fractions(out.router_logits, self.experts_per_token)  # [E]
         metrics = {
