@@ -150,26 +150,64 @@ def loss_curves(run_dir: Path, names: list[str], out_dir: Path) -> str:
         parts.append(
             f'<h3>{escape(name)}</h3>\n<img src="{escape(png.name)}" alt="loss of {escape(name)}">'
         )
+        parts.extend(f"<p>{escape(line)}</p>" for line in training_events(rows))
     return "<h2>Loss curves</h2>\n" + "\n".join(parts) if parts else ""
 
 
+def training_events(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per rollback, and the count of skipped non-finite steps, from metrics rows."""
+    lines = []
+    for row in rows:
+        if "event/rollback" in row:
+            back = int(row["rollback/to_step"])
+            where = f"rolled back to step {back}" if back >= 0 else "no checkpoint to roll back to"
+            lines.append(
+                f"Loss spike at step {row['step']} (loss {row['rollback/loss']:.4g} against a "
+                f"running mean of {row['rollback/window_mean']:.4g}): {where}, batches of steps "
+                f"{int(row['rollback/skipped_from'])}..{int(row['rollback/skipped_to'])} skipped."
+            )
+    skipped = [row["step"] for row in rows if "train/skipped_step" in row]
+    if skipped:
+        lines.append(
+            f"{len(skipped)} step(s) skipped for a non-finite loss or gradient norm: "
+            + ", ".join(str(step) for step in skipped)
+        )
+    return lines
+
+
 def plot_losses(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Save train/loss and val/loss (nats/token) against step as a PNG."""
+    """Save train/loss and val/loss (nats/token) against step as a PNG, with the learning-rate
+    schedule on a second axis and every rollback (dashed) and skipped step (dotted) marked."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7, 3.5), dpi=100, layout="constrained")
     axes = figure.subplots()
     for key, style in (("train/loss", "-"), ("val/loss", "o-")):
-        points = [(row["step"], row[key]) for row in rows if key in row and "step" in row]
-        if points:
-            steps, values = zip(*points, strict=True)
+        steps, values = _series(rows, key)
+        if steps:
             axes.plot(steps, values, style, label=key, markersize=4)
+    for key, line, label in (("event/rollback", "--", "rollback"), ("train/skipped_step", ":",
+                                                                    "skipped step")):  # fmt: skip
+        for i, (step, _) in enumerate(zip(*_series(rows, key), strict=True)):
+            axes.axvline(step, color="tab:red", linestyle=line, label=label if i == 0 else None)
+    steps, lrs = _series(rows, "train/lr")
+    if steps:
+        lr_axes = axes.twinx()
+        lr_axes.plot(steps, lrs, color="tab:gray", linewidth=1, label="train/lr")
+        lr_axes.set_ylabel("learning rate", color="tab:gray")
+        lr_axes.set_ylim(bottom=0)
     axes.set_title(title)
     axes.set_xlabel("step")
     axes.set_ylabel("loss (nats/token)")
     axes.grid(alpha=0.3)
     axes.legend()
     figure.savefig(path, format="png")
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of `key` over the rows that hold it."""
+    points = [(row["step"], row[key]) for row in rows if key in row and "step" in row]
+    return ([p[0] for p in points], [p[1] for p in points]) if points else ([], [])
 
 
 def eval_results(run_dir: Path, manifests: dict[str, dict[str, Any]]) -> str:

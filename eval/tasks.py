@@ -9,15 +9,19 @@ stage ever trains on what is scored here. Every model of an eval stage answers t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from data_prep.tasks import TaskBase, is_bare_answer, score, task_problems
+from data_prep.tasks import TaskBase, is_bare_answer, parse_answer, score, task_problems
 from eval.stats import mcnemar, pass_at_k, wilson_interval
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 EVAL_SEED = 0  # the same held-out problems whatever the recipe's seed
+# What the in-loop evaluator keeps of score_task (with the per-subtask accuracies).
+IN_LOOP_METRICS = ("task_accuracy", "task_format_rate", "task_answer_rate", "task_partial_credit")
 
 
 def generate(
@@ -84,13 +88,16 @@ def score_task(
     was_training = model.training
     model.eval()
     greedy = [c[0] for c in generate(model, tokenizer, [p["prompt"] for p in problems], tokens)]
-    correct = [score(task, c, p["answer"])[0] == 1.0 for c, p in zip(greedy, problems, strict=True)]
+    scores = [score(task, c, p["answer"]) for c, p in zip(greedy, problems, strict=True)]
+    correct = [exact == 1.0 for exact, _ in scores]
     low, high = wilson_interval(sum(correct), len(problems))
     metrics: dict[str, Any] = {
         "task_accuracy": sum(correct) / len(problems),
         "task_accuracy_low": low,
         "task_accuracy_high": high,
         "task_format_rate": sum(map(is_bare_answer, greedy)) / len(problems),
+        "task_answer_rate": sum(parse_answer(c) is not None for c in greedy) / len(problems),
+        "task_partial_credit": sum(partial for _, partial in scores) / len(problems),
         "task_problems": len(problems),
     }
     for subtask in sorted({p["subtask"] for p in problems}):
@@ -124,6 +131,27 @@ def score_task(
         for p, c in list(zip(problems, greedy, strict=True))[:5]
     ]
     return metrics
+
+
+def task_evaluator(
+    task: TaskBase, tokenizer_dir: Path, num_problems: int
+) -> Callable[[Any], dict[str, float]]:
+    """An in-loop evaluator: greedy accuracy (overall and per subtask), the rates of bare and of
+    any leading answers, and the mean partial credit of the live model on the first
+    `num_problems` held-out problems, the same ones at every validation."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def evaluate(model: Any) -> dict[str, float]:
+        metrics = score_task(model, tokenizer, task, num_problems)
+        return {
+            key: float(value)
+            for key, value in metrics.items()
+            if key in IN_LOOP_METRICS or key.startswith("task_accuracy/")
+        }
+
+    return evaluate
 
 
 def paired_tests(outcomes: dict[str, list[bool]]) -> dict[str, dict[str, float]]:

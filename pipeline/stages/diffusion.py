@@ -96,6 +96,7 @@ def run(ctx: StageContext) -> None:
             export_pipeline(
                 ctx.export_dir, denoiser, state, objective.scheduler(), vae_dir,
                 classes=splits[0].classes, objective=cfg.objective.kind,
+                config=cfg.model_dump(mode="json"),
             )  # fmt: skip
         trained.accelerator.wait_for_everyone()
     ctx.write_summary(trained.summary, headline="val_ema_loss")
@@ -109,16 +110,19 @@ def export_pipeline(
     vae_dir: Path | None,
     classes: list[str],
     objective: str,
+    config: dict[str, Any] | None = None,
 ) -> None:
     """Save a ClassConditionalPipeline with `state_dict` (the EMA weights) into export_dir.
 
     Written into a temporary directory that is renamed into place, so a crash never leaves half
-    an export; the pipeline's source file travels with it.
+    an export; the pipeline's source file and provenance.json (`config`, the resolved stage
+    config, with the code and package versions) travel with it.
     """
     from diffusers import AutoencoderKL, DiTTransformer2DModel
 
     from pipeline.diffusion import class_conditional_pipeline as diffusion_pipeline
     from pipeline.diffusion.class_conditional_pipeline import ClassConditionalPipeline
+    from pipeline.train.provenance import write_provenance
 
     model = type(denoiser).from_config(denoiser.config)
     model.load_state_dict(state_dict)
@@ -136,5 +140,6 @@ def export_pipeline(
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     shutil.copyfile(diffusion_pipeline.__file__, tmp / PIPELINE_FILE)
+    write_provenance(tmp, config)
     shutil.rmtree(export_dir, ignore_errors=True)
     tmp.rename(export_dir)

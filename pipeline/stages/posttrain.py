@@ -306,8 +306,11 @@ def train_and_export(
     tokenizer: PreTrainedTokenizerBase,
     resume: str | None,
 ) -> None:
-    """Train (resuming when a checkpoint exists) and save model + tokenizer into the export dir."""
+    """Train (resuming when a checkpoint exists) and save model + tokenizer into the export dir,
+    with provenance.json (the resolved stage config, the code and package versions)."""
     from transformers.trainer_callback import PrinterCallback
+
+    from pipeline.train.provenance import write_provenance
 
     trainer.remove_callback(PrinterCallback)  # our tracker callback logs; no raw dicts on stdout
     if resume:
@@ -320,6 +323,7 @@ def train_and_export(
     trainer.save_model(str(tmp))  # every rank takes part (sharded engines gather)
     if ctx.is_main:
         tokenizer.save_pretrained(str(tmp))
+        write_provenance(tmp, ctx.config.model_dump(mode="json"))
         shutil.rmtree(ctx.export_dir, ignore_errors=True)
         tmp.rename(ctx.export_dir)
     trainer.accelerator.wait_for_everyone()

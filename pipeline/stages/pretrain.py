@@ -10,16 +10,30 @@ seen, and the resumed run ends with the same weights.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from pipeline.engine.config import StageConfig
+from data_prep.tasks import TaskConfig
+from pipeline.engine.config import StageConfig, Strict
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
+from pipeline.models import document_mask_problem
 from pipeline.models.causal_lm import ModelConfig
 from pipeline.train.config import LoopConfig
+
+if TYPE_CHECKING:
+    from pipeline.models import BuiltModel
+    from pipeline.train.loop import Workload
+
+
+class AnnealFrom(Strict):
+    """A checkpoint in the stable phase of another pretrain stage, to decay from."""
+
+    stage: str = Field(description="an upstream pretrain stage (in `after`), constant or wsd")
+    step: int = Field(ge=1, description="its checkpoint to start from, inside its stable phase")
 
 
 class Config(LoopConfig, StageConfig):
@@ -28,8 +42,47 @@ class Config(LoopConfig, StageConfig):
     seq_len: int = Field(256, ge=8)
     activation_checkpointing: bool = False
     peak_flops: float | None = Field(None, gt=0, description="per-device peak FLOP/s for MFU")
+    document_mask: bool = Field(
+        False,
+        description="keep the documents packed into a window apart: attention stops and "
+        "positions restart after each end-of-document token, whose own target (the next "
+        "document's first token) is not scored; causal archs only (llama, gpt2, mixtral, qwen2)",
+    )
+    eval_task: TaskConfig | None = Field(
+        None,
+        description="a verifiable task (name: arithmetic | reverse | sort) scored greedily at "
+        "every validation on eval_task_problems held-out problems (val/task_accuracy)",
+    )
+    eval_task_problems: int = Field(
+        32, ge=1, description="problems of eval_task per validation: a fixed test-split subset"
+    )
+    anneal_from: AnnealFrom | None = Field(
+        None,
+        description="start from another stage's stable-phase checkpoint (weights, optimizer, "
+        "step) and only decay: lr falls linearly from optim.lr to schedule.min_lr_ratio x lr "
+        "at max_steps (the rest of `schedule` is not used)",
+    )
 
     distributed = True
+
+    @model_validator(mode="after")
+    def _anneal_from_upstream(self) -> Config:
+        anneal = self.anneal_from
+        if anneal is not None and anneal.stage not in self.after:
+            raise ValueError(f"anneal_from.stage {anneal.stage!r} must be listed in `after`")
+        if anneal is not None and anneal.step >= self.max_steps:
+            raise ValueError(
+                f"anneal_from.step ({anneal.step}) must be below max_steps ({self.max_steps})"
+            )
+        return self
+
+    @field_validator("document_mask")
+    @classmethod
+    def _arch_keeps_documents_apart(cls, document_mask: bool, info: ValidationInfo) -> bool:
+        model = info.data.get("model")  # absent when the model block itself failed validation
+        if document_mask and model is not None and (problem := document_mask_problem(model.arch)):
+            raise ValueError(problem)
+        return document_mask
 
 
 def parameter_counts(model: Any, experts_per_token: int, num_experts: int) -> dict[str, int]:
@@ -55,13 +108,31 @@ def parameter_counts(model: Any, experts_per_token: int, num_experts: int) -> di
 
 
 def run(ctx: StageContext) -> None:
+    """Train, export, and check that transformers loads the export back as the trained model."""
+    from pipeline.train.export import export_model, verify_export
+    from pipeline.train.loop import train
+
+    work, built = workload(ctx)
+    trained = train(ctx, ctx.config, work)  # type: ignore[arg-type]
+    accelerator, model = trained.accelerator, trained.model
+    export_model(
+        accelerator, model, ctx.upstream("tokenizer").export_dir, ctx.export_dir,
+        built.added_special_tokens, config=ctx.config.model_dump(mode="json"),
+    )  # fmt: skip
+    diff = verify_export(accelerator, model, ctx.export_dir, built.auto_class, f"stages.{ctx.name}")
+    ctx.log.info("export round trip: max abs logit diff %.3g", diff)
+    summary = {**trained.summary, "export_max_abs_logit_diff": diff}
+    ctx.write_summary(summary, headline="val_loss")
+
+
+def workload(ctx: StageContext) -> tuple[Workload, BuiltModel]:
+    """The model (seeded), its objective and the batches over the upstream token shards."""
     import torch
 
     from data_prep.shards import TokenShards
     from pipeline.models import build_model
     from pipeline.train import flops
-    from pipeline.train.export import export_model
-    from pipeline.train.loop import Workload, train
+    from pipeline.train.loop import Workload
 
     cfg: Config = ctx.config  # type: ignore[assignment]
     data_dir = ctx.upstream("tokenize").export_dir
@@ -70,7 +141,8 @@ def run(ctx: StageContext) -> None:
     mb, accum, seq_len = cfg.micro_batch_size, cfg.grad_accum_steps, cfg.seq_len
 
     torch.manual_seed(ctx.seed)
-    built = build_model(cfg.model, meta["vocab_size"], seq_len)
+    eos_id = meta["eos_id"] if cfg.document_mask else None  # positions restart after it
+    built = build_model(cfg.model, meta["vocab_size"], seq_len, document_eos_id=eos_id)
     model, objective = built.model, built.objective
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -107,9 +179,40 @@ def run(ctx: StageContext) -> None:
         describe=f"{cfg.model.arch} ({objective.name}): {counts['params'] / 1e6:.2f}M params",
         summary={**counts, "flops_per_token": flops_token},
     )
-    trained = train(ctx, cfg, work)
-    export_model(
-        trained.accelerator, trained.model, ctx.upstream("tokenizer").export_dir, ctx.export_dir,
-        built.added_special_tokens,
-    )  # fmt: skip
-    ctx.write_summary(trained.summary, headline="val_loss")
+    if cfg.anneal_from is not None:
+        work.anneal_from = anneal_checkpoint(ctx, cfg.anneal_from)
+    if cfg.eval_task is not None:
+        from eval.tasks import task_evaluator
+
+        tokenizer_dir = ctx.upstream("tokenizer").export_dir
+        work.evaluators.append(task_evaluator(cfg.eval_task, tokenizer_dir, cfg.eval_task_problems))
+    return work, built
+
+
+def anneal_checkpoint(ctx: StageContext, anneal: AnnealFrom) -> Path:
+    """The upstream checkpoint to anneal from, once it is known to be in a stable phase of the
+    same model (the loop checks that it verifies and has the same global batch)."""
+    from pipeline.engine.rundir import CHECKPOINTS_DIR
+    from pipeline.train.checkpoint import step_dir
+    from pipeline.train.optim import decay_steps
+
+    cfg: Config = ctx.config  # type: ignore[assignment]
+    where = f"stages.{ctx.name}.anneal_from"
+    up = ctx.upstream("pretrain", name=anneal.stage)
+    theirs: Config = up.config  # type: ignore[assignment]
+    if up.kind != "pretrain" or theirs.model != cfg.model:
+        raise PipelineError(
+            f"{where}: {anneal.stage} is not a pretrain stage of the same model; anneal the "
+            f"stage whose model block this stage repeats"
+        )
+    schedule, steps = theirs.schedule, theirs.max_steps
+    stable_end = steps - decay_steps(schedule, steps) if schedule.kind == "wsd" else steps
+    if schedule.kind not in ("constant", "wsd") or not (
+        schedule.warmup_steps <= anneal.step <= stable_end
+    ):
+        raise PipelineError(
+            f"{where}: step {anneal.step} is not in a stable phase of {anneal.stage} (schedule "
+            f"{schedule.kind}, warmup {schedule.warmup_steps}, stable until {stable_end}); pick "
+            f"a step of a constant or wsd schedule between its warmup and its decay"
+        )
+    return up.dir / CHECKPOINTS_DIR / step_dir(Path(), anneal.step).name

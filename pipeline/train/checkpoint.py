@@ -1,8 +1,9 @@
 """Resumable training state: atomic, checksummed, the newest verified checkpoint wins.
 
 A checkpoint is written by every rank through `accelerator.save_state` into a temporary
-directory; rank 0 then records checksums in `meta.json` and renames it to `step_NNNNNNNN/`. A
-directory without a valid meta.json (a crash mid-save) is never loaded.
+directory; rank 0 then records checksums and provenance (the stage config, the code and package
+versions) in `meta.json` and renames it to `step_NNNNNNNN/`. A directory without a valid
+meta.json (a crash mid-save) is never loaded.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.engine.manifest import atomic_write_json, checksum_tree, sha256_file
+from pipeline.train.provenance import provenance
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -27,9 +29,18 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, root: Path, step: int, meta: dict[str, Any], keep: int
+    accelerator: Accelerator,
+    root: Path,
+    step: int,
+    meta: dict[str, Any],
+    keep: int,
+    config: dict[str, Any] | None = None,
 ) -> Path:
-    """Save the full training state after `step` optimizer steps; keep the newest `keep`."""
+    """Save the full training state after `step` optimizer steps; keep the newest `keep`.
+
+    `config` is the resolved stage config (JSON form), recorded with the code and package
+    versions so that a checkpoint says what made it.
+    """
     final = step_dir(root, step)
     tmp = root / f".tmp_{final.name}"
     if accelerator.is_main_process:
@@ -39,7 +50,8 @@ def save_checkpoint(
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_json(tmp / META, {**meta, "step": step, "files": checksum_tree(tmp)})
+        record = {**meta, "step": step, "provenance": provenance(config)}
+        atomic_write_json(tmp / META, {**record, "files": checksum_tree(tmp)})
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
@@ -75,9 +87,14 @@ def verify_checkpoint(path: Path) -> dict[str, Any] | None:
     return meta
 
 
-def latest_checkpoint(root: Path, fingerprint: str) -> tuple[Path, dict[str, Any]] | None:
-    """Newest checkpoint that verifies and was written by the same stage configuration."""
+def latest_checkpoint(
+    root: Path, fingerprint: str, max_step: int | None = None
+) -> tuple[Path, dict[str, Any]] | None:
+    """Newest checkpoint (at most `max_step` steps in) that verifies and was written by the same
+    stage configuration."""
     for path in reversed(list_checkpoints(root)):
+        if max_step is not None and int(path.name.removeprefix("step_")) > max_step:
+            continue
         meta = verify_checkpoint(path)
         if meta is None:
             continue

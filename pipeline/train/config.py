@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from pipeline.engine.config import Strict
 from pipeline.train.optim import OptimConfig, ScheduleConfig
+from pipeline.train.stability import SpikeConfig
 
 
 class TrainingConfig(Strict):
@@ -40,7 +41,7 @@ class TrainingConfig(Strict):
 
 
 class LoopConfig(TrainingConfig):
-    """What our own loop adds: compilation and in-loop validation."""
+    """What our own loop adds: compilation, in-loop validation and the stability guards."""
 
     compile: bool = Field(False, description="torch.compile the model (inductor)")
     eval_every: int = Field(50, ge=1, description="optimizer steps between validation passes")
@@ -50,4 +51,9 @@ class LoopConfig(TrainingConfig):
         ge=0,
         description="optimizer steps in a row with a non-finite loss or gradient norm that stop "
         "the stage (each is skipped on every rank); 0 turns the guard off and its per-step sync",
+    )
+    spike: SpikeConfig = Field(
+        default_factory=SpikeConfig,
+        description="loss-spike rollback: rollback, window, threshold, skip_before, lr_factor, "
+        "max_rollbacks",
     )

@@ -1,14 +1,30 @@
-"""Export of a trained language model: a Hugging Face directory with its tokenizer."""
+"""Export of a trained language model: a Hugging Face directory with its tokenizer and provenance,
+and the round trip that proves transformers loads it back as the model that was trained."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pipeline.engine.errors import PipelineError
+from pipeline.train.distributed import reshard
+from pipeline.train.provenance import write_provenance
 
 if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
+
+# Largest |export logit - trained logit| allowed, relative to the largest |trained logit| (at least
+# 1). The same weights through the same kernels on the same device differ only where another
+# kernel or op order is picked (attention backend, a compiled graph): ~1e-6 relative in fp32, a
+# few bf16 steps (2^-7 each) in bf16. A real fault (a config field save_pretrained loses, a tensor
+# renamed, untied or re-initialised) moves logits by a large share of their scale.
+RELATIVE_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}
+ROUNDTRIP_BATCH, ROUNDTRIP_TOKENS, ROUNDTRIP_SEED = 2, 32, 1234
+FIRST_ORDINARY_ID = 4  # ids below are unk, bos, eos, pad (data_prep.tokenizer)
 
 
 def export_model(
@@ -17,11 +33,14 @@ def export_model(
     tokenizer_dir: Path,
     export_dir: Path,
     added_special_tokens: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
 ) -> None:
     """Gather the (possibly sharded) model and save it with its tokenizer as a HF directory.
 
     Every rank takes part in the gather (ZeRO-3 and FSDP hold shards); rank 0 writes into a
     temporary directory that is renamed into place, so a crash never leaves half an export.
+    `config` (the resolved stage config) goes into provenance.json with the code and package
+    versions.
     """
     from transformers import AutoTokenizer
 
@@ -39,6 +58,120 @@ def export_model(
         if added_special_tokens:
             add_special_tokens(tokenizer, added_special_tokens)
         tokenizer.save_pretrained(tmp)
+        write_provenance(tmp, config)
         shutil.rmtree(export_dir, ignore_errors=True)
         tmp.rename(export_dir)
     accelerator.wait_for_everyone()
+
+
+def verify_export(
+    accelerator: Accelerator, model: torch.nn.Module, export_dir: Path, auto_class: str, where: str
+) -> float:
+    """Load the export with transformers' `auto_class` and compare its logits on a fixed batch
+    with the trained model's; the max abs difference, or a PipelineError (export removed).
+
+    Every rank runs the trained model's forward (sharded engines gather parameters in it); rank 0
+    loads the export and compares; the verdict is broadcast so all ranks pass or fail together.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    unwrapped = accelerator.unwrap_model(model)
+    inputs = roundtrip_inputs(unwrapped.config, accelerator.device)
+    dtype = next(unwrapped.parameters()).dtype  # ZeRO's 16-bit weights export as such
+    precision = "bf16" if accelerator.mixed_precision == "bf16" or dtype.itemsize == 2 else "fp32"
+    with _evaluating(model):
+        reference = _logits(model, inputs, accelerator)
+    verdict: list[Any] = [None]
+    if accelerator.is_main_process:
+        tolerance = RELATIVE_TOLERANCE[precision] * max(1.0, reference.abs().max().item())
+        diff, problem = _compare(export_dir, auto_class, dtype, inputs, reference, accelerator)
+        verdict[0] = (diff, tolerance, problem)
+    diff, tolerance, problem = broadcast_object_list(verdict)[0]
+    if problem is None and diff <= tolerance:  # a NaN diff fails
+        return diff
+    if accelerator.is_main_process:
+        shutil.rmtree(export_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    raise PipelineError(
+        f"{where}: the export {export_dir} does not load back as the trained model "
+        f"({problem or 'its logits differ'}): max abs logit diff {diff:.3g} > tolerance "
+        f"{tolerance:.3g} ({precision}, {auto_class}); it was removed. Rerun the stage (it "
+        f"resumes from its last checkpoint); if this repeats, the model family's export loses "
+        f"a config field or tensor"
+    )
+
+
+def roundtrip_inputs(config: Any, device: Any) -> dict[str, torch.Tensor]:
+    """A fixed batch of ordinary token ids (decoder inputs too, for encoder-decoders)."""
+    import torch
+
+    positions = getattr(config, "max_position_embeddings", None) or ROUNDTRIP_TOKENS
+    shape = (ROUNDTRIP_BATCH, min(ROUNDTRIP_TOKENS, positions))
+    generator = torch.Generator().manual_seed(ROUNDTRIP_SEED)
+    ids = torch.randint(FIRST_ORDINARY_ID, config.vocab_size, shape, generator=generator)
+    inputs = {"input_ids": ids.to(device)}
+    if getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = inputs["input_ids"]
+    return inputs
+
+
+@contextmanager
+def _evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode without gradients; afterwards training mode, FSDP2 parameters sharded again."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        reshard(model)
+        model.train(was_training)
+
+
+@contextmanager
+def _whole_model_loading(accelerator: Accelerator) -> Iterator[None]:
+    """Load on this rank alone: under ZeRO-3, transformers would otherwise partition the loaded
+    model over ranks that are not loading it (collectives they never join)."""
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    plugin = accelerator.state.deepspeed_plugin
+    registered = getattr(plugin, "dschf", None)  # Accelerate keeps the object transformers reads
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if registered is not None:
+            set_hf_deepspeed_config(registered)
+
+
+def _logits(model: Any, inputs: dict[str, Any], accelerator: Accelerator) -> torch.Tensor:
+    """The model's fp32 logits in the run's precision (the training autocast)."""
+    with accelerator.autocast():
+        return model(**inputs).logits.float()
+
+
+def _compare(
+    export_dir: Path,
+    auto_class: str,
+    dtype: torch.dtype,
+    inputs: dict[str, Any],
+    reference: torch.Tensor,
+    accelerator: Accelerator,
+) -> tuple[float, str | None]:
+    """(max abs logit diff, None) of the loaded export, or (inf, why it could not be loaded)."""
+    import transformers
+
+    try:
+        with _whole_model_loading(accelerator):
+            loaded = getattr(transformers, auto_class).from_pretrained(export_dir, dtype=dtype)
+        loaded = loaded.to(accelerator.device)
+        with _evaluating(loaded):
+            logits = _logits(loaded, inputs, accelerator)
+    except Exception as exc:  # noqa: BLE001 - any load failure is this export's verdict
+        first_line = (str(exc).splitlines() or [""])[0]
+        return float("inf"), f"loading failed: {type(exc).__name__}: {first_line}"
+    if logits.shape != reference.shape:
+        return float("inf"), f"logits of shape {tuple(logits.shape)}, not {tuple(reference.shape)}"
+    return (logits - reference).abs().max().item(), None

@@ -12,84 +12,42 @@ checkpoint replays exactly what an uninterrupted run did and ends with the same 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.engine import preempt
 from pipeline.engine.errors import PipelineError, Preempted
 from pipeline.train.config import LoopConfig
-from pipeline.train.distributed import reshard
+from pipeline.train.measure import Measure
 from pipeline.train.runtime import replay_generator, to_device
+from pipeline.train.stability import NonFiniteGuard, SpikeGuard
+from pipeline.train.workload import Trained, Workload
 
 if TYPE_CHECKING:
-    import torch
-    from accelerate import Accelerator
-
     from pipeline.engine.context import StageContext
     from pipeline.engine.tracking import Tracker
-    from pipeline.train.ema import EMA
+
+__all__ = ["Trained", "Workload", "train"]
 
 # A resumed run's probe loss may differ from the saved one by this much (relative) before it is
 # reported; on the same code and engine it is bit-identical.
 RESUME_TOLERANCE = 1e-5
-# loss(model, batch on the device, generator) -> (loss to backpropagate, extra metrics to log)
-LossFn = Callable[..., tuple["torch.Tensor", dict[str, Any]]]
-
-
-@dataclass
-class Workload:
-    """What a stage hands the loop.
-
-    `train_batch(step, micro, rank, world)` and `val_batches(rank, world)` return host arrays
-    (or tuples of them), the first dimension being the batch; `item` names what a batch holds
-    ("sequences", "images") and `tokens_per_item`, when set, turns throughput into tokens/s.
-    """
-
-    model: torch.nn.Module
-    loss: LossFn
-    train_batch: Callable[[int, int, int, int], Any]
-    val_batches: Callable[[int, int], Sequence[Any]]
-    item: str
-    wrap_classes: list[str]
-    tokens_per_item: int | None = None
-    ema_decay: float | None = None
-    flops_per_token: float | None = None
-    peak_flops: float | None = None  # per device; default: the device's, at the run's precision
-    describe: str = ""  # the head of the start line, e.g. "llama (causal_lm): 3.30M params"
-    summary: dict[str, Any] = field(default_factory=dict)  # the stage's own summary metrics
-
-
-@dataclass
-class Trained:
-    """What the loop hands back: the prepared model, its EMA (or None) and summary metrics."""
-
-    accelerator: Accelerator
-    model: torch.nn.Module
-    ema: EMA | None
-    summary: dict[str, Any] = field(default_factory=dict)
-
-    def ema_state_dict(self) -> dict[str, Any]:
-        """The full state dict with the EMA weights, if any (gathered from shards; every rank
-        calls this)."""
-        accelerator, model, ema = self.accelerator, self.model, self.ema
-        if ema is None:
-            return accelerator.get_state_dict(model)
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
-        try:
-            # Copies: the state dict shares storage with the parameters restore() overwrites.
-            return {k: v.detach().clone() for k, v in accelerator.get_state_dict(model).items()}
-        finally:
-            ema.restore(model.parameters())
 
 
 def train(ctx: StageContext, cfg: LoopConfig, work: Workload) -> Trained:
     """Train work.model for cfg.max_steps, resuming from the newest checkpoint that fits."""
     loop = _Loop(ctx, cfg, work)
+
+    def steps() -> Iterator[int]:
+        step = loop.start_step
+        while step < cfg.max_steps:
+            yield step
+            step = loop.next_step  # step + 1, or back to a checkpoint after a rollback
+
     with ctx.tracker(resume_step=loop.start_step or None) as tracker:
-        for step in ctx.progress(range(loop.start_step, cfg.max_steps), desc=f"{ctx.kind} steps"):
+        total = cfg.max_steps - loop.start_step
+        for step in ctx.progress(steps(), total=total, desc=f"{ctx.kind} steps"):
             loop.step(step, tracker)
         summary = loop.summary()
         tracker.summary(summary)
@@ -124,7 +82,9 @@ class _Loop:
         self.accelerator = accelerator
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         optimizer = build_optimizer(work.model, cfg.optim)
-        self.scheduler = lambda_scheduler(optimizer, cfg.schedule, cfg.max_steps)
+        self.anneal = _anneal_checkpoint(ctx.name, work)
+        start = int(self.anneal[1]["step"]) if self.anneal else None
+        self.scheduler = lambda_scheduler(optimizer, cfg.schedule, cfg.max_steps, start)
         fill_deepspeed_buckets(accelerator, work.model)
         self.model, self.optimizer = accelerator.prepare(work.model, optimizer)
         accelerator.register_for_checkpointing(self.scheduler)
@@ -132,8 +92,14 @@ class _Loop:
         if work.ema_decay is not None:
             self.ema = EMA(accelerator.unwrap_model(self.model).parameters(), work.ema_decay)
             accelerator.register_for_checkpointing(self.ema)
+        self.spikes = SpikeGuard(cfg.spike) if cfg.spike.rollback else None
+        if self.spikes is not None:
+            self.scheduler.lr_lambdas = [self.spikes.scaled(f) for f in self.scheduler.lr_lambdas]
+        self.measure = Measure(self.model, accelerator, work, ctx.seed, self.rank, self.world,
+                               self.ema, work.val_batches(self.rank, self.world))  # fmt: skip
         self.resume_loss_diff: float | None = None
         self.start_step = self._resume()
+        self.next_step, self.logged_upto = self.start_step, self.start_step
         self.per_step = shape.global_batch * (work.tokens_per_item or 1)
         self.unit = unit = "tokens" if work.tokens_per_item else work.item
         engine = launch.engine + (
@@ -143,9 +109,9 @@ class _Loop:
             "%s, %s on %d ranks, %s, %d %s/step, steps %d..%d", work.describe, engine, self.world,
             shape.precision, self.per_step, unit, self.start_step, cfg.max_steps,
         )  # fmt: skip
-        self.val = work.val_batches(self.rank, self.world)
         self.last_loss, self.val_loss, self.val_ema_loss = float("nan"), None, None
-        self.bad_streak, self.skipped = 0, 0
+        self.evaluations: dict[str, float] = {}
+        self.nonfinite = NonFiniteGuard(cfg.max_bad_steps)
         self.window_start, self.window_steps = time.perf_counter(), 0
         self.model.train()
 
@@ -154,7 +120,7 @@ class _Loop:
         from pipeline.train.checkpoint import latest_checkpoint
 
         ctx, global_batch = self.ctx, self.shape.global_batch
-        found = latest_checkpoint(ctx.checkpoint_dir, ctx.fingerprint)
+        found = latest_checkpoint(ctx.checkpoint_dir, ctx.fingerprint) or self.anneal
         if not found:
             return 0
         path, meta = found
@@ -165,25 +131,19 @@ class _Loop:
                 f"nproc*micro_batch_size*grad_accum_steps equal to resume, or rerun with --force"
             )
         self.accelerator.load_state(str(path))
-        ctx.log.info("resuming from %s (step %d)", path.name, meta["step"])
+        if self.spikes is not None:
+            self.spikes.load(meta.get("spike"))
+        where = path.name if path.parent == ctx.checkpoint_dir else path  # annealing: another's
+        ctx.log.info("resuming from %s (step %d)", where, meta["step"])
         self._check_continuity(path.name, int(meta["step"]), meta.get("probe_loss"))
         return int(meta["step"])
-
-    def _probe_loss(self, step: int) -> float:
-        """The loss of the next step's first micro batch under the current weights (no update,
-        fixed randomness), averaged over ranks: saved with a checkpoint, recomputed on resume."""
-        raw = self.work.train_batch(step, 0, self.rank, self.world)
-        with self._measuring():
-            generator = replay_generator(self.ctx.seed, "probe", step, self.rank)
-            loss, _ = self.work.loss(self.model, to_device(raw, self.accelerator.device), generator)
-        return self.accelerator.reduce(loss.detach().double(), reduction="mean").item()
 
     def _check_continuity(self, name: str, step: int, saved: float | None) -> None:
         """Warn (log and summary) when the resumed state does not reproduce the saved probe loss:
         the checkpoint did not restore what the run had (a resume bug, other code or data)."""
         if saved is None:
             return
-        now = self._probe_loss(step)
+        now = self.measure.probe_loss(step)
         self.resume_loss_diff = abs(now - saved)
         if not self.resume_loss_diff <= RESUME_TOLERANCE * max(1.0, abs(saved)):
             self.ctx.log.warning(
@@ -196,6 +156,10 @@ class _Loop:
         import torch
 
         cfg, accelerator, model = self.cfg, self.accelerator, self.model
+        self.next_step = done = step + 1
+        if self.spikes is not None and step in self.spikes.skip:
+            self._leave_out(tracker, done)  # a batch a rollback left out: no forward, no update
+            return
         step_loss = torch.zeros((), device=accelerator.device)
         extras: dict[str, Any] = {}
         for micro in range(cfg.grad_accum_steps):
@@ -213,72 +177,113 @@ class _Loop:
                 extras[key] = extras.get(key, 0.0) + value / cfg.grad_accum_steps
         clip = cfg.optim.grad_clip
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip) if clip > 0 else None
-        done = step + 1
-        bad, preempted = self._signals(step_loss, grad_norm)
+        bad, preempted, mean_loss = self._signals(step_loss, grad_norm)
+        if not bad and self.spikes is not None and self.spikes.is_spike(mean_loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._rollback(step, mean_loss, tracker)
+            return
         if bad:
             self._skip(tracker, done)
         else:
-            self.bad_streak = 0
+            self.nonfinite.streak = 0
             self.optimizer.step()
+            if self.spikes is not None:
+                self.spikes.record(mean_loss)
         self.scheduler.step()  # the learning rate stays a function of the step, skipped or not
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None and not bad:
             self.ema.step(model.parameters())
         self.window_steps += 1
         final = done == cfg.max_steps
-        if done % cfg.log_every == 0 or final:
+        if (done % cfg.log_every == 0 or final) and done > self.logged_upto:
             self._log(tracker, done, step_loss, extras, grad_norm)
-        if done % cfg.eval_every == 0 or final:
+        self._cadence(tracker, done, preempted)
+
+    def _cadence(self, tracker: Tracker, done: int, preempted: bool) -> None:
+        """Validate, checkpoint and stop for preemption when `done` steps call for it."""
+        cfg = self.cfg
+        final = done == cfg.max_steps
+        if (done % cfg.eval_every == 0 or final) and done > self.logged_upto:
             self._validate(tracker, done)
         stopping = not final and preempted
         if done % cfg.checkpoint_every == 0 or final or stopping:
             from pipeline.train.checkpoint import save_checkpoint
 
             meta = {"fingerprint": self.ctx.fingerprint, "global_batch": self.shape.global_batch,
-                    "world_size": self.world, "probe_loss": self._probe_loss(done)}  # fmt: skip
-            save_checkpoint(accelerator, self.ctx.checkpoint_dir, done, meta, cfg.keep_checkpoints)
+                    "world_size": self.world, "probe_loss": self.measure.probe_loss(done)}  # fmt: skip
+            if self.spikes is not None:
+                meta["spike"] = self.spikes.state()
+            save_checkpoint(
+                self.accelerator, self.ctx.checkpoint_dir, done, meta, cfg.keep_checkpoints,
+                config=self.ctx.config.model_dump(mode="json"),
+            )  # fmt: skip
         if stopping:
             raise Preempted(
                 f"stages.{self.ctx.name}: preempted after step {done}; checkpoint saved, "
                 f"a rerun or requeue resumes from it"
             )
 
-    def _signals(self, step_loss: Any, grad_norm: Any) -> tuple[bool, bool]:
-        """(a non-finite loss or grad norm on any rank, preemption asked on any rank), agreed by
-        every rank in one collective, so all ranks skip, stop or checkpoint the same step."""
+    def _leave_out(self, tracker: Tracker, done: int) -> None:
+        """A step whose batch a rollback skipped: the schedule advances, nothing is trained."""
         import torch
 
-        if not self.cfg.max_bad_steps:
-            return False, preempt.requested(self.accelerator)
+        _, preempted, _ = self._signals(torch.zeros((), device=self.accelerator.device), None)
+        self.scheduler.step()
+        self._cadence(tracker, done, preempted)
+
+    def _rollback(self, step: int, loss: float, tracker: Tracker) -> None:
+        """A loss spike at `step`: reload the newest checkpoint before the batches to skip and
+        replay from it without them (or, with no such checkpoint, leave this step out)."""
+        from pipeline.train.checkpoint import latest_checkpoint
+
+        spikes, ctx, done = self.spikes, self.ctx, step + 1
+        assert spikes is not None
+        skipped = spikes.plan(step, loss, ctx.name)
+        found = latest_checkpoint(ctx.checkpoint_dir, ctx.fingerprint, max_step=skipped.start)
+        event, message = spikes.rolled_back(step, loss, skipped, found)
+        ctx.log.warning(message)
+        tracker.log(event, step=done)
+        self.logged_upto = max(self.logged_upto, done)
+        if found is None:
+            self._leave_out(tracker, done)
+            return
+        self.accelerator.load_state(str(found[0]))
+        spikes.load(found[1].get("spike"), history_only=True)
+        spikes.rescale(self.scheduler)
+        self.nonfinite.streak, self.next_step = 0, int(found[1]["step"])
+
+    def _signals(self, step_loss: Any, grad_norm: Any) -> tuple[bool, bool, float]:
+        """(a non-finite loss or grad norm on any rank, preemption asked on any rank, the loss
+        averaged over ranks (nan without the spike guard)), agreed by every rank in one
+        collective, so all ranks skip, roll back, stop or checkpoint the same step."""
+        import torch
+
+        spikes = self.spikes is not None
+        if not self.cfg.max_bad_steps and not spikes:
+            return False, preempt.requested(self.accelerator), float("nan")
         finite = torch.isfinite(step_loss)
         if grad_norm is not None:
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
                 grad_norm = grad_norm.full_tensor()
             finite = finite & torch.isfinite(torch.as_tensor(grad_norm, device=finite.device))
-        flags = torch.stack([(~finite).float(), step_loss.new_tensor(float(preempt.received()))])
+        parts = [(~finite).float(), step_loss.new_tensor(float(preempt.received()))]
+        flags = torch.stack(parts + [step_loss.detach().float()] if spikes else parts)
         if self.world > 1:
             flags = self.accelerator.reduce(flags, reduction="sum")
-        bad, preempted = flags.tolist()
-        return bad > 0, preempted > 0
+        values = flags.tolist()
+        mean_loss = values[2] / self.world if spikes else float("nan")
+        return bool(self.cfg.max_bad_steps) and values[0] > 0, values[1] > 0, mean_loss
 
     def _skip(self, tracker: Tracker, done: int) -> None:
         """Leave out the update of a non-finite step; stop after max_bad_steps in a row."""
         from pipeline.train.checkpoint import latest_checkpoint
 
-        self.bad_streak += 1
-        self.skipped += 1
-        tracker.log({"train/skipped_step": 1.0, "train/skipped_steps": self.skipped}, step=done)
+        tracker.log(self.nonfinite.skipped(), step=done)
         self.ctx.log.warning("step %d: non-finite loss or gradient norm; update skipped", done)
         deepspeed = self.launch.engine == "deepspeed"  # DeepSpeed stepped inside backward()
-        if self.bad_streak >= self.cfg.max_bad_steps or deepspeed:
+        if self.nonfinite.exhausted() or deepspeed:
             found = latest_checkpoint(self.ctx.checkpoint_dir, self.ctx.fingerprint)
-            last = found[0].name if found else "none (the stage starts over)"
-            raise PipelineError(
-                f"stages.{self.ctx.name}: {self.bad_streak} optimizer step(s) in a row up to step "
-                f"{done} had a non-finite loss or gradient norm; last good checkpoint: {last}; "
-                f"lower optim.lr, lengthen schedule.warmup_steps or check the data of those "
-                f"steps, then rerun (it resumes from that checkpoint)"
-            )
+            raise self.nonfinite.stop(self.ctx.name, done, found[0].name if found else None)
 
     def _log(
         self, tracker: Tracker, done: int, step_loss: Any, extras: dict[str, Any], grad_norm: Any
@@ -313,69 +318,36 @@ class _Loop:
         )  # fmt: skip
         self.window_start, self.window_steps = time.perf_counter(), 0
 
-    def _validate(self, tracker: Tracker, done: int) -> None:
-        self.val_loss, self.val_ema_loss = self.evaluate(), self.evaluate_ema()
-        row = {"val/loss": self.val_loss}
+    def _validate(self, tracker: Tracker | None, done: int) -> None:
+        """Validation loss (and its EMA twin) and the stage's evaluators; logged unless the
+        tracker is None (a resumed run's summary of a step already logged)."""
+        measure = self.measure
+        self.val_loss, self.val_ema_loss = measure.val_loss(), measure.ema_val_loss()
+        self.evaluations = measure.evaluations()
+        row = {"val/loss": self.val_loss, **{f"val/{k}": v for k, v in self.evaluations.items()}}
         if self.val_ema_loss is not None:
             row["val/ema_loss"] = self.val_ema_loss
-        tracker.log(row, step=done)
+        if tracker is not None:
+            tracker.log(row, step=done)
         ema_note = f" (EMA {self.val_ema_loss:.4f})" if self.val_ema_loss is not None else ""
-        self.ctx.log.info("step %d val loss %.4f%s", done, self.val_loss, ema_note)
-
-    def evaluate(self) -> float:
-        """Mean loss over this rank's validation batches (fixed randomness), averaged over ranks."""
-        import torch
-
-        accelerator = self.accelerator
-        total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # [sum, count]
-        with self._measuring():
-            for i, raw in enumerate(self.val):
-                batch = to_device(raw, accelerator.device)
-                generator = replay_generator(self.ctx.seed, "val", self.rank, i)
-                loss, _ = self.work.loss(self.model, batch, generator)
-                size = len(raw[0]) if isinstance(raw, tuple) else len(raw)
-                total += torch.stack([loss.double() * size, total.new_tensor(size)])
-        total = accelerator.reduce(total, reduction="sum")
-        return (total[0] / total[1]).item()
-
-    @contextmanager
-    def _measuring(self) -> Iterator[None]:
-        """Forward passes that measure, not train: eval mode, no grad, the training autocast;
-        then back to training, FSDP2 parameters sharded again."""
-        import torch
-
-        self.model.eval()
-        try:
-            with torch.no_grad(), self.accelerator.autocast():
-                yield
-        finally:
-            reshard(self.model)
-            self.model.train()
-
-    def evaluate_ema(self) -> float | None:
-        """The validation loss of the EMA weights (swapped in, then the live ones restored)."""
-        if self.ema is None:
-            return None
-        self.ema.store(self.model.parameters())
-        self.ema.copy_to(self.model.parameters())
-        try:
-            return self.evaluate()
-        finally:
-            self.ema.restore(self.model.parameters())
+        extra = "".join(f", {k} {v:.4g}" for k, v in self.evaluations.items())
+        self.ctx.log.info("step %d val loss %.4f%s%s", done, self.val_loss, ema_note, extra)
 
     def summary(self) -> dict[str, Any]:
         """Final train/val losses, steps and what was seen, the stage's metrics, replica digests."""
         from pipeline.train.distributed import replica_digests, replicates_parameters
 
         if self.val_loss is None:  # resumed at the last step: nothing was validated this run
-            self.val_loss, self.val_ema_loss = self.evaluate(), self.evaluate_ema()
+            self._validate(None, self.cfg.max_steps)
         seen = "tokens" if self.work.tokens_per_item else f"{self.work.item}_seen"
         summary = {
             "train_loss": self.last_loss,
             "val_loss": self.val_loss,
             "steps": self.cfg.max_steps,
             seen: self.cfg.max_steps * self.per_step,
-            "skipped_steps": self.skipped,
+            "skipped_steps": self.nonfinite.count,
+            **(self.spikes.summary() if self.spikes is not None else {}),
+            **self.evaluations,
             **self.work.summary,
         }
         if self.val_ema_loss is not None:
@@ -388,3 +360,18 @@ class _Loop:
                 raise RuntimeError(f"data-parallel replicas diverged: parameter digests {digests}")
             summary["replica_digests"] = digests
         return summary
+
+
+def _anneal_checkpoint(stage: str, work: Workload) -> tuple[Path, dict[str, Any]] | None:
+    """The verified checkpoint `work.anneal_from` names, with its meta (None: not annealing)."""
+    from pipeline.train.checkpoint import verify_checkpoint
+
+    if work.anneal_from is None:
+        return None
+    meta = verify_checkpoint(work.anneal_from)
+    if meta is None:
+        raise PipelineError(
+            f"stages.{stage}.anneal_from: {work.anneal_from} is not a complete, verified "
+            f"checkpoint; name a step whose checkpoint exists (keep_checkpoints keeps the newest)"
+        )
+    return work.anneal_from, meta

@@ -123,11 +123,26 @@ def build_optimizer(model: torch.nn.Module, opt: OptimConfig) -> torch.optim.Opt
     )
 
 
+def anneal_factor(step: int, start: int, max_steps: int, floor: float) -> float:
+    """Annealing from a stable phase: the peak lr at `start`, then linear decay to `floor` at
+    max_steps (the decay of a wsd schedule whose decay begins at `start`)."""
+    return 1 - (1 - floor) * min(1.0, max(0, step - start) / max(1, max_steps - start))
+
+
 def lambda_scheduler(
-    optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, max_steps: int
+    optimizer: torch.optim.Optimizer,
+    schedule: ScheduleConfig,
+    max_steps: int,
+    anneal_from: int | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule as a LambdaLR; `anneal_from` (a step): only the decay, starting there."""
     import torch
 
+    if anneal_from is not None:
+        floor = schedule.min_lr_ratio
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: anneal_factor(s, anneal_from, max_steps, floor)
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, schedule, max_steps))
 
 
