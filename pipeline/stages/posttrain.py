@@ -310,12 +310,18 @@ def train_and_export(
     with provenance.json (the resolved stage config, the code and package versions)."""
     from transformers.trainer_callback import PrinterCallback
 
+    from pipeline.engine.errors import Preempted
     from pipeline.train.provenance import write_provenance
+    from pipeline.train.runtime import preemption_callback
 
     trainer.remove_callback(PrinterCallback)  # our tracker callback logs; no raw dicts on stdout
+    trainer.add_callback(stop := preemption_callback(trainer.accelerator))
     if resume:
         ctx.log.info("resuming from %s", Path(resume).name)
     trainer.train(resume_from_checkpoint=resume)
+    if stop.stopped_at is not None:
+        raise Preempted(f"stages.{ctx.name}: preempted after step {stop.stopped_at}; "
+                        f"checkpoint saved, a rerun or requeue resumes from it")  # fmt: skip
     tmp = ctx.export_dir.parent / f".{ctx.export_dir.name}.tmp"
     if ctx.is_main:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+    from accelerate import Accelerator
 
 
 def replay_generator(*key: object) -> torch.Generator:
@@ -43,3 +44,21 @@ def to_device(batch: Any, device: Any) -> Any:
     if isinstance(batch, tuple):
         return tuple(torch.from_numpy(part).to(device) for part in batch)
     return torch.from_numpy(batch).to(device)
+
+
+def preemption_callback(accelerator: Accelerator) -> Any:
+    """A TrainerCallback (the TRL stages) that checkpoints and stops at the next step boundary
+    when any rank was asked to stop (Slurm's warning, a local Ctrl-C or SIGTERM): as our loop."""
+    from transformers import TrainerCallback
+
+    from pipeline.engine import preempt
+
+    class Preemption(TrainerCallback):
+        stopped_at: int | None = None
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if preempt.requested(accelerator) and state.global_step < state.max_steps:
+                control.should_save = control.should_training_stop = True
+                self.stopped_at = state.global_step
+
+    return Preemption()
