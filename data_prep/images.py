@@ -72,6 +72,11 @@ class Config(StageConfig):
             ]
         }
 
+    def check_inputs(self) -> None:
+        """The source exists, holds images and its first image decodes (one image is read)."""
+        if self.source.uri != DIGITS:
+            next(read_source(self.source)[1], None)
+
 
 def run(ctx: StageContext) -> None:
     """Write the shards and index.json into `ctx.export_dir`."""

@@ -13,12 +13,19 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from data_prep.sources import SourceStageConfig, mixed_documents
+from data_prep.sources import (
+    BUILTINS,
+    SourceConfig,
+    SourceStageConfig,
+    iter_documents,
+    mixed_documents,
+)
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
+from pipeline.models import SENTENCEPIECE_SPECIALS, unmatch_special_tokens
 
 MODEL_FILE = "tokenizer.model"
-UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+UNK, BOS, EOS, PAD = SENTENCEPIECE_SPECIALS
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # Training text is fed as chunks of whole lines under SentencePiece's max_sentence_length.
 CHUNK_BYTES = 4000
@@ -42,6 +49,24 @@ class Config(SourceStageConfig):
     split_digits: bool = Field(
         False, description="every digit its own token (as in LLaMA); helps models learn arithmetic"
     )
+
+    def check_inputs(self) -> None:
+        """Each file source yields a first document (exists, not empty, parses, is UTF-8)."""
+        probe_sources(self.source)
+
+
+def probe_sources(sources: list[SourceConfig]) -> None:
+    """Read the first document of each non-built-in source; raises its PipelineError if any."""
+    for source in sources:
+        if source.uri in BUILTINS:
+            continue
+        try:
+            next(iter_documents(source), None)
+        except (OSError, ValueError) as exc:  # a library's reader (datasets) on a broken folder
+            problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise PipelineError(
+                f"source {source.uri}: cannot read it ({problem}); check the data or the path"
+            ) from None
 
 
 def run(ctx: StageContext) -> None:
@@ -234,3 +259,4 @@ def export_hf_tokenizer(model_path: Path, out_dir: Path) -> None:
         clean_up_tokenization_spaces=False,
     )
     tokenizer.save_pretrained(str(out_dir))
+    unmatch_special_tokens(out_dir / "tokenizer.json")

@@ -7,12 +7,13 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from pipeline.engine.checks import deepspeed_problems, preflight
 from pipeline.engine.config import (
     Recipe,
     bundled_recipes,
@@ -48,6 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.engine.runner import run_recipe
 
     recipe = load_recipe(args.recipe, args.override)
+    preflight(recipe)
     if args.dry_run:
         steps = plan(recipe, from_stage=args.from_stage, only=args.only, force=args.force)
         table = Table(title=f"plan for {recipe.name} ({recipe.resolved_run_dir()})")
@@ -113,6 +115,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.engine.slurm import submit
 
     recipe = load_recipe(args.recipe, args.override)
+    preflight(recipe)
     # Even --dry-run: it writes recipe.yaml and the sbatch files, which a local run reads.
     with run_dir_lock(recipe.resolved_run_dir()):
         submissions = submit(
@@ -141,7 +144,7 @@ def _recipe_for_status(target: str, overrides: list[str]) -> Recipe:
         from pipeline.engine.rundir import RECIPE_FILE
 
         if not (path / RECIPE_FILE).is_file():
-            raise PipelineError(
+            raise RecipeError(
                 f"{path}: not a run directory (no {RECIPE_FILE}); pass a run dir or a recipe"
             )
         return load_recipe(path / RECIPE_FILE, overrides)
@@ -154,6 +157,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from pipeline.engine.slurm import queue_column
 
     recipe = _recipe_for_status(args.target, args.override)
+    if problems := deepspeed_problems(recipe):  # fingerprints read the DeepSpeed file
+        raise RecipeError("\n".join(problems))
     run_dir = recipe.resolved_run_dir()
     prints = fingerprints(recipe)
     table = Table(title=f"{recipe.name} ({run_dir})")
@@ -192,7 +197,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        raise PipelineError(f"{run_dir}: no such run directory; pass runs/<name>")
+        raise RecipeError(f"{run_dir}: no such run directory; pass runs/<name>")
     console.print(f"report: {write_report(run_dir.absolute())}")
     return 0
 
@@ -250,8 +255,15 @@ def show_kind(kind: str) -> None:
     console.print(table)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (the problem and where to read more)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="pipeline", description="Staged LLM/diffusion pretraining pipeline."
     )
     sub = parser.add_subparsers(dest="command", required=True)

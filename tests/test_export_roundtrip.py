@@ -106,6 +106,16 @@ def test_export_roundtrip_reports_a_diff_below_tolerance_in_the_stage_summary(
     diff = manifest["summary"]["export_max_abs_logit_diff"]
     assert 0.0 <= diff <= 1e-5  # same weights, same kernels: float rounding at most
     assert "export/provenance.json" in manifest["outputs"]
+    # The export's tokenizer.json alone (what serving engines load) keeps literal special-token
+    # strings as text, as transformers does with the same directory.
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    export = run_dir / "pretrain" / "export"
+    text = "changelog: <pad> and </s> are text"
+    ids = AutoTokenizer.from_pretrained(export).encode(text, add_special_tokens=False)
+    assert Tokenizer.from_file(str(export / "tokenizer.json")).encode(text).ids == ids
+    assert not {0, 1, 2, 3} & set(ids)
 
 
 @pytest.mark.parametrize("how", ["weight", "config"])

@@ -18,7 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 from pipeline.engine.errors import RecipeError
 from pipeline.engine.kinds import KINDS, stage_module
 from pipeline.engine.rundir import RECIPE_FILE
-from pipeline.engine.schema_errors import format_errors, suggest
+from pipeline.engine.schema_errors import (
+    PathText,
+    SbatchOption,
+    SlurmMem,
+    SlurmName,
+    SlurmTime,
+    format_errors,
+    suggest,
+)
 from pipeline.engine.sweeps import expand_sweeps
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -42,7 +50,7 @@ class LaunchConfig(Strict):
     zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (engine: deepspeed)")
     offload_optimizer: bool = Field(False, description="DeepSpeed: optimizer state in CPU memory")
     offload_params: bool = Field(False, description="DeepSpeed ZeRO-3: parameters in CPU memory")
-    deepspeed_config: str | None = Field(
+    deepspeed_config: PathText | None = Field(
         None, description="expert: a DeepSpeed JSON whose values win"
     )
 
@@ -86,14 +94,16 @@ class TrackingConfig(Strict):
 class SlurmConfig(Strict):
     """Recipe-wide sbatch settings (used by `pipeline submit`)."""
 
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
+    partition: SlurmName | None = None
+    account: SlurmName | None = None
+    qos: SlurmName | None = None
     gpus_per_node: int = Field(0, ge=0)
     cpus_per_task: int | None = Field(None, ge=1)
-    mem: str | None = None
-    time: str = "04:00:00"
-    extra: list[str] = Field([], description="extra sbatch options, e.g. --constraint=a100")
+    mem: SlurmMem | None = None
+    time: SlurmTime = "04:00:00"
+    extra: list[SbatchOption] = Field(
+        [], description="extra sbatch options, e.g. --constraint=a100"
+    )
     signal_seconds: int = Field(
         120, ge=1, description="warning signal this long before the time limit or preemption"
     )
@@ -103,14 +113,14 @@ class SlurmConfig(Strict):
 class SlurmOverride(Strict):
     """Per-stage override of the recipe's slurm section; unset fields inherit."""
 
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
+    partition: SlurmName | None = None
+    account: SlurmName | None = None
+    qos: SlurmName | None = None
     gpus_per_node: int | None = Field(None, ge=0)
     cpus_per_task: int | None = Field(None, ge=1)
-    mem: str | None = None
-    time: str | None = None
-    extra: list[str] | None = None
+    mem: SlurmMem | None = None
+    time: SlurmTime | None = None
+    extra: list[SbatchOption] | None = None
     signal_seconds: int | None = Field(None, ge=1)
     max_requeues: int | None = Field(None, ge=0)
 
@@ -130,13 +140,17 @@ class StageConfig(Strict):
         """Extra inputs to the fingerprint that are not in the config (e.g. source file stats)."""
         return {}
 
+    def check_inputs(self) -> None:
+        """Cheap checks of the inputs this stage reads (files exist, first records parse), made
+        before anything runs; raise PipelineError naming the input, the problem and the fix."""
+
 
 class Recipe(Strict):
     """A whole recipe after validation: stage configs are instances of their kind's class."""
 
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
-    run_dir: str | None = None
+    run_dir: PathText | None = None
     seed: int = 0
     tracking: TrackingConfig = TrackingConfig()
     launch: LaunchConfig = LaunchConfig()

@@ -88,6 +88,11 @@ class StageContext:
         if name is not None:
             if name not in self.recipe.stages:
                 raise PipelineError(f"stages.{self.name}: refers to unknown stage {name!r}")
+            if self.recipe.stages[name].kind not in kinds:
+                raise PipelineError(
+                    f"stages.{self.name}: {name!r} is a {self.recipe.stages[name].kind} stage, "
+                    f"not a {' or '.join(kinds)} stage; name a {' or '.join(kinds)} stage"
+                )
             return self._upstream(name)
         seen: set[str] = set()
         frontier = list(self.config.after)

@@ -1,14 +1,16 @@
 """Validation errors as one line each: the key path, the bad value, what is allowed, and a
-close-match suggestion for a misspelt key."""
+close-match suggestion for a misspelt key; and the checked string types whose errors say what to
+write instead."""
 
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ValidationError
 
 
 def format_errors(
@@ -69,3 +71,34 @@ def unwrap(annotation: Any) -> Any:
         if isinstance(inner, type) and issubclass(inner, BaseModel):
             return inner
     return annotation if origin not in (types.UnionType, typing.Union) else None
+
+
+def matching(pattern: str, problem: str) -> AfterValidator:
+    """A check that a string matches `pattern` in full, else fails with `problem` (what to write)."""
+
+    def check(value: str) -> str:
+        if not re.fullmatch(pattern, value):
+            raise ValueError(problem)
+        return value
+
+    return AfterValidator(check)
+
+
+# Values rendered into sbatch files and paths: no shell syntax, no line breaks (see slurm.render).
+SlurmName = Annotated[str, matching(r"[\w.,+:=@-]+", "use letters, digits and _.,+:=@- only")]
+SlurmMem = Annotated[str, matching(r"\d+[KMGT]?", "use a number with K, M, G or T, e.g. 64G")]
+SlurmTime = Annotated[
+    str,
+    matching(
+        r"\d+(:\d\d){0,2}|\d+-\d+(:\d\d){0,2}|UNLIMITED|INFINITE",
+        "use MINUTES, HH:MM:SS or DAYS-HH:MM:SS (e.g. 04:00:00)",
+    ),
+]
+SbatchOption = Annotated[
+    str,
+    matching(
+        r"(#SBATCH\s+)?--?\w[^\x00-\x1f\x7f]*",
+        "one sbatch option on one line, e.g. --constraint=a100",
+    ),
+]
+PathText = Annotated[str, matching(r"[^\x00-\x1f\x7f]+", "a path without control characters")]

@@ -17,7 +17,7 @@ from pathlib import Path
 from string import Template
 
 from pipeline.engine.config import Recipe, SlurmConfig
-from pipeline.engine.errors import PipelineError
+from pipeline.engine.errors import PipelineError, RecipeError
 from pipeline.engine.graph import plan
 from pipeline.engine.manifest import atomic_write_text, read_manifest, update_manifest
 from pipeline.engine.rundir import SLURM_DIR
@@ -57,11 +57,7 @@ def sbatch_options(slurm: SlurmConfig) -> list[str]:
         "time": slurm.time,
     }
     lines = [f"#SBATCH --{key}={value}" for key, value in values.items() if value is not None]
-    for extra in slurm.extra:
-        if "\n" in extra or not extra.strip():
-            raise PipelineError(
-                f"slurm.extra: {extra!r} is not one sbatch option; give one option per list item"
-            )
+    for extra in slurm.extra:  # one option on one line each: checked by SbatchOption
         option = extra.strip()
         lines.append(option if option.startswith("#SBATCH") else f"#SBATCH {option}")
     return lines
@@ -70,6 +66,11 @@ def sbatch_options(slurm: SlurmConfig) -> list[str]:
 def render(recipe: Recipe, stage: str) -> str:
     """The sbatch file of one stage."""
     run_dir = recipe.resolved_run_dir()
+    if re.search(r"[\s\"'\\]", str(run_dir)):  # sbatch splits `#SBATCH --output=` at blanks
+        raise RecipeError(
+            f"run_dir {str(run_dir)!r}: sbatch cannot take a path with blanks or quotes; choose "
+            f"a run_dir without them for `pipeline submit`"
+        )
     slurm = recipe.slurm_for(stage)
     return SbatchTemplate(TEMPLATE.read_text()).substitute(
         stage=shlex.quote(stage),

@@ -9,9 +9,13 @@ Each family is one spec in `pipeline.models.families.FAMILIES`; everything here 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.models.families import FAMILIES, ModelConfig
+
+# The tokenizer stage's special pieces (ids 0-3 of every SentencePiece model we train).
+SENTENCEPIECE_SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -86,3 +90,20 @@ def add_special_tokens(tokenizer: PreTrainedTokenizerBase, added: dict[str, Any]
             f"special tokens {tokens} got ids {ids}, the model uses {first}..{first + len(tokens) - 1}"
             f"; the tokenizer already knew some of them"
         )
+
+
+def unmatch_special_tokens(path: Path) -> None:
+    """Drop the special tokens from tokenizer.json's `added_tokens`, so that `tokenizers` alone
+    (serving engines) encodes a literal `<pad>` in text as text, as SentencePiece does.
+
+    tokenizers matches every added token in raw text and has no serialised switch against it
+    (`encode_special_tokens` is not saved). The tokens keep their ids as pieces of the model's
+    vocab; transformers re-adds them from tokenizer_config.json (split_special_tokens keeps them
+    text there too). The cost: `tokenizers` alone no longer skips them in decode.
+    """
+    import json
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    specials = set(SENTENCEPIECE_SPECIALS)
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] not in specials]
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")

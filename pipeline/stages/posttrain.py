@@ -311,6 +311,7 @@ def train_and_export(
     from transformers.trainer_callback import PrinterCallback
 
     from pipeline.engine.errors import Preempted
+    from pipeline.models import unmatch_special_tokens
     from pipeline.train.provenance import write_provenance
     from pipeline.train.runtime import preemption_callback
 
@@ -329,6 +330,7 @@ def train_and_export(
     trainer.save_model(str(tmp))  # every rank takes part (sharded engines gather)
     if ctx.is_main:
         tokenizer.save_pretrained(str(tmp))
+        unmatch_special_tokens(tmp / "tokenizer.json")  # save_pretrained adds them back
         write_provenance(tmp, ctx.config.model_dump(mode="json"))
         shutil.rmtree(ctx.export_dir, ignore_errors=True)
         tmp.rename(ctx.export_dir)

@@ -44,7 +44,7 @@ def export_model(
     """
     from transformers import AutoTokenizer
 
-    from pipeline.models import add_special_tokens
+    from pipeline.models import add_special_tokens, unmatch_special_tokens
 
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
@@ -58,6 +58,7 @@ def export_model(
         if added_special_tokens:
             add_special_tokens(tokenizer, added_special_tokens)
         tokenizer.save_pretrained(tmp)
+        unmatch_special_tokens(tmp / "tokenizer.json")  # save_pretrained adds them back
         write_provenance(tmp, config)
         shutil.rmtree(export_dir, ignore_errors=True)
         tmp.rename(export_dir)

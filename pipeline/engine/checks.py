@@ -1,0 +1,162 @@
+"""Checks of a recipe that can be made before any stage runs, so `run --dry-run` finds them too.
+
+Each check returns one line per problem (the input, the problem, the fix); `preflight` raises them
+together as a RecipeError (exit 2). Nothing here writes to the run directory: the writability
+probe creates and removes a temporary folder beside where the run directory would be.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.engine.config import Recipe
+from pipeline.engine.errors import PipelineError, RecipeError
+from pipeline.engine.schema_errors import suggest
+
+# Fields that name another stage: kind -> {dotted field ('*' = every item): kinds it may name}.
+# Stages resolve these names with `ctx.upstream(kinds, name=...)`; this table lets a dry run check
+# them before anything runs (context.upstream checks them again at run time).
+MODEL_KINDS = ("pretrain", "sft", "rlhf")
+STAGE_REFERENCES: dict[str, dict[str, tuple[str, ...]]] = {
+    "eval": {"models.*": MODEL_KINDS},
+    "pretrain": {"anneal_from.stage": ("pretrain",)},
+    "rlhf": {"reward_model": ("reward",)},
+    "baseline": {"models.*.from_stage": ("diffusion",)},
+}
+DEEPSPEED_ZERO_STAGES = (0, 1, 2, 3)
+
+
+def preflight(recipe: Recipe) -> None:
+    """Raise RecipeError listing every problem found before running (run, dry run and submit)."""
+    problems = [
+        *run_dir_problems(recipe.resolved_run_dir()),
+        *deepspeed_problems(recipe),
+        *reference_problems(recipe),
+        *input_problems(recipe),
+    ]
+    if problems:
+        raise RecipeError("\n".join(problems))
+
+
+def run_dir_problems(run_dir: Path) -> list[str]:
+    """The run directory exists as a writable folder, or can be created."""
+    fix = "choose a writable run_dir (recipe key run_dir, or -o run_dir=PATH)"
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is" if existing == run_dir else f"cannot be created: {existing} is"
+        return [f"run_dir {run_dir}: {what} a file, not a folder; {fix}"]
+    try:
+        shutil.rmtree(tempfile.mkdtemp(prefix=".pipeline-probe-", dir=existing))
+    except OSError as exc:
+        what = "not writable" if existing == run_dir else f"cannot be created in {existing}"
+        return [f"run_dir {run_dir}: {what} ({exc.strerror}); {fix}"]
+    return []
+
+
+def deepspeed_problems(recipe: Recipe) -> list[str]:
+    """Every `launch.deepspeed_config` in use is a readable JSON object with a real ZeRO stage."""
+    paths = {
+        recipe.launch_for(name).deepspeed_config
+        for name, cfg in recipe.stages.items()
+        if cfg.distributed and recipe.launch_for(name).engine == "deepspeed"
+    }
+    return [problem for path in sorted(p for p in paths if p) if (problem := _deepspeed_file(path))]
+
+
+def _deepspeed_file(path: str) -> str | None:
+    where = f"launch.deepspeed_config {path}"
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{where}: no such file; fix the path or remove the key"
+    except IsADirectoryError:
+        return f"{where}: is a folder; name a DeepSpeed JSON file"
+    except OSError as exc:
+        return f"{where}: cannot read ({exc.strerror}); fix its permissions"
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return f"{where}: not valid JSON ({exc}); fix the file"
+    if not isinstance(data, dict):
+        return f"{where}: must be a JSON object, got {type(data).__name__}; fix the file"
+    zero = data.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        return f"{where}: zero_optimization must be an object, got {zero!r}; fix the file"
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in DEEPSPEED_ZERO_STAGES:
+        allowed = ", ".join(map(str, DEEPSPEED_ZERO_STAGES))
+        return f"{where}: zero_optimization.stage {stage!r} does not exist; use one of {allowed}"
+    return None
+
+
+def reference_problems(recipe: Recipe) -> list[str]:
+    """Every field that names a stage names an upstream stage of a kind it can use."""
+    problems = []
+    for name, cfg in recipe.stages.items():
+        fields = STAGE_REFERENCES.get(cfg.kind, {})
+        data = cfg.model_dump(mode="json")
+        upstream = upstream_of(recipe, name)
+        for field, kinds in fields.items():
+            for where, value in _values_at(data, field.split("."), f"stages.{name}"):
+                if value is not None:
+                    problems += _reference_problem(recipe, where, str(value), kinds, upstream)
+    return problems
+
+
+def _reference_problem(
+    recipe: Recipe, where: str, ref: str, kinds: tuple[str, ...], upstream: set[str]
+) -> list[str]:
+    wanted = " or ".join(kinds)
+    if ref not in recipe.stages:
+        names = list(recipe.stages)
+        return [f"{where}: no stage {ref!r}{suggest(ref, names)}; name a {wanted} stage"]
+    kind = recipe.stages[ref].kind
+    if kind not in kinds:
+        return [f"{where}: {ref!r} is a {kind} stage, not a {wanted} stage; name a {wanted} stage"]
+    if ref not in upstream:
+        stage = where.split(".")[1]
+        return [f"{where}: {ref!r} is not upstream of {stage}; add it to stages.{stage}.after"]
+    return []
+
+
+def _values_at(data: Any, parts: list[str], where: str) -> Iterator[tuple[str, Any]]:
+    """(dotted location, value) of every value at `parts` in nested dicts and lists."""
+    if not parts:
+        yield where, data
+        return
+    head, rest = parts[0], parts[1:]
+    if head == "*":
+        items = data.items() if isinstance(data, dict) else enumerate(data or [])
+        for key, value in items:
+            yield from _values_at(value, rest, f"{where}.{key}")
+    elif isinstance(data, dict) and head in data:
+        yield from _values_at(data[head], rest, f"{where}.{head}")
+
+
+def upstream_of(recipe: Recipe, name: str) -> set[str]:
+    """Every stage `name` depends on, directly or through other stages."""
+    seen: set[str] = set()
+    frontier = list(recipe.stages[name].after)
+    while frontier:
+        stage = frontier.pop()
+        if stage not in seen and stage in recipe.stages:
+            seen.add(stage)
+            frontier += recipe.stages[stage].after
+    return seen
+
+
+def input_problems(recipe: Recipe) -> list[str]:
+    """Each stage's inputs exist and start well (the files it reads, their first records)."""
+    problems = []
+    for cfg in recipe.stages.values():
+        try:
+            cfg.data_signature()
+            cfg.check_inputs()
+        except PipelineError as exc:
+            problems.append(str(exc).splitlines()[0])
+    return problems
