@@ -7,6 +7,7 @@ tests/test_engine_runner.py covers the same rules end to end through the `pipeli
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,11 +75,21 @@ def test_a_finished_run_is_up_to_date_until_an_output_or_the_config_changes(
         "report": (True, "--from images"),
     }
 
-    # Same size, other bytes: only a deep check (`status --verify`) reads the checksums.
+    # Touched (new mtime) but the same bytes: checksummed again, still up to date.
     labels = export / "val_labels.npy"
+    written = labels.stat().st_mtime_ns
+    os.utime(labels, ns=(written + 10**9, written + 10**9))
+    assert decisions(recipe)["images"] == (False, "up to date")
+    # Same size, other bytes, written in place: every plan sees the new mtime and checksums.
     data = bytearray(labels.read_bytes())
     data[-1] ^= 0xFF
     labels.write_bytes(bytes(data))
+    assert decisions(recipe) == {
+        "images": (True, "output export/val_labels.npy fails its checksum"),
+        "report": (True, "upstream reruns"),
+    }
+    # Only a deep check (`status --verify`) sees a change whose mtime was put back by hand.
+    os.utime(labels, ns=(written, written))
     assert verify_outputs(run_dir / "images", manifest["outputs"]) is None
     problem = verify_outputs(run_dir / "images", manifest["outputs"], deep=True)
     assert problem == "output export/val_labels.npy fails its checksum"

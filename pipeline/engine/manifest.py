@@ -48,25 +48,35 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
 
 
 def checksum_tree(root: Path) -> dict[str, dict[str, Any]]:
-    """{relative path: {bytes, sha256}} for every file under `root`."""
+    """{relative path: {bytes, mtime_ns, sha256}} for every file under `root`."""
     files = sorted(p for p in root.rglob("*") if p.is_file())
-    return {
-        str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in files
-    }
+    record = {}
+    for path in files:
+        stat = path.stat()
+        record[str(path.relative_to(root))] = {
+            "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path),
+        }  # fmt: skip
+    return record
 
 
 def verify_outputs(
     stage_dir: Path, outputs: dict[str, dict[str, Any]], deep: bool = False
 ) -> str | None:
-    """None when every recorded output exists with its size (and checksum when `deep`), else why not."""
+    """None when every recorded output is as it was written, else why not.
+
+    The cheap rule `pipeline run` applies to everything it reuses: each file exists with its
+    size, and a file whose modification time changed (any write in place, same size or not) is
+    checksummed again. `deep` checksums every file (`pipeline status --verify`).
+    """
     for rel, meta in outputs.items():
         path = stage_dir / rel
         if not path.is_file():
             return f"output {rel} is missing"
-        if path.stat().st_size != meta["bytes"]:
+        stat = path.stat()
+        if stat.st_size != meta["bytes"]:
             return f"output {rel} changed size"
-        if deep and sha256_file(path) != meta["sha256"]:
+        touched = meta.get("mtime_ns", stat.st_mtime_ns) != stat.st_mtime_ns
+        if (deep or touched) and sha256_file(path) != meta["sha256"]:
             return f"output {rel} fails its checksum"
     return None
 
