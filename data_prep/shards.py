@@ -33,14 +33,26 @@ def shard_name(index: int) -> str:
 
 
 class ShardWriter:
-    """Appends documents' tokens to `split_dir`, starting a new shard every `shard_tokens`."""
+    """Appends documents' tokens to `split_dir`, starting a new shard every `shard_tokens`.
 
-    def __init__(self, split_dir: Path, dtype: np.dtype | str, shard_tokens: int) -> None:
+    A shard is committed whole (temp file, fsync, rename, then its index). With `resumable`, the
+    open shard's temp file survives an error, `state()` records how far the writer got, and a new
+    writer given that state continues exactly where it was (see `ShardWriter.resume`).
+    """
+
+    def __init__(
+        self,
+        split_dir: Path,
+        dtype: np.dtype | str,
+        shard_tokens: int,
+        resumable: bool = False,
+    ) -> None:
         if shard_tokens < 1:
             raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
         self.split_dir = Path(split_dir)
         self.dtype = np.dtype(dtype)
         self.shard_tokens = shard_tokens
+        self.resumable = resumable
         self.num_tokens = 0
         self.num_documents = 0
         self.num_shards = 0
@@ -74,6 +86,55 @@ class ShardWriter:
         if self._file is not None:
             self._finish()
 
+    def state(self) -> dict[str, int]:
+        """How far the writer got, with the open shard's tokens on disk (flushed and fsynced)."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        return {
+            "num_shards": self.num_shards,
+            "num_tokens": self.num_tokens,
+            "num_documents": self.num_documents,
+            "open_tokens": self._shard_tokens_written if self._file is not None else 0,
+            "open_documents": self._shard_documents if self._file is not None else 0,
+        }
+
+    def resume(self, state: dict[str, int]) -> None:
+        """Continue from `state` (of a writer of the same split, dtype and shard size).
+
+        Shards committed after the state was taken are removed; the open shard's tokens are taken
+        from its temp file, or from the committed shard it became. ValueError when the files on
+        disk cannot give back that state.
+        """
+        first = state["num_shards"]
+        for index in range(first):
+            meta = self.split_dir / f"{shard_name(index)}.json"
+            data = meta.with_suffix(".bin")
+            size = json.loads(meta.read_text())["num_tokens"] if meta.is_file() else -1
+            if not data.is_file() or data.stat().st_size != size * self.dtype.itemsize:
+                raise ValueError(f"{data}: missing or not the size its index says")
+        self.num_shards, self.num_tokens = first, state["num_tokens"]
+        self.num_documents = state["num_documents"]
+        open_bytes = state["open_tokens"] * self.dtype.itemsize
+        committed = self.split_dir / f"{shard_name(first)}.bin"
+        if not self._tmp_path().is_file() and committed.is_file():
+            os.replace(committed, self._tmp_path())
+        for path in self.split_dir.iterdir():  # later shards, stale temp files
+            if path != self._tmp_path() and (path.name[0] == "." or _shard_index(path) >= first):
+                path.unlink()
+        if not open_bytes:
+            self._tmp_path().unlink(missing_ok=True)
+            return
+        if not self._tmp_path().is_file() or self._tmp_path().stat().st_size < open_bytes:
+            raise ValueError(f"{self._tmp_path()}: shorter than {open_bytes} bytes")
+        self._file = open(self._tmp_path(), "r+b")  # noqa: SIM115 (closed in _finish)
+        self._file.truncate(open_bytes)
+        self._hash = hashlib.sha256()
+        while chunk := self._file.read(1 << 20):
+            self._hash.update(chunk)
+        self._shard_tokens_written = state["open_tokens"]
+        self._shard_documents = state["open_documents"]
+
     def __enter__(self) -> ShardWriter:
         return self
 
@@ -87,7 +148,8 @@ class ShardWriter:
             self.close()
         elif self._file is not None:
             self._file.close()
-            self._tmp_path().unlink(missing_ok=True)
+            if not self.resumable:
+                self._tmp_path().unlink(missing_ok=True)
 
     def _tmp_path(self) -> Path:
         return self.split_dir / f".{shard_name(self.num_shards)}.bin.tmp"
@@ -113,6 +175,13 @@ class ShardWriter:
         atomic_write_json(self.split_dir / f"{name}.json", index)
         self._file = None
         self.num_shards += 1
+
+
+def _shard_index(path: Path) -> int:
+    """The shard number in a shard's file name (data, index or temp file); -1 for other files."""
+    stem = path.name.removeprefix(".").split(".")[0]
+    number = stem.removeprefix(SHARD_PREFIX)
+    return int(number) if stem.startswith(SHARD_PREFIX) and number.isdigit() else -1
 
 
 class SampleOrder:
@@ -215,6 +284,13 @@ class TokenShards:
         """Non-overlapping windows of seq_len + 1 tokens (consecutive windows share one token)."""
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
+        if self.num_tokens == 0:
+            raise PipelineError(
+                f"{self.split_dir}: no documents in this split; the tokenize stage's source has "
+                f"too few documents to give both train and val one (it splits by document at "
+                f"val_fraction); give it more documents (a .txt source: separator blank_line or "
+                f"line) or more files"
+            )
         if self.num_tokens < seq_len + 1:
             raise PipelineError(
                 f"{self.split_dir}: has {self.num_tokens} tokens, needs at least seq_len+1 = "

@@ -7,19 +7,26 @@ a PipelineError naming the file (and line or byte offset), the problem and the f
 from __future__ import annotations
 
 import glob
-import gzip
-import io
-import json
 import os
 import sys
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from data_prep.tasks import GENERATOR_VERSION, ArithmeticTask, TaskBase, TaskConfig, task_documents
+from data_prep.text_files import (
+    COMPRESSIONS,
+    FORMATS,
+    PARQUET_BATCH_ROWS,
+    Separator,
+    file_documents,
+    file_format,
+    text_of,
+)
+from data_prep.text_files import jsonl_records as jsonl_records
 from pipeline.engine.config import StageConfig, Strict
 from pipeline.engine.errors import PipelineError
 
@@ -27,10 +34,7 @@ STDLIB = "builtin:python-stdlib"
 TASK = "builtin:task"
 ARITHMETIC = "builtin:arithmetic"  # shorthand for builtin:task with the default arithmetic task
 BUILTINS = (STDLIB, TASK, ARITHMETIC)
-FORMATS = (".txt", ".jsonl", ".parquet")
-COMPRESSIONS = (".gz", ".zst")
 HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
-PARQUET_BATCH_ROWS = 1024
 
 
 class UriConfig(Strict):
@@ -64,13 +68,37 @@ class SourceConfig(UriConfig):
     BUILTINS = BUILTINS
 
     text_field: str = "text"
+    separator: Separator = Field(
+        "blank_line",
+        description=".txt files: where one document ends; blank_line (an empty line), line "
+        "(every line end) or file (the whole file); a document over 4 MiB is cut at a line end",
+    )
     max_documents: int | None = Field(None, ge=1)
     max_bytes: int | None = Field(None, ge=1)
     repeat: int = Field(
         1,
         ge=1,
         description="copies of each train document in the token shards (upsamples this source in "
-        "a mixture); held-out documents are written once",
+        "a round-robin mixture); held-out documents are written once",
+    )
+    name: str | None = Field(
+        None,
+        pattern=r"^[\w.+-]+$",
+        description="what metrics call this source in a mixture (val_loss/<name>); default: the "
+        "uri's base name without suffixes (python-stdlib, the task's name, code for data/code/*.jsonl)",
+    )
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="mixtures: this source's share of the train tokens after packing (its tokens "
+        "with their end-of-document tokens), weight / sum of weights, held within 1 point over "
+        "any window of the tokenize summary's mixture_window_tokens; every source needs one",
+    )
+    on_exhausted: Literal["stop", "cycle"] = Field(
+        "stop",
+        description="weighted mixtures, when this source runs out: stop ends the mixture; cycle "
+        "reads it again from the start (epochs counted in the tokenize summary); a mixture of "
+        "cycling sources ends once every source was read to its end",
     )
     task: TaskConfig | None = Field(
         None, description="builtin:task: the task whose train problems are the text"
@@ -83,11 +111,27 @@ class SourceConfig(UriConfig):
     def _task_only_for_tasks(self) -> SourceConfig:
         if self.uri not in (TASK, ARITHMETIC) and (self.task or self.problems):
             raise ValueError(f"`task` and `problems` belong to {TASK} sources, not {self.uri}")
+        if self.uri in BUILTINS and self.separator != "blank_line":  # the default is dumped
+            raise ValueError(f"`separator` belongs to .txt file sources, not {self.uri}")
         return self
 
     def task_config(self) -> TaskBase:
         """The task of a builtin:task (or builtin:arithmetic) source."""
         return self.task or ArithmeticTask()
+
+    def default_name(self) -> str:
+        """The explicit name, else the uri's base name without format and compression suffixes."""
+        if self.name is not None:
+            return self.name
+        if self.uri in (TASK, ARITHMETIC):
+            return str(getattr(self.task_config(), "name", "task"))
+        if self.uri in BUILTINS:
+            return self.uri.removeprefix("builtin:")
+        parts = [p for p in Path(self.uri).parts if not glob.has_magic(p)]
+        base = parts[-1] if parts else "source"
+        for suffix in (*COMPRESSIONS, *FORMATS):
+            base = base.removesuffix(suffix) or base
+        return base
 
 
 def iter_documents(source: SourceConfig) -> Iterator[str]:
@@ -143,6 +187,10 @@ class SourceStageConfig(StageConfig):
         description="a source, or a list of sources mixed document by document"
     )
 
+    def check_inputs(self) -> None:
+        """Each file source yields a first document (exists, not empty, parses, is UTF-8)."""
+        probe_sources(self.source)
+
     @field_validator("source", mode="before")
     @classmethod
     def _as_list(cls, source: Any) -> Any:
@@ -153,10 +201,44 @@ class SourceStageConfig(StageConfig):
     def _not_empty(cls, source: list[SourceConfig]) -> list[SourceConfig]:
         if not source:
             raise ValueError("an empty list of sources; name at least one source")
+        weighted = [s.weight is not None for s in source]
+        if any(weighted) and len(source) < 2:
+            raise ValueError(
+                "`weight` needs a mixture (a list of two or more sources); remove it or add sources"
+            )
+        if any(weighted) and not all(weighted):
+            missing = ", ".join(str(i) for i, w in enumerate(weighted) if not w)
+            raise ValueError(
+                f"source {missing} has no `weight`; give every source of a weighted mixture one"
+            )
+        for i, s in enumerate(source):
+            if s.weight is not None and s.repeat != 1:
+                raise ValueError(
+                    f"source {i} has both `repeat` and `weight`; use weight alone (with "
+                    f"on_exhausted: cycle for a small source)"
+                )
+            if s.weight is None and s.on_exhausted != "stop":  # the default is dumped
+                raise ValueError(f"source {i}: `on_exhausted` belongs to weighted mixtures")
         return source
+
+    def source_names(self) -> list[str]:
+        """Each source's name in metrics; a repeated name gets -2, -3, ... appended."""
+        return unique_names([s.default_name() for s in self.source])
 
     def data_signature(self) -> dict[str, Any]:
         return {"sources": [source_signature(source) for source in self.source]}
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """`names` with a repeated name made unique by appending -2, -3, ..."""
+    out: list[str] = []
+    for name in names:
+        unique, count = name, 1
+        while unique in out:
+            count += 1
+            unique = f"{name}-{count}"
+        out.append(unique)
+    return out
 
 
 def mixed_documents(sources: list[SourceConfig]) -> Iterator[tuple[str, int]]:
@@ -164,15 +246,22 @@ def mixed_documents(sources: list[SourceConfig]) -> Iterator[tuple[str, int]]:
 
     Each source keeps its own max_documents / max_bytes; a source that runs out drops out of the
     rotation. Round-robin keeps every source present in any prefix (the tokenizer's sample).
+    Weights are the tokenize stage's (data_prep.mixture); here they are ignored.
     """
-    streams = [(iter_documents(source), source.repeat) for source in sources]
+    for doc, repeat, _ in tagged_documents(sources):
+        yield doc, repeat
+
+
+def tagged_documents(sources: list[SourceConfig]) -> Iterator[tuple[str, int, int]]:
+    """(document, repeat, index of its source) in the round-robin order of mixed_documents."""
+    streams = [(i, iter_documents(source), source.repeat) for i, source in enumerate(sources)]
     while streams:
         alive = []
-        for documents, repeat in streams:
+        for index, documents, repeat in streams:
             doc = next(documents, None)
             if doc is not None:
-                yield doc, repeat
-                alive.append((documents, repeat))
+                yield doc, repeat, index
+                alive.append((index, documents, repeat))
         streams = alive
 
 
@@ -185,7 +274,7 @@ def _raw_documents(source: SourceConfig) -> Iterator[str]:
         yield from _hf_documents(Path(source.uri), source.text_field)
     else:
         for path in _files(source.uri):
-            yield from _file_documents(path, source.text_field)
+            yield from file_documents(path, source.text_field, source.separator)
 
 
 def stdlib_root() -> Path:
@@ -229,136 +318,8 @@ def _files(uri: str) -> list[Path]:
             raise PipelineError(f"source {uri}: no such file; check the path")
         files = [path]
     for path in files:
-        _format(path)
+        file_format(path)
     return files
-
-
-def _format(path: Path) -> tuple[str, str]:
-    """(format suffix, compression suffix or '') of a data file."""
-    suffixes = path.suffixes[-2:]
-    compression = suffixes[-1] if suffixes and suffixes[-1] in COMPRESSIONS else ""
-    rest = suffixes[:-1] if compression else suffixes
-    fmt = rest[-1] if rest else ""
-    if fmt not in FORMATS:
-        raise PipelineError(
-            f"source {path}: unsupported file type; use {'/'.join(FORMATS)} "
-            f"(optionally {'/'.join(COMPRESSIONS)})"
-        )
-    return fmt, compression
-
-
-def _open(path: Path, compression: str) -> IO[bytes]:
-    if compression == ".gz":
-        return gzip.open(path, "rb")
-    if compression == ".zst":
-        import zstandard
-
-        return io.BufferedReader(zstandard.open(path, "rb"))  # buffered: adds line iteration
-    return open(path, "rb")
-
-
-def _decode(data: bytes, path: Path, offset: int, compression: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        where = f"byte offset {offset + exc.start}" + (
-            " after decompression" if compression else ""
-        )
-        raise PipelineError(
-            f"source {path}: not valid UTF-8 at {where} ({exc.reason}); re-encode the file as UTF-8"
-        ) from None
-
-
-def _file_documents(path: Path, text_field: str) -> Iterator[str]:
-    fmt, compression = _format(path)
-    try:
-        with _open(path, compression) as f:
-            if fmt == ".txt":
-                yield _decode(f.read(), path, 0, compression)
-            elif fmt == ".jsonl":
-                yield from _jsonl_documents(f, path, text_field, compression)
-            else:
-                yield from _parquet_documents(f, path, text_field, compression)
-    except (OSError, EOFError) as exc:
-        raise PipelineError(f"source {path}: cannot read ({exc}); check the file") from None
-
-
-def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) of each non-blank line of a .jsonl file, plain, .gz or .zst.
-
-    Bytes that are not UTF-8, bad JSON and unreadable files are one-line PipelineErrors.
-    """
-    compression = path.suffix if path.suffix in COMPRESSIONS else ""
-    try:
-        with _open(path, compression) as f:
-            yield from _json_lines(f, path, compression)
-    except (OSError, EOFError) as exc:
-        raise PipelineError(f"source {path}: cannot read ({exc}); check the file") from None
-
-
-def _json_lines(f: IO[bytes], path: Path, compression: str) -> Iterator[tuple[int, Any]]:
-    offset = 0
-    for number, raw in enumerate(f, start=1):
-        line = _decode(raw, path, offset, compression)
-        offset += len(raw)
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PipelineError(
-                f"source {path} line {number}: not valid JSON ({exc}); fix or remove the line"
-            ) from None
-
-
-def _jsonl_documents(f: IO[bytes], path: Path, text_field: str, compression: str) -> Iterator[str]:
-    for number, record in _json_lines(f, path, compression):
-        yield _field(record, text_field, f"source {path} line {number}")
-
-
-def _field(record: Any, text_field: str, where: str) -> str:
-    if not isinstance(record, dict):
-        raise PipelineError(f"{where}: expected a JSON object, got {type(record).__name__}; fix it")
-    if text_field not in record:
-        keys = ", ".join(sorted(map(str, record))) or "none"
-        raise PipelineError(
-            f"{where}: no field {text_field!r} (fields: {keys}); set source.text_field"
-        )
-    value = record[text_field]
-    if not isinstance(value, str):
-        raise PipelineError(
-            f"{where}: field {text_field!r} is {type(value).__name__}, not text; fix the data"
-        )
-    return value
-
-
-def _parquet_documents(
-    f: IO[bytes], path: Path, text_field: str, compression: str
-) -> Iterator[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    handle: Any = io.BytesIO(f.read()) if compression else f
-    try:
-        parquet = pq.ParquetFile(handle)
-    except pa.ArrowException as exc:
-        raise PipelineError(f"source {path}: not a Parquet file ({exc}); check the file") from None
-    columns = parquet.schema_arrow.names
-    if text_field not in columns:
-        raise PipelineError(
-            f"source {path}: no column {text_field!r} (columns: {', '.join(columns)}); "
-            f"set source.text_field"
-        )
-    row = 0
-    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
-        for value in batch.column(0).to_pylist():
-            row += 1
-            if not isinstance(value, str):
-                raise PipelineError(
-                    f"source {path} row {row}: column {text_field!r} is "
-                    f"{type(value).__name__}, not text; fix the data or set source.text_field"
-                )
-            yield value
 
 
 def _hf_documents(path: Path, text_field: str) -> Iterator[str]:
@@ -380,8 +341,22 @@ def _hf_documents(path: Path, text_field: str) -> Iterator[str]:
     column = loaded.select_columns([text_field])
     for row, batch in enumerate(column.iter(batch_size=PARQUET_BATCH_ROWS)):
         for i, value in enumerate(batch[text_field]):
-            yield _field(
+            yield text_of(
                 {text_field: value},
                 text_field,
                 f"source {path} row {row * PARQUET_BATCH_ROWS + i + 1}",
             )
+
+
+def probe_sources(sources: list[SourceConfig]) -> None:
+    """Read the first document of each non-built-in source; raises its PipelineError if any."""
+    for source in sources:
+        if source.uri in BUILTINS:
+            continue
+        try:
+            next(iter_documents(source), None)
+        except (OSError, ValueError) as exc:  # a library's reader (datasets) on a broken folder
+            problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise PipelineError(
+                f"source {source.uri}: cannot read it ({problem}); check the data or the path"
+            ) from None

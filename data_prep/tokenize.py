@@ -1,17 +1,20 @@
 """Stage kind `tokenize`: encode a source with the upstream tokenizer into train/val token shards.
 
-Documents are encoded in parallel worker processes (each loads the SentencePiece model once),
-in order, with an end-of-document token after each; a hash of the document index and the seed
-decides which split a document belongs to.
+Documents are encoded in parallel worker processes (data_prep.encode), in order, with an
+end-of-document token after each; a hash of the document index and the seed decides which split
+a document belongs to. A mixture of sources is round-robin, or weighted by train tokens
+(data_prep.mixture), and meta.json records which runs of val tokens came from which source. Shards are committed one at a time, and after each the
+stage records where in the document stream it stands, so a killed stage resumes after its last
+committed shard (skipping, not re-encoding, the documents before it) and ends byte-identical.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
+import os
+import shutil
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -19,17 +22,18 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from data_prep.encode import Encoder
+from data_prep.mixture import Item, Mixture, Stream, mixture_of
 from data_prep.shards import ShardWriter, token_dtype
-from data_prep.sources import SourceStageConfig, mixed_documents
+from data_prep.sources import SourceStageConfig
 from data_prep.tokenizer import EOS_ID, MODEL_FILE
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
-from pipeline.engine.manifest import atomic_write_json
+from pipeline.engine.manifest import atomic_write_json, sha256_file
 
 META_FILE = "meta.json"
+PROGRESS_FILE = "progress.json"
 SPLITS = ("train", "val")
-CHUNK_CHARS = 1 << 20
-CHUNK_DOCUMENTS = 4096
 Progress = Callable[..., Iterator[Any]]
 
 
@@ -50,7 +54,7 @@ def run(ctx: StageContext) -> None:
     if not model_path.is_file():
         raise PipelineError(f"{model_path}: missing; rerun the tokenizer stage")
     stats = tokenize_corpus(
-        mixed_documents(cfg.source),
+        mixture_of(cfg.source, cfg.source_names()),
         model_path,
         ctx.export_dir,
         seed=ctx.seed,
@@ -58,7 +62,17 @@ def run(ctx: StageContext) -> None:
         num_workers=cfg.num_workers,
         shard_tokens=cfg.shard_tokens,
         progress=ctx.progress,
+        resume_dir=ctx.checkpoint_dir / "tokens",
+        fingerprint=ctx.fingerprint,
     )
+    if cfg.val_fraction > 0 and stats["val_tokens"] == 0:
+        ctx.log.warning(
+            "val is empty: %d document(s) cannot be split into train and val; give the source "
+            "more documents (a .txt source: separator blank_line or line)",
+            stats["documents"],
+        )
+    if stats["resumed_documents"]:
+        ctx.log.info("resumed after %d documents in committed shards", stats["resumed_documents"])
     ctx.log.info(
         "%d documents -> %d train + %d val tokens (%.0f tokens/s)",
         stats["documents"],
@@ -66,6 +80,13 @@ def run(ctx: StageContext) -> None:
         stats["val_tokens"],
         stats["tokens_per_second"],
     )
+    for key in sorted(k for k in stats if k.startswith(("share/", "epochs/"))):
+        ctx.log.info("%s: %.4f", key, stats[key])
+    if "mixture_window_tokens" in stats:
+        ctx.log.info(
+            "every source's share is within 1 point of its weight over any %d train tokens",
+            stats["mixture_window_tokens"],
+        )
     ctx.write_summary(stats, headline="train_tokens")
 
 
@@ -76,7 +97,7 @@ def is_val_document(index: int, seed: int, val_fraction: float) -> bool:
 
 
 def tokenize_corpus(
-    documents: Iterable[str | tuple[str, int]],
+    documents: Iterable[Item] | Mixture,
     model_path: Path,
     out_dir: Path,
     seed: int = 0,
@@ -84,60 +105,166 @@ def tokenize_corpus(
     num_workers: int = 0,
     shard_tokens: int = 100_000_000,
     progress: Progress | None = None,
+    resume_dir: Path | None = None,
+    fingerprint: str = "",
 ) -> dict[str, Any]:
     """Encode documents (eos after each) into out_dir/{train,val}/ shards plus meta.json.
 
     A document given as (text, repeat) goes `repeat` times into train (upsampling) and once into
     val; which split it belongs to depends on its index only, so copies never straddle splits.
     With val_fraction > 0 and at least two documents, val gets at least one document: when the
-    hash picked none, the last document moves to val.
+    hash picked none, the last document moves to val. With `resume_dir`, shards are written there
+    and moved to out_dir at the end; a run killed midway and started again with the same
+    arguments (and `fingerprint`, which names the documents) continues after the last shard it
+    committed and ends with the same bytes. A Mixture of two or more sources is recorded in
+    meta.json under "mixture" (data_prep.mixture).
     """
     import sentencepiece as spm
 
     start = time.perf_counter()
+    mixture = documents if isinstance(documents, Mixture) else Stream(documents)
     vocab_size = spm.SentencePieceProcessor(model_file=str(model_path)).get_piece_size()
     dtype = token_dtype(vocab_size)
-    encoded = encode_chunks(_chunks(documents), model_path, dtype, num_workers)
-    if progress is not None:
-        encoded = progress(encoded, desc="tokenize")
-    num_documents = 0
-    with (
-        ShardWriter(out_dir / "train", dtype, shard_tokens) as train,
-        ShardWriter(out_dir / "val", dtype, shard_tokens) as val,
-    ):
-        held: tuple[np.ndarray, int] | None = None  # the latest train document, written late
-        for flat, lengths, repeats in encoded:
-            for tokens, repeat in zip(
-                np.split(flat, np.cumsum(lengths)[:-1]), repeats, strict=True
-            ):
-                if is_val_document(num_documents, seed, val_fraction):
-                    val.add(tokens)
-                else:
-                    if held is not None:
-                        _add(train, *held)
-                    held = (tokens, repeat)
-                num_documents += 1
-        if held is not None:
-            if val_fraction > 0 and val.num_documents == 0 and num_documents >= 2:
-                val.add(held[0])
-            else:
-                _add(train, *held)
-    if num_documents == 0:
+    work_dir = out_dir if resume_dir is None else resume_dir
+    key = {
+        "fingerprint": fingerprint,
+        "model_sha256": sha256_file(model_path),
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "shard_tokens": shard_tokens,
+    }
+    splitter = _Splitter(work_dir, dtype, shard_tokens, seed, val_fraction, key, resume_dir)
+    resumed = splitter.restore(mixture)
+    with Encoder(model_path, dtype, EOS_ID, num_workers) as encoder:
+        items = mixture.items(encoder.encode, resumed)
+        if progress is not None:
+            items = progress(items, desc="tokenize")
+        with splitter.train, splitter.val:
+            for tokens, repeat, source in items:
+                splitter.add(tokens, repeat, source)
+            splitter.finish()
+    if splitter.num_documents == 0:
         raise PipelineError("tokenize: the source has no documents (empty corpus); add text")
+    train, val = splitter.train, splitter.val
     splits = {
         name: {"num_tokens": writer.num_tokens, "num_documents": writer.num_documents}
         for name, writer in zip(SPLITS, (train, val), strict=True)
     }
     meta = {"vocab_size": vocab_size, "eos_id": EOS_ID, "dtype": dtype.name, "splits": splits}
+    stats: dict[str, Any] = {}
+    if len(mixture.names) > 1:
+        meta["mixture"] = mixture.record()
+        stats = mixture.summary()
+    if resume_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in SPLITS:
+            os.replace(resume_dir / name, out_dir / name)
+        shutil.rmtree(resume_dir)  # the progress record, and temp files a kill left behind
     atomic_write_json(out_dir / META_FILE, meta)
     elapsed = time.perf_counter() - start
-    total_tokens = train.num_tokens + val.num_tokens
+    new_tokens = train.num_tokens + val.num_tokens - splitter.resumed_tokens
     return {
         "train_tokens": train.num_tokens,
         "val_tokens": val.num_tokens,
-        "documents": num_documents,
-        "tokens_per_second": total_tokens / max(elapsed, 1e-9),
+        "documents": splitter.num_documents,
+        "resumed_documents": resumed,
+        "tokens_per_second": new_tokens / max(elapsed, 1e-9),
+        **stats,
     }
+
+
+class _Splitter:
+    """Sends each encoded document to the train or val writer, and (with a resume_dir) records
+    after each committed shard where in the document stream a restarted run may continue."""
+
+    def __init__(
+        self,
+        work_dir: Path,
+        dtype: np.dtype,
+        shard_tokens: int,
+        seed: int,
+        val_fraction: float,
+        key: dict[str, Any],
+        resume_dir: Path | None,
+    ) -> None:
+        resumable = resume_dir is not None
+        self.train = ShardWriter(work_dir / "train", dtype, shard_tokens, resumable)
+        self.val = ShardWriter(work_dir / "val", dtype, shard_tokens, resumable)
+        self.seed, self.val_fraction = seed, val_fraction
+        self.key = {**key, "dtype": dtype.name}
+        self.progress_path = None if resume_dir is None else resume_dir / PROGRESS_FILE
+        self.num_documents = 0
+        self.held: tuple[np.ndarray, int, int] | None = None  # the latest train document
+        self.saved = (0, 0)  # shards committed when progress was last recorded
+        self.resumed_tokens = 0
+        self.mixture: Mixture = Stream([])
+
+    def restore(self, mixture: Mixture) -> int:
+        """Take the recorded progress (and the mixture's state) if any; the documents to skip."""
+        self.mixture = mixture
+        if self.progress_path is not None:
+            self._restore()
+        self.resumed_tokens = self.train.num_tokens + self.val.num_tokens
+        return self.num_documents
+
+    def add(self, tokens: np.ndarray, repeat: int, source: int) -> None:
+        """Write document `num_documents` to its split (a train document one document late)."""
+        if is_val_document(self.num_documents, self.seed, self.val_fraction):
+            self.val.add(tokens)
+            self.mixture.count(source, "val", len(tokens))
+        else:
+            if self.held is not None:
+                _add(self.train, *self.held[:2])
+            if (self.train.num_shards, self.val.num_shards) != self.saved:
+                self._save()  # every document before this one is written; none is held
+            self.held = (tokens, repeat, source)
+            self.mixture.count(source, "train", len(tokens) * repeat)
+        self.num_documents += 1
+
+    def finish(self) -> None:
+        """Write the held document: to val when val would be empty, else to train."""
+        if self.held is not None:
+            tokens, repeat, source = self.held
+            if self.val_fraction > 0 and self.val.num_documents == 0 and self.num_documents >= 2:
+                self.val.add(tokens)
+                self.mixture.count(source, "train", -len(tokens) * repeat, documents=-1)
+                self.mixture.count(source, "val", len(tokens))
+            else:
+                _add(self.train, tokens, repeat)
+
+    def _save(self) -> None:
+        self.saved = (self.train.num_shards, self.val.num_shards)
+        if self.progress_path is not None:
+            state = {"train": self.train.state(), "val": self.val.state()}
+            progress = {
+                "key": self.key,
+                "next_document": self.num_documents,
+                "splits": state,
+                "mixture": self.mixture.state(),
+            }
+            atomic_write_json(self.progress_path, progress)
+
+    def _restore(self) -> None:
+        """Continue from the recorded progress when it is for these arguments; else start over."""
+        assert self.progress_path is not None
+        try:
+            progress = json.loads(self.progress_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            progress = {}
+        try:
+            if progress.get("key") != self.key:
+                raise ValueError("no progress recorded for these arguments")
+            self.train.resume(progress["splits"]["train"])
+            self.val.resume(progress["splits"]["val"])
+            self.mixture.restore(progress["mixture"])
+            self.num_documents = progress["next_document"]
+            self.saved = (self.train.num_shards, self.val.num_shards)
+        except (OSError, ValueError, KeyError):
+            train, val = self.train, self.val
+            for writer in (train, val):
+                shutil.rmtree(writer.split_dir)
+            self.train = ShardWriter(train.split_dir, train.dtype, train.shard_tokens, True)
+            self.val = ShardWriter(val.split_dir, val.dtype, val.shard_tokens, True)
 
 
 def _add(writer: ShardWriter, tokens: np.ndarray, repeat: int) -> None:
@@ -148,70 +275,3 @@ def _add(writer: ShardWriter, tokens: np.ndarray, repeat: int) -> None:
 def read_meta(export_dir: Path) -> dict[str, Any]:
     """The tokenize stage's meta.json (vocab_size, eos_id, dtype, per-split counts)."""
     return json.loads((Path(export_dir) / META_FILE).read_text(encoding="utf-8"))
-
-
-def _chunks(documents: Iterable[str | tuple[str, int]]) -> Iterator[tuple[list[str], list[int]]]:
-    """(documents, repeats) in groups of about CHUNK_CHARS characters (the unit of work)."""
-    chunk: list[str] = []
-    repeats: list[int] = []
-    size = 0
-    for item in documents:
-        doc, repeat = (item, 1) if isinstance(item, str) else item
-        chunk.append(doc)
-        repeats.append(repeat)
-        size += len(doc)
-        if size >= CHUNK_CHARS or len(chunk) >= CHUNK_DOCUMENTS:
-            yield chunk, repeats
-            chunk, repeats, size = [], [], 0
-    if chunk:
-        yield chunk, repeats
-
-
-def encode_chunks(
-    chunks: Iterable[tuple[list[str], list[int]]],
-    model_path: Path,
-    dtype: np.dtype,
-    num_workers: int = 0,
-) -> Iterator[tuple[np.ndarray, np.ndarray, list[int]]]:
-    """(flat tokens with eos after each document, per-document lengths, repeats) per chunk."""
-    import multiprocessing
-    import os
-
-    workers = num_workers or os.cpu_count() or 1
-    if workers == 1:
-        _init_worker(str(model_path), dtype.str)
-        for docs, repeats in chunks:
-            yield (*_encode_chunk(docs), repeats)
-        return
-    # apply_async with a bounded queue rather than imap: imap reads the whole input eagerly.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, _init_worker, (str(model_path), dtype.str)) as pool:
-        pending: deque[Any] = deque()
-        for docs, repeats in chunks:
-            pending.append((pool.apply_async(_encode_chunk, (docs,)), repeats))
-            if len(pending) >= 2 * workers:
-                result, repeats = pending.popleft()
-                yield (*result.get(), repeats)
-        while pending:
-            result, repeats = pending.popleft()
-            yield (*result.get(), repeats)
-
-
-_worker: dict[str, Any] = {}
-
-
-def _init_worker(model_path: str, dtype: str) -> None:
-    import sentencepiece as spm
-
-    _worker["sp"] = spm.SentencePieceProcessor(model_file=model_path)
-    _worker["dtype"] = np.dtype(dtype)
-
-
-def _encode_chunk(docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    ids = _worker["sp"].encode(docs, num_threads=1)
-    for doc_ids in ids:
-        doc_ids.append(EOS_ID)
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    total = int(lengths.sum())
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=_worker["dtype"], count=total)
-    return flat, lengths

@@ -14,10 +14,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from data_prep.sources import (
-    BUILTINS,
-    SourceConfig,
     SourceStageConfig,
-    iter_documents,
     mixed_documents,
 )
 from pipeline.engine.context import StageContext
@@ -49,24 +46,6 @@ class Config(SourceStageConfig):
     split_digits: bool = Field(
         False, description="every digit its own token (as in LLaMA); helps models learn arithmetic"
     )
-
-    def check_inputs(self) -> None:
-        """Each file source yields a first document (exists, not empty, parses, is UTF-8)."""
-        probe_sources(self.source)
-
-
-def probe_sources(sources: list[SourceConfig]) -> None:
-    """Read the first document of each non-built-in source; raises its PipelineError if any."""
-    for source in sources:
-        if source.uri in BUILTINS:
-            continue
-        try:
-            next(iter_documents(source), None)
-        except (OSError, ValueError) as exc:  # a library's reader (datasets) on a broken folder
-            problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise PipelineError(
-                f"source {source.uri}: cannot read it ({problem}); check the data or the path"
-            ) from None
 
 
 def run(ctx: StageContext) -> None:

@@ -97,6 +97,28 @@ def unigram_loss(train_counts: np.ndarray, val_tokens: np.ndarray) -> float:
     return float(-log_probs[val_tokens].mean())
 
 
+def window_losses(
+    model: PreTrainedModel,
+    windows: np.ndarray,
+    batch_size: int,
+    progress: BatchProgress | None = None,
+) -> np.ndarray:
+    """Next-token NLL (nats) of every target of windows (N, seq_len + 1): (N, seq_len) float64."""
+    import torch
+    import torch.nn.functional as F
+
+    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    losses = []
+    with torch.inference_mode():
+        for batch in progress(batches) if progress else batches:
+            tokens = torch.as_tensor(batch, dtype=torch.long, device=model.device)  # (B, T+1)
+            logits = model(tokens[:, :-1]).logits.float()  # (B, T, V)
+            targets = tokens[:, 1:]  # (B, T)
+            nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+            losses.append(nll.view_as(targets).double().cpu().numpy())
+    return np.concatenate(losses) if losses else np.zeros((0, windows.shape[1] - 1))
+
+
 def score_windows(
     model: PreTrainedModel,
     windows: np.ndarray,
@@ -104,21 +126,8 @@ def score_windows(
     progress: BatchProgress | None = None,
 ) -> tuple[float, int]:
     """Summed next-token NLL (nats) and target count over windows of shape (N, seq_len + 1)."""
-    import torch
-    import torch.nn.functional as F
-
-    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-    total_nll = 0.0
-    num_tokens = 0
-    with torch.inference_mode():
-        for batch in progress(batches) if progress else batches:
-            tokens = torch.as_tensor(batch, dtype=torch.long, device=model.device)  # (B, T+1)
-            logits = model(tokens[:, :-1]).logits.float()  # (B, T, V)
-            targets = tokens[:, 1:]  # (B, T)
-            nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-            total_nll += nll.item()
-            num_tokens += targets.numel()
-    return total_nll, num_tokens
+    losses = window_losses(model, windows, batch_size, progress)
+    return float(losses.sum()), losses.size
 
 
 def evaluate_model(
@@ -128,8 +137,14 @@ def evaluate_model(
     train_counts: np.ndarray,
     batch_size: int,
     progress: BatchProgress | None = None,
+    sources: tuple[list[str], np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """Validation loss, perplexity, bits per byte and the unigram baseline on the same targets."""
+    """Validation loss, perplexity, bits per byte and the unigram baseline on the same targets.
+
+    With `sources` (names, the source index of every target), also `val_loss/<name>` per source.
+    """
+    from eval.mixture import losses_by_source
+
     targets = windows[:, 1:].ravel()
     byte_lengths = token_byte_lengths(tokenizer)
     vocab_size = min(model.get_input_embeddings().num_embeddings, len(byte_lengths))
@@ -138,11 +153,12 @@ def evaluate_model(
             f"validation data has token id {int(targets.max())} but the model's vocabulary has "
             f"{vocab_size}; evaluate a model on data tokenized with its own tokenizer"
         )
-    total_nll, num_tokens = score_windows(model, windows, batch_size, progress)
+    losses = window_losses(model, windows, batch_size, progress)
+    total_nll, num_tokens = float(losses.sum()), losses.size
     num_bytes = int(byte_lengths[targets].sum())
     val_loss = total_nll / num_tokens
     baseline = unigram_loss(train_counts, targets)
-    return {
+    metrics = {
         "val_loss": val_loss,
         "perplexity": math.exp(val_loss),
         "bits_per_byte": total_nll / math.log(2) / num_bytes,
@@ -151,6 +167,10 @@ def evaluate_model(
         "num_tokens": num_tokens,
         "num_bytes": num_bytes,
     }
+    if sources is not None:
+        names, of_target = sources
+        metrics |= losses_by_source(losses, np.ones_like(losses, bool), of_target, names)
+    return metrics
 
 
 def greedy_samples(
@@ -235,12 +255,14 @@ class EvalData:
     def __init__(self, ctx: StageContext) -> None:
         from data_prep.shards import TokenShards
         from data_prep.tokenize import read_meta
+        from eval.mixture import val_runs
 
         self.stage = ctx.upstream("tokenize")
         self.vocab_size = read_meta(self.stage.export_dir)["vocab_size"]
         self.train_counts = TokenShards(self.stage.export_dir / "train").token_counts(
             self.vocab_size
         )
+        self.val_runs = val_runs(self.stage.export_dir)  # None: no mixture recorded
 
 
 def score_model(
@@ -254,6 +276,7 @@ def score_model(
         objective_for,
         objective_metrics,
     )
+    from eval.mixture import window_sources
 
     model, tokenizer = load_model(stage.export_dir, device)
     family = family_of(model.config.model_type)
@@ -267,8 +290,9 @@ def score_model(
     metrics: dict[str, Any] = {}
     samples: list[dict[str, Any]] = []
     if family == "causal":
+        sources = window_sources(data.val_runs, windows)
         metrics = evaluate_model(
-            model, tokenizer, windows, data.train_counts, config.batch_size, progress
+            model, tokenizer, windows, data.train_counts, config.batch_size, progress, sources
         )
         metrics["seq_len"] = seq_len
         scored, samples = score_causal(ctx, config, task, model, tokenizer, stage)

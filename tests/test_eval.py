@@ -246,3 +246,35 @@ def test_eval_stage_scores_every_model_and_writes_its_outputs(
     assert summary["metrics"]["val_loss"] == results["small"]["val_loss"]
     assert summary["metrics"]["other/val_loss"] == results["other"]["val_loss"]
     assert [row["step"] for row in read_metrics(run_dir / "eval")] == [0, 1]
+
+
+def test_evaluate_model_val_loss_per_source_of_a_mixture(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    from eval.mixture import target_sources
+
+    model = tiny_llama(vocab_size=len(tokenizer))
+    ids = tokenizer.encode(SAMPLE_TEXT * 20, add_special_tokens=False)
+    windows = np.array(ids[: 4 * 25]).reshape(4, 25)
+    train_counts = np.bincount(ids, minlength=len(tokenizer))
+    # val tokens [0, 30) from "code", [30, 70) from "prose", then "code" again
+    ends, owners = np.array([30, 70, 200]), np.array([0, 1, 0])
+    of_target = target_sources(ends, owners, len(windows), 24)
+    # targets of window i are val tokens 24 * i + 1 ... 24 * i + 24: here 29, 30, 69, 70
+    assert [of_target[1, 4], of_target[1, 5], of_target[2, 20], of_target[2, 21]] == [0, 1, 1, 0]
+
+    metrics = evaluate_model(
+        model, tokenizer, windows, train_counts, 3, sources=(["code", "prose"], of_target)
+    )
+
+    with torch.no_grad():
+        logits = model(torch.as_tensor(windows[:, :-1])).logits
+    nll = F.cross_entropy(
+        logits.flatten(0, 1), torch.as_tensor(windows[:, 1:]).flatten(), reduction="none"
+    ).view(4, 24)
+    positions = np.arange(4)[:, None] * 24 + 1 + np.arange(24)[None, :]
+    prose = torch.as_tensor((positions >= 30) & (positions < 70))
+    assert metrics["val_loss/prose"] == pytest.approx(nll[prose].mean().item(), rel=1e-5)
+    assert metrics["val_loss/code"] == pytest.approx(nll[~prose].mean().item(), rel=1e-5)
+    weighted = (metrics["val_loss/prose"] * 40 + metrics["val_loss/code"] * 56) / 96
+    assert weighted == pytest.approx(metrics["val_loss"], rel=1e-5)

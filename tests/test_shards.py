@@ -195,3 +195,48 @@ def test_tokenize_repeats_upsample_train_and_keep_val_single(
     assert all(train.count(d) == 1 for d in train if d.startswith("common"))
     assert len(val) == len(set(val)) and not set(val) & set(train)
     assert len(set(train)) + len(val) == 200
+
+
+@pytest.mark.parametrize("more_docs", [1, 9])
+def test_shard_writer_resumes_from_its_state(tmp_path: Path, more_docs: int) -> None:
+    """A writer given a recorded state drops what came after it (a committed shard, or a longer
+    temp file) and ends with the same files as a writer that never stopped."""
+    docs = np.array_split(np.random.default_rng(1).integers(0, 60_000, 5_000), 40)
+    with ShardWriter(tmp_path / "ref", np.uint16, 333) as writer:
+        for doc in docs:
+            writer.add(doc)
+    with pytest.raises(KeyboardInterrupt), ShardWriter(tmp_path / "x", np.uint16, 333, True) as w:
+        for doc in docs[:20]:
+            w.add(doc)
+        state = w.state()
+        for doc in docs[20 : 20 + more_docs]:  # 9 more documents commit the open shard
+            w.add(doc)
+        raise KeyboardInterrupt
+    assert (w.num_shards > state["num_shards"]) == (more_docs == 9) and state["open_tokens"]
+    resumed = ShardWriter(tmp_path / "x", np.uint16, 333, True)
+    resumed.resume(state)
+    with resumed:
+        for doc in docs[20:]:
+            resumed.add(doc)
+    ref, out = sorted((tmp_path / "ref").iterdir()), sorted((tmp_path / "x").iterdir())
+    assert [p.name for p in out] == [p.name for p in ref]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(ref, out, strict=True))
+    with pytest.raises(ValueError, match="missing or not the size its index says"):
+        ShardWriter(tmp_path / "x", np.uint16, 333, True).resume({**state, "num_shards": 99})
+
+
+def test_empty_split_names_the_real_cause(tmp_path: Path, model_path: Path) -> None:
+    """A 3,000-line text file splits into paragraphs, so val gets some; one whole-file document
+    cannot, and the empty val split says why rather than blaming seq_len."""
+    path = tmp_path / "input.txt"
+    paragraphs = ["\n".join(f"line {i + j} of the text" for j in range(5)) for i in range(500)]
+    path.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    assert len(path.read_text().splitlines()) == 500 * 6 - 1
+    split = iter_documents(SourceConfig(uri=str(path)))
+    tokenize_corpus(split, model_path, tmp_path / "a", num_workers=1)
+    assert read_meta(tmp_path / "a")["splits"]["val"]["num_documents"] >= 3
+    whole = iter_documents(SourceConfig(uri=str(path), separator="file"))
+    tokenize_corpus(whole, model_path, tmp_path / "b", num_workers=1)
+    val = TokenShards(tmp_path / "b" / "val")
+    with pytest.raises(PipelineError, match="too few documents .* separator blank_line"):
+        val.batch(0, 0, 0, 1, 2, 64)

@@ -36,8 +36,73 @@ def test_bare_string_and_relative_path(tmp_path: Path, monkeypatch: pytest.Monke
 def test_txt_one_document_per_file_sorted_glob(tmp_path: Path) -> None:
     for name, text in zip(["b.txt", "a.txt", "c.txt"], DOCS, strict=True):
         (tmp_path / name).write_text(text, encoding="utf-8")
-    assert docs(tmp_path / "*.txt") == [DOCS[1], DOCS[0], DOCS[2]]
-    assert docs(tmp_path / "b.txt") == [DOCS[0]]
+    assert docs(tmp_path / "*.txt", separator="file") == [DOCS[1], DOCS[0], DOCS[2]]
+    assert docs(tmp_path / "b.txt", separator="file") == [DOCS[0]]
+
+
+def test_txt_separators(tmp_path: Path) -> None:
+    path = tmp_path / "a.txt"
+    path.write_bytes("one\n  two\n\n\n\nthree 中文\n \nfour\n".encode())
+    assert docs(path) == ["one\n  two", "three 中文\n \nfour"]  # a line of spaces is text
+    assert docs(path, separator="blank_line") == docs(path)
+    assert docs(path, separator="line") == ["one", "  two", "three 中文", " ", "four"]
+    assert docs(path, separator="file") == [path.read_text(encoding="utf-8")]
+    with pytest.raises(ValueError, match="separator"):
+        SourceConfig.model_validate({"uri": "builtin:python-stdlib", "separator": "line"})
+    with pytest.raises(ValueError, match="blank_line"):
+        SourceConfig.model_validate({"uri": str(path), "separator": "paragraph"})
+
+
+def test_txt_crlf_and_no_trailing_newline(tmp_path: Path) -> None:
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"one\r\ntwo\r\n\r\n\r\nthree\r\n\r\nfour")
+    assert docs(path) == ["one\r\ntwo", "three", "four"]
+    assert docs(path, separator="line") == ["one", "two", "three", "four"]
+    path.write_bytes(b"a\n\nb")
+    assert docs(path) == ["a", "b"] and docs(path, separator="line") == ["a", "b"]
+    assert docs(path, separator="file") == ["a\n\nb"]
+
+
+def test_txt_document_spanning_read_chunks(tmp_path: Path) -> None:
+    """A paragraph larger than a read chunk is one document; one over the bound is cut at line
+    ends into pieces that fit and that join back to it."""
+    from data_prep.text_files import MAX_DOCUMENT_BYTES, READ_BYTES
+
+    line = "x = 1  # é 😀\n"
+    big = line * (2 * READ_BYTES // len(line.encode()))
+    huge = line * (2 * MAX_DOCUMENT_BYTES // len(line.encode()) + 7)
+    path = tmp_path / "a.txt.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write(f"head\n\n{big}\n{huge}\ntail")
+    out = docs(path)
+    assert out[:2] == ["head", big.removesuffix("\n")] and out[-1] == "tail"
+    pieces = out[2:-1]
+    assert len(pieces) == 3 and "".join(pieces) == huge.removesuffix("\n")
+    assert all(len(p.encode()) <= MAX_DOCUMENT_BYTES and p.endswith("\n") for p in pieces[:-1])
+    one_line = tmp_path / "line.txt"  # no line end to cut at: cut between characters
+    one_line.write_text("é" * MAX_DOCUMENT_BYTES, encoding="utf-8")
+    assert [len(p) for p in docs(one_line)] == [MAX_DOCUMENT_BYTES // 2] * 2
+
+
+def test_txt_reads_in_bounded_memory(tmp_path: Path) -> None:
+    """Streaming a file much larger than the read chunk allocates about one chunk at a time."""
+    import tracemalloc
+
+    from data_prep.text_files import READ_BYTES
+
+    path = tmp_path / "big.txt"
+    paragraph = ("A line of prose that goes on for a while. " * 16 + "\n") * 3 + "\n"
+    with path.open("w", encoding="utf-8") as f:
+        for _ in range(32 * READ_BYTES // len(paragraph)):
+            f.write(paragraph)
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in iter_documents(SourceConfig(uri=str(path))))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 32 * READ_BYTES // len(paragraph)
+    assert peak < 6 * READ_BYTES, f"peak {peak} bytes reading a {path.stat().st_size} byte file"
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz", ".zst"])
@@ -66,6 +131,9 @@ def test_parquet(tmp_path: Path) -> None:
     assert docs(tmp_path / "d.parquet", text_field="content") == texts
     with pytest.raises(PipelineError, match=r"no column 'text' \(columns: content, n\)"):
         docs(tmp_path / "d.parquet")
+    packed = zstandard.ZstdCompressor().compress((tmp_path / "d.parquet").read_bytes())
+    (tmp_path / "d.parquet.zst").write_bytes(packed)  # spilled to a temp file, read by batch
+    assert docs(tmp_path / "d.parquet.zst", text_field="content") == texts
 
 
 @pytest.mark.parametrize("as_dict", [False, True])
@@ -139,6 +207,16 @@ def test_non_utf8_names_file_and_offset(tmp_path: Path) -> None:
     (tmp_path / "bad.txt").write_bytes(b"hello \xff world")
     with pytest.raises(PipelineError, match=r"bad\.txt: not valid UTF-8 at byte offset 6"):
         docs(tmp_path / "bad.txt")
+    late = (b"ok " * 999 + b"\n\n") * 1000 + b"caf\xe9\n\nmore"  # past the first read chunks
+    (tmp_path / "late.txt").write_bytes(late)
+    offset = late.index(b"\xe9")
+    for separator in ("blank_line", "line", "file"):
+        with pytest.raises(PipelineError, match=rf"late\.txt: not valid UTF-8 at byte offset "
+                           rf"{offset} \(.*\); re-encode the file as UTF-8$"):  # fmt: skip
+            docs(tmp_path / "late.txt", separator=separator)
+    (tmp_path / "late.txt.gz").write_bytes(gzip.compress(late))
+    with pytest.raises(PipelineError, match=rf"offset {offset} after decompression"):
+        docs(tmp_path / "late.txt.gz")
     (tmp_path / "bad.jsonl").write_bytes(jsonl_bytes(["ok"]) + b'{"text": "\xc3("}\n')
     offset = len(jsonl_bytes(["ok"])) + len(b'{"text": "')
     with pytest.raises(
@@ -176,6 +254,26 @@ def test_signature_tracks_file_changes(tmp_path: Path) -> None:
     before = source_signature(cfg)
     path.write_text("one two")
     assert source_signature(cfg) != before
+
+
+def test_separator_is_in_the_fingerprint(tmp_path: Path) -> None:
+    """Changing a text source's separator makes the stages that read it stale."""
+    from pipeline.engine.config import validate_recipe
+    from pipeline.engine.graph import fingerprints
+
+    (tmp_path / "a.txt").write_text("one\n\ntwo\n")
+
+    def prints(separator: str) -> dict[str, str]:
+        source = {"uri": str(tmp_path / "a.txt"), "separator": separator}
+        stages = {
+            "tokenizer": {"kind": "tokenizer", "source": source},
+            "tokenize": {"kind": "tokenize", "after": ["tokenizer"], "source": source},
+        }
+        return fingerprints(validate_recipe({"name": "x", "stages": stages}))
+
+    blank, line = prints("blank_line"), prints("line")
+    assert blank == prints("blank_line")
+    assert all(blank[stage] != line[stage] for stage in ("tokenizer", "tokenize"))
 
 
 def test_post_training_jsonl_shares_the_source_reader(tmp_path: Path) -> None:

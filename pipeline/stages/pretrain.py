@@ -179,6 +179,12 @@ def workload(ctx: StageContext) -> tuple[Workload, BuiltModel]:
         describe=f"{cfg.model.arch} ({objective.name}): {counts['params'] / 1e6:.2f}M params",
         summary={**counts, "flops_per_token": flops_token},
     )
+    if meta.get("mixture") and objective.name in ("causal_lm", "moe_causal_lm"):
+        from eval.mixture import per_source_val_evaluator  # val_loss/<source> at each validation
+
+        work.evaluators.append(
+            per_source_val_evaluator(data_dir, seq_len, cfg.eval_batches * mb, mb, eos_id)
+        )
     if cfg.anneal_from is not None:
         work.anneal_from = anneal_checkpoint(ctx, cfg.anneal_from)
     if cfg.eval_task is not None:
