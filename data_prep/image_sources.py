@@ -1,5 +1,8 @@
 """Image sources in a fixed order: builtin:digits, an image folder with one subfolder per class,
-or a saved Hugging Face dataset directory; each image as uint8 [C, H, W] via `to_array`."""
+or a saved Hugging Face dataset directory; each image as uint8 [C, H, W] via `to_array`.
+
+Folders and HF datasets are read lazily, one image (or one HF batch) at a time, so the images
+stage holds a bounded number of decoded images whatever the dataset's size."""
 
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from pipeline.engine.errors import PipelineError
 
 DIGITS = "builtin:digits"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+HF_BATCH_ROWS = 64  # decoded images held at once
+HF_LABEL_BATCH_ROWS = 65536
 
 
 class ImageSourceConfig(UriConfig):
@@ -70,25 +75,32 @@ def _digits() -> tuple[list[str], Iterator[Item]]:
 
 
 def _folder(path: Path) -> tuple[list[str], Iterator[Item]]:
-    """An image folder: class = subfolder name (sorted); images sorted by path."""
+    """An image folder: class = subfolder name (sorted); images sorted by path, one class at a
+    time (only one class's file names are held)."""
     classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files = [
-        (file, label)
-        for label, name in enumerate(classes)
-        for file in sorted((path / name).rglob("*"))
-        if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    if not classes or not files:
+    found = [next(_image_files(path / name), None) is not None for name in classes]
+    if not any(found):
         raise PipelineError(
             f"source {path}: no images found (expected one subfolder per class holding "
             f"{'/'.join(IMAGE_SUFFIXES)} files); add images or fix the path"
         )
-    empty = sorted(set(classes) - {classes[label] for _, label in files})
-    if empty:
+    if not all(found):
         raise PipelineError(
-            f"source {path}: class folder {empty[0]!r} has no images; add images or remove it"
+            f"source {path}: class folder {classes[found.index(False)]!r} has no images; add "
+            f"images or remove it"
         )
-    return classes, ((_open_image(file), label, str(file)) for file, label in files)
+    return classes, _folder_items(path, classes)
+
+
+def _image_files(folder: Path) -> Iterator[Path]:
+    """The image files under one class folder, in directory order."""
+    return (f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+
+
+def _folder_items(path: Path, classes: list[str]) -> Iterator[Item]:
+    for label, name in enumerate(classes):
+        for file in sorted(_image_files(path / name)):
+            yield _open_image(file), label, str(file)
 
 
 def _open_image(path: Path) -> Any:
@@ -105,7 +117,9 @@ def _open_image(path: Path) -> Any:
 
 
 def _hf_dataset(path: Path, source: ImageSourceConfig) -> tuple[list[str], Iterator[Item]]:
-    """A saved HF dataset: images from image_field, labels from label_field (ClassLabel names)."""
+    """A saved HF dataset: images from image_field, labels from label_field (ClassLabel names).
+
+    The dataset stays memory-mapped Arrow; rows are decoded HF_BATCH_ROWS at a time."""
     import datasets
 
     loaded = datasets.load_from_disk(str(path))
@@ -123,23 +137,42 @@ def _hf_dataset(path: Path, source: ImageSourceConfig) -> tuple[list[str], Itera
                 f"set source.image_field / source.label_field"
             )
     feature = loaded.features[source.label_field]
-    raw_labels = loaded[source.label_field]
     if isinstance(feature, datasets.ClassLabel):
         classes, mapping = list(feature.names), {i: i for i in range(len(feature.names))}
     else:
-        if not all(isinstance(v, int) for v in raw_labels):
+        values = sorted(_label_values(loaded, source.label_field, path))
+        classes, mapping = [str(v) for v in values], {v: i for i, v in enumerate(values)}
+    return classes, _hf_items(loaded, source, mapping, path)
+
+
+def _label_values(loaded: Any, field: str, path: Path) -> set[int]:
+    """The distinct integer labels of a column, read a batch at a time."""
+    values: set[int] = set()
+    for batch in loaded.select_columns([field]).iter(batch_size=HF_LABEL_BATCH_ROWS):
+        if not all(isinstance(v, int) for v in batch[field]):
             raise PipelineError(
-                f"source {path}: column {source.label_field!r} must hold integer class labels; "
+                f"source {path}: column {field!r} must hold integer class labels; "
                 f"cast it to a ClassLabel"
             )
-        values = sorted(set(raw_labels))
-        classes, mapping = [str(v) for v in values], {v: i for i, v in enumerate(values)}
-    column = loaded.select_columns([source.image_field])
-    items = (
-        (row[source.image_field], mapping[raw_labels[i]], f"source {path} row {i}")
-        for i, row in enumerate(column)
-    )
-    return classes, items
+        values.update(batch[field])
+    return values
+
+
+def _hf_items(
+    loaded: Any, source: ImageSourceConfig, mapping: dict[int, int], path: Path
+) -> Iterator[Item]:
+    image_field, label_field = source.image_field, source.label_field
+    rows = loaded.select_columns(list(dict.fromkeys([image_field, label_field])))
+    index = 0
+    for batch in rows.iter(batch_size=HF_BATCH_ROWS):
+        for image, label in zip(batch[image_field], batch[label_field], strict=True):
+            if label not in mapping:
+                raise PipelineError(
+                    f"source {path} row {index}: label {label!r} is not one of the "
+                    f"{len(mapping)} classes; fix the row or drop it"
+                )
+            yield image, mapping[label], f"source {path} row {index}"
+            index += 1
 
 
 def to_array(image: Any, channels: int, size: int | None, where: str) -> np.ndarray:

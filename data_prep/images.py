@@ -18,18 +18,26 @@ Read with `ImageShards(export_dir, "train")`, which memory-maps the arrays
 shards in the same format with dtype float32 and normalisation "identity". Which split an image
 lands in is a hash of (seed, image index); batches are a pure function of (seed, step, rank), so
 resume is exact without loader state.
+
+Writing streams: each image is converted and appended to its split's files as it is read
+(`NpyWriter`), so memory holds one image whatever the dataset's size, and the files are byte for
+byte what `np.save` of the stacked arrays gives. An image folder's data signature comes from a
+cached listing that still stats every file (data_prep/image_listing.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 from pydantic import Field
 
+from data_prep.image_listing import folder_signature
 from data_prep.image_sources import DIGITS, ImageSourceConfig, read_source, to_array
 from data_prep.shards import SampleOrder
 from pipeline.engine.config import StageConfig
@@ -42,6 +50,7 @@ INDEX_FILE = "index.json"
 SPLITS = ("train", "val")
 UINT8_NORMALISATION = "x / 127.5 - 1"
 IDENTITY = "identity"
+HASH_CHUNK_BYTES = 1 << 16  # re-reading a written shard holds two chunks at once
 
 
 class Config(StageConfig):
@@ -61,16 +70,12 @@ class Config(StageConfig):
     )
 
     def data_signature(self) -> dict[str, Any]:
+        """A folder's file count and listing digest (data_prep/image_listing.py), or the uri."""
         path = Path(self.source.uri)
         if self.source.uri == DIGITS or not path.is_dir():
             return {"uri": self.source.uri}
-        return {
-            "files": [
-                [str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns]
-                for p in sorted(path.rglob("*"))
-                if p.is_file()
-            ]
-        }
+        listing = folder_signature(path)
+        return {"files": listing.files, "listing_sha256": listing.sha256}
 
     def check_inputs(self) -> None:
         """The source exists, holds images and its first image decodes (one image is read)."""
@@ -96,7 +101,7 @@ def run(ctx: StageContext) -> None:
 
 
 def prepare_images(cfg: Config, export_dir: Path, seed: int) -> dict[str, Any]:
-    """Read the source, split it, and write uint8 shards; returns the index."""
+    """Read the source, split it, and stream uint8 shards image by image; returns the index."""
     channels = cfg.channels or (1 if cfg.source.uri == DIGITS else 3)
     classes, items = read_source(cfg.source)
     if cfg.num_classes is not None and cfg.num_classes != len(classes):
@@ -104,25 +109,29 @@ def prepare_images(cfg: Config, export_dir: Path, seed: int) -> dict[str, Any]:
             f"source {cfg.source.uri}: has {len(classes)} classes, num_classes says "
             f"{cfg.num_classes}; fix num_classes or the data"
         )
-    images, labels = [], []
-    for image, label, where in items:
-        images.append(to_array(image, channels, cfg.image_size, where))
-        labels.append(label)
-        if images[-1].shape != images[0].shape:
-            raise PipelineError(
-                f"{where}: size {images[-1].shape[1:]} differs from the first image's "
-                f"{images[0].shape[1:]}; set image_size to resize every image"
-            )
-    data, targets = np.stack(images), np.asarray(labels, dtype=np.int64)
-    is_val = np.array([is_val_image(i, seed, cfg.val_fraction) for i in range(len(data))])
-    splits = {
-        split: save_split(export_dir, split, data[mask], targets[mask])
-        for split, mask in (("train", ~is_val), ("val", is_val))
-    }
+    writers: dict[str, SplitWriter] = {}
+    try:
+        for index, (image, label, where) in enumerate(items):
+            array = to_array(image, channels, cfg.image_size, where)
+            if not writers:
+                writers = {split: SplitWriter(export_dir, split, array.shape) for split in SPLITS}
+            elif array.shape != writers["train"].shape:
+                raise PipelineError(
+                    f"{where}: size {array.shape[1:]} differs from the first image's "
+                    f"{writers['train'].shape[1:]}; set image_size to resize every image"
+                )
+            split = "val" if is_val_image(index, seed, cfg.val_fraction) else "train"
+            writers[split].append(array, label)
+        if not writers:
+            raise PipelineError(f"source {cfg.source.uri}: holds no images; add images")
+        splits = {split: writers[split].close() for split in SPLITS}
+    finally:
+        for writer in writers.values():
+            writer.abort()
     if splits["train"]["count"] == 0:
         raise PipelineError(f"source {cfg.source.uri}: every image went to val; lower val_fraction")
     return write_index(
-        export_dir, list(data.shape[1:]), "uint8", UINT8_NORMALISATION, classes, splits,
+        export_dir, list(writers["train"].shape), "uint8", UINT8_NORMALISATION, classes, splits,
         source=cfg.source.uri,
     )  # fmt: skip
 
@@ -154,6 +163,78 @@ def save_split(
         "images_sha256": sha256_file(paths[0]),
         "labels_sha256": sha256_file(paths[1]),
     }
+
+
+class NpyWriter:
+    """An .npy file written row by row; the row count goes into the header at the end.
+
+    The bytes equal `np.save` of the stacked rows: numpy pads the header's first dimension to 21
+    digits, so the header written first (0 rows) and the final one have the same length."""
+
+    def __init__(self, path: Path, dtype: str, row_shape: tuple[int, ...]) -> None:
+        self.path, self.dtype, self.row_shape, self.rows = path, np.dtype(dtype), row_shape, 0
+        self.partial = path.with_name(f".{path.name}.partial")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file: BinaryIO | None = open(self.partial, "wb")  # noqa: SIM115
+        self.header_bytes = self.file.write(self._header())
+
+    def _header(self) -> bytes:
+        buffer = io.BytesIO()
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": (self.rows, *self.row_shape),
+        }
+        np.lib.format.write_array_header_1_0(buffer, header)
+        return buffer.getvalue()
+
+    def append(self, row: np.ndarray) -> None:
+        """Write one row (shape `row_shape`) after the previous ones."""
+        assert self.file is not None and row.shape == self.row_shape
+        self.file.write(np.ascontiguousarray(row, dtype=self.dtype).tobytes())
+        self.rows += 1
+
+    def close(self) -> str:
+        """Write the final header, move the file into place, and return its sha256."""
+        assert self.file is not None
+        header = self._header()
+        assert len(header) == self.header_bytes, "npy header length changed"
+        self.file.seek(0)
+        self.file.write(header)
+        self.file.close()
+        self.file = None
+        os.replace(self.partial, self.path)
+        return sha256_file(self.path, chunk_bytes=HASH_CHUNK_BYTES)
+
+    def abort(self) -> None:
+        """Drop an unfinished file (no-op after close)."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+            self.partial.unlink(missing_ok=True)
+
+
+class SplitWriter:
+    """`<split>_images.npy` and `<split>_labels.npy`, streamed one image at a time."""
+
+    def __init__(self, export_dir: Path, split: str, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+        self.images = NpyWriter(export_dir / f"{split}_images.npy", "uint8", shape)
+        self.labels = NpyWriter(export_dir / f"{split}_labels.npy", "<i8", ())
+
+    def append(self, image: np.ndarray, label: int) -> None:
+        self.images.append(image)
+        self.labels.append(np.asarray(label))
+
+    def close(self) -> dict[str, Any]:
+        """Finish both files; returns the split's index entry."""
+        count = self.images.rows
+        return {"count": count, "images_sha256": self.images.close(),
+                "labels_sha256": self.labels.close()}  # fmt: skip
+
+    def abort(self) -> None:
+        self.images.abort()
+        self.labels.abort()
 
 
 def write_index(

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests import helpers
 from tests.helpers import tiny_recipe, write_recipe
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Image listings (data_prep/image_listing.py) are cached in a temp dir, not ~/.cache."""
+    os.environ["PIPELINE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -189,7 +189,262 @@ def test_cli_reports_a_missing_folder_in_one_line(tmp_path: Path) -> None:
         "stages": {"images": {"kind": "images", "source": str(tmp_path / "nowhere")}},
     }
     result = cli("run", str(write_recipe(tmp_path / "r.yaml", recipe)))
-    assert result.returncode == 1
+    assert result.returncode == 2  # a bad input is found before anything runs (checks.py)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no such image folder" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Images at scale: streaming writes, bounded memory, the cached folder listing
+
+
+def _stacked_reference(cfg: Config, out: Path, seed: int) -> None:
+    """The in-memory path the images stage used before streaming: stack, mask, np.save."""
+    from data_prep.image_sources import read_source, to_array
+    from data_prep.images import is_val_image
+
+    channels = cfg.channels or (1 if cfg.source.uri == "builtin:digits" else 3)
+    _, items = read_source(cfg.source)
+    rows = [
+        (to_array(image, channels, cfg.image_size, where), label) for image, label, where in items
+    ]
+    data = np.stack([array for array, _ in rows])
+    labels = np.asarray([label for _, label in rows], dtype=np.int64)
+    is_val = np.array([is_val_image(i, seed, cfg.val_fraction) for i in range(len(data))])
+    out.mkdir(parents=True)
+    for split, mask in (("train", ~is_val), ("val", is_val)):
+        np.save(out / f"{split}_images.npy", np.ascontiguousarray(data[mask]))
+        np.save(out / f"{split}_labels.npy", np.ascontiguousarray(labels[mask], dtype=np.int64))
+
+
+def _pets(folder: Path) -> Path:
+    """Two classes, odd sizes, a nested folder whose name sorts differently by string and by
+    path parts ('a-b' < 'a/b' as text, 'a' < 'a-b' as parts)."""
+    for i in range(5):
+        _png(folder / "cat" / f"{i}.png", (20 + i, 16), (200, 10 + 40 * i, 10))
+        _png(folder / "dog" / f"{i}.jpg", (12, 30), (10, 10 + 30 * i, 200))
+    _png(folder / "dog" / "a" / "b.png", (9, 9), (1, 2, 3))
+    _png(folder / "dog" / "a-b.png", (9, 9), (4, 5, 6))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"image_size": 8, "val_fraction": 0.3},
+        {"image_size": 6, "val_fraction": 0.0, "channels": 1},
+        {"source": "builtin:digits", "val_fraction": 0.2},
+    ],
+    ids=["folder", "folder-no-val", "digits"],
+)
+def test_streamed_images_are_byte_identical_to_the_stacked_path(
+    tmp_path: Path, config: dict
+) -> None:
+    cfg = Config.model_validate(
+        {"kind": "images", "source": str(_pets(tmp_path / "pets")), **config}
+    )
+    streamed, stacked = tmp_path / "streamed", tmp_path / "stacked"
+    index = prepare_images(cfg, streamed, seed=7)
+    _stacked_reference(cfg, stacked, seed=7)
+    for name in ("train_images", "train_labels", "val_images", "val_labels"):
+        assert (streamed / f"{name}.npy").read_bytes() == (stacked / f"{name}.npy").read_bytes()
+    assert sorted(p.name for p in streamed.iterdir()) == sorted(
+        ["index.json", "train_images.npy", "train_labels.npy", "val_images.npy", "val_labels.npy"]
+    )  # no partial files left behind
+    for split in ("train", "val"):
+        assert index["splits"][split]["count"] == len(np.load(stacked / f"{split}_labels.npy"))
+
+
+def test_writing_a_large_image_folder_keeps_memory_bounded(tmp_path: Path) -> None:
+    import tracemalloc
+
+    folder, count, side = tmp_path / "big", 400, 48
+    for i in range(count):
+        _png(folder / f"c{i % 4}" / f"{i:04d}.png", (side, side), (i % 256, 7 * i % 256, 99))
+    pixel_bytes = count * 3 * side * side  # 2.8 MB of uint8 pixels in the shards
+    tracemalloc.start()
+    try:
+        _prepare(tmp_path, source=str(folder), val_fraction=0.1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    shards = ImageShards(tmp_path / "export_0", "train")
+    assert len(shards) + len(ImageShards(tmp_path / "export_0", "val")) == count
+    # Holding the images (as the stacked path did, twice over) would need > pixel_bytes.
+    assert peak < pixel_bytes / 4, f"peak {peak} bytes for {pixel_bytes} bytes of pixels"
+
+
+def test_hf_images_stream_in_batches_in_row_order(tmp_path: Path) -> None:
+    import datasets
+    from PIL import Image
+
+    from data_prep.image_sources import HF_BATCH_ROWS
+
+    rows = 2 * HF_BATCH_ROWS + 5
+    values = [10, 20, 30]
+    data = {
+        "image": [Image.new("L", (4, 4), i % 256) for i in range(rows)],
+        "label": [values[i % 3] for i in range(rows)],
+    }
+    datasets.Dataset.from_dict(data).save_to_disk(str(tmp_path / "hf"))
+    out = _prepare(tmp_path, source=str(tmp_path / "hf"), channels=1, val_fraction=0.0)
+    images, labels = ImageShards(out, "train").arrays()
+    assert ImageShards(out, "train").classes == ["10", "20", "30"]
+    assert list(labels) == [i % 3 for i in range(rows)]
+    pixels = np.rint((images[:, 0, 0, 0] + 1) * 127.5).astype(int)
+    assert list(pixels) == [i % 256 for i in range(rows)]
+
+
+def _age(folder: Path, seconds: float = 60.0) -> None:
+    """Date every directory under `folder` back, as for a dataset written a while ago."""
+    import os
+    import time
+
+    past = time.time() - seconds
+    for path in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        os.utime(path, (past, past))
+
+
+def _small_folder(folder: Path) -> Path:
+    """Three classes of three 4x4 BMPs (a BMP's size depends only on its shape), dated back."""
+    from PIL import Image
+
+    for name in ("a", "b", "c"):
+        for i in range(3):
+            (folder / name).mkdir(parents=True, exist_ok=True)
+            Image.new("L", (4, 4), 40 * i).save(folder / name / f"{i}.bmp")
+    _age(folder)
+    return folder
+
+
+def test_images_listing_cache_lists_only_changed_directories(tmp_path: Path) -> None:
+    from data_prep.image_listing import folder_signature
+
+    folder, cache = _small_folder(tmp_path / "data"), tmp_path / "cache" / "listing.json"
+    first = folder_signature(folder, cache)
+    assert (first.files, first.dirs_listed) == (9, 4) and cache.is_file()
+    second = folder_signature(folder, cache)
+    assert second == type(first)(9, first.sha256, 0)  # nothing listed again
+    _png(folder / "b" / "new.png", (4, 4), (0, 0, 0))
+    third = folder_signature(folder, cache)
+    assert (third.files, third.dirs_listed) == (10, 1) and third.sha256 != first.sha256
+    # Without a cache the same folder gives the same signature.
+    fresh = folder_signature(folder, tmp_path / "other.json")
+    assert (fresh.sha256, fresh.dirs_listed) == (third.sha256, 4)
+
+
+@pytest.fixture
+def stage_logging_removed() -> object:
+    """A stage run in this process points the `pipeline` logger at its stage.log; undo that."""
+    import logging
+
+    yield
+    for name in ("pipeline", "py.warnings"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
+    logging.captureWarnings(False)
+
+
+def test_images_stage_goes_stale_on_added_removed_and_in_place_changed_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage_logging_removed: object
+) -> None:
+    import os
+
+    from data_prep.image_listing import cache_path, folder_signature
+    from pipeline.engine.config import validate_recipe
+    from pipeline.engine.graph import plan
+    from pipeline.engine.runner import run_recipe
+
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+    folder = _small_folder(tmp_path / "data")
+    outside = tmp_path / "linked"  # a class folder that is a symlink is followed
+    _png(outside / "0.png", (4, 4), (9, 9, 9))
+    (folder / "d").symlink_to(outside)
+    _age(folder)
+    _age(outside)
+    recipe = validate_recipe(
+        {
+            "name": "imgs",
+            "run_dir": str(tmp_path / "run"),
+            "tracking": {"mode": "disabled"},
+            "stages": {"images": {"kind": "images", "source": str(folder), "val_fraction": 0}},
+        }
+    )
+
+    def stale() -> tuple[bool, str]:
+        step = plan(recipe)[0]
+        return step.run, step.reason
+
+    def rerun() -> None:
+        run_recipe(recipe)
+        assert stale() == (False, "up to date")
+
+    rerun()
+    assert cache_path(folder).is_file()
+    _png(folder / "a" / "added.png", (4, 4), (1, 1, 1))
+    assert stale() == (True, "config or upstream changed")
+    rerun()
+    (folder / "c" / "1.bmp").unlink()
+    assert stale() == (True, "config or upstream changed")
+    rerun()
+    _png(outside / "1.png", (4, 4), (2, 2, 2))
+    assert stale() == (True, "config or upstream changed")
+    rerun()
+    # In place: same size, new content and mtime; the directory's stamp does not change.
+    _age(folder)
+    folder_signature(folder)
+    target, before = folder / "b" / "2.bmp", (folder / "b").stat()
+    old = target.stat()
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(old.st_atime_ns, old.st_mtime_ns + 10**9))
+    assert target.stat().st_size == old.st_size
+    assert (folder / "b").stat().st_mtime_ns == before.st_mtime_ns
+    assert folder_signature(folder).dirs_listed == 0
+    assert stale() == (True, "config or upstream changed")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["garbage", "truncated", "empty", "edited-body", "forged-missing-file", "other-root"],
+)
+def test_images_corrupted_listing_cache_is_rebuilt_never_trusted(
+    tmp_path: Path, damage: str
+) -> None:
+    import hashlib
+    import json
+
+    from data_prep.image_listing import folder_signature
+
+    folder, cache = _small_folder(tmp_path / "data"), tmp_path / "listing.json"
+    folder_signature(folder, cache)
+    _png(folder / "a" / "extra.png", (4, 4), (5, 5, 5))
+    _age(folder)
+    truth = folder_signature(folder, tmp_path / "fresh.json")
+    folder_signature(folder, cache)  # the cache now lists extra.png
+    head, _, body = cache.read_bytes().partition(b"\n")
+    data = json.loads(body)
+    if damage == "garbage":
+        cache.write_bytes(b"\x00\xffnot a listing")
+    elif damage == "truncated":
+        cache.write_bytes(cache.read_bytes()[: len(head) + 40])
+    elif damage == "empty":
+        cache.write_bytes(b"")
+    elif damage == "edited-body":  # hides a file but keeps the old checksum
+        data["dirs"]["a"][1].remove("extra.png")
+        cache.write_bytes(head + b"\n" + json.dumps(data).encode())
+    else:
+        if damage == "forged-missing-file":  # a valid checksum over a name that is gone
+            data["dirs"]["a"][1].append("gone.png")
+        else:
+            data["root"] = str(tmp_path / "elsewhere")
+        forged = json.dumps(data).encode()
+        checksum = hashlib.sha256(forged).hexdigest()
+        cache.write_bytes(f"image-listing/1 {checksum}\n".encode() + forged)
+    again = folder_signature(folder, cache)
+    assert (again.files, again.sha256, again.dirs_listed) == (truth.files, truth.sha256, 4)
+    assert folder_signature(folder, cache).dirs_listed == 0  # rebuilt and trusted again
