@@ -54,7 +54,7 @@ def is_true(node: ast.expr | None) -> bool:
 # Loads of files this process wrote itself a moment before, never a file a user handed in:
 # (file, text in the call) -> why weights_only=True cannot be used there.
 OWN_FILES = {
-    ("pipeline/train/distributed.py", "optimizer_state.pt"): "ds_to_universal's output of the "
+    ("pipeline/train/checkpoint.py", "optimizer_state.pt"): "ds_to_universal's output of the "
     "run's own checkpoint, converted in the same call; DeepSpeed pickles its own objects in it",
 }
 

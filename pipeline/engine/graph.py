@@ -6,8 +6,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pipeline.engine.config import Recipe, topo_order
+from pipeline.engine.config import Recipe, StageConfig, topo_order
 from pipeline.engine.errors import RecipeError
 from pipeline.engine.manifest import read_manifest, verify_outputs
 from pipeline.engine.schema_errors import suggest
@@ -26,17 +27,22 @@ def downstream(recipe: Recipe, roots: set[str]) -> set[str]:
 
 
 def fingerprints(recipe: Recipe) -> dict[str, str]:
-    """Hash of each stage's kind, resolved config, launch shape, seed and upstream fingerprints."""
+    """Hash of each stage's kind, resolved config, launch shape, seed and upstream fingerprints.
+
+    A training stage that resumes across world sizes hashes its global batch, not the ranks,
+    micro batch and accumulation that make it: 2 ranks x 8 and 1 rank x 16 are one stage.
+    """
     result: dict[str, str] = {}
     for name in topo_order(recipe):
         cfg = recipe.stages[name]
         launch = recipe.launch_for(name)
+        config = cfg.model_dump(mode="json", exclude={"after", "launch", "slurm", *_unhashed(cfg)})
         payload = {
             "version": FINGERPRINT_VERSION,
             "kind": cfg.kind,
-            "config": cfg.model_dump(mode="json", exclude={"after", "launch", "slurm"}),
+            "config": config,
             "data": cfg.data_signature(),
-            "world_size": launch.nproc * launch.nnodes,
+            **_batch_shape(cfg, config, launch.nproc * launch.nnodes),
             "launch": launch.model_dump(exclude={"nproc", "nnodes"}) if cfg.distributed else {},
             "seed": recipe.seed,
             "upstream": {dep: result[dep] for dep in sorted(cfg.after)},
@@ -46,6 +52,27 @@ def fingerprints(recipe: Recipe) -> dict[str, str]:
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         result[name] = hashlib.sha256(blob).hexdigest()[:16]
     return result
+
+
+def _unhashed(cfg: StageConfig) -> set[str]:
+    """Fields that change how a stage runs, not what it computes (marked
+    `json_schema_extra={"fingerprint": False}`): switching them keeps the stage and its checkpoints."""
+    fields = type(cfg).model_fields.items()
+    return {
+        k
+        for k, f in fields
+        if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("fingerprint") is False
+    }
+
+
+def _batch_shape(cfg: StageConfig, config: dict[str, Any], world_size: int) -> dict[str, int]:
+    """The world-size part of a fingerprint: the global batch for a stage whose checkpoints
+    resume on any number of ranks (`elastic_resume`: its batches depend on the step and the
+    global batch only), taking its factors out of `config`; the world size for every other."""
+    if not getattr(cfg, "elastic_resume", False):
+        return {"world_size": world_size}
+    micro, accum = config.pop("micro_batch_size"), config.pop("grad_accum_steps")
+    return {"global_batch": world_size * micro * accum}
 
 
 @dataclass(frozen=True)

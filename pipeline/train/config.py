@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -43,8 +43,19 @@ class TrainingConfig(Strict):
 class LoopConfig(TrainingConfig):
     """What our own loop adds: compilation, in-loop validation and the stability guards."""
 
+    # Batches are a function of (seed, step) at a fixed global batch and checkpoints reshard on
+    # load, so the fingerprint covers the global batch, not world size x micro batch x accum.
+    elastic_resume: ClassVar[bool] = True
+
     compile: bool = Field(False, description="torch.compile the model (inductor)")
     eval_every: int = Field(50, ge=1, description="optimizer steps between validation passes")
+    checkpoint_async: bool = Field(
+        False,
+        description="FSDP: write checkpoints in the background (torch.distributed.checkpoint "
+        "async_save) while training goes on; a checkpoint counts once its write completes and "
+        "the final or preemption one is synchronous; other engines always save synchronously",
+        json_schema_extra={"fingerprint": False},  # how checkpoints are written, not what
+    )
     eval_batches: int = Field(4, ge=1, description="validation micro batches per rank")
     max_bad_steps: int = Field(
         3,

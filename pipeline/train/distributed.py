@@ -228,3 +228,99 @@ def reshard(model: Any) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+# How a checkpoint directory (Accelerate's save_state) holds the model, by engine.
+DEEPSPEED_TAG = "pytorch_model"  # DeepSpeed's ZeRO files under this tag
+FSDP_MODEL_DIR, FSDP_OPTIMIZER_DIR = "pytorch_model_fsdp_0", "optimizer_0"  # DCP shards
+
+
+def engine_layout(accelerator: Accelerator) -> str:
+    """How this launch saves the model: "deepspeed", "fsdp" (DCP shards) or "full" (one file)."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    return "fsdp" if kind == DistributedType.FSDP else "full"
+
+
+def checkpoint_layout(path: Path) -> str:
+    """How the checkpoint at `path` holds the model (see engine_layout)."""
+    if (path / DEEPSPEED_TAG).is_dir():
+        return "deepspeed"
+    return "fsdp" if (path / FSDP_MODEL_DIR).is_dir() else "full"
+
+
+def load_resharded(accelerator: Accelerator, path: Path) -> None:
+    """Load a checkpoint whose layout (full tensors or FSDP2 shards) is not this launch's: model
+    and optimizer through torch's state-dict API (DCP reshards the shards it reads), then the
+    registered objects (schedule, EMA) and this rank's RNG state as Accelerate saved them."""
+    from accelerate.checkpointing import load_accelerator_state, load_custom_state
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model, optimizer = accelerator._models[0], plain_optimizer(accelerator._optimizers[0])
+    if checkpoint_layout(path) == "fsdp":
+        import torch.distributed.checkpoint as dcp
+
+        model_state = {"model": get_model_state_dict(model)}
+        dcp.load(model_state, checkpoint_id=str(path / FSDP_MODEL_DIR))
+        set_model_state_dict(model, model_state["model"])
+        optim_state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(optim_state, checkpoint_id=str(path / FSDP_OPTIMIZER_DIR))
+        set_optimizer_state_dict(model, optimizer, optim_state["optimizer"])
+    else:
+        full = StateDictOptions(full_state_dict=True)
+        module = accelerator.unwrap_model(model)
+        set_model_state_dict(model, _full_model_state(module, path), options=full)
+        optim_state = _full_optimizer_state(module, optimizer, path)
+        set_optimizer_state_dict(model, optimizer, optim_state, options=full)
+    load_accelerator_state(str(path), [], [], [], [], accelerator.process_index)
+    for index, obj in enumerate(accelerator._custom_objects):
+        load_custom_state(obj, str(path), index)
+
+
+def plain_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside Accelerate's wrapper."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _full_model_state(module: Any, path: Path) -> dict[str, Any]:
+    """The saved full state dict by parameter name, with the tied names safetensors left out."""
+    from safetensors.torch import load_file
+
+    saved = {k.removeprefix("module."): v for k, v in load_file(path / "model.safetensors").items()}
+    aliases: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    for names in aliases.values():
+        present = [n for n in names if n in saved]
+        saved.update({n: saved[present[0]] for n in names if present and n not in saved})
+    return saved
+
+
+def _full_optimizer_state(module: Any, optimizer: Any, path: Path) -> dict[str, Any]:
+    """The saved optimizer state keyed by parameter name instead of position: the optimizer was
+    built the same way, so position k of the saved groups is position k of this one's."""
+    import torch
+
+    saved = torch.load(path / "optimizer.bin", map_location="cpu", weights_only=True)
+    names = {id(param): name for name, param in module.named_parameters()}
+    ours = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    theirs = [i for group in saved["param_groups"] for i in group["params"]]
+    by_id = dict(zip(theirs, ours, strict=True))
+    return {
+        "state": {by_id[i]: state for i, state in saved["state"].items()},
+        "param_groups": [
+            {**group, "params": [by_id[i] for i in group["params"]]}
+            for group in saved["param_groups"]
+        ],
+    }

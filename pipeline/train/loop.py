@@ -117,7 +117,7 @@ class _Loop:
 
     def _resume(self) -> int:
         """Load the newest checkpoint of this configuration; the step to continue from (0: none)."""
-        from pipeline.train.checkpoint import latest_checkpoint
+        from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
 
         ctx, global_batch = self.ctx, self.shape.global_batch
         found = latest_checkpoint(ctx.checkpoint_dir, ctx.fingerprint) or self.anneal
@@ -130,12 +130,14 @@ class _Loop:
                 f"{meta['global_batch']} {self.work.item}, this launch gives {global_batch}; keep "
                 f"nproc*micro_batch_size*grad_accum_steps equal to resume, or rerun with --force"
             )
-        self.accelerator.load_state(str(path))
+        load_checkpoint(self.accelerator, path, meta, ctx.name)  # resharded if other ranks wrote it
         if self.spikes is not None:
             self.spikes.load(meta.get("spike"))
         where = path.name if path.parent == ctx.checkpoint_dir else path  # annealing: another's
-        ctx.log.info("resuming from %s (step %d)", where, meta["step"])
-        self._check_continuity(path.name, int(meta["step"]), meta.get("probe_loss"))
+        saved_world = int(meta.get("world_size", self.world))
+        ctx.log.info("resuming from %s (step %d, %d ranks)", where, meta["step"], saved_world)
+        if saved_world == self.world:  # the probe's batch and randomness are per rank
+            self._check_continuity(path.name, int(meta["step"]), meta.get("probe_loss"))
         return int(meta["step"])
 
     def _check_continuity(self, name: str, step: int, saved: float | None) -> None:
@@ -213,10 +215,13 @@ class _Loop:
                     "world_size": self.world, "probe_loss": self.measure.probe_loss(done)}  # fmt: skip
             if self.spikes is not None:
                 meta["spike"] = self.spikes.state()
+            started = time.perf_counter()  # the last (or preemption) save waits for every write
             save_checkpoint(
                 self.accelerator, self.ctx.checkpoint_dir, done, meta, cfg.keep_checkpoints,
                 config=self.ctx.config.model_dump(mode="json"),
+                asynchronous=cfg.checkpoint_async and not (final or stopping),
             )  # fmt: skip
+            tracker.log({"train/checkpoint_blocked_s": time.perf_counter() - started}, step=done)
         if stopping:
             raise Preempted(
                 f"stages.{self.ctx.name}: preempted after step {done}; checkpoint saved, "
@@ -234,10 +239,15 @@ class _Loop:
     def _rollback(self, step: int, loss: float, tracker: Tracker) -> None:
         """A loss spike at `step`: reload the newest checkpoint before the batches to skip and
         replay from it without them (or, with no such checkpoint, leave this step out)."""
-        from pipeline.train.checkpoint import latest_checkpoint
+        from pipeline.train.checkpoint import (
+            latest_checkpoint,
+            load_checkpoint,
+            wait_for_checkpoint,
+        )
 
         spikes, ctx, done = self.spikes, self.ctx, step + 1
         assert spikes is not None
+        wait_for_checkpoint()  # a pending asynchronous save may be the one to go back to
         skipped = spikes.plan(step, loss, ctx.name)
         found = latest_checkpoint(ctx.checkpoint_dir, ctx.fingerprint, max_step=skipped.start)
         event, message = spikes.rolled_back(step, loss, skipped, found)
@@ -247,7 +257,7 @@ class _Loop:
         if found is None:
             self._leave_out(tracker, done)
             return
-        self.accelerator.load_state(str(found[0]))
+        load_checkpoint(self.accelerator, found[0], found[1], ctx.name)
         spikes.load(found[1].get("spike"), history_only=True)
         spikes.rescale(self.scheduler)
         self.nonfinite.streak, self.next_step = 0, int(found[1]["step"])
@@ -276,12 +286,13 @@ class _Loop:
 
     def _skip(self, tracker: Tracker, done: int) -> None:
         """Leave out the update of a non-finite step; stop after max_bad_steps in a row."""
-        from pipeline.train.checkpoint import latest_checkpoint
+        from pipeline.train.checkpoint import latest_checkpoint, wait_for_checkpoint
 
         tracker.log(self.nonfinite.skipped(), step=done)
         self.ctx.log.warning("step %d: non-finite loss or gradient norm; update skipped", done)
         deepspeed = self.launch.engine == "deepspeed"  # DeepSpeed stepped inside backward()
         if self.nonfinite.exhausted() or deepspeed:
+            wait_for_checkpoint()  # so that the error names a pending save once it is complete
             found = latest_checkpoint(self.ctx.checkpoint_dir, self.ctx.fingerprint)
             raise self.nonfinite.stop(self.ctx.name, done, found[0].name if found else None)
 
