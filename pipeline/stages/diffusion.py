@@ -92,7 +92,7 @@ def run(ctx: StageContext) -> None:
         )
         state = trained.ema_state_dict()
         if trained.accelerator.is_main_process:
-            denoiser = trained.accelerator.unwrap_model(trained.model)
+            denoiser = trained.accelerator.unwrap_model(trained.model, keep_torch_compile=False)
             export_pipeline(
                 ctx.export_dir, denoiser, state, objective.scheduler(), vae_dir,
                 classes=splits[0].classes, objective=cfg.objective.kind,

@@ -46,11 +46,16 @@ def export_model(
 
     from pipeline.models import add_special_tokens, unmatch_special_tokens
 
-    state_dict = accelerator.get_state_dict(model)
+    # A compiled model's state dict names every tensor `_orig_mod.<name>`, which from_pretrained
+    # would not find (it would load random weights): save the plain names.
+    state_dict = {
+        key.removeprefix("_orig_mod."): value
+        for key, value in accelerator.get_state_dict(model).items()
+    }
     if accelerator.is_main_process:
         tmp = export_dir.parent / f".{export_dir.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         if getattr(unwrapped, "generation_config", None) is not None:  # encoders have none
             unwrapped.generation_config.pad_token_id = unwrapped.config.pad_token_id
         unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)

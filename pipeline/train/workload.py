@@ -58,14 +58,19 @@ class Trained:
 
     def ema_state_dict(self) -> dict[str, Any]:
         """The full state dict with the EMA weights, if any (gathered from shards; every rank
-        calls this)."""
+        calls this), under the model's own names (a compiled model's `_orig_mod.` dropped)."""
         accelerator, model, ema = self.accelerator, self.model, self.ema
         if ema is None:
-            return accelerator.get_state_dict(model)
+            return _plain_names(accelerator.get_state_dict(model))
         ema.store(model.parameters())
         ema.copy_to(model.parameters())
         try:
             # Copies: the state dict shares storage with the parameters restore() overwrites.
-            return {k: v.detach().clone() for k, v in accelerator.get_state_dict(model).items()}
+            state = accelerator.get_state_dict(model)
+            return _plain_names({k: v.detach().clone() for k, v in state.items()})
         finally:
             ema.restore(model.parameters())
+
+
+def _plain_names(state_dict: dict[str, Any]) -> dict[str, Any]:
+    return {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
