@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/pipeline run recipes/demo.yaml
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=30
 
 # In-process tests only: no `pipeline run` subprocesses (those are marked e2e).
 test-fast: $(STAMP)
