@@ -81,14 +81,48 @@ def run_harness(
 ) -> dict[str, float]:
     """Run lm-eval on an HF export; returns flat `task/metric` -> value (filters dropped)."""
     import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_args = {"pretrained": str(model_dir), "dtype": "float32", "device": device}
+    return _evaluate("hf", model_args, names, data_dir, num, task, batch_size)
+
+
+def lm_eval_evaluator(
+    names: list[str], task: TaskBase, tokenizer_dir: Path, data_dir: Path, num: int
+) -> Any:
+    """An in-loop evaluator: lm-eval's tasks on the live model (wrapped in lm-eval's HFLM, no
+    export), the same first `num` examples at every validation; metrics as lm_eval/task/metric."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def evaluate(model: Any) -> dict[str, float]:
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=16)
+        flat = _evaluate(lm, {}, names, data_dir, num, task, 16)
+        return {f"lm_eval/{key}": value for key, value in flat.items()}
+
+    return evaluate
+
+
+def _evaluate(
+    model: Any,
+    model_args: dict[str, Any],
+    names: list[str],
+    data_dir: Path,
+    num: int,
+    task: TaskBase,
+    batch_size: int,
+) -> dict[str, float]:
+    """simple_evaluate on `model` (a registered name with model_args, or an LM instance)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         results = simple_evaluate(
-            model="hf",
-            model_args={"pretrained": str(model_dir), "dtype": "float32", "device": device},
+            model=model,
+            model_args=model_args or None,
             tasks=task_specs(names, task, data_dir, num),
             task_manager=TaskManager(),
             limit=num,
@@ -100,7 +134,7 @@ def run_harness(
             f"eval lm_eval_tasks: unknown task {exc}; use {', '.join(SHIPPED)} or an installed lm-eval task"
         ) from None
     flat: dict[str, float] = {}
-    for task, metrics in (results or {}).get("results", {}).items():
+    for name, metrics in (results or {}).get("results", {}).items():
         for key, value in metrics.items():
             metric = key.split(",")[0]
             if (
@@ -108,5 +142,5 @@ def run_harness(
                 and not metric.endswith("_stderr")
                 and metric != "alias"
             ):
-                flat[f"{task}/{metric}"] = float(value)
+                flat[f"{name}/{metric}"] = float(value)
     return flat

@@ -53,7 +53,7 @@ def _weights(run_dir: Path, step: int) -> dict:
     )
 
 
-def test_a_non_finite_step_is_skipped_and_counted(tmp_path: Path) -> None:
+def test_nonfinite_step_is_skipped_and_counted(tmp_path: Path) -> None:
     import torch
 
     summary = _train(tmp_path, poisoned={0: {2}})  # step index 2 = optimizer step 3
@@ -67,7 +67,9 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path: Path) -> None:
     assert np.isfinite(summary["train_loss"]) and np.isfinite(summary["val_loss"])
 
 
-def test_max_bad_steps_in_a_row_stop_with_one_line_naming_the_checkpoint(tmp_path: Path) -> None:
+def test_nonfinite_max_bad_steps_in_a_row_stop_with_one_line_naming_the_checkpoint(
+    tmp_path: Path,
+) -> None:
     with pytest.raises(PipelineError) as info:
         _train(tmp_path, poisoned={0: {2, 3, 4}}, max_bad_steps=3, checkpoint_every=2)
     message = str(info.value)
@@ -78,7 +80,7 @@ def test_max_bad_steps_in_a_row_stop_with_one_line_naming_the_checkpoint(tmp_pat
     assert (tmp_path / "pretrain" / "checkpoints" / "step_00000004" / "meta.json").is_file()
 
 
-def test_guard_off_trains_through_and_ends_non_finite(tmp_path: Path) -> None:
+def test_nonfinite_guard_off_trains_through_and_ends_non_finite(tmp_path: Path) -> None:
     summary = _train(tmp_path, poisoned={0: {2}}, max_bad_steps=0)
     assert summary["skipped_steps"] == 0 and not np.isfinite(summary["train_loss"])
 
@@ -88,7 +90,7 @@ def _two_rank_run(run_dir: Path) -> tuple[int, list[str]]:
     return summary["skipped_steps"], summary["replica_digests"]
 
 
-def test_ranks_agree_to_skip_a_step_only_one_rank_saw_go_bad(tmp_path: Path) -> None:
+def test_nonfinite_ranks_agree_to_skip_a_step_only_one_rank_saw_go_bad(tmp_path: Path) -> None:
     (skipped_0, digests_0), (skipped_1, digests_1) = run_distributed(_two_rank_run, tmp_path)
     assert skipped_0 == skipped_1 == 1
     assert digests_0 == digests_1 and len(set(digests_0)) == 1  # replicas still identical

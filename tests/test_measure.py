@@ -1,6 +1,7 @@
 """In-loop measurement (pipeline/train/measure.py): a stage's evaluators run at every validation
 on the unwrapped model in eval mode without gradients, their metrics are logged as val/<name>
-and kept in the summary; the pretrain stage's task evaluator scores what the eval stage scores."""
+and kept in the summary; the pretrain stage's task and lm-eval evaluators score what the eval
+stage scores on the export."""
 
 from __future__ import annotations
 
@@ -62,8 +63,11 @@ def test_pretrain_task_eval_in_loop_matches_the_eval_stage_on_the_export(tmp_pat
     data["stages"]["pretrain"] |= {"model": {"hidden_size": 64, "num_layers": 2, "num_heads": 2},
                                    "micro_batch_size": 16, "seq_len": 64, "max_steps": 120,
                                    "log_every": 20, "eval_every": 60, "optim": {"lr": 3e-3},
-                                   "eval_task": {"name": "sort"}, "eval_task_problems": 16}  # fmt: skip
-    data["stages"]["eval"] |= {"task": {"name": "sort"}, "task_problems": 16}
+                                   "eval_task": {"name": "sort"}, "eval_task_problems": 16,
+                                   "eval_lm_eval_tasks": ["task_choice"],
+                                   "eval_lm_eval_limit": 12}  # fmt: skip
+    data["stages"]["eval"] |= {"task": {"name": "sort"}, "task_problems": 16,
+                               "lm_eval_tasks": ["task_choice"], "lm_eval_limit": 12}  # fmt: skip
     run_recipe(validate_recipe(data))
     rows = [r for r in read_metrics(tmp_path / "pretrain") if "val/task_accuracy" in r]
     assert [r["step"] for r in rows] == [60, 120]
@@ -76,3 +80,6 @@ def test_pretrain_task_eval_in_loop_matches_the_eval_stage_on_the_export(tmp_pat
     # held-out problems alike.
     for key in ("task_accuracy", "task_format_rate", "task_answer_rate", "task_partial_credit"):
         assert pretrain[key] == rows[-1][f"val/{key}"] == evaluated[key], key
+    # lm-eval on the live model (HFLM around it) scores what it scores on the export.
+    choice = "lm_eval/task_choice/acc"
+    assert pretrain[choice] == rows[-1][f"val/{choice}"] == evaluated[choice]

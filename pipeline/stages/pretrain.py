@@ -56,6 +56,12 @@ class Config(LoopConfig, StageConfig):
     eval_task_problems: int = Field(
         32, ge=1, description="problems of eval_task per validation: a fixed test-split subset"
     )
+    eval_lm_eval_tasks: list[str] = Field(
+        [],
+        description="lm-eval tasks scored at every validation on the live model: task_gen, "
+        "task_choice (over eval_task, default arithmetic) or installed names",
+    )
+    eval_lm_eval_limit: int = Field(20, ge=1, description="examples per in-loop lm-eval task")
     anneal_from: AnnealFrom | None = Field(
         None,
         description="start from another stage's stable-phase checkpoint (weights, optimizer, "
@@ -187,11 +193,19 @@ def workload(ctx: StageContext) -> tuple[Workload, BuiltModel]:
         )
     if cfg.anneal_from is not None:
         work.anneal_from = anneal_checkpoint(ctx, cfg.anneal_from)
+    tokenizer_dir = ctx.upstream("tokenizer").export_dir
     if cfg.eval_task is not None:
         from eval.tasks import task_evaluator
 
-        tokenizer_dir = ctx.upstream("tokenizer").export_dir
         work.evaluators.append(task_evaluator(cfg.eval_task, tokenizer_dir, cfg.eval_task_problems))
+    if cfg.eval_lm_eval_tasks:
+        from data_prep.tasks import ArithmeticTask
+        from eval.harness import lm_eval_evaluator
+
+        data = ctx.stage_dir / "lm_eval_data" / f"rank{ctx.rank}"  # each rank writes its own
+        task, tasks = cfg.eval_task or ArithmeticTask(), cfg.eval_lm_eval_tasks
+        evaluate = lm_eval_evaluator(tasks, task, tokenizer_dir, data, cfg.eval_lm_eval_limit)
+        work.evaluators.append(evaluate)
     return work, built
 
 
