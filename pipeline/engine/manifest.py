@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.engine import faults
 from pipeline.engine.rundir import MANIFEST_FILE
 
 
@@ -25,6 +26,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if path.name == MANIFEST_FILE:
+            faults.point(path.parent.name, "manifest_write")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -316,7 +316,7 @@ def train_and_export(
     from pipeline.train.runtime import preemption_callback
 
     trainer.remove_callback(PrinterCallback)  # our tracker callback logs; no raw dicts on stdout
-    trainer.add_callback(stop := preemption_callback(trainer.accelerator))
+    trainer.add_callback(stop := preemption_callback(trainer.accelerator, ctx.name))
     if resume:
         ctx.log.info("resuming from %s", Path(resume).name)
     trainer.train(resume_from_checkpoint=resume)

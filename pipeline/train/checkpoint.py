@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.engine import faults
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.manifest import atomic_write_json, checksum_tree, sha256_file
 from pipeline.train.distributed import (
@@ -77,6 +78,7 @@ def save_checkpoint(
         return final
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
+    faults.point(root.parent.name, "checkpoint_save")
     _complete([], main, tmp, final, record, keep)
     accelerator.wait_for_everyone()
     return final

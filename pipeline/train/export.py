@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.engine import faults
 from pipeline.engine.errors import PipelineError
 from pipeline.train.distributed import reshard
 from pipeline.train.provenance import write_provenance
@@ -48,10 +49,8 @@ def export_model(
 
     # A compiled model's state dict names every tensor `_orig_mod.<name>`, which from_pretrained
     # would not find (it would load random weights): save the plain names.
-    state_dict = {
-        key.removeprefix("_orig_mod."): value
-        for key, value in accelerator.get_state_dict(model).items()
-    }
+    gathered = accelerator.get_state_dict(model)  # ZeRO-3: None off the main process
+    state_dict = {k.removeprefix("_orig_mod."): v for k, v in (gathered or {}).items()}
     if accelerator.is_main_process:
         tmp = export_dir.parent / f".{export_dir.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -65,6 +64,7 @@ def export_model(
         tokenizer.save_pretrained(tmp)
         unmatch_special_tokens(tmp / "tokenizer.json")  # save_pretrained adds them back
         write_provenance(tmp, config)
+        faults.point(export_dir.parent.name, "export_write")
         shutil.rmtree(export_dir, ignore_errors=True)
         tmp.rename(export_dir)
     accelerator.wait_for_everyone()

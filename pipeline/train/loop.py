@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.engine import preempt
+from pipeline.engine import faults, preempt
 from pipeline.engine.errors import PipelineError, Preempted
 from pipeline.train.config import LoopConfig
 from pipeline.train.measure import Measure
@@ -177,6 +177,7 @@ class _Loop:
             step_loss += loss.detach() / cfg.grad_accum_steps
             for key, value in metrics.items():
                 extras[key] = extras.get(key, 0.0) + value / cfg.grad_accum_steps
+        faults.point(self.ctx.name, "mid_step")
         clip = cfg.optim.grad_clip
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip) if clip > 0 else None
         bad, preempted, mean_loss = self._signals(step_loss, grad_norm)

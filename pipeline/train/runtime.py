@@ -46,15 +46,18 @@ def to_device(batch: Any, device: Any) -> Any:
     return torch.from_numpy(batch).to(device)
 
 
-def preemption_callback(accelerator: Accelerator) -> Any:
+def preemption_callback(accelerator: Accelerator, stage: str) -> Any:
     """A TrainerCallback (the TRL stages) that checkpoints and stops at the next step boundary
     when any rank was asked to stop (Slurm's warning, a local Ctrl-C or SIGTERM): as our loop."""
     from transformers import TrainerCallback
 
-    from pipeline.engine import preempt
+    from pipeline.engine import faults, preempt
 
     class Preemption(TrainerCallback):
         stopped_at: int | None = None
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            faults.point(stage, "mid_step")
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if preempt.requested(accelerator) and state.global_step < state.max_steps:

@@ -56,7 +56,7 @@ class Trained:
     ema: EMA | None
     summary: dict[str, Any] = field(default_factory=dict)
 
-    def ema_state_dict(self) -> dict[str, Any]:
+    def ema_state_dict(self) -> dict[str, Any] | None:
         """The full state dict with the EMA weights, if any (gathered from shards; every rank
         calls this), under the model's own names (a compiled model's `_orig_mod.` dropped)."""
         accelerator, model, ema = self.accelerator, self.model, self.ema
@@ -67,10 +67,14 @@ class Trained:
         try:
             # Copies: the state dict shares storage with the parameters restore() overwrites.
             state = accelerator.get_state_dict(model)
-            return _plain_names({k: v.detach().clone() for k, v in state.items()})
+            copies = None if state is None else {k: v.detach().clone() for k, v in state.items()}
+            return _plain_names(copies)
         finally:
             ema.restore(model.parameters())
 
 
-def _plain_names(state_dict: dict[str, Any]) -> dict[str, Any]:
+def _plain_names(state_dict: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The state dict under the model's own names (None stays None: ZeRO-3 off rank 0)."""
+    if state_dict is None:
+        return None
     return {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
