@@ -46,6 +46,7 @@ class ShardWriter:
         dtype: np.dtype | str,
         shard_tokens: int,
         resumable: bool = False,
+        sync: bool = True,
     ) -> None:
         if shard_tokens < 1:
             raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
@@ -53,6 +54,7 @@ class ShardWriter:
         self.dtype = np.dtype(dtype)
         self.shard_tokens = shard_tokens
         self.resumable = resumable
+        self.sync = sync  # False: no fsync per shard (the caller syncs once at the end)
         self.num_tokens = 0
         self.num_documents = 0
         self.num_shards = 0
@@ -80,6 +82,30 @@ class ShardWriter:
             if self._shard_tokens_written == self.shard_tokens:
                 self._finish()
         self.num_documents += num_documents
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append many documents at once (their tokens back to back); same bytes as add() each."""
+        data = np.ascontiguousarray(tokens, dtype=self.dtype)
+        ends = np.cumsum(lengths)
+        if len(ends) and int(ends[-1]) != len(data):
+            raise ValueError(f"lengths sum to {int(ends[-1])}, tokens has {len(data)}")
+        pos = 0
+        while pos < len(data):
+            if self._file is None:
+                self._open()
+            part = data[pos : pos + self.shard_tokens - self._shard_tokens_written]
+            raw = part.tobytes()
+            self._file.write(raw)
+            self._hash.update(raw)
+            # a document counts toward the shard that holds its last token
+            done = np.searchsorted(ends, [pos, pos + len(part)], side="right")
+            self._shard_documents += int(done[1] - done[0])
+            self._shard_tokens_written += len(part)
+            self.num_tokens += len(part)
+            pos += len(part)
+            if self._shard_tokens_written == self.shard_tokens:
+                self._finish()
+        self.num_documents += len(lengths)
 
     def close(self) -> None:
         """Finish the last shard (atomically: temp file, fsync, rename, then its index)."""
@@ -162,7 +188,8 @@ class ShardWriter:
 
     def _finish(self) -> None:
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if self.sync:
+            os.fsync(self._file.fileno())
         self._file.close()
         name = shard_name(self.num_shards)
         os.replace(self._tmp_path(), self.split_dir / f"{name}.bin")
@@ -172,7 +199,12 @@ class ShardWriter:
             "num_documents": self._shard_documents,
             "sha256": self._hash.hexdigest(),
         }
-        atomic_write_json(self.split_dir / f"{name}.json", index)
+        if self.sync:
+            atomic_write_json(self.split_dir / f"{name}.json", index)
+        else:  # the same bytes as atomic_write_json, without its fsync
+            tmp = self.split_dir / f".{name}.json.tmp"
+            tmp.write_text(json.dumps(index, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+            os.replace(tmp, self.split_dir / f"{name}.json")
         self._file = None
         self.num_shards += 1
 

@@ -6,11 +6,12 @@ a document belongs to. A mixture of sources is round-robin, or weighted by train
 (data_prep.mixture), and meta.json records which runs of val tokens came from which source. Shards are committed one at a time, and after each the
 stage records where in the document stream it stands, so a killed stage resumes after its last
 committed shard (skipping, not re-encoding, the documents before it) and ends byte-identical.
+With `parts` > 1 the source is split into parts encoded by separate processes (or the tasks of a
+Slurm job array) and merged into the same bytes (data_prep.fanout).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from data_prep import fanout
 from data_prep.encode import Encoder
+from data_prep.fanout import is_val_document as is_val_document
 from data_prep.mixture import Item, Mixture, Stream, mixture_of
 from data_prep.shards import ShardWriter, token_dtype
 from data_prep.sources import SourceStageConfig
@@ -44,6 +47,29 @@ class Config(SourceStageConfig):
     val_fraction: float = Field(0.02, ge=0, lt=1)
     num_workers: int = Field(0, ge=0)
     shard_tokens: int = Field(100_000_000, ge=1)
+    parts: int = Field(
+        1,
+        ge=1,
+        description="split the source (by file, or a big plain .txt by byte ranges cut at document "
+        "boundaries) into this many parts encoded in parallel, then merged into the same bytes "
+        "as one process writes; locally N processes, under `pipeline submit` a Slurm job array "
+        "plus a merge job; needs a single file source without max_documents/max_bytes",
+    )
+
+    @model_validator(mode="after")
+    def _parts_need_one_file_source(self) -> Config:
+        if self.parts > 1:
+            problem = (
+                "a mixture of sources"
+                if len(self.source) > 1
+                else fanout.fanout_problem(self.source[0])
+            )
+            if problem:
+                raise ValueError(
+                    f"parts={self.parts} cannot give the bytes of one process: {problem}; "
+                    f"set parts: 1 (or use one file source, a file or a glob)"
+                )
+        return self
 
 
 def run(ctx: StageContext) -> None:
@@ -53,18 +79,21 @@ def run(ctx: StageContext) -> None:
     model_path = ctx.upstream("tokenizer").export_dir / MODEL_FILE
     if not model_path.is_file():
         raise PipelineError(f"{model_path}: missing; rerun the tokenizer stage")
-    stats = tokenize_corpus(
-        mixture_of(cfg.source, cfg.source_names()),
-        model_path,
-        ctx.export_dir,
-        seed=ctx.seed,
-        val_fraction=cfg.val_fraction,
-        num_workers=cfg.num_workers,
-        shard_tokens=cfg.shard_tokens,
-        progress=ctx.progress,
-        resume_dir=ctx.checkpoint_dir / "tokens",
-        fingerprint=ctx.fingerprint,
-    )
+    if cfg.parts > 1:
+        stats = tokenize_in_parts(ctx, model_path)
+    else:
+        stats = tokenize_corpus(
+            mixture_of(cfg.source, cfg.source_names()),
+            model_path,
+            ctx.export_dir,
+            seed=ctx.seed,
+            val_fraction=cfg.val_fraction,
+            num_workers=cfg.num_workers,
+            shard_tokens=cfg.shard_tokens,
+            progress=ctx.progress,
+            resume_dir=ctx.checkpoint_dir / "tokens",
+            fingerprint=ctx.fingerprint,
+        )
     if cfg.val_fraction > 0 and stats["val_tokens"] == 0:
         ctx.log.warning(
             "val is empty: %d document(s) cannot be split into train and val; give the source "
@@ -88,12 +117,6 @@ def run(ctx: StageContext) -> None:
             stats["mixture_window_tokens"],
         )
     ctx.write_summary(stats, headline="train_tokens")
-
-
-def is_val_document(index: int, seed: int, val_fraction: float) -> bool:
-    """Whether document `index` is held out: a hash of (seed, index) below val_fraction."""
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < val_fraction * 2**64
 
 
 def tokenize_corpus(
@@ -270,6 +293,91 @@ class _Splitter:
 def _add(writer: ShardWriter, tokens: np.ndarray, repeat: int) -> None:
     for _ in range(repeat):
         writer.add(tokens)
+
+
+PARTS_DIR = "parts"
+
+
+def tokenize_in_parts(ctx: StageContext, model_path: Path) -> dict[str, Any]:
+    """Encode the parts not yet done (one process each, at once), then merge them into export/."""
+    cfg = ctx.config
+    assert isinstance(cfg, Config)
+    start = time.perf_counter()
+    key, dtype = _parts_key(ctx, model_path)
+    part_dirs = [_part_dir(ctx, index) for index in range(cfg.parts)]
+    todo = [i for i, d in enumerate(part_dirs) if not fanout.part_done(d, {**key, "part": i})]
+    if todo:
+        ctx.log.info("encoding parts %s of %d in %d processes", todo, cfg.parts, len(todo))
+        plan = fanout.plan_parts(cfg.source[0], cfg.parts)
+        workers = cfg.num_workers or max(1, len(os.sched_getaffinity(0)) // len(todo))
+        source, where = cfg.source[0], (model_path, dtype.str, EOS_ID, workers)
+        jobs = [(source, plan[i], *where, part_dirs[i], {**key, "part": i}) for i in todo]
+        fanout.run_processes(fanout.encode_part, jobs)
+    merging = time.perf_counter()
+    splits = fanout.merge_parts(
+        part_dirs, key, ctx.export_dir, dtype, cfg.shard_tokens, ctx.seed, cfg.val_fraction,
+        cfg.source[0].repeat,
+    )  # fmt: skip
+    meta = {
+        "vocab_size": key["vocab_size"],
+        "eos_id": EOS_ID,
+        "dtype": dtype.name,
+        "splits": splits,
+    }
+    atomic_write_json(ctx.export_dir / META_FILE, meta)
+    done = time.perf_counter()
+    rates = [json.loads((d / fanout.PART_FILE).read_text())["tokens_per_second"] for d in part_dirs]
+    shutil.rmtree(ctx.stage_dir / PARTS_DIR)
+    tokens = splits["train"]["num_tokens"] + splits["val"]["num_tokens"]
+    return {
+        "train_tokens": splits["train"]["num_tokens"],
+        "val_tokens": splits["val"]["num_tokens"],
+        "documents": splits["train"]["num_documents"] + splits["val"]["num_documents"],
+        "resumed_documents": 0,
+        "tokens_per_second": tokens / max(done - start, 1e-9),
+        "parts": cfg.parts,
+        "part_tokens_per_second": sum(rates) / len(rates),
+        "merge_seconds": done - merging,
+    }
+
+
+def run_part(ctx: StageContext, index: int) -> None:
+    """Encode part `index` of a fanned-out tokenize stage (one task of its Slurm job array)."""
+    cfg = ctx.config
+    assert isinstance(cfg, Config)
+    if not 0 <= index < cfg.parts:
+        raise PipelineError(f"stage {ctx.name}: part {index} out of range 0..{cfg.parts - 1}")
+    model_path = ctx.upstream("tokenizer").export_dir / MODEL_FILE
+    key, dtype = _parts_key(ctx, model_path)
+    part_key = {**key, "part": index}
+    part_dir = _part_dir(ctx, index)
+    if fanout.part_done(part_dir, part_key):
+        return
+    plan = fanout.plan_parts(cfg.source[0], cfg.parts)
+    workers = cfg.num_workers or len(os.sched_getaffinity(0))
+    fanout.encode_part(
+        cfg.source[0], plan[index], model_path, dtype.str, EOS_ID, workers, part_dir, part_key
+    )
+
+
+def _parts_key(ctx: StageContext, model_path: Path) -> tuple[dict[str, Any], np.dtype]:
+    """What the parts of this run must have been written for, and the token dtype."""
+    import sentencepiece as spm
+
+    cfg = ctx.config
+    assert isinstance(cfg, Config)
+    vocab_size = spm.SentencePieceProcessor(model_file=str(model_path)).get_piece_size()
+    key = {
+        "fingerprint": ctx.fingerprint,
+        "model_sha256": sha256_file(model_path),
+        "parts": cfg.parts,
+        "vocab_size": vocab_size,
+    }
+    return key, token_dtype(vocab_size)
+
+
+def _part_dir(ctx: StageContext, index: int) -> Path:
+    return ctx.stage_dir / PARTS_DIR / f"part_{index:05d}"
 
 
 def read_meta(export_dir: Path) -> dict[str, Any]:

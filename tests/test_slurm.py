@@ -201,3 +201,46 @@ def test_preempted_pretrain_requeues_and_matches_uninterrupted(
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
+
+
+@pytest.mark.slow
+def test_submit_tokenize_parts_as_slurm_job_array_equals_local_run(
+    tmp_path: Path,
+    slurm_cluster: Path,  # noqa: F811
+) -> None:
+    from tests.test_tokenize_fanout import big_txt, export_files
+
+    run_dir = tmp_path / "runs" / "tiny"
+    source = {"uri": str(big_txt(tmp_path / "input.txt", count=3000))}
+    data = tiny_recipe(run_dir)
+    del data["stages"]["eval"]
+    for stage in ("tokenizer", "tokenize"):
+        data["stages"][stage]["source"] = source
+    data["stages"]["tokenizer"]["vocab_size"] = 300
+    data["stages"]["tokenize"].update(shard_tokens=2999, val_fraction=0.1)
+    recipe = write_recipe(tmp_path / "tiny.yaml", data)
+    local = cli("run", str(recipe))
+    assert local.returncode == 0, local.stdout + local.stderr
+    export = run_dir / "tokenize" / "export"
+    expected = export_files(export)
+    assert sum(name.endswith(".bin") for name in expected) > 4
+
+    out = _submit(recipe, "-o", "stages.tokenize.parts=2")
+    _wait_until_idle()
+    manifests = {s: read_manifest(run_dir / s) for s in ("tokenize", "pretrain")}
+    for stage, manifest in manifests.items():
+        assert manifest["status"] == "done", (stage, manifest, out)
+    job = manifests["tokenize"]["slurm"]
+    array = job["parts_job_id"]
+    for part in (0, 1):
+        log = (run_dir / "tokenize" / "slurm" / f"slurm-{array}_{part}.out").read_text()
+        assert f"part {part} done" in log, log
+        assert _job_field(f"{array}_{part}", "JobState") in ("COMPLETED", "")
+    # the merge job found both parts done by the array (it encodes none itself)
+    assert "encoding parts" not in (run_dir / "tokenize" / "stage.log").read_text()
+    assert manifests["tokenize"]["finished_at"] <= manifests["pretrain"]["started_at"]
+    assert manifests["tokenize"]["summary"]["parts"] == 2
+    got = export_files(export)
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert got[name] == expected[name], name

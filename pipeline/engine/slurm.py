@@ -24,6 +24,7 @@ from pipeline.engine.rundir import SLURM_DIR
 from pipeline.engine.runner import now_iso, write_resolved_recipe
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "stage.sbatch"
+PARTS_TEMPLATE = TEMPLATE.with_name("stage_parts.sbatch")
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED"}
 
 
@@ -43,6 +44,7 @@ class Submission:
     script: Path | None = None
     job_id: str | None = None
     after: tuple[str, ...] = ()
+    parts_job_id: str | None = None
 
 
 def sbatch_options(slurm: SlurmConfig) -> list[str]:
@@ -63,8 +65,8 @@ def sbatch_options(slurm: SlurmConfig) -> list[str]:
     return lines
 
 
-def render(recipe: Recipe, stage: str) -> str:
-    """The sbatch file of one stage."""
+def render(recipe: Recipe, stage: str, parts: int = 0) -> str:
+    """The sbatch file of one stage, or (parts > 1) of its job array of parts."""
     run_dir = recipe.resolved_run_dir()
     if re.search(r"[\s\"'\\]", str(run_dir)):  # sbatch splits `#SBATCH --output=` at blanks
         raise RecipeError(
@@ -72,7 +74,9 @@ def render(recipe: Recipe, stage: str) -> str:
             f"a run_dir without them for `pipeline submit`"
         )
     slurm = recipe.slurm_for(stage)
-    return SbatchTemplate(TEMPLATE.read_text()).substitute(
+    template = PARTS_TEMPLATE if parts > 1 else TEMPLATE
+    return SbatchTemplate(template.read_text()).substitute(
+        last_part=parts - 1,
         stage=shlex.quote(stage),
         job_name=f"{recipe.name}.{stage}",
         nodes=recipe.launch_for(stage).nnodes,
@@ -170,22 +174,40 @@ def submit(
             script = run_dir / step.name / SLURM_DIR / "job.sbatch"
             atomic_write_text(script, render(recipe, step.name))
             after = tuple(dep for dep in recipe.stages[step.name].after if dep in job_ids)
-            job_id = None if dry_run else sbatch_held(script, [job_ids[dep] for dep in after])
+            upstream = [job_ids[dep] for dep in after]
+            parts_id = submit_parts(recipe, step.name, upstream, dry_run)
+            if parts_id:
+                job_ids[f"{step.name}.parts"] = parts_id
+            waits = [*upstream, parts_id] if parts_id else upstream
+            job_id = None if dry_run else sbatch_held(script, waits)
             if job_id:
-                update_manifest(
-                    run_dir / step.name,
-                    slurm={"job_id": job_id, "state": "submitted", "submitted_at": now_iso()},
-                )
+                record = {"job_id": job_id, "state": "submitted", "submitted_at": now_iso()}
+                if parts_id:
+                    record["parts_job_id"] = parts_id
+                update_manifest(run_dir / step.name, slurm=record)
             job_ids[step.name] = job_id or f"<{step.name}>"
-            submissions.append(Submission(step.name, step.kind, step.reason, script, job_id, after))
+            submissions.append(
+                Submission(step.name, step.kind, step.reason, script, job_id, after, parts_id)
+            )
     except PipelineError:
         if job_ids and not dry_run:  # do not leave half a pipeline held in the queue
             subprocess.run(["scancel", *job_ids.values()], check=False)
         raise
-    held = [s.job_id for s in submissions if s.job_id]
+    held = [j for s in submissions for j in (s.parts_job_id, s.job_id) if j and j[0] != "<"]
     if held:
         slurm_command("scontrol", "release", ",".join(held))
     return submissions
+
+
+def submit_parts(recipe: Recipe, stage: str, upstream: list[str], dry_run: bool) -> str | None:
+    """For a stage with `parts` > 1 (a fanned-out tokenize): submit its job array of parts, held,
+    after `upstream`; the stage's own job then merges. Returns the array's job id."""
+    parts = getattr(recipe.stages[stage], "parts", 1)
+    if parts <= 1:
+        return None
+    script = recipe.resolved_run_dir() / stage / SLURM_DIR / "parts.sbatch"
+    atomic_write_text(script, render(recipe, stage, parts))
+    return f"<{stage}.parts>" if dry_run else sbatch_held(script, upstream)
 
 
 def sbatch_held(script: Path, upstream_jobs: list[str]) -> str:

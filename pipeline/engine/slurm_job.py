@@ -1,5 +1,8 @@
 """One node's share of a stage's Slurm job: `python -m pipeline.engine.slurm_job RUN_DIR STAGE` (srun).
 
+With `--part K` it is task K of the stage's job array of parts (a fanned-out tokenize): it calls
+the stage kind's `run_part(ctx, K)` and writes no manifest; the stage's own job merges the parts.
+
 Node 0 runs the stage exactly as `pipeline run` does (the same manifest contract: done only
 after the outputs are checksummed) with torchrun's rendezvous at its own address; the other nodes
 start their torchrun and join it. Only node 0 writes the manifest. On a preemption warning the
@@ -18,10 +21,12 @@ from typing import Any
 
 from pipeline.engine import preempt
 from pipeline.engine.config import Recipe, read_yaml, validate_recipe
+from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError, Preempted
 from pipeline.engine.graph import Step, fingerprints
+from pipeline.engine.kinds import stage_module
 from pipeline.engine.launch import Rendezvous, run_torchrun
-from pipeline.engine.manifest import update_manifest
+from pipeline.engine.manifest import read_manifest, update_manifest
 from pipeline.engine.rundir import RECIPE_FILE
 from pipeline.engine.runner import execute
 from pipeline.engine.worker import shutdown
@@ -64,8 +69,24 @@ def requeue_or_fail(recipe: Recipe, run_dir: Path, stage: str, slurm: dict[str, 
     return Preempted.exit_code
 
 
+def run_part_task(run_dir: Path, stage: str, index: int) -> int:
+    """One task of a stage's job array: encode part `index`; the exit status says how it went."""
+    recipe = validate_recipe(read_yaml(run_dir / RECIPE_FILE), source=str(run_dir / RECIPE_FILE))
+    ctx = StageContext(run_dir, stage, recipe, fingerprint=fingerprints(recipe)[stage])
+    print(f"stage {stage}: part {index}, job {os.environ.get('SLURM_JOB_ID')}", flush=True)
+    try:
+        stage_module(recipe.stages[stage].kind).run_part(ctx, index)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    print(f"stage {stage}: part {index} done", flush=True)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     run_dir, stage = Path(argv[0]).absolute(), argv[1]
+    if argv[2:3] == ["--part"]:
+        return run_part_task(run_dir, stage, int(argv[3]))
     preempt.install()
     recipe = validate_recipe(read_yaml(run_dir / RECIPE_FILE), source=str(run_dir / RECIPE_FILE))
     launch = recipe.launch_for(stage)
@@ -93,6 +114,9 @@ def main(argv: list[str]) -> int:
             return 1  # node 0 records the reason
         return 0
     slurm = {"job_id": str(job_id), "state": "running", "requeues": restarts}
+    parts_job_id = (read_manifest(run_dir / stage).get("slurm") or {}).get("parts_job_id")
+    if parts_job_id:  # the job array this job merges (a fanned-out tokenize)
+        slurm["parts_job_id"] = parts_job_id
     step = Step(stage, recipe.stages[stage].kind, True, "slurm job", fingerprints(recipe)[stage])
     try:
         execute(recipe, step, rendezvous, slurm)
