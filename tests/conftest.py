@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,3 +28,27 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 @pytest.fixture
 def recipe_path(tmp_path: Path) -> Path:
     return write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tmp_path / "runs" / "tiny"))
+
+
+@pytest.fixture(autouse=True)
+def stage_logging_removed() -> Iterator[None]:
+    """A stage run in this process points the `pipeline` logger at its stage.log; undo that."""
+    yield
+    for name in ("pipeline", "py.warnings"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
+    logging.captureWarnings(False)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run dir whose tiny tokenizer and tokenize stages are done (by the CLI, so e2e tests
+    only); each test starts from a copy of it."""
+    tmp = tmp_path_factory.mktemp("prepared")
+    data = tiny_recipe(tmp / "run")
+    data["stages"] = {name: data["stages"][name] for name in ("tokenizer", "tokenize")}
+    result = helpers.cli("run", str(write_recipe(tmp / "tiny.yaml", data)))
+    assert result.returncode == 0, result.stderr
+    return tmp / "run"

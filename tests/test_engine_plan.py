@@ -6,9 +6,7 @@ tests/test_engine_runner.py covers the same rules end to end through the `pipeli
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +17,6 @@ from pipeline.engine.errors import StageFailed
 from pipeline.engine.graph import plan
 from pipeline.engine.manifest import checksum_tree, read_manifest, verify_outputs
 from pipeline.engine.runner import prepare_stage, run_recipe
-
-
-@pytest.fixture(autouse=True)
-def stage_logging_removed() -> Iterator[None]:
-    """A stage run here points the `pipeline` logger at its stage.log; undo that afterwards."""
-    yield
-    for name in ("pipeline", "py.warnings"):
-        logger = logging.getLogger(name)
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
-            handler.close()
-    logging.captureWarnings(False)
 
 
 def digits_recipe(run_dir: Path, **images: Any) -> Recipe:

@@ -30,17 +30,6 @@ pytestmark = pytest.mark.e2e  # every test here runs `pipeline` in a subprocess
 RANKS_GONE_WITHIN_S = 5.0
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run dir whose tokenizer and tokenize stages are done; each test starts from a copy."""
-    tmp = tmp_path_factory.mktemp("prepared")
-    data = tiny_recipe(tmp / "run")
-    data["stages"] = {name: data["stages"][name] for name in ("tokenizer", "tokenize")}
-    result = cli("run", str(write_recipe(tmp / "tiny.yaml", data)))
-    assert result.returncode == 0, result.stderr
-    return tmp / "run"
-
-
 def _pretrain(tmp_path: Path, prepared: Path, *, nproc: int, max_steps: int) -> tuple[Path, Path]:
     """tokenizer -> tokenize (done) -> pretrain logging every step, checkpointing when stopped."""
     run_dir = tmp_path / "runs" / "tiny"

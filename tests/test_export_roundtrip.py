@@ -6,10 +6,8 @@ say which config, code and packages made them (never a secret from the environme
 from __future__ import annotations
 
 import json
-import logging
 import platform
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +23,6 @@ from tests.spawn import run_distributed
 
 SECRETS = {"WANDB_API_KEY": "wandb-fake-key-0123456789", "HF_TOKEN": "hf_fakeTokenForTheTest"}
 PRETRAIN = {"max_steps": 4, "log_every": 2, "eval_every": 4, "checkpoint_every": 2}
-
-
-@pytest.fixture(autouse=True)
-def stage_logging_removed() -> Iterator[None]:
-    """A stage run here points the `pipeline` logger at its stage.log; undo that afterwards."""
-    yield
-    for name in ("pipeline", "py.warnings"):
-        logger = logging.getLogger(name)
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
-            handler.close()
-    logging.captureWarnings(False)
 
 
 def _recipe(run_dir: Path, nproc: int = 1, **launch: Any) -> dict[str, Any]:

@@ -24,17 +24,6 @@ PRETRAIN_ZERO3 = [("mid_step", 3), ("checkpoint_save", 1)]
 SFT = [("mid_step", 3), ("manifest_write", 2)]  # TRL saves its own checkpoints
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run dir whose tokenizer and tokenize stages are done; each case starts from a copy."""
-    tmp = tmp_path_factory.mktemp("prepared")
-    data = tiny_recipe(tmp / "run")
-    data["stages"] = {name: data["stages"][name] for name in ("tokenizer", "tokenize")}
-    result = cli("run", str(write_recipe(tmp / "tiny.yaml", data)))
-    assert result.returncode == 0, result.stderr
-    return tmp / "run"
-
-
 def _recipe(run_dir: Path, launch: dict[str, Any], sft: bool = False) -> dict[str, Any]:
     data = tiny_recipe(run_dir)
     del data["stages"]["eval"]

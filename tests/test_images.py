@@ -334,22 +334,8 @@ def test_images_listing_cache_lists_only_changed_directories(tmp_path: Path) -> 
     assert (fresh.sha256, fresh.dirs_listed) == (third.sha256, 4)
 
 
-@pytest.fixture
-def stage_logging_removed() -> object:
-    """A stage run in this process points the `pipeline` logger at its stage.log; undo that."""
-    import logging
-
-    yield
-    for name in ("pipeline", "py.warnings"):
-        logger = logging.getLogger(name)
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
-            handler.close()
-    logging.captureWarnings(False)
-
-
 def test_images_stage_goes_stale_on_added_removed_and_in_place_changed_files(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage_logging_removed: object
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import os
 
