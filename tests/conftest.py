@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,8 +33,15 @@ def recipe_path(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def stage_logging_removed() -> Iterator[None]:
-    """A stage run in this process points the `pipeline` logger at its stage.log; undo that."""
+    """A stage run in this process points the `pipeline` logger at its stage.log, and leaves
+    Accelerate's process-wide state (precision, engine) set; undo both afterwards, so the next
+    in-process run may choose its own."""
     yield
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     for name in ("pipeline", "py.warnings"):
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
