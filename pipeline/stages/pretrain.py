@@ -58,8 +58,8 @@ class Config(LoopConfig, StageConfig):
     )
     eval_lm_eval_tasks: list[str] = Field(
         [],
-        description="lm-eval tasks scored at every validation on the live model: task_gen, "
-        "task_choice (over eval_task, default arithmetic) or installed names",
+        description="lm-eval tasks scored at every validation on the live model (one process): "
+        "task_gen, task_choice (over eval_task, default arithmetic) or installed names",
     )
     eval_lm_eval_limit: int = Field(20, ge=1, description="examples per in-loop lm-eval task")
     anneal_from: AnnealFrom | None = Field(
@@ -199,6 +199,11 @@ def workload(ctx: StageContext) -> tuple[Workload, BuiltModel]:
 
         work.evaluators.append(task_evaluator(cfg.eval_task, tokenizer_dir, cfg.eval_task_problems))
     if cfg.eval_lm_eval_tasks:
+        if ctx.world_size > 1:  # lm-eval splits its requests over ranks; untested with our engines
+            raise PipelineError(
+                f"stages.{ctx.name}.eval_lm_eval_tasks: in-loop lm-eval runs in one process, this "
+                f"launch has {ctx.world_size}; use launch.nproc: 1, or lm_eval_tasks on an eval stage"
+            )
         from data_prep.tasks import ArithmeticTask
         from eval.harness import lm_eval_evaluator
 
