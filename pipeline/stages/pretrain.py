@@ -193,11 +193,18 @@ def workload(ctx: StageContext) -> tuple[Workload, BuiltModel]:
         )
     if cfg.anneal_from is not None:
         work.anneal_from = anneal_checkpoint(ctx, cfg.anneal_from)
+    work.evaluators += task_evaluators(ctx, cfg)
+    return work, built
+
+
+def task_evaluators(ctx: StageContext, cfg: Config) -> list[Any]:
+    """The in-loop task evaluators the config asks for: verifiable-task accuracy, lm-eval."""
     tokenizer_dir = ctx.upstream("tokenizer").export_dir
+    evaluators: list[Any] = []
     if cfg.eval_task is not None:
         from eval.tasks import task_evaluator
 
-        work.evaluators.append(task_evaluator(cfg.eval_task, tokenizer_dir, cfg.eval_task_problems))
+        evaluators.append(task_evaluator(cfg.eval_task, tokenizer_dir, cfg.eval_task_problems))
     if cfg.eval_lm_eval_tasks:
         if ctx.world_size > 1:  # lm-eval splits its requests over ranks; untested with our engines
             raise PipelineError(
@@ -209,9 +216,10 @@ def workload(ctx: StageContext) -> tuple[Workload, BuiltModel]:
 
         data = ctx.stage_dir / "lm_eval_data" / f"rank{ctx.rank}"  # each rank writes its own
         task, tasks = cfg.eval_task or ArithmeticTask(), cfg.eval_lm_eval_tasks
-        evaluate = lm_eval_evaluator(tasks, task, tokenizer_dir, data, cfg.eval_lm_eval_limit)
-        work.evaluators.append(evaluate)
-    return work, built
+        evaluators.append(
+            lm_eval_evaluator(tasks, task, tokenizer_dir, data, cfg.eval_lm_eval_limit)
+        )
+    return evaluators
 
 
 def anneal_checkpoint(ctx: StageContext, anneal: AnnealFrom) -> Path:
