@@ -155,8 +155,7 @@ def input_problems(recipe: Recipe) -> list[str]:
     problems = []
     for cfg in recipe.stages.values():
         try:
-            cfg.data_signature()
-            cfg.check_inputs()
+            cfg.check_inputs()  # data_signature() is read once, by the plan's fingerprints
         except PipelineError as exc:
             problems.append(str(exc).splitlines()[0])
     return problems
