@@ -13,6 +13,7 @@ from pipeline.engine import faults
 from pipeline.engine.errors import PipelineError
 from pipeline.train.distributed import reshard
 from pipeline.train.provenance import write_provenance
+from pipeline.train.workload import plain_names
 
 if TYPE_CHECKING:
     import torch
@@ -49,8 +50,7 @@ def export_model(
 
     # A compiled model's state dict names every tensor `_orig_mod.<name>`, which from_pretrained
     # would not find (it would load random weights): save the plain names.
-    gathered = accelerator.get_state_dict(model)  # ZeRO-3: None off the main process
-    state_dict = {k.removeprefix("_orig_mod."): v for k, v in (gathered or {}).items()}
+    state_dict = plain_names(accelerator.get_state_dict(model)) or {}  # ZeRO-3: None off rank 0
     if accelerator.is_main_process:
         tmp = export_dir.parent / f".{export_dir.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -61,19 +61,19 @@ class Trained:
         calls this), under the model's own names (a compiled model's `_orig_mod.` dropped)."""
         accelerator, model, ema = self.accelerator, self.model, self.ema
         if ema is None:
-            return _plain_names(accelerator.get_state_dict(model))
+            return plain_names(accelerator.get_state_dict(model))
         ema.store(model.parameters())
         ema.copy_to(model.parameters())
         try:
             # Copies: the state dict shares storage with the parameters restore() overwrites.
             state = accelerator.get_state_dict(model)
             copies = None if state is None else {k: v.detach().clone() for k, v in state.items()}
-            return _plain_names(copies)
+            return plain_names(copies)
         finally:
             ema.restore(model.parameters())
 
 
-def _plain_names(state_dict: dict[str, Any] | None) -> dict[str, Any] | None:
+def plain_names(state_dict: dict[str, Any] | None) -> dict[str, Any] | None:
     """The state dict under the model's own names (None stays None: ZeRO-3 off rank 0)."""
     if state_dict is None:
         return None
