@@ -45,13 +45,14 @@ def _fmt_metric(manifest: dict[str, Any]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.engine.graph import plan
+    from pipeline.engine.graph import plan, rescan
     from pipeline.engine.runner import run_recipe
 
     recipe = load_recipe(args.recipe, args.override)
     preflight(recipe)
     if args.dry_run:
-        steps = plan(recipe, from_stage=args.from_stage, only=args.only, force=args.force)
+        with rescan(args.rescan):
+            steps = plan(recipe, from_stage=args.from_stage, only=args.only, force=args.force)
         table = Table(title=f"plan for {recipe.name} ({recipe.resolved_run_dir()})")
         for col in ("stage", "kind", "action", "why"):
             table.add_column(col)
@@ -71,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.engine.lock import run_dir_lock
     from pipeline.engine.slurm import refuse_active_jobs
 
-    with run_dir_lock(recipe.resolved_run_dir()):
+    with run_dir_lock(recipe.resolved_run_dir()), rescan(args.rescan):
         refuse_active_jobs(recipe, list(recipe.stages), "run")
         preempt.install_interrupts()
         results = run_recipe(
@@ -152,7 +153,7 @@ def _recipe_for_status(target: str, overrides: list[str]) -> Recipe:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.engine.graph import fingerprints, stage_state
+    from pipeline.engine.graph import fingerprints, rescan, stage_state
     from pipeline.engine.manifest import read_manifest, verify_outputs
     from pipeline.engine.slurm import queue_column
 
@@ -160,7 +161,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if problems := deepspeed_problems(recipe):  # fingerprints read the DeepSpeed file
         raise RecipeError("\n".join(problems))
     run_dir = recipe.resolved_run_dir()
-    prints = fingerprints(recipe)
+    with rescan(args.rescan or args.verify):
+        prints = fingerprints(recipe)
     table = Table(title=f"{recipe.name} ({run_dir})")
     for col in ("stage", "kind", "status", "fresh", "duration", "tries", "queue", "metric"):
         table.add_column(col)
@@ -266,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="pipeline", description="Staged LLM/diffusion pretraining pipeline."
     )
+    rescan_help = "stat every input file, not only those in changed folders (sees in-place edits)"
     sub = parser.add_subparsers(dest="command", required=True)
 
     def overrides(p: argparse.ArgumentParser) -> None:
@@ -299,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--dry-run", action="store_true", help="print the plan (run/skip and why) and exit"
     )
+    run.add_argument("--rescan", action="store_true", help=rescan_help)
     overrides(run)
     run.set_defaults(func=cmd_run)
 
@@ -316,7 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="table of stages: status, fresh or stale, duration, metric"
     )
     status.add_argument("target", help="run directory or recipe")
-    status.add_argument("--verify", action="store_true", help="re-checksum every output")
+    status.add_argument(
+        "--verify", action="store_true", help="re-checksum every output (implies --rescan)"
+    )
+    status.add_argument("--rescan", action="store_true", help=rescan_help)
     overrides(status)
     status.set_defaults(func=cmd_status)
 
@@ -352,6 +359,14 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return exc.exit_code
+    except OSError as exc:
+        from pipeline.engine.diskfull import FULL_ERRNOS
+
+        if exc.errno not in FULL_ERRNOS:
+            raise
+        print(f"error: {exc.filename or 'the run directory'}: {exc.strerror}; free space, then "
+              f"rerun the same command to resume", file=sys.stderr)  # fmt: skip
+        return 1
     except KeyboardInterrupt:
         from pipeline.engine.preempt import interrupt_signal
 

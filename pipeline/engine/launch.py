@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,11 +20,11 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.engine import preempt
+from pipeline.engine import diskfull, preempt
 from pipeline.engine.config import LaunchConfig
 from pipeline.engine.errors import PipelineError, Preempted, StageFailed
 from pipeline.engine.rundir import ERRORS_DIR, LOG_FILE, STOP_FILE
-from pipeline.engine.worker import execute_stage
+from pipeline.engine.worker import execute_stage, fallback_errors_dir
 
 
 def run_in_process(run_dir: Path, stage: str) -> None:
@@ -33,6 +34,9 @@ def run_in_process(run_dir: Path, stage: str) -> None:
     except PipelineError:
         raise
     except Exception as exc:
+        explained = diskfull.explained(exc, f"stage {stage}'s outputs", run_dir / stage)
+        if explained is not exc:  # a full disk: one line, no traceback to write
+            raise explained from None
         log_path = run_dir / stage / LOG_FILE
         with open(log_path, "a", encoding="utf-8") as f:
             f.write(traceback.format_exc())
@@ -93,7 +97,7 @@ def run_torchrun(
 ) -> None:
     """Run a stage under torchrun; on failure raise with the root-cause rank's error."""
     errors = run_dir / stage / ERRORS_DIR
-    for old in errors.glob("rank*.json"):
+    for old in [*errors.glob("rank*.json"), *fallback_errors_dir(errors).glob("rank*.json")]:
         old.unlink()
     stop_file = run_dir / stage / STOP_FILE
     stop_file.unlink(missing_ok=True)
@@ -122,11 +126,15 @@ def _kill_session(proc: subprocess.Popen) -> None:
 def first_rank_error(errors: Path, stage: str, returncode: int) -> str:
     """The error of the rank that failed first (others usually fail because it did)."""
     reports = []
-    for path in errors.glob("rank*.json"):
+    fallback = fallback_errors_dir(errors)  # reports that did not fit on a full disk
+    for path in [*errors.glob("rank*.json"), *fallback.glob("rank*.json")]:
         try:
             reports.append(json.loads(path.read_text()))
         except json.JSONDecodeError:
             continue
+    shutil.rmtree(fallback, ignore_errors=True)
+    if not reports and diskfull.is_disk_full(Exception(), errors):
+        return diskfull.message(f"stage {stage}'s outputs", errors.parent)
     if not reports:
         return (
             f"stage {stage}: workers exited with code {returncode} without an error report "

@@ -9,6 +9,7 @@ unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -120,7 +121,8 @@ def execute(
             finished_at=now_iso(),
             duration_s=round(time.perf_counter() - started, 2),
         )
-        write_manifest(run_dir / step.name, manifest)
+        with contextlib.suppress(OSError):  # on a full disk it stays "running", never "done"
+            write_manifest(run_dir / step.name, manifest)
         if isinstance(exc, KeyboardInterrupt):
             raise
         if status == "interrupted":

@@ -8,13 +8,16 @@ boundary when the launcher asks it to (`<stage>/stop.request`).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 
-from pipeline.engine import preempt
+from pipeline.engine import diskfull, preempt
 from pipeline.engine.config import read_yaml, validate_recipe
 from pipeline.engine.context import StageContext, setup_stage_logging
 from pipeline.engine.errors import PipelineError, Preempted
@@ -44,6 +47,13 @@ def execute_stage(run_dir: Path, stage: str) -> None:
     stage_module(ctx.kind).run(ctx)
 
 
+def fallback_errors_dir(errors: Path) -> Path:
+    """Where a rank reports its error when the run dir's disk is full: the temp dir (usually
+    another filesystem), in a folder named after `errors`."""
+    key = hashlib.sha256(str(errors.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "pipeline-errors" / key
+
+
 def _redirect_output(path: Path) -> None:
     """Send this process's stdout/stderr (including C-level writes) to a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,6 +77,7 @@ def main(argv: list[str]) -> int:
     except Preempted:
         return Preempted.exit_code
     except BaseException as exc:  # noqa: BLE001 - every failure is reported to the orchestrator
+        exc = diskfull.explained(exc, f"stage {stage}'s outputs", run_dir / stage)
         user_error = isinstance(exc, PipelineError)
         report = {
             "rank": rank,
@@ -75,7 +86,12 @@ def main(argv: list[str]) -> int:
             "message": str(exc) if user_error else f"{type(exc).__name__}: {exc}",
             "traceback": "" if user_error else traceback.format_exc(),
         }
-        atomic_write_json(run_dir / stage / ERRORS_DIR / f"rank{rank}.json", report)
+        errors = run_dir / stage / ERRORS_DIR
+        try:
+            atomic_write_json(errors / f"rank{rank}.json", report)
+        except OSError:  # a full disk: the report goes where the launcher looks next
+            with contextlib.suppress(OSError):
+                atomic_write_json(fallback_errors_dir(errors) / f"rank{rank}.json", report)
         if not user_error:
             traceback.print_exc()
         return 1

@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.engine import faults
+from pipeline.engine import diskfull, faults
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.manifest import atomic_write_json, checksum_tree, sha256_file
 from pipeline.train.distributed import (
@@ -71,12 +71,15 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     record = {**meta, "step": step, "provenance": provenance(config)}
     main = accelerator.is_main_process
+    faults.point(root.parent.name, "checkpoint_start")
     if asynchronous and engine_layout(accelerator) == "fsdp":
-        writes = save_fsdp_async(accelerator, tmp)
+        with _writing(final, tmp, main):
+            writes = save_fsdp_async(accelerator, tmp)
         accelerator.wait_for_everyone()  # every rank's own files are written
         _pending = _writer().submit(_complete, writes, main, tmp, final, record, keep)
         return final
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    with _writing(final, tmp, main):
+        accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     faults.point(root.parent.name, "checkpoint_save")
     _complete([], main, tmp, final, record, keep)
@@ -103,15 +106,27 @@ def _complete(
 ) -> None:
     """After the shard writes (rank 0's futures finish only when every rank's are on disk):
     rank 0 records the checksums in meta.json, renames the directory and drops old ones."""
-    for write in writes:
-        write.result()
-    if not main:
-        return
-    atomic_write_json(tmp / META, {**record, "files": checksum_tree(tmp)})
+    with _writing(final, tmp, main):
+        for write in writes:
+            write.result()
+        if not main:
+            return
+        atomic_write_json(tmp / META, {**record, "files": checksum_tree(tmp)})
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in list_checkpoints(final.parent)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _writing(final: Path, tmp: Path, main: bool) -> Any:
+    """A full disk while writing checkpoint `final`: remove its temporary directory (rank 0) and
+    stop with one line naming the checkpoint a rerun resumes from; older ones are untouched."""
+    previous = list_checkpoints(final.parent)
+    resume = f" from {previous[-1].name}" if previous else " (no checkpoint yet: from step 0)"
+    return diskfull.writing(
+        f"checkpoint {final.name}", final.parent, tmp if main else None,
+        hint=" (or lower keep_checkpoints)", resume=resume,
+    )  # fmt: skip
 
 
 def _writer() -> ThreadPoolExecutor:

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.engine import faults
+from pipeline.engine import diskfull, faults
 from pipeline.engine.errors import PipelineError
 from pipeline.train.distributed import reshard
 from pipeline.train.provenance import write_provenance
@@ -54,20 +54,28 @@ def export_model(
     if accelerator.is_main_process:
         tmp = export_dir.parent / f".{export_dir.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        faults.point(export_dir.parent.name, "export_start")
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         if getattr(unwrapped, "generation_config", None) is not None:  # encoders have none
             unwrapped.generation_config.pad_token_id = unwrapped.config.pad_token_id
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        if added_special_tokens:
-            add_special_tokens(tokenizer, added_special_tokens)
-        tokenizer.save_pretrained(tmp)
-        unmatch_special_tokens(tmp / "tokenizer.json")  # save_pretrained adds them back
-        write_provenance(tmp, config)
+        with writing_export(export_dir, tmp):
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+            if added_special_tokens:
+                add_special_tokens(tokenizer, added_special_tokens)
+            tokenizer.save_pretrained(tmp)
+            unmatch_special_tokens(tmp / "tokenizer.json")  # save_pretrained adds them back
+            write_provenance(tmp, config)
         faults.point(export_dir.parent.name, "export_write")
         shutil.rmtree(export_dir, ignore_errors=True)
         tmp.rename(export_dir)
     accelerator.wait_for_everyone()
+
+
+def writing_export(export_dir: Path, tmp: Path) -> Any:
+    """A full disk while writing the export into `tmp`: remove it, stop with one line (the
+    checkpoints are kept, so the rerun resumes from the last one and only exports again)."""
+    return diskfull.writing("the export", export_dir, tmp, resume=" from its last checkpoint")
 
 
 def verify_export(
