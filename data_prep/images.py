@@ -22,7 +22,8 @@ resume is exact without loader state.
 Writing streams: each image is converted and appended to its split's files as it is read
 (`NpyWriter`), so memory holds one image whatever the dataset's size, and the files are byte for
 byte what `np.save` of the stacked arrays gives. An image folder's data signature comes from a
-cached listing that still stats every file (data_prep/image_listing.py).
+cached listing that stats only the files of changed directories, every file under `--rescan`
+or when a plan runs a stage (data_prep/image_listing.py).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from data_prep.shards import SampleOrder
 from pipeline.engine.config import StageConfig
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
+from pipeline.engine.graph import rescanning
 from pipeline.engine.manifest import atomic_write_json, sha256_file
 
 FORMAT = "image-shards/1"
@@ -70,11 +72,12 @@ class Config(StageConfig):
     )
 
     def data_signature(self) -> dict[str, Any]:
-        """A folder's file count and listing digest (data_prep/image_listing.py), or the uri."""
+        """A folder's file count and listing digest (data_prep/image_listing.py), or the uri;
+        every file is stat'ed only under `rescan()` (`--rescan`, or a plan that runs a stage)."""
         path = Path(self.source.uri)
         if self.source.uri == DIGITS or not path.is_dir():
             return {"uri": self.source.uri}
-        listing = folder_signature(path)
+        listing = folder_signature(path, rescan=rescanning())
         return {"files": listing.files, "listing_sha256": listing.sha256}
 
     def check_inputs(self) -> None:

@@ -27,9 +27,9 @@ from tests.helpers import cli, tiny_recipe, write_recipe
 # Every subcommand and its flags (positionals by dest). A change here is a change to the CLI
 # users script against: update this deliberately, with the README.
 CLI_SURFACE = {
-    "run": ["--dry-run", "--force", "--from", "--only", "--override", "-o", "recipe"],
+    "run": ["--dry-run", "--force", "--from", "--only", "--override", "--rescan", "-o", "recipe"],
     "submit": ["--dry-run", "--from", "--only", "--override", "-o", "recipe"],
-    "status": ["--override", "--verify", "-o", "target"],
+    "status": ["--override", "--rescan", "--verify", "-o", "target"],
     "report": ["run_dir"],
     "recipes": [],
     "show": ["--override", "-o", "target"],

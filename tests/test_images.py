@@ -297,12 +297,12 @@ def test_hf_images_stream_in_batches_in_row_order(tmp_path: Path) -> None:
 
 
 def _age(folder: Path, seconds: float = 60.0) -> None:
-    """Date every directory under `folder` back, as for a dataset written a while ago."""
+    """Date every directory and file under `folder` back, as for a dataset written a while ago."""
     import os
     import time
 
     past = time.time() - seconds
-    for path in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+    for path in [folder, *folder.rglob("*")]:
         os.utime(path, (past, past))
 
 
@@ -323,25 +323,30 @@ def test_images_listing_cache_lists_only_changed_directories(tmp_path: Path) -> 
 
     folder, cache = _small_folder(tmp_path / "data"), tmp_path / "cache" / "listing.json"
     first = folder_signature(folder, cache)
-    assert (first.files, first.dirs_listed) == (9, 4) and cache.is_file()
+    assert (first.files, first.dirs_listed, first.files_statted) == (9, 4, 9) and cache.is_file()
     second = folder_signature(folder, cache)
-    assert second == type(first)(9, first.sha256, 0)  # nothing listed again
+    assert second == type(first)(9, first.sha256, 0, 0)  # nothing listed or stat'ed again
     _png(folder / "b" / "new.png", (4, 4), (0, 0, 0))
     third = folder_signature(folder, cache)
-    assert (third.files, third.dirs_listed) == (10, 1) and third.sha256 != first.sha256
-    # Without a cache the same folder gives the same signature.
+    assert (third.files, third.dirs_listed, third.files_statted) == (10, 1, 4)
+    assert third.sha256 != first.sha256
+    # Without a cache, or with a rescan, the same folder gives the same signature.
     fresh = folder_signature(folder, tmp_path / "other.json")
     assert (fresh.sha256, fresh.dirs_listed) == (third.sha256, 4)
+    rescanned = folder_signature(folder, cache, rescan=True)
+    assert (rescanned.sha256, rescanned.dirs_listed, rescanned.files_statted) == (
+        third.sha256, 4, 10
+    )  # fmt: skip
 
 
-def test_images_stage_goes_stale_on_added_removed_and_in_place_changed_files(
+def test_images_stage_goes_stale_on_added_removed_and_rescanned_in_place_changed_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import os
 
     from data_prep.image_listing import cache_path, folder_signature
     from pipeline.engine.config import validate_recipe
-    from pipeline.engine.graph import plan
+    from pipeline.engine.graph import plan, rescan
     from pipeline.engine.runner import run_recipe
 
     monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
@@ -381,7 +386,8 @@ def test_images_stage_goes_stale_on_added_removed_and_in_place_changed_files(
     rerun()
     # In place: same size, new content and mtime; the directory's stamp does not change.
     _age(folder)
-    folder_signature(folder)
+    _age(outside)
+    rerun()  # dating the files back changed their mtimes
     target, before = folder / "b" / "2.bmp", (folder / "b").stat()
     old = target.stat()
     data = bytearray(target.read_bytes())
@@ -391,20 +397,23 @@ def test_images_stage_goes_stale_on_added_removed_and_in_place_changed_files(
     assert target.stat().st_size == old.st_size
     assert (folder / "b").stat().st_mtime_ns == before.st_mtime_ns
     assert folder_signature(folder).dirs_listed == 0
-    assert stale() == (True, "config or upstream changed")
+    assert stale() == (False, "up to date")  # by default the directory's stamp is trusted
+    with rescan():
+        assert stale() == (True, "config or upstream changed")
 
 
 @pytest.mark.parametrize(
     "damage",
-    ["garbage", "truncated", "empty", "edited-body", "forged-missing-file", "other-root"],
-)
+    ["garbage", "truncated", "empty", "edited-body", "name-without-stats", "gone-subdirectory",
+     "other-root", "old-format"],
+)  # fmt: skip
 def test_images_corrupted_listing_cache_is_rebuilt_never_trusted(
     tmp_path: Path, damage: str
 ) -> None:
     import hashlib
     import json
 
-    from data_prep.image_listing import folder_signature
+    from data_prep.image_listing import FORMAT, folder_signature
 
     folder, cache = _small_folder(tmp_path / "data"), tmp_path / "listing.json"
     folder_signature(folder, cache)
@@ -414,6 +423,7 @@ def test_images_corrupted_listing_cache_is_rebuilt_never_trusted(
     folder_signature(folder, cache)  # the cache now lists extra.png
     head, _, body = cache.read_bytes().partition(b"\n")
     data = json.loads(body)
+    fmt = FORMAT
     if damage == "garbage":
         cache.write_bytes(b"\x00\xffnot a listing")
     elif damage == "truncated":
@@ -423,14 +433,18 @@ def test_images_corrupted_listing_cache_is_rebuilt_never_trusted(
     elif damage == "edited-body":  # hides a file but keeps the old checksum
         data["dirs"]["a"][1].remove("extra.png")
         cache.write_bytes(head + b"\n" + json.dumps(data).encode())
-    else:
-        if damage == "forged-missing-file":  # a valid checksum over a name that is gone
+    else:  # a valid checksum over a listing that is wrong
+        if damage == "name-without-stats":
             data["dirs"]["a"][1].append("gone.png")
-        else:
+        elif damage == "gone-subdirectory":
+            data["dirs"][""][2].append("gone")
+            data["dirs"]["gone"] = [[1, 1, 1], ["x.png"], [], [1], [1]]
+        elif damage == "other-root":
             data["root"] = str(tmp_path / "elsewhere")
+        else:
+            fmt = "image-listing/1"
         forged = json.dumps(data).encode()
-        checksum = hashlib.sha256(forged).hexdigest()
-        cache.write_bytes(f"image-listing/1 {checksum}\n".encode() + forged)
+        cache.write_bytes(f"{fmt} {hashlib.sha256(forged).hexdigest()}\n".encode() + forged)
     again = folder_signature(folder, cache)
     assert (again.files, again.sha256, again.dirs_listed) == (truth.files, truth.sha256, 4)
     assert folder_signature(folder, cache).dirs_listed == 0  # rebuilt and trusted again

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,24 @@ from pipeline.engine.schema_errors import suggest
 
 # Bump when the meaning of a stage's outputs changes for the same config.
 FINGERPRINT_VERSION = 1
+
+_RESCAN: ContextVar[bool] = ContextVar("rescan", default=False)
+
+
+@contextmanager
+def rescan(enabled: bool = True) -> Iterator[None]:
+    """Within it, data signatures stat every input file rather than trust cached listings of
+    unchanged directories (`--rescan`), so a file rewritten in place is seen."""
+    token = _RESCAN.set(enabled or _RESCAN.get())
+    try:
+        yield
+    finally:
+        _RESCAN.reset(token)
+
+
+def rescanning() -> bool:
+    """Whether a data signature computed now must stat every input file (see `rescan`)."""
+    return _RESCAN.get()
 
 
 def downstream(recipe: Recipe, roots: set[str]) -> set[str]:
@@ -111,7 +132,22 @@ def plan(
     only: list[str] | None = None,
     force: bool = False,
 ) -> list[Step]:
-    """Decide, in order, which stages run; `--from` and `--only` force their stages to rerun."""
+    """Decide, in order, which stages run; `--from` and `--only` force their stages to rerun.
+
+    A plan that runs a stage is made again under `rescan()`: the fingerprint a stage records
+    then comes from fresh stats of its input files, never from a cached listing.
+    """
+    steps = _plan(recipe, from_stage, only, force)
+    if rescanning() or not any(step.run for step in steps):
+        return steps
+    with rescan():
+        return _plan(recipe, from_stage, only, force)
+
+
+def _plan(
+    recipe: Recipe, from_stage: str | None, only: list[str] | None, force: bool
+) -> list[Step]:
+    """One pass of `plan` with the data signatures as `rescanning()` says."""
     for flag, stages in (("--from", [from_stage] if from_stage else []), ("--only", only or [])):
         for stage in stages:
             if stage not in recipe.stages:
