@@ -311,8 +311,7 @@ def train_and_export(
     from transformers.trainer_callback import PrinterCallback
 
     from pipeline.engine.errors import Preempted
-    from pipeline.models import unmatch_special_tokens
-    from pipeline.train.provenance import write_provenance
+    from pipeline.train.export import export_trainer
     from pipeline.train.runtime import preemption_callback
 
     trainer.remove_callback(PrinterCallback)  # our tracker callback logs; no raw dicts on stdout
@@ -323,18 +322,7 @@ def train_and_export(
     if stop.stopped_at is not None:
         raise Preempted(f"stages.{ctx.name}: preempted after step {stop.stopped_at}; "
                         f"checkpoint saved, a rerun or requeue resumes from it")  # fmt: skip
-    tmp = ctx.export_dir.parent / f".{ctx.export_dir.name}.tmp"
-    if ctx.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(tmp))  # every rank takes part (sharded engines gather)
-    if ctx.is_main:
-        tokenizer.save_pretrained(str(tmp))
-        unmatch_special_tokens(tmp / "tokenizer.json")  # save_pretrained adds them back
-        write_provenance(tmp, ctx.config.model_dump(mode="json"))
-        shutil.rmtree(ctx.export_dir, ignore_errors=True)
-        tmp.rename(ctx.export_dir)
-    trainer.accelerator.wait_for_everyone()
+    export_trainer(trainer, tokenizer, ctx.export_dir, ctx.config.model_dump(mode="json"))
 
 
 def fit(

@@ -72,6 +72,32 @@ def export_model(
     accelerator.wait_for_everyone()
 
 
+def export_trainer(
+    trainer: Any, tokenizer: Any, export_dir: Path, config: dict[str, Any] | None = None
+) -> None:
+    """Save a TRL/transformers trainer's model with its tokenizer and provenance as a HF
+    directory, written into a temporary one and renamed into place like `export_model`."""
+    from pipeline.models import unmatch_special_tokens
+
+    main = trainer.accelerator.is_main_process
+    tmp = export_dir.parent / f".{export_dir.name}.tmp"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    faults.point(export_dir.parent.name, "export_start")
+    with writing_export(export_dir, tmp):
+        trainer.save_model(str(tmp))  # every rank takes part (sharded engines gather)
+        if main:
+            tokenizer.save_pretrained(str(tmp))
+            unmatch_special_tokens(tmp / "tokenizer.json")  # save_pretrained adds them back
+            write_provenance(tmp, config)
+    if main:
+        faults.point(export_dir.parent.name, "export_write")
+        shutil.rmtree(export_dir, ignore_errors=True)
+        tmp.rename(export_dir)
+    trainer.accelerator.wait_for_everyone()
+
+
 def writing_export(export_dir: Path, tmp: Path) -> Any:
     """A full disk while writing the export into `tmp`: remove it, stop with one line (the
     checkpoints are kept, so the rerun resumes from the last one and only exports again)."""
