@@ -30,6 +30,7 @@ from data_prep.mixture import Item, Mixture, Stream, mixture_of
 from data_prep.shards import ShardWriter, token_dtype
 from data_prep.sources import SourceStageConfig
 from data_prep.tokenizer import EOS_ID, MODEL_FILE
+from pipeline.engine import faults
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.manifest import atomic_write_json, sha256_file
@@ -93,6 +94,7 @@ def run(ctx: StageContext) -> None:
             progress=ctx.progress,
             resume_dir=ctx.checkpoint_dir / "tokens",
             fingerprint=ctx.fingerprint,
+            stage=ctx.name,
         )
     if cfg.val_fraction > 0 and stats["val_tokens"] == 0:
         ctx.log.warning(
@@ -130,6 +132,7 @@ def tokenize_corpus(
     progress: Progress | None = None,
     resume_dir: Path | None = None,
     fingerprint: str = "",
+    stage: str = "",
 ) -> dict[str, Any]:
     """Encode documents (eos after each) into out_dir/{train,val}/ shards plus meta.json.
 
@@ -140,7 +143,8 @@ def tokenize_corpus(
     and moved to out_dir at the end; a run killed midway and started again with the same
     arguments (and `fingerprint`, which names the documents) continues after the last shard it
     committed and ends with the same bytes. A Mixture of two or more sources is recorded in
-    meta.json under "mixture" (data_prep.mixture).
+    meta.json under "mixture" (data_prep.mixture). `stage` names the stage for fault injection
+    (pipeline.engine.faults: `data_write`).
     """
     import sentencepiece as spm
 
@@ -156,7 +160,7 @@ def tokenize_corpus(
         "val_fraction": val_fraction,
         "shard_tokens": shard_tokens,
     }
-    splitter = _Splitter(work_dir, dtype, shard_tokens, seed, val_fraction, key, resume_dir)
+    splitter = _Splitter(work_dir, dtype, shard_tokens, seed, val_fraction, key, resume_dir, stage)
     resumed = splitter.restore(mixture)
     with Encoder(model_path, dtype, EOS_ID, num_workers) as encoder:
         items = mixture.items(encoder.encode, resumed)
@@ -209,11 +213,12 @@ class _Splitter:
         val_fraction: float,
         key: dict[str, Any],
         resume_dir: Path | None,
+        stage: str = "",
     ) -> None:
         resumable = resume_dir is not None
         self.train = ShardWriter(work_dir / "train", dtype, shard_tokens, resumable)
         self.val = ShardWriter(work_dir / "val", dtype, shard_tokens, resumable)
-        self.seed, self.val_fraction = seed, val_fraction
+        self.seed, self.val_fraction, self.stage = seed, val_fraction, stage
         self.key = {**key, "dtype": dtype.name}
         self.progress_path = None if resume_dir is None else resume_dir / PROGRESS_FILE
         self.num_documents = 0
@@ -239,6 +244,7 @@ class _Splitter:
             if self.held is not None:
                 _add(self.train, *self.held[:2])
             if (self.train.num_shards, self.val.num_shards) != self.saved:
+                faults.point(self.stage, "data_write")  # committed, not yet in the progress record
                 self._save()  # every document before this one is written; none is held
             self.held = (tokens, repeat, source)
             self.mixture.count(source, "train", len(tokens) * repeat)
@@ -313,6 +319,7 @@ def tokenize_in_parts(ctx: StageContext, model_path: Path) -> dict[str, Any]:
         source, where = cfg.source[0], (model_path, dtype.str, EOS_ID, workers)
         jobs = [(source, plan[i], *where, part_dirs[i], {**key, "part": i}) for i in todo]
         fanout.run_processes(fanout.encode_part, jobs)
+        faults.point(ctx.name, "data_write")  # every part committed, none merged yet
     merging = time.perf_counter()
     splits = fanout.merge_parts(
         part_dirs, key, ctx.export_dir, dtype, cfg.shard_tokens, ctx.seed, cfg.val_fraction,

@@ -155,7 +155,7 @@ def _recipe_for_status(target: str, overrides: list[str]) -> Recipe:
 def cmd_status(args: argparse.Namespace) -> int:
     from pipeline.engine.graph import fingerprints, rescan, stage_state
     from pipeline.engine.manifest import read_manifest, verify_outputs
-    from pipeline.engine.slurm import queue_column
+    from pipeline.engine.slurm import ENDED_STATES, queue_column
 
     recipe = _recipe_for_status(args.target, args.override)
     if problems := deepspeed_problems(recipe):  # fingerprints read the DeepSpeed file
@@ -172,9 +172,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         if fresh and args.verify:
             problem = verify_outputs(run_dir / name, manifest.get("outputs", {}), deep=True)
             fresh, reason = problem is None, problem or "verified"
-        status = manifest.get("status", "-")
+        status, queue = manifest.get("status", "-"), queue_column(manifest)
         if status == "failed" and manifest.get("error"):
             status = f"failed: {manifest['error'][:60]}"
+        job_state = queue.split(" ")[1].rstrip(":") if " " in queue else ""  # "ID STATE..."
+        if status == "running" and job_state in ENDED_STATES:
+            status = "stopped (job ended)"  # killed with its job: never reached its manifest
         table.add_row(
             name,
             cfg.kind,
@@ -182,7 +185,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "fresh" if fresh else f"stale ({reason})",
             _fmt_duration(manifest.get("duration_s")),
             str(manifest.get("attempts", 0)),
-            queue_column(manifest),
+            queue,
             _fmt_metric(manifest),
         )
     console.print(table)

@@ -1,12 +1,17 @@
-"""A private two-node Slurm cluster for the tests (slurm/testcluster.sh), or a skip saying why not."""
+"""A private two-node Slurm cluster for the tests (slurm/testcluster.sh), or a skip saying why not;
+and a way to let one of its nodes die and come back."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,3 +45,54 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             os.environ["SLURM_CONF"] = previous
     finally:
         subprocess.run([str(SCRIPT), "stop", str(directory)], capture_output=True, timeout=120)
+
+
+def kill_node(conf: Path, node: str, reason: str) -> None:
+    """Let `node` of the test cluster die as a machine would: SIGKILL its slurmd, its slurmstepd
+    daemons and every process of theirs at once, so nothing reports to slurmctld; then mark it
+    DOWN, as slurmctld does once the node misses SlurmdTimeout (300 s by default) of pings."""
+    import psutil
+
+    victims = [psutil.Process(int((conf.parent / "run" / f"slurmd-{node}.pid").read_text()))]
+    for stepd in _stepds(conf.parent / "spool" / node):
+        victims += [stepd, *stepd.children(recursive=True)]
+    for victim in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            victim.send_signal(signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=10)
+    subprocess.run(
+        ["scontrol", "update", f"NodeName={node}", "State=DOWN", f"Reason={reason}"], check=True
+    )
+
+
+def revive_node(conf: Path, node: str, timeout_s: float = 60) -> None:
+    """Start `node`'s slurmd again (if it is not running) and wait until the node takes jobs:
+    with ReturnToService=2 a DOWN node returns to service when its slurmd registers."""
+    pidfile = conf.parent / "run" / f"slurmd-{node}.pid"
+    try:
+        os.kill(int(pidfile.read_text()), 0)
+    except (OSError, ValueError):
+        subprocess.run(["slurmd", "-f", str(conf), "-N", node], check=True)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        state = subprocess.run(
+            ["sinfo", "-h", "-N", "-n", node, "-o", "%T"], capture_output=True, text=True
+        ).stdout.split()
+        if state and state[0] in ("idle", "mixed", "allocated"):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{node} did not return to service within {timeout_s}s: {state}")
+
+
+def _stepds(spool: Path) -> list[Any]:
+    """The slurmstepd daemons of the node whose spool directory is `spool` (their sockets are
+    there: both nodes are this machine, so nothing else tells them apart)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["name"]):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            sockets = proc.net_connections("unix") if proc.info["name"] == "slurmstepd" else []
+            if any(str(s.laddr).startswith(f"{spool}{os.sep}") for s in sockets):
+                found.append(proc)
+    return found

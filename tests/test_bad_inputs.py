@@ -210,6 +210,10 @@ RECIPE_CASES = {
     "rlhf-key": recipe("rewardz", {"stages.rlhf.rewardz": ["exact"]}),
     "rlhf-type": recipe("temperature", {"stages.rlhf.temperature": "hot"}),
     "rlhf-value": recipe("algorithm", {"stages.rlhf.algorithm": "ppo"}),
+    "rlhf-resume-inexact": recipe(
+        "not a multiple of num_iterations",
+        {"stages.rlhf.num_iterations": 2, "stages.rlhf.checkpoint_every": 3},
+    ),
     "eval-key": recipe("max_token", {"stages.eval.max_token": 5}),
     "eval-type": recipe("batch_size", {"stages.eval.batch_size": [1]}),
     "eval-value": recipe("batch_size", {"stages.eval.batch_size": 0}),

@@ -3,7 +3,8 @@ with SIGKILL the n-th time (default: the first) that stage passes that point, as
 the OOM killer or `kill -9` would: no handler runs, nothing is cleaned up or flushed. A rank
 kills its launcher first (the other ranks die with it), so the whole run stops at that moment.
 
-Points: `data_write` (tokenize, after a shard is committed), `mid_step` (after backward, before
+Points: `data_write` (tokenize, after a shard is committed; with `parts`, once every part is
+encoded and none is merged), `mid_step` (after backward, before
 the update), `checkpoint_start` (a checkpoint save begins), `checkpoint_save` (state written, not
 yet verified or renamed), `export_start` (an export begins), `export_write` (export written, not
 yet renamed), `manifest_write` (the manifest's temp file written, not yet renamed into place).

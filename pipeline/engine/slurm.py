@@ -25,7 +25,22 @@ from pipeline.engine.runner import now_iso, write_resolved_recipe
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "stage.sbatch"
 PARTS_TEMPLATE = TEMPLATE.with_name("stage_parts.sbatch")
-ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED"}
+# States of a job that is still in the queue (held, pending, running or on its way out).
+ACTIVE_STATES = {
+    "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SPECIAL_EXIT",
+    "CONFIGURING", "COMPLETING", "SUSPENDED", "STOPPED", "SIGNALING", "RESIZING", "STAGE_OUT",
+}  # fmt: skip
+# End states other than COMPLETED, as `pipeline status` names them.
+ENDED_STATES = {
+    "CANCELLED": "cancelled",
+    "NODE_FAIL": "node failed",
+    "BOOT_FAIL": "node failed to boot",
+    "TIMEOUT": "time limit reached",
+    "OUT_OF_MEMORY": "out of memory",
+    "DEADLINE": "deadline passed",
+    "PREEMPTED": "preempted",
+    "FAILED": "failed",
+}
 
 
 class SbatchTemplate(Template):
@@ -106,36 +121,89 @@ def slurm_command(*args: str) -> str:
     return proc.stdout
 
 
-def job_state(job_id: str) -> tuple[str, str] | None:
-    """(state, reason) of a job from scontrol, else sacct; None when Slurm does not know it."""
+@dataclass(frozen=True)
+class JobInfo:
+    """What Slurm says about a job: its state, its reason, how often it was requeued, its nodes."""
+
+    state: str
+    reason: str = ""
+    restarts: int = 0
+    nodes: str = ""
+
+
+def job_state(job_id: str) -> JobInfo | None:
+    """A job's state from scontrol, else sacct; None when Slurm does not know it."""
     try:
         shown = slurm_command("scontrol", "show", "job", "--oneliner", job_id)
         fields = dict(re.findall(r"(\w+)=(\S*)", shown))
-        restarts = int(fields.get("Restarts", "0"))
         reason = fields.get("Reason", "None")
-        if restarts and fields.get("JobState") in ACTIVE_STATES:
-            reason = f"requeued {restarts}x" + (f", {reason}" if reason != "None" else "")
-        return fields.get("JobState", "UNKNOWN"), "" if reason == "None" else reason
+        return JobInfo(
+            fields.get("JobState", "UNKNOWN"),
+            "" if reason == "None" else reason,
+            int(fields.get("Restarts", "0")),
+            "" if fields.get("NodeList") in (None, "(null)") else fields["NodeList"],
+        )
     except PipelineError:
         pass
     try:
         rows = slurm_command("sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id).split()
     except PipelineError:
         return None
-    return (rows[0].split()[0], "") if rows else None
+    return JobInfo(rows[0].split()[0]) if rows else None
+
+
+def down_nodes(nodes: str) -> str:
+    """Which of `nodes` (a Slurm node list) are down, drained, failing or not responding, with
+    the reason Slurm gives; "" when all are well or sinfo cannot tell."""
+    if not nodes:
+        return ""
+    try:
+        rows = slurm_command("sinfo", "-h", "-N", "-n", nodes, "-o", "%N|%T|%E").splitlines()
+    except PipelineError:
+        return ""
+    found: dict[str, str] = {}
+    for name, state, reason in (row.split("|", 2) for row in rows if row.count("|") == 2):
+        if "*" in state or any(word in state for word in ("down", "drain", "fail")):
+            found[name] = f"{name} {state}" + (f" ({reason})" if reason != "none" else "")
+    return ", ".join(found.values())
+
+
+def what_happened(manifest: dict, job: JobInfo) -> str:
+    """The queue cell's explanation of a job that ended (or was requeued by Slurm) after its
+    stage started and before it was done: what the end state means, which node went down."""
+    slurm, status = manifest.get("slurm") or {}, manifest.get("status")
+    if status in (None, "done"):  # never started (Slurm's reason says why), or finished
+        return ""
+    if job.state in ENDED_STATES:
+        if job.state == "FAILED" and status == "failed":
+            return ""  # the status column carries the stage's own error
+        failed_node = job.state in ("NODE_FAIL", "BOOT_FAIL")
+        lost = down_nodes(job.nodes or slurm.get("nodes", "")) if failed_node else ""
+        meaning = ENDED_STATES[job.state] + (f", {lost}" if lost else "")
+        return f"{meaning}; `pipeline submit` resumes it"
+    # Requeued by Slurm, not by the job itself (which records "requeued" first): its run was lost.
+    if job.restarts > int(slurm.get("requeues", 0)) and slurm.get("state") == "running":
+        lost = down_nodes(slurm.get("nodes", ""))
+        return f"node failed, {lost}" if lost else "previous run lost"
+    return ""
 
 
 def queue_column(manifest: dict) -> str:
-    """`pipeline status`'s queue cell: job id and live state, or the last recorded state."""
+    """`pipeline status`'s queue cell: job id and live state (with what went wrong, when the job
+    ended before its stage was done), or the last recorded state."""
     slurm = manifest.get("slurm") or {}
     job_id = slurm.get("job_id")
     if not job_id:
         return "-"
-    live = job_state(str(job_id))
-    if live is None:
+    job = job_state(str(job_id))
+    if job is None:
         return f"{job_id} {slurm.get('state', '?')}"
-    state, reason = live
-    return f"{job_id} {state}" + (f" ({reason})" if reason else "")
+    notes = [job.reason] if job.reason else []
+    if job.restarts and job.state in ACTIVE_STATES:
+        notes.insert(0, f"requeued {job.restarts}x")
+    cell = f"{job_id} {job.state}" + (f" ({', '.join(notes)})" if notes else "")
+    what = what_happened(manifest, job)
+    return f"{cell}: {what}" if what else cell
 
 
 def refuse_active_jobs(recipe: Recipe, stages: list[str], command: str) -> None:
@@ -145,9 +213,9 @@ def refuse_active_jobs(recipe: Recipe, stages: list[str], command: str) -> None:
     for stage in stages:
         job_id = (read_manifest(run_dir / stage).get("slurm") or {}).get("job_id")
         live = job_state(str(job_id)) if job_id else None
-        if live and live[0] in ACTIVE_STATES:
+        if live and live.state in ACTIVE_STATES:
             raise PipelineError(
-                f"stage {stage}: already queued as job {job_id} ({live[0]}); "
+                f"stage {stage}: already queued as job {job_id} ({live.state}); "
                 f"wait for it or `scancel {job_id}`, then {command} again"
             )
 

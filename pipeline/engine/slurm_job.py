@@ -113,7 +113,9 @@ def main(argv: list[str]) -> int:
         except PipelineError:
             return 1  # node 0 records the reason
         return 0
-    slurm = {"job_id": str(job_id), "state": "running", "requeues": restarts}
+    # The nodes let `pipeline status` tell a node failure when Slurm requeues the job itself.
+    nodes = os.environ["SLURM_JOB_NODELIST"]
+    slurm = {"job_id": str(job_id), "state": "running", "requeues": restarts, "nodes": nodes}
     parts_job_id = (read_manifest(run_dir / stage).get("slurm") or {}).get("parts_job_id")
     if parts_job_id:  # the job array this job merges (a fanned-out tokenize)
         slurm["parts_job_id"] = parts_job_id

@@ -17,6 +17,7 @@ from pydantic import Field
 
 from pipeline.diffusion.objectives import ObjectiveConfig
 from pipeline.diffusion.training import ImageTrainingConfig
+from pipeline.engine import faults
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
 from pipeline.models.diffusion import DiffusionModelConfig
@@ -122,6 +123,7 @@ def export_pipeline(
 
     from pipeline.diffusion import class_conditional_pipeline as diffusion_pipeline
     from pipeline.diffusion.class_conditional_pipeline import ClassConditionalPipeline
+    from pipeline.train.export import writing_export
     from pipeline.train.provenance import write_provenance
 
     model = type(denoiser).from_config(denoiser.config)
@@ -138,8 +140,11 @@ def export_pipeline(
     )
     tmp = export_dir.parent / f".{export_dir.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    shutil.copyfile(diffusion_pipeline.__file__, tmp / PIPELINE_FILE)
-    write_provenance(tmp, config)
+    faults.point(export_dir.parent.name, "export_start")
+    with writing_export(export_dir, tmp):  # a full disk: one line, the checkpoints kept
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        shutil.copyfile(diffusion_pipeline.__file__, tmp / PIPELINE_FILE)
+        write_provenance(tmp, config)
+    faults.point(export_dir.parent.name, "export_write")
     shutil.rmtree(export_dir, ignore_errors=True)
     tmp.rename(export_dir)

@@ -315,7 +315,8 @@ def train_and_export(
     from pipeline.train.runtime import preemption_callback
 
     trainer.remove_callback(PrinterCallback)  # our tracker callback logs; no raw dicts on stdout
-    trainer.add_callback(stop := preemption_callback(trainer.accelerator, ctx.name))
+    every = getattr(trainer.args, "num_iterations", 1)  # GRPO reuses a batch for this many
+    trainer.add_callback(stop := preemption_callback(trainer.accelerator, ctx.name, every))
     if resume:
         ctx.log.info("resuming from %s", Path(resume).name)
     trainer.train(resume_from_checkpoint=resume)

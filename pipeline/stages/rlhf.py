@@ -72,6 +72,19 @@ class Config(TaskStageConfig):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_checkpoint_every(self) -> Config:
+        # TRL keeps a generation batch (reused for num_iterations updates) in memory only: a
+        # checkpoint between its updates resumes with a new batch, not the interrupted run's.
+        if self.algorithm == "grpo" and self.checkpoint_every % self.num_iterations:
+            every, n = self.checkpoint_every, self.num_iterations
+            raise ValueError(
+                f"checkpoint_every={every} is not a multiple of num_iterations={n}: a checkpoint "
+                f"between the updates of one generation batch cannot resume exactly; use "
+                f"checkpoint_every: {max(n, every // n * n)}"
+            )
+        return self
+
 
 def prompt_rows(cfg: Config, seed: int, where: str) -> list[dict[str, Any]]:
     """GRPO/RLOO prompts: the task's train problems (with `answer`) or the user's JSONL rows."""

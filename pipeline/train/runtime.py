@@ -46,21 +46,30 @@ def to_device(batch: Any, device: Any) -> Any:
     return torch.from_numpy(batch).to(device)
 
 
-def preemption_callback(accelerator: Accelerator, stage: str) -> Any:
+def preemption_callback(accelerator: Accelerator, stage: str, every: int = 1) -> Any:
     """A TrainerCallback (the TRL stages) that checkpoints and stops at the next step boundary
-    when any rank was asked to stop (Slurm's warning, a local Ctrl-C or SIGTERM): as our loop."""
+    when any rank was asked to stop (Slurm's warning, a local Ctrl-C or SIGTERM): as our loop.
+    With `every` > 1 it stops at the next multiple of `every` steps (GRPO's num_iterations: a
+    generation batch is in memory only, so a checkpoint amid its updates would not resume
+    exactly)."""
     from transformers import TrainerCallback
 
     from pipeline.engine import faults, preempt
 
     class Preemption(TrainerCallback):
         stopped_at: int | None = None
+        asked = False
 
         def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **_: Any) -> None:
             faults.point(stage, "mid_step")
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if preempt.requested(accelerator) and state.global_step < state.max_steps:
+            self.asked = preempt.requested(accelerator) or self.asked  # every rank, every step
+            if (
+                self.asked
+                and state.global_step < state.max_steps
+                and state.global_step % every == 0
+            ):
                 control.should_save = control.should_training_stop = True
                 self.stopped_at = state.global_step
 
