@@ -119,3 +119,43 @@ def test_fault_enospc_in_export_keeps_checkpoints_and_resumes(
 ) -> None:
     run_dir, stderr = _fill_then_rerun(small_disk, prepared, reference, "export_start")
     assert "writing the export" in stderr
+
+
+def test_fault_enospc_in_tokenize_resumes_to_the_same_shards(
+    small_disk: Path, prepared: Path, tmp_path: Path
+) -> None:
+    """A full disk after the 2nd committed shard: no guard names this write, so the worker's
+    catch-all says it; the rerun continues after the committed shards, same bytes."""
+
+    def recipe_for(run_dir: Path) -> Path:
+        shutil.copytree(prepared, run_dir)
+        shutil.rmtree(run_dir / "tokenize")
+        data = tiny_recipe(run_dir)
+        data["stages"] = {name: data["stages"][name] for name in ("tokenizer", "tokenize")}
+        data["stages"]["tokenize"]["shard_tokens"] = 4000
+        return write_recipe(run_dir.parent / f"{run_dir.name}.yaml", data)
+
+    expected_recipe = recipe_for(tmp_path / "expected")
+    assert cli("run", str(expected_recipe)).returncode == 0
+    run_dir = small_disk / "run"
+    recipe, ballast = recipe_for(run_dir), small_disk / "ballast"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENV, "tokenize:data_write:2")
+        patch.setenv(FILL_ENV, str(ballast))
+        full = cli("run", str(recipe))
+    assert full.returncode == 1, full.stderr[-3000:]
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no space left on device" in errors[0], full.stderr[-3000:]
+    assert "Traceback" not in full.stderr
+    assert read_manifest(run_dir / "tokenize").get("status") != "done"
+    ballast.unlink()
+    rerun = cli("run", str(recipe))
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert read_manifest(run_dir / "tokenize")["summary"]["resumed_documents"] > 0
+    export, reference = (
+        run_dir / "tokenize" / "export",
+        tmp_path / "expected" / "tokenize" / "export",
+    )
+    files = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(export) for p in export.rglob("*") if p.is_file())
+    assert all((export / f).read_bytes() == (reference / f).read_bytes() for f in files)
