@@ -169,7 +169,7 @@ def test_model_spec_errors_name_the_model_and_key() -> None:
         validate_recipe(_recipe({"m": {"estimator": "x.Y"}}, launch={"nproc": 2}))
 
 
-def test_validated_models_carry_their_defaults() -> None:
+def test_validated_models_carry_their_preset_values() -> None:
     recipe = validate_recipe(_recipe({"m": {"net": "cnn"}}, task="vision"))
     stage = recipe.stages["clf"]
     assert stage.models["m"]["channels"] == [16, 32] and stage.options["epochs"] == 20

@@ -89,7 +89,7 @@ def file_stats(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     yield seen
 
 
-def test_default_plan_stats_no_file_of_an_unchanged_directory(
+def test_plan_stats_no_file_of_an_unchanged_directory(
     tmp_path: Path, file_stats: list[str]
 ) -> None:
     folder = _folder(tmp_path / "data", per_class=100)
@@ -104,7 +104,7 @@ def test_default_plan_stats_no_file_of_an_unchanged_directory(
     assert sorted(file_stats) == sorted(str(p) for p in (folder / "b").iterdir())
 
 
-def test_added_or_removed_file_reruns_the_images_stage_by_default(tmp_path: Path) -> None:
+def test_added_or_removed_file_reruns_the_images_stage_without_rescan(tmp_path: Path) -> None:
     folder = _folder(tmp_path / "data", per_class=3)
     recipe = _recipe(tmp_path, folder)
     run_recipe(recipe)
