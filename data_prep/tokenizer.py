@@ -28,9 +28,13 @@ UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 CHUNK_BYTES = 4000
 MAX_SENTENCE_BYTES = 8192
 # Unigram scores are rounded to multiples of 1/16 so that SentencePiece (float32) and
-# tokenizers (float64) sum path scores exactly and break Viterbi ties the same way.
+# tokenizers (float64) sum path scores exactly and break Viterbi ties the same way (unrounded,
+# about 3 tokens in 100,000 differ). Float32 holds such sums exactly down to -2**20: documents
+# over about 300 kB need SentencePiece >= 0.2.2, which rebases its sums as a path grows.
 SCORE_STEPS_PER_UNIT = 16
 NORMAL_PIECE = 1
+# SentencePiece's split_digits isolates these (its is_unicode_decimal_number), not ² or ½.
+SPLIT_DIGITS_PATTERN = "[0-9\uff10-\uff19]"
 
 
 class Config(SourceStageConfig):
@@ -205,7 +209,8 @@ def export_hf_tokenizer(model_path: Path, out_dir: Path) -> None:
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model_path.read_bytes())
     pieces = [(p.piece, p.score, p.type == NORMAL_PIECE) for p in proto.pieces]
-    if proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
+    is_unigram = proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM
+    if not is_unigram:
         vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
         # SentencePiece merges by the score of the merged piece; control and byte pieces are
         # never produced from text, so they take no part in merges.
@@ -216,14 +221,16 @@ def export_hf_tokenizer(model_path: Path, out_dir: Path) -> None:
             vocab=vocab, merges=merges, unk_token=UNK, byte_fallback=True, fuse_unk=True
         )
     else:
-        # Control and byte pieces score far below any path, so text never matches them.
+        # Control and byte pieces score far below any path of normal pieces, so text matches
+        # them only across a character that has no piece (see _splits).
         floor = min(score for _, score, normal in pieces if normal) - 1e6
         vocab_scores = [(piece, score if normal else floor) for piece, score, normal in pieces]
         model = models.Unigram(vocab_scores, unk_id=UNK_ID, byte_fallback=True)
     backend = Tokenizer(model)
     backend.normalizer = normalizers.Replace(" ", "▁")
-    if proto.trainer_spec.split_digits:  # SentencePiece never merges across a digit
-        backend.pre_tokenizer = pre_tokenizers.Digits(individual_digits=True)
+    splits = _splits(pieces, split_digits=proto.trainer_spec.split_digits, unigram=is_unigram)
+    if splits:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(splits)
     backend.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     )
@@ -239,3 +246,26 @@ def export_hf_tokenizer(model_path: Path, out_dir: Path) -> None:
     )
     tokenizer.save_pretrained(str(out_dir))
     unmatch_special_tokens(out_dir / "tokenizer.json")
+
+
+def _splits(pieces: list[tuple[str, float, bool]], split_digits: bool, unigram: bool) -> list[Any]:
+    """Pre-tokenizers for the token boundaries SentencePiece has without splitting the text.
+
+    With split_digits no piece joins a digit to anything. A unigram `tokenizers` model matches
+    every vocab entry, "<pad>" and "<0x41>" included, and scores a character without a piece
+    below any entry, so literal "<pad>" without a "p" piece became the pad token; SentencePiece
+    never matches control or byte pieces. A character that no piece contains is a token
+    boundary for SentencePiece (<unk>, then bytes), so isolating it changes nothing there.
+    """
+    from tokenizers import Regex, pre_tokenizers
+
+    splits: list[Any] = []
+    if split_digits:
+        splits.append(pre_tokenizers.Split(Regex(SPLIT_DIGITS_PATTERN), "isolated"))
+    in_pieces = {c for piece, _, normal in pieces if normal for c in piece}
+    in_names = {c for piece, _, normal in pieces if not normal for c in piece}
+    stray = sorted(in_names - in_pieces) if unigram else []
+    if stray:
+        pattern = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in stray) + "]"
+        splits.append(pre_tokenizers.Split(Regex(pattern), "isolated"))
+    return splits

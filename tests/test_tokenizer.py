@@ -128,3 +128,105 @@ def test_config_accepts_bare_source_and_rejects_bad_values() -> None:
         Config.model_validate({"kind": "tokenizer", "source": "x.txt", "vocab_size": 100})
     with pytest.raises(ValidationError):
         Config.model_validate({"kind": "tokenizer", "source": "x.txt", "bogus": 1})
+
+
+# Tiny tokenizers for the agreement tests below: a stdlib sample without the letters of
+# "<pad>", "<unk>" and "<0x41>" (so those literals hold characters that have no piece), and a
+# split_digits sample where numerals other than 0-9 (², ½) sit inside pieces.
+MISSING_LETTERS = "pdukx"
+NUMERALS = "(x²) (y²), ½ ½ ½ ¼ ¾ ²)\n" * 400
+# Whitespace, special-token literals, emoji, CJK, combining marks, code, letters without a piece,
+# SentencePiece's own unknown mark (▅) and a noncharacter.
+ATOMS = [" ", "\t", "\n", "\r\n", "\u00a0", "\u200b", "\ufeff", "\x00", "e\u0301", "\u0915\u094d"]
+ATOMS += ["<s>", "</s>", "<pad>", "<unk>", "<0x41>", "<0xff>", "😀", "👩\u200d👩\u200d👧", "中文"]
+ATOMS += ["def ", "self", "(x)", "==", "--", "1234", "²", "x", "p", "▅", "\uffff"]
+
+
+def stdlib_files(start: int, stop: int) -> list[str]:
+    """Stdlib files start..stop-1 in sorted order, without reading the rest."""
+    import itertools
+
+    return list(itertools.islice(stdlib_documents(), start, stop))
+
+
+def tiny_tokenizer(out: Path, model_type: str, docs: list[str], split_digits: bool = False) -> Any:
+    """(SentencePiece, tokenizers.Tokenizer) for a 400-piece tokenizer trained on `docs`."""
+    import sentencepiece as spm
+    from tokenizers import Tokenizer
+
+    train_tokenizer(docs, out, model_type=model_type, vocab_size=400, split_digits=split_digits)
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    return sp, Tokenizer.from_file(str(out / "tokenizer.json"))
+
+
+def disagreements(sp: Any, hf: Any, texts: list[str]) -> list[tuple[str, list[str], list[str]]]:
+    """(text, SentencePiece pieces, tokenizers pieces) for each text the two encode differently."""
+    hf_ids = [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
+    return [
+        (text, sp.encode(text, out_type=str), [sp.id_to_piece(i) for i in ids])
+        for text, ids in zip(texts, hf_ids, strict=True)
+        if sp.encode(text) != ids
+    ]
+
+
+@pytest.fixture(scope="module", params=["bpe", "unigram"])
+def without_letters(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Any:
+    strip = str.maketrans("", "", MISSING_LETTERS)
+    docs = [doc.translate(strip) for doc in stdlib_files(0, 12)]
+    return tiny_tokenizer(tmp_path_factory.mktemp(request.param), request.param, docs)
+
+
+def test_special_literals_agree_when_their_letters_have_no_piece(without_letters: Any) -> None:
+    # tokenizers' unigram matched the vocab entries <pad>, <unk>, <0x41> across the unknown
+    # letters (as ids 3, 0, 69); SentencePiece never matches control or byte pieces.
+    sp, hf = without_letters
+    assert all(sp.piece_to_id(c) == sp.unk_id() for c in MISSING_LETTERS)
+    texts = ["<pad>", "<unk>", "<0x41>", "</s>", "<s>", "a<pad>b", "<unk><unk>", "x<0xFF>\n"]
+    assert disagreements(sp, hf, texts) == []
+    assert all(sp.decode(sp.encode(text)) == text for text in texts)
+
+
+def adversarial_texts(count: int, seed: int = 0) -> list[str]:
+    """Random mixes of whitespace runs, special-token literals and any Unicode but surrogates."""
+    import random
+
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(count):
+        parts = []
+        for _ in range(rng.randrange(1, 30)):
+            if rng.random() < 0.7:
+                parts.append(rng.choice(ATOMS) * rng.choice([1, 1, 1, 2, 5, 17]))
+            else:
+                code = rng.randrange(0x110000 if rng.random() < 0.5 else 0x3000)
+                parts.append(chr(code) if not 0xD800 <= code < 0xE000 else "?")
+        texts.append("".join(parts))
+    return texts
+
+
+def test_adversarial_text_agrees(without_letters: Any) -> None:
+    sp, hf = without_letters
+    assert disagreements(sp, hf, adversarial_texts(400)) == []
+
+
+def test_long_document_agrees(without_letters: Any) -> None:
+    # The best unigram path scores below -2**20, where float32 sums of 1/16 steps round:
+    # SentencePiece before 0.2.2 disagrees here (it rebases its sums from 0.2.2 on).
+    sp, hf = without_letters
+    doc = "".join(stdlib_files(300, 400))
+    assert len(doc) > 1_000_000
+    assert disagreements(sp, hf, [doc]) == []
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_split_digits_agrees_on_other_numerals(model_type: str, tmp_path: Path) -> None:
+    # SentencePiece isolates 0-9 and full-width digits only; the Digits pre-tokenizer also
+    # split ² and ½ out of pieces such as "²)" and "▁½".
+    docs = [*stdlib_files(0, 12), NUMERALS]
+    sp, hf = tiny_tokenizer(tmp_path, model_type, docs, split_digits=True)
+    assert {"²)", "▁½"} & {sp.id_to_piece(i) for i in range(sp.get_piece_size())}
+    texts = ["(x²)", " ½ ½", "²),", "a ¼", "x = 12 + \uff13\uff14", NUMERALS[:60]]
+    assert disagreements(sp, hf, texts) == []
+    assert [p for p in sp.encode("v 1024", out_type=str) if p.isdigit()] == list("1024")
