@@ -1,11 +1,11 @@
 """MB/s of the tokenize stage's encoder against raw SentencePiece and HF `tokenizers`, same cores.
 
 The corpus is the running interpreter's standard library: `--docs large` concatenates consecutive
-.py files into documents of about 60 kB (standing in for large documents such as Debian
-changelogs, which this machine may not have); `--docs stdlib` keeps one document per file. All
-three encoders get the same documents and every core; each is timed `--repeats` times, in turn,
-and the median is kept (on a shared machine the best run says more about the neighbours). The
-first run of ours is printed too: it starts the worker processes from cold.
+.py files into documents of about 60 kB, `--docs stdlib` keeps one document per file, and
+`--docs changelogs` cuts the Debian changelogs under /usr/share/doc (where the machine has them)
+into documents of about 60 kB. All three encoders get the same documents and every core; each is
+timed `--repeats` times, in turn, and the median is kept with the range of the runs (on a shared
+machine the best run says more about the neighbours). The first run of ours is printed too.
 
 Run: .venv/bin/python bench/tokenize_throughput.py [--docs large] [--corpus-mb 24]
 """
@@ -13,12 +13,13 @@ Run: .venv/bin/python bench/tokenize_throughput.py [--docs large] [--corpus-mb 2
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 # Runnable from a checkout without installing the project.
@@ -32,18 +33,21 @@ from data_prep.tokenizer import train_tokenizer  # noqa: E402
 def main() -> None:
     """Train a tokenizer on the corpus, then time the three encoders on the same documents."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--docs", choices=["large", "stdlib"], default="large")
+    parser.add_argument("--docs", choices=["large", "stdlib", "changelogs"], default="large")
     parser.add_argument("--document-kb", type=float, default=60.0)
     parser.add_argument("--corpus-mb", type=float, default=24.0)
     parser.add_argument("--train-mb", type=float, default=3.0)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--model-type", choices=["bpe", "unigram"], default="unigram")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokenizer-dir", type=Path, help="reuse (or keep) the trained tokenizer")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    size = int(args.document_kb * 1000) if args.docs == "large" else 0
-    docs = corpus(int(args.corpus_mb * 1e6), size)
+    size = int(args.document_kb * 1000) if args.docs != "stdlib" else 0
+    texts = changelogs() if args.docs == "changelogs" else stdlib_documents()
+    docs = corpus(int(args.corpus_mb * 1e6), size, texts)
+    if not docs:
+        sys.exit(f"no {args.docs} documents on this machine")
     num_bytes = sum(len(d.encode("utf-8")) for d in docs)
     print(
         f"corpus: {len(docs)} documents ({args.docs}, mean {num_bytes / len(docs) / 1e3:.1f} kB), "
@@ -55,12 +59,17 @@ def main() -> None:
             sample = prefix(docs, int(args.train_mb * 1e6))
             train_tokenizer(sample, tok_dir, model_type=args.model_type, vocab_size=args.vocab_size)
         seconds = timed(encoders(tok_dir, Path(tmp) / "tokens", cores), docs, args.repeats)
-    rates = {name: num_bytes / statistics.median(times) / 1e6 for name, times in seconds.items()}
     name = "tokenize_corpus (shards written)"
-    rates[f"{name}, first run"] = num_bytes / seconds[name][0] / 1e6
-    for key, rate in rates.items():
-        ratio = rates[name] / rate
-        print(f"{key:<44} {rate:7.2f} MB/s   tokenize_corpus / this: {ratio:5.2f}")
+    seconds[f"{name}, first run"] = seconds[name][:1]
+    ours = num_bytes / statistics.median(seconds[name]) / 1e6
+    for key, times in seconds.items():
+        rate, slowest, fastest = (
+            num_bytes / t / 1e6 for t in (statistics.median(times), max(times), min(times))
+        )
+        print(
+            f"{key:<44} {rate:7.2f} MB/s (runs {slowest:.1f}-{fastest:.1f})   "
+            f"tokenize_corpus / this: {ours / rate:5.2f}"
+        )
 
 
 def encoders(tok_dir: Path, out_dir: Path, cores: int) -> dict[str, Callable[[list[str]], int]]:
@@ -106,13 +115,19 @@ def timed(
     return seconds
 
 
-def corpus(max_bytes: int, document_bytes: int) -> list[str]:
-    """Stdlib .py files (0: one document each), else their lines, joined in order and cut at a
-    line end into documents of about `document_bytes`."""
+def changelogs() -> Iterable[str]:
+    """The Debian changelogs of the installed packages, in path order."""
+    for path in sorted(Path("/usr/share/doc").glob("*/changelog.Debian.gz")):
+        yield gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace")
+
+
+def corpus(max_bytes: int, document_bytes: int, texts: Iterable[str]) -> list[str]:
+    """The texts (0: one document each), else their lines, joined in order and cut at a line
+    end into documents of about `document_bytes`."""
     docs: list[str] = []
     parts: list[str] = []
     size = total = 0
-    for text in stdlib_documents():
+    for text in texts:
         for line in text.splitlines(keepends=True) if document_bytes else [text]:
             parts.append(line)
             size += len(line.encode("utf-8"))

@@ -1,6 +1,6 @@
 """Stage kind `tokenize`: encode a source with the upstream tokenizer into train/val token shards.
 
-Documents are encoded in parallel worker processes (data_prep.encode), in order, with an
+Documents are encoded by parallel worker threads (data_prep.encode), in order, with an
 end-of-document token after each; a hash of the document index and the seed decides which split
 a document belongs to. A mixture of sources is round-robin, or weighted by train tokens
 (data_prep.mixture), and meta.json records which runs of val tokens came from which source. Shards are committed one at a time, and after each the
