@@ -48,6 +48,11 @@ def is_disk_full(exc: BaseException, where: Path) -> bool:
         return True
     if any(text in str(exc).lower() for text in FULL_MESSAGES):
         return True
+    return nearly_full(where)
+
+
+def nearly_full(where: Path) -> bool:
+    """Under NEARLY_FULL bytes left on the filesystem holding `where`."""
     free = free_bytes(where)
     return free is not None and free < NEARLY_FULL
 
@@ -55,11 +60,9 @@ def is_disk_full(exc: BaseException, where: Path) -> bool:
 def human(size: int | None) -> str:
     if size is None:
         return "unknown space"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024  # type: ignore[assignment]
-    return f"{size} B"  # unreachable
+    power = next((p for p in (3, 2, 1) if size >= 1024**p), 0)
+    unit = ("B", "KiB", "MiB", "GiB")[power]
+    return f"{size} B" if power == 0 else f"{size / 1024**power:.1f} {unit}"
 
 
 def message(what: str, where: Path, hint: str = "", resume: str = "") -> str:

@@ -133,7 +133,7 @@ def first_rank_error(errors: Path, stage: str, returncode: int) -> str:
         except json.JSONDecodeError:
             continue
     shutil.rmtree(fallback, ignore_errors=True)
-    if not reports and diskfull.is_disk_full(Exception(), errors):
+    if not reports and diskfull.nearly_full(errors):
         return diskfull.message(f"stage {stage}'s outputs", errors.parent)
     if not reports:
         return (
