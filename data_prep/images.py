@@ -43,6 +43,7 @@ from data_prep.image_sources import DIGITS, ImageSourceConfig, read_source, to_a
 from data_prep.shards import SampleOrder
 from pipeline.engine.config import StageConfig
 from pipeline.engine.context import StageContext
+from pipeline.engine.inputs import StageSpec
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.graph import rescanning
 from pipeline.engine.manifest import atomic_write_json, sha256_file
@@ -352,3 +353,6 @@ class ImageShards:
             seed, step, rank, world_size, micro_batch_size, len(self), micro_step, accum_steps
         )
         return self.take(rows)
+
+
+SPEC = StageSpec(Config, run, output="images")

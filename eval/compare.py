@@ -19,6 +19,7 @@ from pydantic import Field
 from pipeline.engine.config import StageConfig
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
+from pipeline.engine.inputs import StageSpec
 from pipeline.engine.manifest import atomic_write_json, read_manifest
 from pipeline.engine.tracking import read_metrics
 from pipeline.models.families import FAMILIES, ModelConfig
@@ -176,3 +177,6 @@ def run(ctx: StageContext) -> None:
     ctx.write_summary(
         numeric, note=f"compared {len(rows)} stages: {', '.join(r.stage for r in rows)}"
     )
+
+
+SPEC = StageSpec(Config, run, output="table")

@@ -25,6 +25,7 @@ from pydantic import Field
 from pipeline.engine.config import StageConfig, Strict
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
+from pipeline.engine.inputs import Input, PlanView, StageSpec
 
 if TYPE_CHECKING:
     import torch
@@ -355,3 +356,29 @@ def nearest_figure(scorer: Scorer, images: np.ndarray, per_class: int, path: Pat
     firsts = images[::per_class]
     _, nearest = nearest_neighbour(firsts, scorer.train_images)
     save_grid_png(np.concatenate([firsts, scorer.train_images[nearest]]), path, len(firsts))
+
+
+def sampler_problems(view: PlanView) -> list[str]:
+    """Samplers that do not fit the upstream diffusion stage's objective (known before training)."""
+    from pipeline.diffusion.class_conditional_pipeline import OBJECTIVE_SAMPLERS
+
+    diffusion = view.first("diffusion")
+    if diffusion is None:
+        return []
+    objective = diffusion.config.objective.kind
+    allowed = OBJECTIVE_SAMPLERS[objective]
+    return [
+        f"stages.{view.name}.samplers.{i}.sampler: {spec.sampler} does not fit stage "
+        f"{diffusion.stage!r}, a {objective} model; use one of {', '.join(allowed)}"
+        for i, spec in enumerate(view.config.samplers)
+        if spec.sampler not in allowed
+    ]
+
+
+SPEC = StageSpec(
+    Config,
+    run,
+    output="evaluation",
+    inputs=(Input("diffusion", ("diffusion",)), Input("images", ("images",))),
+    plan_check=sampler_problems,
+)

@@ -26,13 +26,13 @@ from data_prep.tasks import ArithmeticTask, TaskBase, TaskConfig
 from pipeline.engine.config import StageConfig
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
+from pipeline.engine.inputs import Input, StageSpec
+from pipeline.engine.locations import Location
 from pipeline.engine.manifest import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-# Stage kinds whose export is a model; the nearest upstream one is evaluated by default.
-MODEL_KINDS = ("pretrain", "sft", "rlhf")
 DEFAULT_PROMPTS = ["def fibonacci(n):\n", "import os\n", "class ", "    for i in range("]
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
@@ -43,8 +43,10 @@ class Config(StageConfig):
     """Score LMs on held-out tokens (causal ones against a unigram baseline, with samples)."""
 
     kind: Literal["eval"] = "eval"
-    models: list[str] = Field(
-        [], description="model stages to score; default: the nearest upstream"
+    models: list[str | Location] = Field(
+        [],
+        description="models to score: stage names and {path: DIR} model directories, in any mix; "
+        "default: the nearest upstream model stage",
     )
     max_tokens: int = Field(200_000, ge=1, description="validation target tokens scored")
     seq_len: int | None = Field(
@@ -228,7 +230,7 @@ def score_causal(
 
     completions = greedy_samples(model, tokenizer, config.prompts, config.max_new_tokens)
     samples = [
-        {"model": stage.name, "prompt": p, "completion": c}
+        {"model": stage.label, "prompt": p, "completion": c}
         for p, c in zip(config.prompts, completions, strict=True)
     ]
     metrics: dict[str, Any] = {}
@@ -236,10 +238,10 @@ def score_causal(
         metrics = score_task(
             model, tokenizer, task, config.task_problems, config.pass_k, config.pass_k_problems
         )
-        samples += [{"model": stage.name, **e} for e in metrics.pop("examples")]
+        samples += [{"model": stage.label, **e} for e in metrics.pop("examples")]
     if config.lm_eval_tasks:
         harness = run_harness(
-            stage.export_dir,
+            stage.path,
             config.lm_eval_tasks,
             ctx.stage_dir / "lm_eval_data",
             config.lm_eval_limit,
@@ -252,23 +254,29 @@ def score_causal(
 class EvalData:
     """What every model of an eval stage is scored against: validation shards and train counts."""
 
-    def __init__(self, ctx: StageContext) -> None:
+    def __init__(self, tokens: Any) -> None:
         from data_prep.shards import TokenShards
-        from data_prep.tokenize import read_meta
+        from data_prep.tokens_meta import TokensMeta
         from eval.mixture import val_runs
 
-        self.stage = ctx.upstream("tokenize")
-        self.vocab_size = read_meta(self.stage.export_dir)["vocab_size"]
-        self.train_counts = TokenShards(self.stage.export_dir / "train").token_counts(
-            self.vocab_size
-        )
-        self.val_runs = val_runs(self.stage.export_dir)  # None: no mixture recorded
+        self.stage = tokens
+        self.export_dir = tokens.path
+        self.meta = TokensMeta.read(self.export_dir)
+        self.vocab_size = self.meta.vocab_size
+        self.train_counts = TokenShards(self.export_dir / "train").token_counts(self.vocab_size)
+        self.val_runs = val_runs(self.export_dir)  # None: no mixture recorded
 
 
 def score_model(
-    ctx: StageContext, config: Config, task: TaskBase, data: EvalData, stage: Any, device: str
+    ctx: StageContext,
+    config: Config,
+    task: TaskBase,
+    data: EvalData | None,
+    stage: Any,
+    device: str,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
-    """All metrics of one model stage; (metrics incl. task `outcomes`, sample rows, family)."""
+    """All metrics of one model (a stage's export or a directory); (metrics incl. task
+    `outcomes`, sample rows, family). Without token data, only samples and task metrics."""
     from eval.families import (
         family_metrics,
         family_of,
@@ -278,15 +286,25 @@ def score_model(
     )
     from eval.mixture import window_sources
 
-    model, tokenizer = load_model(stage.export_dir, device)
+    model, tokenizer = load_model(stage.path, device)
+    if data is not None:  # scored on ids of another vocabulary, its metrics would be noise
+        data.meta.require_tokenizer(tokenizer, str(stage.path), data.stage.label, ctx.name)
     family = family_of(model.config.model_type)
+    if data is None:
+        if family != "causal":
+            raise PipelineError(
+                f"stages.{ctx.name}: {stage.label} is a {family} model, scored on token data "
+                f"only; add a tokenize stage to `after:`"
+            )
+        scored, samples = score_causal(ctx, config, task, model, tokenizer, stage)
+        return scored, samples, family
     seq_len = (
         config.seq_len
         or getattr(stage.config, "seq_len", None)
         or model.config.max_position_embeddings
     )
-    windows = load_windows(data.stage.export_dir / "val", seq_len, config.max_tokens)
-    progress = partial(ctx.progress, desc=f"eval {stage.name}")
+    windows = load_windows(data.export_dir / "val", seq_len, config.max_tokens)
+    progress = partial(ctx.progress, desc=f"eval {stage.label}")
     metrics: dict[str, Any] = {}
     samples: list[dict[str, Any]] = []
     if family == "causal":
@@ -298,7 +316,7 @@ def score_model(
         scored, samples = score_causal(ctx, config, task, model, tokenizer, stage)
         metrics |= scored
         if metrics["loss_vs_unigram"] >= 1.0:
-            ctx.log.warning("%s does not beat the unigram baseline; train it longer", stage.name)
+            ctx.log.warning("%s does not beat the unigram baseline; train it longer", stage.label)
     objective = objective_for(stage.config, model.config, data.vocab_size)
     if objective.name != "causal_lm":  # masked, span corruption or MoE routing
         scored = objective_metrics(model, objective, windows, config.batch_size, progress)
@@ -311,13 +329,14 @@ def run(ctx: StageContext) -> None:
     import torch
 
     from eval.families import HEADLINES, summary_note
+    from eval.task_outcomes import task_report
 
     config = ctx.config
     assert isinstance(config, Config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    data = EvalData(ctx)
-    stages = [ctx.upstream(MODEL_KINDS, name=n) for n in config.models]
-    stages = stages or [ctx.upstream(MODEL_KINDS)]
+    tokens = ctx.optional_input("tokens")
+    data = EvalData(tokens) if tokens is not None else None
+    stages = ctx.inputs("models")
     task = eval_task(config, stages)
 
     results: dict[str, dict[str, Any]] = {}
@@ -325,29 +344,33 @@ def run(ctx: StageContext) -> None:
     outcomes: dict[str, list[dict[str, Any]]] = {}
     summary: dict[str, Any] = {}
     notes: list[str] = []
-    headline = "val_loss"
+    headline: str | None = None
     with ctx.tracker() as tracker:
         for index, stage in enumerate(stages):
             metrics, rows, family = score_model(ctx, config, task, data, stage, device)
             if "outcomes" in metrics:
-                outcomes[stage.name] = metrics.pop("outcomes")
+                outcomes[stage.label] = metrics.pop("outcomes")
             samples += rows
-            results[stage.name] = metrics
-            notes.append(summary_note(stage.name, family, metrics))
-            ctx.log.info("%s", notes[-1])
-            headline = HEADLINES[family] if index == 0 else headline
-            prefix = "" if index == 0 else f"{stage.name}/"
+            results[stage.label] = metrics
+            if note := summary_note(stage.label, family, metrics):  # empty without token data
+                notes.append(note)
+                ctx.log.info("%s", note)
+            if index == 0:  # without token data, the first model's task accuracy leads
+                headline = next(
+                    (k for k in (HEADLINES[family], "task_accuracy") if k in metrics), None
+                )
+            prefix = "" if index == 0 else f"{stage.label}/"
             prefixed = {prefix + key: value for key, value in metrics.items()}
             tracker.log(prefixed, step=index)
             summary.update(prefixed)
-        tests = task_report(ctx, task, results, outcomes)
+        tests = task_report(ctx, task, results, outcomes)  # eval.task_outcomes
         summary |= {f"paired/{name}/{k}": v for name, t in tests.items() for k, v in t.items()}
         tracker.summary(summary)
 
     atomic_write_json(
         ctx.export_dir / "eval.json",
         {
-            "tokenize": data.stage.name,
+            "tokenize": data.stage.label if data is not None else None,
             "task": task.model_dump(),
             "models": results,
             "paired": tests,
@@ -362,34 +385,16 @@ def run(ctx: StageContext) -> None:
 
         table = accuracy_table(results, tests, task)
         ctx.log.info("%s", table)
-        note += "\n" + table
+        note = f"{note}\n{table}" if note else table
     ctx.write_summary(summary, headline=headline, note=note)
 
 
-def task_report(
-    ctx: StageContext,
-    task: TaskBase,
-    results: dict[str, dict[str, Any]],
-    outcomes: dict[str, list[dict[str, Any]]],
-) -> dict[str, dict[str, float]]:
-    """Paired tests between consecutive models, the per-problem outcomes file and the report's
-    accuracy chart; returns the tests."""
-    if not outcomes:
-        return {}
-    from eval.report import write_sections
-    from eval.task_plots import accuracy_section
-    from eval.tasks import paired_tests
-
-    tests = paired_tests({name: [o["correct"] for o in rows] for name, rows in outcomes.items()})
-    first = next(iter(outcomes.values()))
-    rows = [
-        {**{k: problem[k] for k in ("prompt", "answer", "subtask")},
-         **{name: {"completion": o[i]["completion"], "correct": o[i]["correct"]}
-            for name, o in outcomes.items()}}
-        for i, problem in enumerate(first)
-    ]  # fmt: skip
-    atomic_write_text(
-        ctx.export_dir / "task_outcomes.jsonl", "".join(json.dumps(r) + "\n" for r in rows)
-    )
-    write_sections(ctx.export_dir, [accuracy_section(ctx.export_dir, task, results, tests)])
-    return tests
+SPEC = StageSpec(
+    Config,
+    run,
+    output="evaluation",
+    inputs=(
+        Input("models", ("lm",), field="models.*", location="model", many=True),
+        Input("tokens", ("tokens",), required=False),
+    ),
+)

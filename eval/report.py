@@ -19,6 +19,7 @@ from pydantic import Field
 from pipeline.engine.config import StageConfig, read_yaml
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
+from pipeline.engine.inputs import StageSpec
 from pipeline.engine.manifest import atomic_write_text, read_manifest
 from pipeline.engine.rundir import EXPORT_DIR, MANIFEST_FILE, RECIPE_FILE
 from pipeline.engine.tracking import read_metrics
@@ -343,3 +344,6 @@ def _fmt(value: Any) -> str:
     if value is None:
         return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+SPEC = StageSpec(Config, run, output="report")

@@ -23,6 +23,7 @@ from eval.compare import Row, column_value, upstream_rows
 from pipeline.engine.config import StageConfig
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
+from pipeline.engine.inputs import StageSpec
 from pipeline.engine.manifest import atomic_write_json
 
 FIT_PNG = "scaling.png"
@@ -195,3 +196,6 @@ def run(ctx: StageContext) -> None:
     write_sections(ctx.export_dir, [section | {"images": [FIT_PNG]}])
     summary = {k: v for k, v in asdict(fit).items() if k != "form" and v is not None}
     ctx.write_summary(summary | {"num_points": len(n)}, headline="alpha", note=headline)
+
+
+SPEC = StageSpec(Config, run, output="table")

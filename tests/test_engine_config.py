@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import cli as cli_module
-from pipeline.engine.config import bundled_recipes, load_recipe
+from pipeline.engine.config import bundled_recipes, load_recipe, read_recipe
 from pipeline.engine.errors import RecipeError
 from tests.helpers import cli, tiny_recipe, write_recipe
 
@@ -109,7 +109,8 @@ def test_non_utf8_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 @pytest.mark.parametrize("path", bundled_recipes(), ids=lambda p: p.stem)
 def test_every_bundled_recipe_validates(path: Path) -> None:
-    recipe = load_recipe(path)
+    required = [k for k, v in (read_recipe(path).get("vars") or {}).items() if v is None]
+    recipe = load_recipe(path, [f"vars.{name}=/models/some-model" for name in required])
     assert recipe.stages
     assert recipe.description, f"{path} needs a one-line description for `pipeline recipes`"
 
@@ -123,3 +124,28 @@ def test_optimiser_keys_are_spelled_the_same_in_every_training_stage() -> None:
         with pytest.raises(RecipeError, match=rf"stages\.sft.*`{old}` moved to `{new}`") as error:
             load_recipe("demo", [f"stages.sft.{old}=1e-3"])
         assert "\n" not in str(error.value)
+
+
+def test_a_recipe_variable_left_null_is_required_and_set_by_an_override() -> None:
+    with pytest.raises(RecipeError) as error:
+        load_recipe("llm/finetune")
+    assert "vars.model is required" in str(error.value)
+    assert "-o vars.model=VALUE" in str(error.value) and "\n" not in str(error.value)
+    recipe = load_recipe("llm/finetune", ["vars.model=/models/qwen", "vars.task.name=reverse"])
+    assert recipe.stages["sft"].model.path == "/models/qwen"  # type: ignore[attr-defined]
+    assert recipe.stages["eval"].models[0].path == "/models/qwen"  # type: ignore[attr-defined]
+    assert recipe.stages["rlhf"].task.name == "reverse"  # a whole mapping substituted
+
+
+def test_a_key_given_twice_in_one_mapping_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text(
+        "name: twice\nstages:\n  tokenizer:\n    kind: tokenizer\n    vocab_size: 500\n"
+        "    vocab_size: 800\n"
+    )
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    assert str(error.value) == (
+        f"{path} line 6: key 'vocab_size' appears twice in one mapping (first on line 5); "
+        f"keep one of them"
+    )

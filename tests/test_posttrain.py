@@ -99,10 +99,13 @@ def test_sft_loss_is_on_completions_only(
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.stages.posttrain import dataset, load_tokenizer
+    from pipeline.engine.inputs import Resolved
+    from pipeline.stages.base_model import load_tokenizer
+    from pipeline.stages.chat import assistant_masked_rows
+    from pipeline.stages.rows import dataset
 
     export = run_dir / "pretrain" / "export"
-    tokenizer = load_tokenizer(export)
+    tokenizer = load_tokenizer(Resolved("model", "test", stage="pretrain", run_dir=run_dir))
     prompt, completion = "What is 2 + 3?", " 5"
     row: dict[str, Any] = {"prompt": prompt, "completion": completion}
     if conversational:
@@ -112,11 +115,14 @@ def test_sft_loss_is_on_completions_only(
                 {"role": "assistant", "content": completion},
             ]
         }
+    rows = [row, row]
+    if conversational:  # as the sft stage does: assistant spans from the model's own template
+        rows = assistant_masked_rows(tokenizer, rows, 128, "stages.sft")
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(export),
         args=SFTConfig(output_dir=str(tmp_path), report_to="none", per_device_train_batch_size=2,
-                       assistant_only_loss=conversational, use_cpu=True),
-        train_dataset=dataset([row, row]),
+                       use_cpu=True),
+        train_dataset=dataset(rows),
         processing_class=tokenizer,
     )  # fmt: skip
     batch = next(iter(trainer.get_train_dataloader()))

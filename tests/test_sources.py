@@ -278,7 +278,7 @@ def test_separator_is_in_the_fingerprint(tmp_path: Path) -> None:
 
 def test_post_training_jsonl_shares_the_source_reader(tmp_path: Path) -> None:
     """SFT/reward/RLHF data files get the same formats and one-line errors as text sources."""
-    from pipeline.stages.posttrain import read_jsonl
+    from pipeline.stages.rows import read_jsonl
 
     good = tmp_path / "pairs.jsonl.gz"
     with gzip.open(good, "wt", encoding="utf-8") as f:

@@ -13,8 +13,9 @@ from __future__ import annotations
 from pipeline.baselines import get_task
 from pipeline.baselines.config import Config
 from pipeline.engine.context import StageContext
+from pipeline.engine.inputs import Input, StageSpec
 
-__all__ = ["Config", "run"]
+__all__ = ["SPEC", "Config", "run"]
 
 
 def run(ctx: StageContext) -> None:
@@ -62,3 +63,15 @@ def run(ctx: StageContext) -> None:
         tracker.summary(summary)
     note = f"best of {len(results)}: {best[0]} {task.primary}={best[1]:.4g}" if best else None
     ctx.write_summary(summary, headline=f"best_{task.primary}" if best else None, note=note)
+
+
+SPEC = StageSpec(
+    Config,
+    run,
+    output="table",
+    # generative baselines may sample from a diffusion stage's export (`models.N.from_stage`)
+    inputs=(
+        Input("diffusion", ("diffusion",), field="models.*.from_stage", nearest=False,
+              required=False, many=True),
+    ),
+)  # fmt: skip

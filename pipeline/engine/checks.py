@@ -10,24 +10,12 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from pipeline.engine.config import Recipe
 from pipeline.engine.errors import PipelineError, RecipeError
-from pipeline.engine.schema_errors import suggest
+from pipeline.engine.inputs import plan_problems
 
-# Fields that name another stage: kind -> {dotted field ('*' = every item): kinds it may name}.
-# Stages resolve these names with `ctx.upstream(kinds, name=...)`; this table lets a dry run check
-# them before anything runs (context.upstream checks them again at run time).
-MODEL_KINDS = ("pretrain", "sft", "rlhf")
-STAGE_REFERENCES: dict[str, dict[str, tuple[str, ...]]] = {
-    "eval": {"models.*": MODEL_KINDS},
-    "pretrain": {"anneal_from.stage": ("pretrain",)},
-    "rlhf": {"reward_model": ("reward",)},
-    "baseline": {"models.*.from_stage": ("diffusion",)},
-}
 DEEPSPEED_ZERO_STAGES = (0, 1, 2, 3)
 
 
@@ -36,7 +24,7 @@ def preflight(recipe: Recipe) -> None:
     problems = [
         *run_dir_problems(recipe.resolved_run_dir()),
         *deepspeed_problems(recipe),
-        *reference_problems(recipe),
+        *plan_problems(recipe),
         *input_problems(recipe),
     ]
     if problems:
@@ -92,62 +80,6 @@ def _deepspeed_file(path: str) -> str | None:
         allowed = ", ".join(map(str, DEEPSPEED_ZERO_STAGES))
         return f"{where}: zero_optimization.stage {stage!r} does not exist; use one of {allowed}"
     return None
-
-
-def reference_problems(recipe: Recipe) -> list[str]:
-    """Every field that names a stage names an upstream stage of a kind it can use."""
-    problems = []
-    for name, cfg in recipe.stages.items():
-        fields = STAGE_REFERENCES.get(cfg.kind, {})
-        data = cfg.model_dump(mode="json")
-        upstream = upstream_of(recipe, name)
-        for field, kinds in fields.items():
-            for where, value in _values_at(data, field.split("."), f"stages.{name}"):
-                if value is not None:
-                    problems += _reference_problem(recipe, where, str(value), kinds, upstream)
-    return problems
-
-
-def _reference_problem(
-    recipe: Recipe, where: str, ref: str, kinds: tuple[str, ...], upstream: set[str]
-) -> list[str]:
-    wanted = " or ".join(kinds)
-    if ref not in recipe.stages:
-        names = list(recipe.stages)
-        return [f"{where}: no stage {ref!r}{suggest(ref, names)}; name a {wanted} stage"]
-    kind = recipe.stages[ref].kind
-    if kind not in kinds:
-        return [f"{where}: {ref!r} is a {kind} stage, not a {wanted} stage; name a {wanted} stage"]
-    if ref not in upstream:
-        stage = where.split(".")[1]
-        return [f"{where}: {ref!r} is not upstream of {stage}; add it to stages.{stage}.after"]
-    return []
-
-
-def _values_at(data: Any, parts: list[str], where: str) -> Iterator[tuple[str, Any]]:
-    """(dotted location, value) of every value at `parts` in nested dicts and lists."""
-    if not parts:
-        yield where, data
-        return
-    head, rest = parts[0], parts[1:]
-    if head == "*":
-        items = data.items() if isinstance(data, dict) else enumerate(data or [])
-        for key, value in items:
-            yield from _values_at(value, rest, f"{where}.{key}")
-    elif isinstance(data, dict) and head in data:
-        yield from _values_at(data[head], rest, f"{where}.{head}")
-
-
-def upstream_of(recipe: Recipe, name: str) -> set[str]:
-    """Every stage `name` depends on, directly or through other stages."""
-    seen: set[str] = set()
-    frontier = list(recipe.stages[name].after)
-    while frontier:
-        stage = frontier.pop()
-        if stage not in seen and stage in recipe.stages:
-            seen.add(stage)
-            frontier += recipe.stages[stage].after
-    return seen
 
 
 def input_problems(recipe: Recipe) -> list[str]:

@@ -28,6 +28,7 @@ from pipeline.engine.schema_errors import (
     suggest,
 )
 from pipeline.engine.sweeps import expand_sweeps
+from pipeline.engine.yaml_io import DuplicateKey, UniqueKeyLoader, substitute_vars
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -150,6 +151,7 @@ class Recipe(Strict):
 
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
+    vars: dict[str, Any] = Field({}, description="recipe variables, used as ${name}")
     run_dir: PathText | None = None
     seed: int = 0
     tracking: TrackingConfig = TrackingConfig()
@@ -221,7 +223,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
             f"{path}: not UTF-8 text ({exc.reason}); save the recipe as UTF-8"
         ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKey as exc:
+        raise RecipeError(f"{path} line {exc.line}: {exc}; keep one of them") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -298,14 +302,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 @cache
 def stage_kinds() -> dict[str, type[StageConfig]]:
     """Kind -> its config class (every stage module is imported on the first call)."""
-    return {kind: stage_module(kind).Config for kind in KINDS}
+    return {kind: stage_module(kind).SPEC.config for kind in KINDS}
 
 
 def load_recipe(spec: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Load, override, validate and resolve a recipe; raises RecipeError with one-line messages."""
     path = find_recipe(spec)
     data = apply_overrides(read_recipe(path), list(overrides or []))
-    return validate_recipe(data, source=str(path))
+    return validate_recipe(substitute_vars(data, str(path)), source=str(path))
 
 
 def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:

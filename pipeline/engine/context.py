@@ -14,13 +14,17 @@ import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline.engine.config import Recipe, StageConfig
+from pipeline.engine.dag import Graph
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.manifest import atomic_write_json, read_manifest
 from pipeline.engine.rundir import CHECKPOINTS_DIR, EXPORT_DIR, LOG_FILE, SUMMARY_FILE
 from pipeline.engine.tracking import Tracker
+
+if TYPE_CHECKING:
+    from pipeline.engine.inputs import Resolved
 
 T = TypeVar("T")
 
@@ -94,22 +98,13 @@ class StageContext:
                     f"not a {' or '.join(kinds)} stage; name a {' or '.join(kinds)} stage"
                 )
             return self._upstream(name)
-        seen: set[str] = set()
-        frontier = list(self.config.after)
-        while frontier:
-            nxt: list[str] = []
-            for stage in frontier:
-                if stage in seen:
-                    continue
-                seen.add(stage)
-                if self.recipe.stages[stage].kind in kinds:
-                    return self._upstream(stage)
-                nxt += self.recipe.stages[stage].after
-            frontier = nxt
-        raise PipelineError(
-            f"stages.{self.name}: needs an upstream stage of kind {'/'.join(kinds)}; "
-            f"add one to its `after:` list"
-        )
+        stage = Graph(self.recipe).nearest(self.name, lambda s: self.recipe.stages[s].kind in kinds)
+        if stage is None:
+            raise PipelineError(
+                f"stages.{self.name}: needs an upstream stage of kind {'/'.join(kinds)}; "
+                f"add one to its `after:` list"
+            )
+        return self._upstream(stage)
 
     def _upstream(self, stage: str) -> Upstream:
         up = Upstream(
@@ -122,6 +117,32 @@ class StageContext:
                 f"run it first (pipeline run RECIPE --only {stage})"
             )
         return up
+
+    def inputs(self, name: str) -> list[Resolved]:
+        """Every resolved value of this stage's declared input `name` (stages must be done)."""
+        from pipeline.engine.inputs import resolve_inputs
+
+        resolved, problems = resolve_inputs(self.recipe, self.name)
+        if name not in resolved:
+            raise KeyError(f"stage kind {self.kind} declares no input {name!r}")
+        for found in resolved[name]:
+            if found.stage is not None:
+                self._upstream(found.stage)  # raises unless it is done
+        if problems and not resolved[name]:
+            raise PipelineError(problems[0])
+        return resolved[name]
+
+    def input(self, name: str) -> Resolved:
+        """The one resolved value of input `name` (an upstream export or a directory)."""
+        found = self.inputs(name)
+        if not found:
+            raise PipelineError(f"stages.{self.name}: no {name} input; add one to `after:`")
+        return found[0]
+
+    def optional_input(self, name: str) -> Resolved | None:
+        """The resolved value of an optional input `name`, or None when it has none."""
+        found = self.inputs(name)
+        return found[0] if found else None
 
     def tracker(self, resume_step: int | None = None) -> Tracker:
         """This stage's tracker (W&B + metrics.jsonl); logs only on rank 0."""

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.engine.config import Recipe, StageConfig, topo_order
+from pipeline.engine.dag import Graph
 from pipeline.engine.errors import RecipeError
+from pipeline.engine.inputs import external_signatures
 from pipeline.engine.manifest import read_manifest, verify_outputs
 from pipeline.engine.schema_errors import suggest
 
@@ -38,15 +40,6 @@ def rescanning() -> bool:
     return _RESCAN.get()
 
 
-def downstream(recipe: Recipe, roots: set[str]) -> set[str]:
-    """`roots` and every stage that depends on them, transitively."""
-    result = set(roots)
-    for name in topo_order(recipe):
-        if any(dep in result for dep in recipe.stages[name].after):
-            result.add(name)
-    return result
-
-
 def fingerprints(recipe: Recipe) -> dict[str, str]:
     """Hash of each stage's kind, resolved config, launch shape, seed and upstream fingerprints.
 
@@ -68,6 +61,8 @@ def fingerprints(recipe: Recipe) -> dict[str, str]:
             "seed": recipe.seed,
             "upstream": {dep: result[dep] for dep in sorted(cfg.after)},
         }
+        if external := external_signatures(recipe, name):  # model or tokenizer directories
+            payload["external"] = external
         if cfg.distributed and launch.deepspeed_config:
             payload["deepspeed_config"] = Path(launch.deepspeed_config).read_text(errors="replace")
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
@@ -157,7 +152,7 @@ def _plan(
                 )
     run_dir = recipe.resolved_run_dir()
     prints = fingerprints(recipe)
-    forced = downstream(recipe, {from_stage}) if from_stage else set()
+    forced = Graph(recipe).downstream({from_stage}) if from_stage else set()
     steps: list[Step] = []
     rerun: set[str] = set()
     for name in topo_order(recipe):

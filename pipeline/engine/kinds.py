@@ -1,4 +1,5 @@
-"""Registry of stage kinds: kind -> name of the module with its `Config` class and `run(ctx)`.
+"""Registry of stage kinds: kind -> name of the module that declares its `SPEC`
+(pipeline.engine.inputs.StageSpec: config class, run, typed inputs and output).
 
 Module names are strings resolved with importlib, so the engine imports no stage module and
 every stage module may import the engine (config, context) without an import cycle.

@@ -1,4 +1,5 @@
-"""Model builders: every model is built from a config, never from downloaded weights.
+"""Model builders: every model is built from a config, or loaded from a model directory to
+continue pretraining it (`load_pretrained`).
 
 `build_model` returns the model, the objective its family trains with, the Auto class its export
 loads with, and any special tokens the exported tokenizer must gain (bert's mask token, t5's
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.models.families import FAMILIES, ModelConfig
+from pipeline.models.families import DEFAULT_ARCH, FAMILIES, ModelConfig
 
 # The tokenizer stage's special pieces (ids 0-3 of every SentencePiece model we train).
 SENTENCEPIECE_SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
@@ -77,6 +78,37 @@ def build_model(
     model = getattr(transformers, spec.auto_class).from_config(config)
     objective = spec.objective(cfg, vocab_size, model_vocab_size, document_eos_id)
     return BuiltModel(model, objective, spec.auto_class, added)
+
+
+def load_pretrained(
+    path: Path, max_seq_len: int, document_eos_id: int | None = None
+) -> tuple[BuiltModel, ModelConfig]:
+    """A model directory's causal LM (fp32 master weights) to continue pretraining, and the
+    ModelConfig that describes it (for its objective and FLOP count)."""
+    import torch
+    import transformers
+
+    hf_config = transformers.AutoConfig.from_pretrained(path)
+    arch = hf_config.model_type if hf_config.model_type in FAMILIES else DEFAULT_ARCH
+    spec = FAMILIES[arch]
+    if spec.scoring.kind != "causal":
+        raise ValueError(
+            f"model.path {path}: continued pretraining takes causal LMs, this is {arch}"
+        )
+    model = getattr(transformers, spec.auto_class).from_pretrained(path, dtype=torch.float32)
+    fields = {name: getattr(hf_config, attr) for name, attr in spec.export_fields.items()}
+    heads = hf_config.num_attention_heads
+    cfg = ModelConfig(
+        arch=arch,
+        hidden_size=hf_config.hidden_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+        **fields,
+    )
+    vocab = model.get_input_embeddings().num_embeddings
+    objective = spec.objective(cfg, vocab, vocab, document_eos_id)
+    return BuiltModel(model, objective, spec.auto_class), cfg
 
 
 def add_special_tokens(tokenizer: PreTrainedTokenizerBase, added: dict[str, Any]) -> None:

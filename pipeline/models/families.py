@@ -10,13 +10,14 @@ needs the other: the schema lists the families, and every builder reads the sche
 from __future__ import annotations
 
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
 from pipeline.engine.config import Strict
+from pipeline.engine.schema_errors import PathText
 from pipeline.train.objectives import (
     CausalLM,
     MaskedLM,
@@ -331,6 +332,11 @@ Arch = Literal[tuple(FAMILIES)]  # the families, in FAMILIES order (the error li
 class ModelConfig(Strict):
     """Architecture of a language model; sizes are per layer unless named otherwise."""
 
+    path: PathText | None = Field(
+        None,
+        description="continue pretraining this Hugging Face model directory: weights and "
+        "architecture come from it, so no other model field may be set",
+    )
     arch: Arch = DEFAULT_ARCH
     hidden_size: int = Field(256, ge=1)
     num_layers: int = Field(4, ge=1, description="decoder layers; encoder layers for bert and t5")
@@ -352,8 +358,20 @@ class ModelConfig(Strict):
     num_decoder_layers: int | None = Field(None, ge=1, description="None = num_layers")
     feed_forward_proj: Literal["relu", "gated-gelu"] = "gated-gelu"
 
+    def _changed(self, names: Iterable[str]) -> list[str]:
+        """Fields among `names` that differ from their defaults (not model_fields_set: the
+        resolved recipe.yaml spells out every default, and validates again in each worker)."""
+        return [n for n in names if getattr(self, n) != type(self).model_fields[n].default]
+
     @model_validator(mode="after")
     def _check_combinations(self) -> ModelConfig:
+        if self.path is not None and (
+            both := self._changed(set(type(self).model_fields) - {"path"})
+        ):
+            raise ValueError(
+                f"{', '.join(sorted(both))} conflict with path: the architecture comes from the "
+                f"directory; remove them"
+            )
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}"
@@ -367,14 +385,7 @@ class ModelConfig(Strict):
                 f"{self.num_experts}; route each token to at most num_experts experts"
             )
         for arch, spec in FAMILIES.items():
-            # Compare with defaults, not model_fields_set: the resolved recipe.yaml spells out
-            # every default, and it must validate again in each worker process.
-            stray = (
-                [n for n in spec.fields if getattr(self, n) != type(self).model_fields[n].default]
-                if arch != self.arch
-                else []
-            )
-            if stray:
+            if stray := self._changed(spec.fields) if arch != self.arch else []:
                 raise ValueError(
                     f"{', '.join(stray)} only applies to arch {arch}, not {self.arch}; remove it"
                 )

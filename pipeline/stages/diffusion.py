@@ -20,6 +20,7 @@ from pipeline.diffusion.training import ImageTrainingConfig
 from pipeline.engine import faults
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
+from pipeline.engine.inputs import Input, StageSpec
 from pipeline.models.diffusion import DiffusionModelConfig
 
 PIPELINE_FILE = "class_conditional_pipeline.py"  # the pipeline's source, shipped in the export
@@ -148,3 +149,11 @@ def export_pipeline(
     faults.point(export_dir.parent.name, "export_write")
     shutil.rmtree(export_dir, ignore_errors=True)
     tmp.rename(export_dir)
+
+
+SPEC = StageSpec(
+    Config,
+    run,
+    output="diffusion",
+    inputs=(Input("images", ("images",)), Input("vae", ("vae",), required=False)),
+)

@@ -10,16 +10,26 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
 from data_prep.tasks import ArithmeticTask, TaskBase, TaskConfig
 from pipeline.engine.config import StageConfig
 from pipeline.engine.context import StageContext
-from pipeline.engine.errors import PipelineError
+from pipeline.engine.locations import Location
+from pipeline.engine.schema_errors import PathText
 from pipeline.engine.tracking import Tracker
+from pipeline.stages.base_model import (
+    AdapterConfig,
+    base_model,
+    exported_template,
+    from_user_model,
+    keep_tokenizer_files,
+)
+from pipeline.stages.rows import BUILTIN_TASK, first_row
 from pipeline.train.config import TrainingConfig
 from pipeline.train.optim import OptimConfig, ScheduleConfig
 
@@ -33,23 +43,7 @@ RENAMED_KEYS = {
     "grad_clip": "optim.grad_clip",
     "warmup_steps": "schedule.warmup_steps",
 }
-# Stage kinds whose export is a causal LM a post-training stage can start from.
-MODEL_KINDS = ("pretrain", "sft", "rlhf")
-BUILTIN_TASK = "builtin:task"
 FINGERPRINT_FILE = "fingerprint.txt"
-# Plain-text roles (our SentencePiece vocabulary has no role tokens); the assistant turn sits
-# between generation markers so TRL can train on assistant tokens only.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{ 'Assistant: ' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
-    "{{ '\\n' }}"
-    "{%- else -%}"
-    "{{ message['role'] | capitalize + ': ' + message['content'] + '\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'Assistant: ' }}{%- endif -%}"
-)
 
 
 class TrainerOptimConfig(OptimConfig):
@@ -70,6 +64,17 @@ class TrainerScheduleConfig(ScheduleConfig):
 class TrainerStageConfig(TrainingConfig, StageConfig):
     """Fields every TRL-trained stage has: data, steps, batch, optimiser, logging, checkpoints."""
 
+    model: str | Location | None = Field(
+        None,
+        description="the model to start from: a stage name, or {path: DIR} (a Hugging Face "
+        "model directory); default: the nearest upstream language-model stage",
+    )
+    adapter: AdapterConfig | None = Field(
+        None, description="train a LoRA adapter (peft) instead of every weight"
+    )
+    chat_template: PathText | None = Field(
+        None, description="a Jinja chat template file used instead of the model's own"
+    )
     task: TaskConfig = Field(
         default_factory=ArithmeticTask, description="the verifiable task: name and its options"
     )
@@ -97,16 +102,26 @@ class TrainerStageConfig(TrainingConfig, StageConfig):
                 raise ValueError(f"`{old}` moved to `{new}` (as in pretrain); write {new}: ...")
         return data
 
+    # Key sets a row of a JSONL `data` file may hold (one of them); each stage kind says its own.
+    data_keys: ClassVar[tuple[tuple[str, ...], ...]] = (("prompt",),)
+
     def data_signature(self) -> dict[str, Any]:
-        """The task generator's version, or the JSONL file's size and mtime: a change to the
-        training data reruns the stage."""
+        """The task generator's version (and a task file's stat), or the JSONL file's size and
+        mtime: a change to the training data reruns the stage."""
         from data_prep.tasks import GENERATOR_VERSION
 
+        task = {"task_file": signed} if (signed := self.task.signature()) else {}
         if self.data == BUILTIN_TASK:
-            return {"task_generator": GENERATOR_VERSION}
+            return {"task_generator": GENERATOR_VERSION, **task}
         path = Path(self.data)
         stat = path.stat() if path.is_file() else None
-        return {"file": [str(path), stat.st_size, stat.st_mtime_ns] if stat else None}
+        return {"file": [str(path), stat.st_size, stat.st_mtime_ns] if stat else None, **task}
+
+    def check_inputs(self) -> None:
+        """The task's file (a JSONL task) and the `data` file exist and their first row fits."""
+        self.task.check_inputs()
+        if self.data != BUILTIN_TASK:
+            first_row(self.data, self.data_keys)
 
     @field_validator("data")
     @classmethod
@@ -144,49 +159,6 @@ def task_evaluation(
         "headline": "task_accuracy",
         "periodic": periodic,
     }
-
-
-def base_model_dir(ctx: StageContext, kinds: tuple[str, ...] = MODEL_KINDS) -> Path:
-    """The export directory of the nearest upstream model stage."""
-    return ctx.upstream(kinds).export_dir
-
-
-def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
-    """The model's tokenizer with our chat template (when it has none) and a pad token.
-
-    Special tokens written as text (the `</s>` TRL appends to completions, the template's
-    end of turn) must be parsed as the tokens themselves here, not spelled out as characters.
-    """
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, split_special_tokens=False)
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def read_jsonl(path: str, required: tuple[tuple[str, ...], ...], where: str) -> list[dict]:
-    """Rows of a JSONL file, each holding every key of one of the `required` key sets."""
-    file = Path(path)
-    if not file.is_file():
-        raise PipelineError(
-            f"{where}: data {path}: no such file; give a JSONL path or {BUILTIN_TASK}"
-        )
-    from data_prep.sources import jsonl_records
-
-    rows = []
-    for number, row in jsonl_records(file):
-        if not isinstance(row, dict) or not any(all(k in row for k in keys) for keys in required):
-            wanted = " or ".join("/".join(keys) for keys in required)
-            raise PipelineError(
-                f"{where}: {path} line {number}: a row needs the keys {wanted}; fix the file"
-            )
-        rows.append(row)
-    if not rows:
-        raise PipelineError(f"{where}: {path} has no rows; add training examples")
-    return rows
 
 
 def prepare_checkpoints(ctx: StageContext) -> str | None:
@@ -323,7 +295,13 @@ def train_and_export(
     if stop.stopped_at is not None:
         raise Preempted(f"stages.{ctx.name}: preempted after step {stop.stopped_at}; "
                         f"checkpoint saved, a rerun or requeue resumes from it")  # fmt: skip
-    export_trainer(trainer, tokenizer, ctx.export_dir, ctx.config.model_dump(mode="json"))
+    source = base_model(ctx)
+    keep = None
+    if from_user_model(ctx.recipe, source):  # a user's model keeps its tokenizer files as they were
+        template = exported_template(source, tokenizer, ctx.config.chat_template)  # type: ignore[attr-defined]
+        keep = partial(keep_tokenizer_files, source.path, chat_template=template)
+    config = ctx.config.model_dump(mode="json")
+    export_trainer(trainer, tokenizer, ctx.export_dir, config, keep_tokenizer=keep)
 
 
 def fit(
@@ -376,12 +354,3 @@ def held_out_accuracy(
 def last_metrics(callback: Any, keys: dict[str, str]) -> dict[str, float]:
     """The callback's last logged values, renamed by `keys` (trainer key -> summary key)."""
     return {ours: callback.last[theirs] for theirs, ours in keys.items() if theirs in callback.last}
-
-
-def dataset(rows: list[dict[str, Any]], columns: Callable[[dict], dict] | None = None) -> Any:
-    """A `datasets.Dataset` of rows (optionally mapped to the trainer's columns)."""
-    from datasets import Dataset
-    from datasets.utils.logging import disable_progress_bar
-
-    disable_progress_bar()  # TRL's map() passes would print a bar each
-    return Dataset.from_list([columns(r) for r in rows] if columns else rows)

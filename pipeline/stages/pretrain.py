@@ -9,7 +9,6 @@ seen, and the resumed run ends with the same weights.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -17,9 +16,12 @@ import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from data_prep.tasks import TaskConfig
+from data_prep.tokens_meta import TokensMeta, tokenizers_differ
 from pipeline.engine.config import StageConfig, Strict
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
+from pipeline.engine.inputs import Input, PlanView, Resolved, StageSpec
+from pipeline.engine.locations import Location
 from pipeline.models import document_mask_problem
 from pipeline.models.causal_lm import ModelConfig
 from pipeline.train.config import LoopConfig
@@ -121,10 +123,15 @@ def run(ctx: StageContext) -> None:
     work, built = workload(ctx)
     trained = train(ctx, ctx.config, work)  # type: ignore[arg-type]
     accelerator, model = trained.accelerator, trained.model
+    tokenizer_dir = tokenizer_source(ctx)
     export_model(
-        accelerator, model, ctx.upstream("tokenizer").export_dir, ctx.export_dir,
+        accelerator, model, tokenizer_dir, ctx.export_dir,
         built.added_special_tokens, config=ctx.config.model_dump(mode="json"),
     )  # fmt: skip
+    if ctx.config.model.path is not None and ctx.is_main:  # type: ignore[attr-defined]
+        from pipeline.stages.base_model import keep_tokenizer_files
+
+        keep_tokenizer_files(tokenizer_dir, ctx.export_dir, None)  # the user's files, unchanged
     diff = verify_export(accelerator, model, ctx.export_dir, built.auto_class, f"stages.{ctx.name}")
     ctx.log.info("export round trip: max abs logit diff %.3g", diff)
     summary = {**trained.summary, "export_max_abs_logit_diff": diff}
@@ -136,27 +143,34 @@ def workload(ctx: StageContext) -> tuple[Workload, BuiltModel]:
     import torch
 
     from data_prep.shards import TokenShards
-    from pipeline.models import build_model
+    from pipeline.models import build_model, load_pretrained
     from pipeline.train import flops
     from pipeline.train.loop import Workload
 
     cfg: Config = ctx.config  # type: ignore[assignment]
-    data_dir = ctx.upstream("tokenize").export_dir
-    meta = json.loads((data_dir / "meta.json").read_text())
+    tokens = ctx.input("tokens")
+    data_dir = tokens.path
+    meta = TokensMeta.read(data_dir)
+    source = tokenizer_source(ctx)  # the tokenizer the model has and its export carries
+    meta.require_tokenizer(source, str(source), tokens.label, ctx.name, tokenizer_fix(ctx, tokens))
     shards, val = TokenShards(data_dir / "train"), TokenShards(data_dir / "val")
     mb, accum, seq_len = cfg.micro_batch_size, cfg.grad_accum_steps, cfg.seq_len
 
     torch.manual_seed(ctx.seed)
-    eos_id = meta["eos_id"] if cfg.document_mask else None  # positions restart after it
-    built = build_model(cfg.model, meta["vocab_size"], seq_len, document_eos_id=eos_id)
+    eos_id = meta.eos_id if cfg.document_mask else None  # positions restart after it
+    model_cfg = cfg.model
+    if cfg.model.path is not None:  # continued pretraining of the user's model
+        built, model_cfg = load_pretrained(Path(cfg.model.path), seq_len, document_eos_id=eos_id)
+    else:
+        built = build_model(cfg.model, meta.vocab_size, seq_len, document_eos_id=eos_id)
     model, objective = built.model, built.objective
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    experts = cfg.model.experts_per_token, cfg.model.num_experts
+    experts = model_cfg.experts_per_token, model_cfg.num_experts
     counts = parameter_counts(model, *experts)
     matmul = flops.matmul_params(model, *experts)
     flops_token = flops.flops_per_token(
-        matmul, cfg.model.num_layers, cfg.model.hidden_size, seq_len
+        matmul, model_cfg.num_layers, model_cfg.hidden_size, seq_len
     )
 
     def train_batch(step: int, micro: int, rank: int, world: int) -> np.ndarray:
@@ -182,10 +196,10 @@ def workload(ctx: StageContext) -> tuple[Workload, BuiltModel]:
         tokens_per_item=seq_len,
         flops_per_token=flops_token,
         peak_flops=cfg.peak_flops,
-        describe=f"{cfg.model.arch} ({objective.name}): {counts['params'] / 1e6:.2f}M params",
+        describe=f"{model_cfg.arch} ({objective.name}): {counts['params'] / 1e6:.2f}M params",
         summary={**counts, "flops_per_token": flops_token},
     )
-    if meta.get("mixture") and objective.name in ("causal_lm", "moe_causal_lm"):
+    if meta.mixture is not None and objective.name in ("causal_lm", "moe_causal_lm"):
         from eval.mixture import per_source_val_evaluator  # val_loss/<source> at each validation
 
         work.evaluators.append(
@@ -197,9 +211,17 @@ def workload(ctx: StageContext) -> tuple[Workload, BuiltModel]:
     return work, built
 
 
+def tokenizer_source(ctx: StageContext) -> Path:
+    """The tokenizer the export carries: the model directory's own, else the tokenizer stage's."""
+    cfg: Config = ctx.config  # type: ignore[assignment]
+    if cfg.model.path is not None:
+        return Path(cfg.model.path).expanduser().absolute()
+    return ctx.input("tokenizer").path
+
+
 def task_evaluators(ctx: StageContext, cfg: Config) -> list[Any]:
     """The in-loop task evaluators the config asks for: verifiable-task accuracy, lm-eval."""
-    tokenizer_dir = ctx.upstream("tokenizer").export_dir
+    tokenizer_dir = tokenizer_source(ctx)
     evaluators: list[Any] = []
     if cfg.eval_task is not None:
         from eval.tasks import task_evaluator
@@ -231,7 +253,7 @@ def anneal_checkpoint(ctx: StageContext, anneal: AnnealFrom) -> Path:
 
     cfg: Config = ctx.config  # type: ignore[assignment]
     where = f"stages.{ctx.name}.anneal_from"
-    up = ctx.upstream("pretrain", name=anneal.stage)
+    up = ctx.upstream("pretrain", name=anneal.stage)  # checked by the plan: SPEC's anneal_from
     theirs: Config = up.config  # type: ignore[assignment]
     if up.kind != "pretrain" or theirs.model != cfg.model:
         raise PipelineError(
@@ -249,3 +271,76 @@ def anneal_checkpoint(ctx: StageContext, anneal: AnnealFrom) -> Path:
             f"a step of a constant or wsd schedule between its warmup and its decay"
         )
     return up.dir / CHECKPOINTS_DIR / step_dir(Path(), anneal.step).name
+
+
+def plan_problems(view: PlanView) -> list[str]:
+    """What a plan can know beyond the inputs: a tokenizer to export, an anneal source of the
+    same kind."""
+    cfg: Config = view.config
+    where = f"stages.{view.name}"
+    problems = tokens_tokenizer_problems(view)
+    if cfg.model.path is None and not view.inputs.get("tokenizer") and not problems:
+        problems.append(
+            f"{where}: needs a tokenizer stage upstream (its export carries the tokenizer), or "
+            f"model.path: DIR to continue pretraining a model directory"
+        )
+    anneal = view.first("anneal_from")
+    if anneal is not None and anneal.kind != "pretrain":
+        problems.append(
+            f"{where}.anneal_from.stage: {anneal.stage!r} is a {anneal.kind} stage; name a "
+            f"pretrain stage"
+        )
+    return problems
+
+
+def tokens_tokenizer_problems(view: PlanView) -> list[str]:
+    """Tokens encoded with another tokenizer than the one the model has (model.path) or its
+    export carries (the tokenizer stage's), as far as the tokens' tokenize stage tells."""
+    tokens, init = view.first("tokens"), view.first("model")
+    if tokens is None:
+        return []
+    named = getattr(tokens.config, "tokenizer", None)  # a tokenize stage's `tokenizer:`
+    fix = f"stages.{tokens.stage}.tokenizer"
+    if init is None or init.location is None:
+        if not isinstance(named, Location):
+            return []
+        return [
+            f"stages.{view.name}: the tokens of {tokens.stage} are encoded with the tokenizer of "
+            f"{named.path}, but a model pretrained from scratch exports a tokenizer stage's; set "
+            f"model.path: {named.path} to continue that model, or remove {fix} to encode with "
+            f"the tokenizer stage"
+        ]
+    model = init.location
+    if isinstance(named, Location) and not tokenizers_differ(named.resolved(), model.resolved()):
+        return []
+    used = (
+        f"the tokenizer of {named.path}"
+        if isinstance(named, Location)
+        else "a tokenizer stage's model"
+    )
+    return [
+        f"stages.{view.name}.model.path: the tokens of {tokens.stage} are encoded with {used}, "
+        f"not with the tokenizer of {model.path}; set {fix}: {{path: {model.path}}}"
+    ]
+
+
+def tokenizer_fix(ctx: StageContext, tokens: Resolved) -> str:
+    """How to encode the tokens with the tokenizer this stage's export carries."""
+    path = ctx.config.model.path  # type: ignore[attr-defined]
+    if path is not None:
+        return f"set stages.{tokens.label}.tokenizer: {{path: {path}}}"
+    return f"set stages.{tokens.label}.tokenizer: {ctx.input('tokenizer').label}"
+
+
+SPEC = StageSpec(
+    Config,
+    run,
+    output="lm",
+    inputs=(
+        Input("tokens", ("tokens",)),
+        Input("tokenizer", ("tokenizer",), required=False),
+        Input("model", (), field="model.path", location="model", required=False, nearest=False),
+        Input("anneal_from", ("lm",), field="anneal_from.stage", required=False, nearest=False),
+    ),
+    plan_check=plan_problems,
+)

@@ -13,6 +13,8 @@ from pydantic import Field
 
 from data_prep.tasks import TaskBase
 from pipeline.engine.context import StageContext
+from pipeline.engine.inputs import StageSpec
+from pipeline.stages.base_model import MODEL_INPUT, model_problems
 from pipeline.stages.posttrain import BUILTIN_TASK, TrainerStageConfig
 
 if TYPE_CHECKING:
@@ -25,6 +27,7 @@ class Config(TrainerStageConfig):
     """Train a reward model on chosen/rejected pairs from the nearest upstream model stage."""
 
     kind: Literal["reward"] = "reward"
+    data_keys = (("chosen", "rejected"),)
     max_length: int = Field(64, ge=8, description="tokens per prompt + response")
     eval_pairs: int = Field(200, ge=1, description="held-out pairs scored after training")
 
@@ -34,7 +37,7 @@ def preference_rows(
 ) -> tuple[list[dict], list[dict]]:
     """(train, held-out) preference rows with prompt/chosen/rejected (prompt may be empty)."""
     from data_prep.tasks import preference_pairs
-    from pipeline.stages.posttrain import read_jsonl
+    from pipeline.stages.rows import read_jsonl
 
     if data == BUILTIN_TASK:
         return (
@@ -83,25 +86,21 @@ def run(ctx: StageContext) -> None:
     """Train, export the reward model + tokenizer, record held-out pairwise accuracy."""
     from trl import RewardConfig, RewardTrainer
 
-    from pipeline.stages.posttrain import (
-        base_model_dir,
-        dataset,
-        fit,
-        load_tokenizer,
-        training_arguments,
-    )
+    from pipeline.stages.base_model import base_model, load_tokenizer, peft_config
+    from pipeline.stages.posttrain import fit, training_arguments
+    from pipeline.stages.rows import dataset
 
     cfg: Config = ctx.config  # type: ignore[assignment]
-    source = base_model_dir(ctx)
-    tokenizer = load_tokenizer(source)
-    model = load_reward_model(source)
+    source = base_model(ctx)
+    tokenizer = load_tokenizer(source, cfg.chat_template)
+    model = load_reward_model(source.path)
     model.config.pad_token_id = tokenizer.pad_token_id
     train, held_out = preference_rows(
         cfg.data, cfg.task, cfg.num_examples, ctx.seed, f"stages.{ctx.name}"
     )
     args = RewardConfig(**training_arguments(ctx, cfg, model), max_length=cfg.max_length)
     columns = ("prompt", "chosen", "rejected")
-    ctx.log.info("reward model from %s on %d pairs", source.parent.name, len(train))
+    ctx.log.info("reward model from %s on %d pairs", source.label, len(train))
 
     def evaluate() -> dict[str, Any]:
         import torch
@@ -122,8 +121,14 @@ def run(ctx: StageContext) -> None:
             train_dataset=dataset(train, lambda r: {k: r[k] for k in columns}),
             processing_class=tokenizer,
             callbacks=[callback],
+            **peft_config(cfg, "SEQ_CLS"),
         ),
         {"loss": "train_loss", "accuracy": "train_accuracy"},
         evaluate=evaluate,
         headline="pairwise_accuracy",
     )
+
+
+SPEC = StageSpec(
+    Config, run, output="reward_model", inputs=(MODEL_INPUT,), plan_check=model_problems
+)

@@ -15,7 +15,11 @@ from pydantic import Field, model_validator
 
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
+from pipeline.engine.inputs import Input, StageSpec
+from pipeline.engine.locations import Location
+from pipeline.stages.base_model import MODEL_INPUT, model_problems
 from pipeline.stages.posttrain import BUILTIN_TASK, TaskStageConfig
+from pipeline.stages.rewards import RewardName
 
 # Trainer log keys (GRPO/RLOO/DPO) recorded in the stage summary under our names.
 SUMMARY_KEYS = {
@@ -38,10 +42,14 @@ class Config(TaskStageConfig):
 
     kind: Literal["rlhf"] = "rlhf"
     algorithm: Literal["grpo", "rloo", "dpo"] = "grpo"
-    rewards: list[str] = Field(
-        ["exact"], description="exact | partial | format (pipeline.stages.rewards)"
+    rewards: list[RewardName] = Field(
+        ["exact"],
+        description="exact | partial | format, or a function by import path package.module:function "
+        "(pipeline.stages.rewards)",
     )
-    reward_model: str | None = Field(None, description="a reward stage whose model also scores")
+    reward_model: str | Location | None = Field(
+        None, description="a reward stage, or {path: DIR} of a reward model, that also scores"
+    )
     reward_weights: list[float] | None = Field(None, description="one per reward; default: 1 each")
     beta: float | None = Field(None, ge=0, description="KL coefficient; default: TRL's")
     sync_ref_model: bool = Field(False, description="move the reference towards the policy")
@@ -60,6 +68,16 @@ class Config(TaskStageConfig):
     dpo_sft_weight: float = Field(
         0.0, ge=0, description="dpo: weight of an NLL loss on the chosen answer (RPO); 0: plain DPO"
     )
+
+    def check_inputs(self) -> None:
+        """As every trainer stage, with DPO's data rows holding chosen/rejected pairs."""
+        self.task.check_inputs()
+        if self.data != BUILTIN_TASK:
+            from pipeline.stages.rows import first_row
+
+            first_row(
+                self.data, (("chosen", "rejected"),) if self.algorithm == "dpo" else (("prompt",),)
+            )
 
     @model_validator(mode="after")
     def _check_rewards(self) -> Config:
@@ -89,7 +107,7 @@ class Config(TaskStageConfig):
 def prompt_rows(cfg: Config, seed: int, where: str) -> list[dict[str, Any]]:
     """GRPO/RLOO prompts: the task's train problems (with `answer`) or the user's JSONL rows."""
     from data_prep.tasks import task_problems
-    from pipeline.stages.posttrain import read_jsonl
+    from pipeline.stages.rows import read_jsonl
 
     if cfg.data == BUILTIN_TASK:
         return [
@@ -108,9 +126,11 @@ def dpo_losses(cfg: Config) -> dict[str, Any]:
 
 def build_trainer(ctx: StageContext, cfg: Config, model: Any, tokenizer: Any, callback: Any) -> Any:
     """The TRL trainer for `cfg.algorithm`, configured from the recipe."""
-    from pipeline.stages.posttrain import dataset, training_arguments
+    from pipeline.stages.base_model import peft_config
+    from pipeline.stages.posttrain import training_arguments
     from pipeline.stages.reward import preference_rows
     from pipeline.stages.rewards import reward_functions
+    from pipeline.stages.rows import dataset
 
     where = f"stages.{ctx.name}"
     common = training_arguments(ctx, cfg, model)
@@ -127,6 +147,7 @@ def build_trainer(ctx: StageContext, cfg: Config, model: Any, tokenizer: Any, ca
             train_dataset=dataset(rows, lambda r: {k: r[k] for k in columns}),
             processing_class=tokenizer,
             callbacks=[callback],
+            **peft_config(cfg),  # with an adapter, the base itself is the reference
         )
     generation_batch = cfg.micro_batch_size * ctx.world_size * cfg.grad_accum_steps
     if generation_batch % cfg.num_generations:
@@ -137,7 +158,7 @@ def build_trainer(ctx: StageContext, cfg: Config, model: Any, tokenizer: Any, ca
         )
     funcs: list[Any] = reward_functions(cfg.rewards, cfg.task, where)
     if cfg.reward_model is not None:
-        funcs.append(str(ctx.upstream("reward", name=cfg.reward_model).export_dir))
+        funcs.append(str(ctx.input("reward_model").path))
     sampling = {
         "num_generations": cfg.num_generations,
         "max_completion_length": cfg.max_completion_length,
@@ -162,21 +183,24 @@ def build_trainer(ctx: StageContext, cfg: Config, model: Any, tokenizer: Any, ca
         train_dataset=dataset(prompt_rows(cfg, ctx.seed, where)),
         processing_class=tokenizer,
         callbacks=[callback],
+        **peft_config(cfg),
     )
 
 
 def run(ctx: StageContext) -> None:
     """Train the policy, export it, record reward statistics and held-out accuracy."""
-    from transformers import AutoModelForCausalLM
-
-    from pipeline.stages.posttrain import base_model_dir, fit, load_tokenizer, task_evaluation
+    from pipeline.stages.base_model import base_model, load_causal_lm, load_tokenizer
+    from pipeline.stages.posttrain import fit, task_evaluation
 
     cfg: Config = ctx.config  # type: ignore[assignment]
-    source = base_model_dir(ctx)
-    tokenizer = load_tokenizer(source)
+    source = base_model(ctx)
+    tokenizer = load_tokenizer(source, cfg.chat_template)
     tokenizer.padding_side = "left"  # generation batches are left-padded
-    model = AutoModelForCausalLM.from_pretrained(source)
-    ctx.log.info("%s from %s, %d steps", cfg.algorithm.upper(), source.parent.name, cfg.max_steps)
+    model = load_causal_lm(source, f"stages.{ctx.name}")
+    ctx.log.info(
+        "%s%s from %s, %d steps", cfg.algorithm.upper(), " (LoRA)" if cfg.adapter else "",
+        source.label, cfg.max_steps,
+    )  # fmt: skip
     fit(
         ctx,
         tokenizer,
@@ -191,3 +215,16 @@ def run(ctx: StageContext) -> None:
 
         rows = read_metrics(ctx.stage_dir)
         write_sections(ctx.export_dir, [rl_section(ctx.export_dir, rows, cfg.algorithm.upper())])
+
+
+SPEC = StageSpec(
+    Config,
+    run,
+    output="lm",
+    inputs=(
+        MODEL_INPUT,
+        Input("reward_model", ("reward_model",), field="reward_model", location="model",
+              required=False, nearest=False),
+    ),
+    plan_check=model_problems,
+)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning with TRL's SFTTrainer, starting from the upstream pretrain export.
+"""Supervised fine-tuning with TRL's SFTTrainer, from an upstream model stage or a model directory.
 
 Data: `builtin:task` (prompt/completion from the train split of the stage's `task`; the test
 split is never trained on) or a JSONL file in TRL's formats (conversational `messages`, or `prompt` and
@@ -12,13 +12,16 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.engine.context import StageContext
+from pipeline.engine.inputs import StageSpec
+from pipeline.stages.base_model import MODEL_INPUT, model_problems
 from pipeline.stages.posttrain import BUILTIN_TASK, TaskStageConfig
 
 
 class Config(TaskStageConfig):
-    """Fine-tune the nearest upstream model stage on prompt/completion or chat data."""
+    """Fine-tune a model (upstream stage or directory) on prompt/completion or chat data."""
 
     kind: Literal["sft"] = "sft"
+    data_keys = (("messages",), ("prompt", "completion"))
     completion_only_loss: bool = Field(True, description="no loss on prompt/user tokens")
     packing: bool = Field(False, description="pack examples into max_length rows (BFD)")
     max_length: int = Field(128, ge=8, description="tokens per training row")
@@ -27,7 +30,7 @@ class Config(TaskStageConfig):
 def training_rows(cfg: Config, seed: int, where: str) -> list[dict]:
     """The SFT rows: the task's prompt/completion pairs or the user's JSONL rows."""
     from data_prep.tasks import task_problems
-    from pipeline.stages.posttrain import read_jsonl
+    from pipeline.stages.rows import read_jsonl
 
     if cfg.data == BUILTIN_TASK:
         return [
@@ -40,35 +43,34 @@ def training_rows(cfg: Config, seed: int, where: str) -> list[dict]:
 
 def run(ctx: StageContext) -> None:
     """Train, export the HF model + tokenizer, record train loss and held-out accuracy."""
-    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.stages.posttrain import (
-        base_model_dir,
-        dataset,
-        fit,
-        load_tokenizer,
-        task_evaluation,
-        training_arguments,
-    )
+    from pipeline.stages.base_model import base_model, load_causal_lm, load_tokenizer, peft_config
+    from pipeline.stages.chat import assistant_masked_rows
+    from pipeline.stages.posttrain import fit, task_evaluation, training_arguments
+    from pipeline.stages.rows import dataset
 
     cfg: Config = ctx.config  # type: ignore[assignment]
-    source = base_model_dir(ctx, ("pretrain", "sft"))
-    tokenizer = load_tokenizer(source)
-    model = AutoModelForCausalLM.from_pretrained(source)
-    rows = training_rows(cfg, ctx.seed, f"stages.{ctx.name}")
+    where = f"stages.{ctx.name}"
+    source = base_model(ctx)
+    tokenizer = load_tokenizer(source, cfg.chat_template)
+    model = load_causal_lm(source, where)
+    rows = training_rows(cfg, ctx.seed, where)
     conversational = "messages" in rows[0]
+    if conversational and cfg.completion_only_loss:
+        # Assistant spans found by rendering each conversation turn by turn with the model's own
+        # template: no `{% generation %}` markers needed (TRL cannot patch most user templates).
+        rows = assistant_masked_rows(tokenizer, rows, cfg.max_length, where)
     args = SFTConfig(
         **training_arguments(ctx, cfg, model),
         max_length=cfg.max_length,
         packing=cfg.packing,
         completion_only_loss=cfg.completion_only_loss and not conversational,
-        assistant_only_loss=cfg.completion_only_loss and conversational,
         dataset_num_proc=None,
     )
     ctx.log.info(
-        "SFT from %s on %d %s rows, %d steps", source.parent.name, len(rows),
-        "chat" if conversational else "prompt/completion", cfg.max_steps,
+        "SFT%s from %s on %d %s rows, %d steps", " (LoRA)" if cfg.adapter else "", source.label,
+        len(rows), "chat" if conversational else "prompt/completion", cfg.max_steps,
     )  # fmt: skip
     fit(
         ctx,
@@ -79,7 +81,11 @@ def run(ctx: StageContext) -> None:
             train_dataset=dataset(rows),
             processing_class=tokenizer,
             callbacks=[callback],
+            **peft_config(cfg),
         ),
         {"loss": "train_loss", "train_loss": "mean_train_loss"},
         **task_evaluation(ctx, cfg, tokenizer),
     )
+
+
+SPEC = StageSpec(Config, run, output="lm", inputs=(MODEL_INPUT,), plan_check=model_problems)

@@ -21,6 +21,7 @@ from pydantic import Field
 
 from pipeline.diffusion.training import ImageTrainingConfig
 from pipeline.engine.context import StageContext
+from pipeline.engine.inputs import Input, StageSpec
 from pipeline.models.diffusion import VAEModelConfig
 
 if TYPE_CHECKING:
@@ -144,3 +145,6 @@ def reconstruct(vae: Any, images: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         latents = vae.encode(torch.from_numpy(images).to(vae.device)).latent_dist.mode()
         return vae.decode(latents).sample.clamp(-1, 1).float().cpu().numpy()
+
+
+SPEC = StageSpec(Config, run, output="vae", inputs=(Input("images", ("images",)),))
