@@ -26,7 +26,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from data_prep.encode import Encoder
+from data_prep.encode import Encoder, Tokenization
 from data_prep.shards import ShardWriter
 from data_prep.sources import BUILTINS, SourceConfig, _files, _is_hf_dir
 from data_prep.text_files import file_documents, file_format, text_documents
@@ -177,18 +177,17 @@ def write_part(
 def encode_part(
     source: SourceConfig,
     pieces: list[Piece],
-    model_path: Path,
-    dtype: str,
-    eos_id: int,
+    tokenization: Tokenization,
     workers: int,
     part_dir: Path,
     key: dict[str, Any],
 ) -> None:
     """Encode one part's documents into part_dir (tokens.bin, lengths.npy, part.json)."""
     start = time.perf_counter()
-    with Encoder(model_path, np.dtype(dtype), eos_id, workers) as encoder:
+    dtype = tokenization.dtype
+    with Encoder(tokenization.backend, dtype, tokenization.eos_id, workers) as encoder:
         documents = ((doc, None) for doc in part_documents(source, pieces))
-        write_part(part_dir, key, encoder.encode(documents), np.dtype(dtype), start)
+        write_part(part_dir, key, encoder.encode(documents), dtype, start)
 
 
 def run_processes(target: Any, jobs: list[tuple[Any, ...]]) -> None:

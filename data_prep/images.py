@@ -43,9 +43,9 @@ from data_prep.image_sources import DIGITS, ImageSourceConfig, read_source, to_a
 from data_prep.shards import SampleOrder
 from pipeline.engine.config import StageConfig
 from pipeline.engine.context import StageContext
-from pipeline.engine.inputs import StageSpec
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.graph import rescanning
+from pipeline.engine.inputs import StageSpec
 from pipeline.engine.manifest import atomic_write_json, sha256_file
 
 FORMAT = "image-shards/1"

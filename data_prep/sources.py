@@ -166,7 +166,8 @@ def source_signature(source: SourceConfig) -> dict[str, Any]:
     if source.uri == STDLIB:
         return {"python": sys.version, "stdlib": str(stdlib_root())}
     if source.uri in (TASK, ARITHMETIC):
-        return {"task_generator": GENERATOR_VERSION}
+        signed = source.task_config().signature()  # a JSONL task's file
+        return {"task_generator": GENERATOR_VERSION, **({"task_file": signed} if signed else {})}
     path = Path(source.uri)
     files = (
         sorted(p for p in path.rglob("*") if p.is_file())
@@ -188,7 +189,11 @@ class SourceStageConfig(StageConfig):
     )
 
     def check_inputs(self) -> None:
-        """Each file source yields a first document (exists, not empty, parses, is UTF-8)."""
+        """Each file source yields a first document (exists, not empty, parses, is UTF-8), and a
+        task source's task file (a JSONL task) is well formed."""
+        for source in self.source:
+            if source.uri in (TASK, ARITHMETIC):
+                source.task_config().check_inputs()
         probe_sources(self.source)
 
     @field_validator("source", mode="before")

@@ -3,6 +3,8 @@
 One registry of task families (arithmetic, reverse, sort), each a typed config with its own
 difficulty knobs. Every answer is a digit string (an integer for arithmetic), so one parser and
 one format check serve every family, and a digit-splitting tokenizer sees one token per digit.
+The user's own problems come from a JSONL file (data_prep.user_tasks.JsonlTask, `name: jsonl`)
+with a scorer of their choosing; everything below treats both alike.
 
 Every problem belongs to the train or the test split by a hash of its prompt alone, never of a
 seed or an option: changing a difficulty knob, a count or a seed never moves a problem across the
@@ -11,17 +13,24 @@ split, so no stage ever trains on a problem that eval scores.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
+import json
 import random
-import re
 from collections.abc import Iterator
 from functools import cache
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.engine.config import Strict
+# completion_text, is_bare_answer, parse_answer: re-exported, callers import them from here.
+from data_prep.task_base import (  # noqa: F401
+    Key,
+    TaskBase,
+    completion_text,
+    is_bare_answer,
+    parse_answer,
+)
+from data_prep.user_tasks import JsonlTask
 from pipeline.engine.errors import PipelineError
 
 SPLITS = ("train", "test")
@@ -29,65 +38,6 @@ PROBLEMS_PER_DOCUMENT = 16
 ENUMERATE_LIMIT = 200_000  # larger problem spaces are sampled instead of listed
 # Bump when a family's problem space or text format changes (part of source fingerprints).
 GENERATOR_VERSION = 3
-ANSWER = re.compile(r"\s*(-?\d+)")
-BARE_ANSWER = re.compile(r"\s*-?\d+\s*")
-
-Key = tuple[Any, ...]
-
-
-class TaskBase(Strict):
-    """Options every task family has: which share of the space is held out."""
-
-    test_percent: int = Field(
-        10, ge=1, le=90, description="percent of the problem space held out (by prompt hash)"
-    )
-
-    FAMILY: ClassVar[str] = ""
-
-    def all_keys(self) -> Iterator[Key]:
-        """Every problem of the space, in a fixed order."""
-        raise NotImplementedError
-
-    def size(self) -> int:
-        """Number of problems in the space."""
-        raise NotImplementedError
-
-    def sample_key(self, rng: random.Random) -> Key:
-        """One problem drawn uniformly from the space."""
-        raise NotImplementedError
-
-    def prompt(self, key: Key) -> str:
-        raise NotImplementedError
-
-    def answer(self, key: Key) -> str:
-        raise NotImplementedError
-
-    def subtask(self, key: Key) -> str:
-        """The slice of the space a problem belongs to, for per-subtask accuracy."""
-        raise NotImplementedError
-
-    def partial_credit(self, got: str, want: str) -> float:
-        """Credit in [0, 1] for a wrong answer; 1 only for the right one."""
-        raise NotImplementedError
-
-    def near_miss(self, key: Key, rng: random.Random) -> str:
-        """A plausible wrong answer (for preference pairs and multiple choice)."""
-        raise NotImplementedError
-
-    def split_of(self, key: Key) -> str:
-        """The split a problem belongs to: a pure function of its prompt."""
-        digest = hashlib.sha256(self.prompt(key).encode()).digest()
-        return "test" if int.from_bytes(digest[:8], "big") % 100 < self.test_percent else "train"
-
-    def problem(self, key: Key) -> dict[str, Any]:
-        """One problem as {"prompt", "completion", "answer", "subtask"}."""
-        answer = self.answer(key)
-        return {
-            "prompt": self.prompt(key),
-            "completion": f" {answer}",
-            "answer": answer,
-            "subtask": self.subtask(key),
-        }
 
 
 class ArithmeticTask(TaskBase):
@@ -233,15 +183,24 @@ class SortTask(DigitStringTask):
         return "".join(sorted(answer))
 
 
-TASKS: dict[str, type[TaskBase]] = {t.FAMILY: t for t in (ArithmeticTask, ReverseTask, SortTask)}
-TaskConfig = Annotated[ArithmeticTask | ReverseTask | SortTask, Field(discriminator="name")]
+TASKS: dict[str, type[TaskBase]] = {
+    t.FAMILY: t for t in (ArithmeticTask, ReverseTask, SortTask, JsonlTask)
+}
+TaskConfig = Annotated[
+    ArithmeticTask | ReverseTask | SortTask | JsonlTask, Field(discriminator="name")
+]
 
 
 @cache
-def _pool(task_json: str, split: str) -> tuple[Key, ...]:
-    """Every problem key of a split of an enumerable task (cached per task options)."""
+def _pool(task_json: str, signature_json: str, split: str) -> tuple[Key, ...]:
+    """Every problem key of a split of an enumerable task (cached per task options and, for a
+    task read from a file, per version of the file)."""
     task = _from_json(task_json)
     return tuple(key for key in task.all_keys() if task.split_of(key) == split)
+
+
+def _split_pool(task: TaskBase, split: str) -> tuple[Key, ...]:
+    return _pool(task.model_dump_json(), json.dumps(task.signature(), sort_keys=True), split)
 
 
 def _from_json(task_json: str) -> TaskBase:
@@ -256,11 +215,11 @@ def problem_keys(task: TaskBase, split: str, num: int, seed: int) -> list[Key]:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = random.Random(seed)
     if task.size() <= ENUMERATE_LIMIT:
-        pool = list(_pool(task.model_dump_json(), split))
+        pool = list(_split_pool(task, split))
         if num > len(pool):
             raise PipelineError(
                 f"task {task.FAMILY}: the {split} split has {len(pool)} problems, cannot draw "
-                f"{num}; ask for fewer or widen the task's options"
+                f"{num}; ask for fewer or {task.GROW}"
             )
         rng.shuffle(pool)
         return pool[:num]
@@ -280,7 +239,7 @@ def task_problems(task: TaskBase, split: str, num: int, seed: int) -> list[dict[
 def split_size(task: TaskBase, split: str) -> int:
     """Problems in a split (estimated from the hash share for spaces too large to list)."""
     if task.size() <= ENUMERATE_LIMIT:
-        return len(_pool(task.model_dump_json(), split))
+        return len(_split_pool(task, split))
     share = task.test_percent / 100
     return int(task.size() * (share if split == "test" else 1 - share))
 
@@ -312,36 +271,8 @@ def preference_pairs(task: TaskBase, split: str, num: int, seed: int) -> list[di
     ]
 
 
-def completion_text(completion: Any) -> str:
-    """The text of a completion: a string, or the last message's content of a conversation."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        content = completion[-1].get("content")
-        return content if isinstance(content, str) else ""
-    return ""
-
-
-def parse_answer(completion: Any) -> str | None:
-    """The digit string (with an optional minus) a completion starts with, or None."""
-    match = ANSWER.match(completion_text(completion))
-    return match.group(1) if match else None
-
-
-def is_bare_answer(completion: Any) -> bool:
-    """True when the completion is only an answer (surrounding whitespace allowed)."""
-    return BARE_ANSWER.fullmatch(completion_text(completion)) is not None
-
-
-def score(task: TaskBase, completion: Any, answer: Any) -> tuple[float, float]:
-    """(exact, partial credit) of one completion against the right answer."""
-    got = parse_answer(completion)
-    want = str(answer).strip()
-    if got is None or not want:
-        return 0.0, 0.0
-    if got == want:
-        return 1.0, 1.0
-    try:
-        return 0.0, task.partial_credit(got, want)
-    except ValueError:  # an answer that is not a number where the family needs one
-        return 0.0, 0.0
+def score(
+    task: TaskBase, completion: Any, answer: Any, problem: dict[str, Any] | None = None
+) -> tuple[float, float]:
+    """(exact, partial credit) of one completion against the right answer (by the task's scorer)."""
+    return task.grade(completion, answer, problem)

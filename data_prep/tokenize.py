@@ -1,13 +1,18 @@
-"""Stage kind `tokenize`: encode a source with the upstream tokenizer into train/val token shards.
+"""Stage kind `tokenize`: encode a source with a tokenizer into train/val token shards.
 
-Documents are encoded by parallel worker threads (data_prep.encode), in order, with an
-end-of-document token after each; a hash of the document index and the seed decides which split
-a document belongs to. A mixture of sources is round-robin, or weighted by train tokens
-(data_prep.mixture), and meta.json records which runs of val tokens came from which source. Shards are committed one at a time, and after each the
-stage records where in the document stream it stands, so a killed stage resumes after its last
-committed shard (skipping, not re-encoding, the documents before it) and ends byte-identical.
-With `parts` > 1 the source is split into parts encoded by separate processes (or the tasks of a
-Slurm job array) and merged into the same bytes (data_prep.fanout).
+The tokenizer is the upstream tokenizer stage's SentencePiece model, or with `tokenizer: {path:
+DIR}` the Hugging Face fast tokenizer of a user's model or tokenizer directory, so that a model
+directory can be trained further on tokens of its own vocabulary (data_prep.encode says which
+token separates documents). Documents are encoded by parallel worker threads (data_prep.encode),
+in order, with an end-of-document token after each; a hash of the document index and the seed
+decides which split a document belongs to. A mixture of sources is round-robin, or weighted by
+train tokens (data_prep.mixture). meta.json (data_prep.tokens_meta) records which runs of val
+tokens came from which source and which tokenizer made the ids. Shards are committed one at a
+time, and after each the stage records where in the document stream it stands, so a killed
+stage resumes after its last committed shard (skipping, not re-encoding, the documents before
+it) and ends byte-identical. With `parts` > 1 the source is split into parts encoded by separate
+processes (or the tasks of a Slurm job array) and merged into the same bytes
+(data_prep.tokenize_parts, data_prep.fanout).
 """
 
 from __future__ import annotations
@@ -23,28 +28,36 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from data_prep import fanout
-from data_prep.encode import Encoder
+from data_prep import fanout, tokenize_parts
+from data_prep.encode import Encoder, Tokenization, open_tokenization
 from data_prep.fanout import is_val_document as is_val_document
 from data_prep.mixture import Item, Mixture, Stream, mixture_of
-from data_prep.shards import ShardWriter, token_dtype
+from data_prep.shards import ShardWriter
 from data_prep.sources import SourceStageConfig
-from data_prep.tokenizer import EOS_ID, MODEL_FILE
+from data_prep.tokenizer import MODEL_FILE
+from data_prep.tokens_meta import META_FILE as META_FILE
 from pipeline.engine import faults
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
-from pipeline.engine.manifest import atomic_write_json, sha256_file
+from pipeline.engine.inputs import Input, StageSpec
+from pipeline.engine.locations import Location
+from pipeline.engine.manifest import atomic_write_json
 
-META_FILE = "meta.json"
 PROGRESS_FILE = "progress.json"
 SPLITS = ("train", "val")
 Progress = Callable[..., Iterator[Any]]
 
 
 class Config(SourceStageConfig):
-    """Tokenize a source (or a mixture) into train/val shards with the upstream tokenizer's model."""
+    """Tokenize a source (or a mixture) into train/val shards with a tokenizer."""
 
     kind: Literal["tokenize"] = "tokenize"
+    tokenizer: str | Location | None = Field(
+        None,
+        description="a tokenizer stage's name, or {path: DIR}: the Hugging Face fast tokenizer of "
+        "a model or tokenizer directory (documents end with its <|endoftext|>, else its "
+        "eos_token); default: the nearest upstream tokenizer stage",
+    )
     val_fraction: float = Field(0.02, ge=0, lt=1)
     num_workers: int = Field(0, ge=0)
     shard_tokens: int = Field(100_000_000, ge=1)
@@ -77,15 +90,15 @@ def run(ctx: StageContext) -> None:
     """Tokenize the source into `ctx.export_dir` (train/, val/, meta.json)."""
     cfg = ctx.config
     assert isinstance(cfg, Config)
-    model_path = ctx.upstream("tokenizer").export_dir / MODEL_FILE
-    if not model_path.is_file():
-        raise PipelineError(f"{model_path}: missing; rerun the tokenizer stage")
+    tokenization = open_tokenization(tokenizer_path(ctx))
+    if tokenization.tokenizer_path is not None:
+        ctx.log.info("encoding with the tokenizer of %s", tokenization.tokenizer_path)
     if cfg.parts > 1:
-        stats = tokenize_in_parts(ctx, model_path)
+        stats = tokenize_parts.tokenize_in_parts(ctx, tokenization)
     else:
         stats = tokenize_corpus(
             mixture_of(cfg.source, cfg.source_names()),
-            model_path,
+            tokenization,
             ctx.export_dir,
             seed=ctx.seed,
             val_fraction=cfg.val_fraction,
@@ -121,9 +134,20 @@ def run(ctx: StageContext) -> None:
     ctx.write_summary(stats, headline="train_tokens")
 
 
+def tokenizer_path(ctx: StageContext) -> Path:
+    """What to encode with: the tokenizer stage's SentencePiece model, or the user's directory."""
+    found = ctx.input("tokenizer")
+    if found.external:
+        return found.path
+    model_path = found.path / MODEL_FILE
+    if not model_path.is_file():
+        raise PipelineError(f"{model_path}: missing; rerun the tokenizer stage")
+    return model_path
+
+
 def tokenize_corpus(
     documents: Iterable[Item] | Mixture,
-    model_path: Path,
+    tokenizer: Path | Tokenization,
     out_dir: Path,
     seed: int = 0,
     val_fraction: float = 0.02,
@@ -136,6 +160,9 @@ def tokenize_corpus(
 ) -> dict[str, Any]:
     """Encode documents (eos after each) into out_dir/{train,val}/ shards plus meta.json.
 
+    `tokenizer` is a SentencePiece model file, a Hugging Face tokenizer directory, or either
+    opened by data_prep.encode.open_tokenization.
+
     A document given as (text, repeat) goes `repeat` times into train (upsampling) and once into
     val; which split it belongs to depends on its index only, so copies never straddle splits.
     With val_fraction > 0 and at least two documents, val gets at least one document: when the
@@ -146,23 +173,21 @@ def tokenize_corpus(
     meta.json under "mixture" (data_prep.mixture). `stage` names the stage for fault injection
     (pipeline.engine.faults: `data_write`).
     """
-    import sentencepiece as spm
-
     start = time.perf_counter()
     mixture = documents if isinstance(documents, Mixture) else Stream(documents)
-    vocab_size = spm.SentencePieceProcessor(model_file=str(model_path)).get_piece_size()
-    dtype = token_dtype(vocab_size)
+    tok = tokenizer if isinstance(tokenizer, Tokenization) else open_tokenization(tokenizer)
+    dtype = tok.dtype
     work_dir = out_dir if resume_dir is None else resume_dir
     key = {
         "fingerprint": fingerprint,
-        "model_sha256": sha256_file(model_path),
+        "model_sha256": tok.signature,
         "seed": seed,
         "val_fraction": val_fraction,
         "shard_tokens": shard_tokens,
     }
     splitter = _Splitter(work_dir, dtype, shard_tokens, seed, val_fraction, key, resume_dir, stage)
     resumed = splitter.restore(mixture)
-    with Encoder(model_path, dtype, EOS_ID, num_workers) as encoder:
+    with Encoder(tok.backend, dtype, tok.eos_id, num_workers) as encoder:
         items = mixture.items(encoder.encode, resumed)
         if progress is not None:
             items = progress(items, desc="tokenize")
@@ -177,17 +202,15 @@ def tokenize_corpus(
         name: {"num_tokens": writer.num_tokens, "num_documents": writer.num_documents}
         for name, writer in zip(SPLITS, (train, val), strict=True)
     }
-    meta = {"vocab_size": vocab_size, "eos_id": EOS_ID, "dtype": dtype.name, "splits": splits}
-    stats: dict[str, Any] = {}
-    if len(mixture.names) > 1:
-        meta["mixture"] = mixture.record()
-        stats = mixture.summary()
+    mixed = len(mixture.names) > 1
+    meta = tok.meta(splits, mixture.record() if mixed else None)
+    stats: dict[str, Any] = mixture.summary() if mixed else {}
     if resume_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in SPLITS:
             os.replace(resume_dir / name, out_dir / name)
         shutil.rmtree(resume_dir)  # the progress record, and temp files a kill left behind
-    atomic_write_json(out_dir / META_FILE, meta)
+    meta.write(out_dir)
     elapsed = time.perf_counter() - start
     new_tokens = train.num_tokens + val.num_tokens - splitter.resumed_tokens
     return {
@@ -301,92 +324,20 @@ def _add(writer: ShardWriter, tokens: np.ndarray, repeat: int) -> None:
         writer.add(tokens)
 
 
-PARTS_DIR = "parts"
-
-
-def tokenize_in_parts(ctx: StageContext, model_path: Path) -> dict[str, Any]:
-    """Encode the parts not yet done (one process each, at once), then merge them into export/."""
-    cfg = ctx.config
-    assert isinstance(cfg, Config)
-    start = time.perf_counter()
-    key, dtype = _parts_key(ctx, model_path)
-    part_dirs = [_part_dir(ctx, index) for index in range(cfg.parts)]
-    todo = [i for i, d in enumerate(part_dirs) if not fanout.part_done(d, {**key, "part": i})]
-    if todo:
-        ctx.log.info("encoding parts %s of %d in %d processes", todo, cfg.parts, len(todo))
-        plan = fanout.plan_parts(cfg.source[0], cfg.parts)
-        workers = cfg.num_workers or max(1, len(os.sched_getaffinity(0)) // len(todo))
-        source, where = cfg.source[0], (model_path, dtype.str, EOS_ID, workers)
-        jobs = [(source, plan[i], *where, part_dirs[i], {**key, "part": i}) for i in todo]
-        fanout.run_processes(fanout.encode_part, jobs)
-        faults.point(ctx.name, "data_write")  # every part committed, none merged yet
-    merging = time.perf_counter()
-    splits = fanout.merge_parts(
-        part_dirs, key, ctx.export_dir, dtype, cfg.shard_tokens, ctx.seed, cfg.val_fraction,
-        cfg.source[0].repeat,
-    )  # fmt: skip
-    meta = {
-        "vocab_size": key["vocab_size"],
-        "eos_id": EOS_ID,
-        "dtype": dtype.name,
-        "splits": splits,
-    }
-    atomic_write_json(ctx.export_dir / META_FILE, meta)
-    done = time.perf_counter()
-    rates = [json.loads((d / fanout.PART_FILE).read_text())["tokens_per_second"] for d in part_dirs]
-    shutil.rmtree(ctx.stage_dir / PARTS_DIR)
-    tokens = splits["train"]["num_tokens"] + splits["val"]["num_tokens"]
-    return {
-        "train_tokens": splits["train"]["num_tokens"],
-        "val_tokens": splits["val"]["num_tokens"],
-        "documents": splits["train"]["num_documents"] + splits["val"]["num_documents"],
-        "resumed_documents": 0,
-        "tokens_per_second": tokens / max(done - start, 1e-9),
-        "parts": cfg.parts,
-        "part_tokens_per_second": sum(rates) / len(rates),
-        "merge_seconds": done - merging,
-    }
-
-
 def run_part(ctx: StageContext, index: int) -> None:
     """Encode part `index` of a fanned-out tokenize stage (one task of its Slurm job array)."""
-    cfg = ctx.config
-    assert isinstance(cfg, Config)
-    if not 0 <= index < cfg.parts:
-        raise PipelineError(f"stage {ctx.name}: part {index} out of range 0..{cfg.parts - 1}")
-    model_path = ctx.upstream("tokenizer").export_dir / MODEL_FILE
-    key, dtype = _parts_key(ctx, model_path)
-    part_key = {**key, "part": index}
-    part_dir = _part_dir(ctx, index)
-    if fanout.part_done(part_dir, part_key):
-        return
-    plan = fanout.plan_parts(cfg.source[0], cfg.parts)
-    workers = cfg.num_workers or len(os.sched_getaffinity(0))
-    fanout.encode_part(
-        cfg.source[0], plan[index], model_path, dtype.str, EOS_ID, workers, part_dir, part_key
-    )
-
-
-def _parts_key(ctx: StageContext, model_path: Path) -> tuple[dict[str, Any], np.dtype]:
-    """What the parts of this run must have been written for, and the token dtype."""
-    import sentencepiece as spm
-
-    cfg = ctx.config
-    assert isinstance(cfg, Config)
-    vocab_size = spm.SentencePieceProcessor(model_file=str(model_path)).get_piece_size()
-    key = {
-        "fingerprint": ctx.fingerprint,
-        "model_sha256": sha256_file(model_path),
-        "parts": cfg.parts,
-        "vocab_size": vocab_size,
-    }
-    return key, token_dtype(vocab_size)
-
-
-def _part_dir(ctx: StageContext, index: int) -> Path:
-    return ctx.stage_dir / PARTS_DIR / f"part_{index:05d}"
+    tokenize_parts.encode_one_part(ctx, index, open_tokenization(tokenizer_path(ctx)))
 
 
 def read_meta(export_dir: Path) -> dict[str, Any]:
-    """The tokenize stage's meta.json (vocab_size, eos_id, dtype, per-split counts)."""
+    """The meta.json record as plain JSON data (for tools and tests; stages read TokensMeta)."""
     return json.loads((Path(export_dir) / META_FILE).read_text(encoding="utf-8"))
+
+
+SPEC = StageSpec(
+    Config,
+    run,
+    "tokens",
+    inputs=(Input("tokenizer", ("tokenizer",), field="tokenizer", location="tokenizer"),),
+    run_part=run_part,
+)

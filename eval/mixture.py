@@ -1,6 +1,6 @@
 """Validation loss per source of a mixture, in the eval stage and in the training loop.
 
-The tokenize stage records in meta.json which runs of the val token stream came from which
+The tokenize stage records in meta.json (data_prep.tokens_meta) which runs of the val token stream came from which
 source (`mixture.val_runs`: [end, source index] pairs, see data_prep.mixture). A target token is
 attributed to the source of the document it belongs to, so `val_loss/<name>` is the mean
 next-token loss over the targets of that source's documents (each with its end-of-document
@@ -10,12 +10,13 @@ then there is nothing per source and these functions return no metrics.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from data_prep.tokens_meta import TokensMeta
 
 if TYPE_CHECKING:
     import torch
@@ -23,12 +24,11 @@ if TYPE_CHECKING:
 
 def val_runs(tokenize_export: Path) -> tuple[list[str], np.ndarray, np.ndarray] | None:
     """(source names, run ends, run sources) of a tokenize export's val split; None if unrecorded."""
-    meta = json.loads((Path(tokenize_export) / "meta.json").read_text(encoding="utf-8"))
-    mixture = meta.get("mixture")
-    if not mixture or not mixture.get("val_runs"):
+    mixture = TokensMeta.read(Path(tokenize_export)).mixture
+    if mixture is None or not mixture.val_runs:
         return None
-    runs = np.asarray(mixture["val_runs"], dtype=np.int64).reshape(-1, 2)
-    return [s["name"] for s in mixture["sources"]], runs[:, 0], runs[:, 1]
+    runs = np.asarray(mixture.val_runs, dtype=np.int64).reshape(-1, 2)
+    return [source.name for source in mixture.sources], runs[:, 0], runs[:, 1]
 
 
 def target_sources(ends: np.ndarray, sources: np.ndarray, num_windows: int, seq_len: int) -> Any:

@@ -1,8 +1,8 @@
 """Task accuracy that can tell models apart: greedy pass@1 with a Wilson interval, pass@k by
 sampling, answer-format rate, accuracy per subtask, and paired tests between models.
 
-Prompts are the problems' plain text (as pretraining, SFT and RL see them); the answer is the
-digit string the completion starts with. The test split is fixed by a hash of each prompt, so no
+Prompts are the problems' plain text (as pretraining, SFT and RL see them); the answer is what
+the task's scorer reads from the completion (for generated tasks, the digit string it starts with). The test split is fixed by a hash of each prompt, so no
 stage ever trains on what is scored here. Every model of an eval stage answers the same problems
 (seed EVAL_SEED), which is what makes the paired test valid.
 """
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from data_prep.tasks import TaskBase, is_bare_answer, parse_answer, score, task_problems
+from data_prep.tasks import TaskBase, score, task_problems
 from eval.stats import mcnemar, pass_at_k, wilson_interval
 
 if TYPE_CHECKING:
@@ -88,15 +88,15 @@ def score_task(
     was_training = model.training
     model.eval()
     greedy = [c[0] for c in generate(model, tokenizer, [p["prompt"] for p in problems], tokens)]
-    scores = [score(task, c, p["answer"]) for c, p in zip(greedy, problems, strict=True)]
+    scores = [score(task, c, p["answer"], p) for c, p in zip(greedy, problems, strict=True)]
     correct = [exact == 1.0 for exact, _ in scores]
     low, high = wilson_interval(sum(correct), len(problems))
     metrics: dict[str, Any] = {
         "task_accuracy": sum(correct) / len(problems),
         "task_accuracy_low": low,
         "task_accuracy_high": high,
-        "task_format_rate": sum(map(is_bare_answer, greedy)) / len(problems),
-        "task_answer_rate": sum(parse_answer(c) is not None for c in greedy) / len(problems),
+        "task_format_rate": sum(map(task.is_bare, greedy)) / len(problems),
+        "task_answer_rate": sum(task.parse(c) is not None for c in greedy) / len(problems),
         "task_partial_credit": sum(partial for _, partial in scores) / len(problems),
         "task_problems": len(problems),
     }
@@ -113,7 +113,7 @@ def score_task(
             samples=pass_k, temperature=temperature,
         )  # fmt: skip
         hits = [
-            sum(score(task, c, p["answer"])[0] == 1.0 for c in cs)
+            sum(score(task, c, p["answer"], p)[0] == 1.0 for c in cs)
             for cs, p in zip(drawn, sampled, strict=True)
         ]
         metrics[f"task_pass_at_{pass_k}"] = sum(pass_at_k(pass_k, h, pass_k) for h in hits) / len(

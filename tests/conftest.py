@@ -60,3 +60,30 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = helpers.cli("run", str(write_recipe(tmp / "tiny.yaml", data)))
     assert result.returncode == 0, result.stderr
     return tmp / "run"
+
+
+# Tiny downloaded-style model dirs (tests/hf_models.py), shared by the whole session: copy one
+# before changing it. Imported inside the fixtures because transformers takes seconds to import
+# and most test sessions never use these.
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Qwen2.5-style model dir: tied bf16 weights, byte-level BPE, ChatML template, no BOS."""
+    from tests.hf_models import build_qwen2
+
+    return build_qwen2(tmp_path_factory.mktemp("hf") / "qwen2")
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Llama-style model dir: SentencePiece tokenizer.model plus tokenizer.json, BOS, no pad."""
+    from tests.hf_models import build_llama
+
+    return build_llama(tmp_path_factory.mktemp("hf") / "llama")
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GPT-2-style model dir: byte-level BPE whose only special token is <|endoftext|>."""
+    from tests.hf_models import build_gpt2
+
+    return build_gpt2(tmp_path_factory.mktemp("hf") / "gpt2")

@@ -17,11 +17,33 @@ from typing import Any
 from tests.helpers import cli, write_recipe
 
 GOLDEN = Path(__file__).parent / "golden" / "trace.json"
+# Float results depend on the CPU's kernels (oneDNN/BLAS pick per instruction set and vendor):
+# a trace recorded by the unchanged code on another kind of CPU sits beside it, named by
+# `machine()`, and is the bit-for-bit reference there.
 TRACED_KEYS = ("train/loss", "train/grad_norm", "train/lr", "val/loss", "val/ema_loss")
 # The kernel the trace was recorded with (the loop's default became fused AdamW afterwards).
 # The image stages spell out every optim value they were recorded with: a partial optim block
 # used to fall back to pretrain's defaults, not the image stages' own.
 KERNEL = {"optim": {"kernel": "loop"}}
+
+
+def machine() -> str:
+    """What decides this machine's float results: torch's CPU capability, vendor, family, model."""
+    import torch
+
+    info: dict[str, str] = {}
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    parts = [torch.backends.cpu.get_cpu_capability(), info.get("vendor_id", "unknown"),
+             info.get("cpu family", "0"), info.get("model", "0")]  # fmt: skip
+    return "-".join(p.replace(" ", "_") for p in parts)
+
+
+def golden_for_machine() -> Path:
+    """The reference trace of this kind of CPU (recorded by the code before a change)."""
+    return GOLDEN.parent / f"trace-{machine()}.json"
 
 
 def _text_stages(pretrain: dict[str, Any]) -> dict[str, Any]:

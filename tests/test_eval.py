@@ -17,11 +17,10 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from data_prep.shards import TokenShards
-from eval.lm import (
-    Config,
+from eval.lm import Config, run
+from eval.lm_metrics import (
     evaluate_model,
     greedy_samples,
-    run,
     score_windows,
     token_byte_lengths,
     unigram_loss,

@@ -107,6 +107,7 @@ class PlanView:
     name: str
     config: Any
     inputs: dict[str, list[Resolved]] = field(default_factory=dict)
+    world_size: int = 1  # processes the stage launches with (nproc x nnodes)
 
     def first(self, name: str) -> Resolved | None:
         return (self.inputs.get(name) or [None])[0]
@@ -241,7 +242,9 @@ def plan_problems(recipe: Recipe) -> list[str]:
         problems += lines
         check = spec_of(recipe.stages[name].kind).plan_check
         if check is not None and not lines:
-            problems += check(PlanView(name, recipe.stages[name], resolved))
+            launch = recipe.launch_for(name)
+            world = launch.nproc * launch.nnodes
+            problems += check(PlanView(name, recipe.stages[name], resolved, world))
     return problems
 
 

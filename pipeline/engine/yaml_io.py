@@ -3,9 +3,8 @@ recipe variables (`vars:`, used as `${name}`, set with `-o vars.name=VALUE`)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import re
+from typing import Any
 
 import yaml
 

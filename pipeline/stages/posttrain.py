@@ -219,6 +219,8 @@ def training_arguments(ctx: StageContext, cfg: TrainerStageConfig, model: Any) -
         "data_seed": ctx.seed,
         "use_cpu": not torch.cuda.is_available(),
         "dataloader_num_workers": 0,
+        # every adapter weight takes part in each forward: no search for unused ones under DDP
+        **({"ddp_find_unused_parameters": False} if cfg.adapter is not None else {}),
     }
 
 

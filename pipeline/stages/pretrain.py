@@ -73,6 +73,15 @@ class Config(LoopConfig, StageConfig):
 
     distributed = True
 
+    def data_signature(self) -> dict[str, Any]:
+        """A JSONL eval_task's file, so an edited task reruns the stage."""
+        signed = self.eval_task.signature() if self.eval_task is not None else {}
+        return {"task_file": signed} if signed else {}
+
+    def check_inputs(self) -> None:
+        if self.eval_task is not None:
+            self.eval_task.check_inputs()
+
     @model_validator(mode="after")
     def _anneal_from_upstream(self) -> Config:
         anneal = self.anneal_from
@@ -283,6 +292,11 @@ def plan_problems(view: PlanView) -> list[str]:
         problems.append(
             f"{where}: needs a tokenizer stage upstream (its export carries the tokenizer), or "
             f"model.path: DIR to continue pretraining a model directory"
+        )
+    if cfg.eval_lm_eval_tasks and view.world_size > 1:
+        problems.append(
+            f"{where}.eval_lm_eval_tasks: in-loop lm-eval runs in one process, this launch has "
+            f"{view.world_size}; use launch.nproc: 1, or lm_eval_tasks on an eval stage"
         )
     anneal = view.first("anneal_from")
     if anneal is not None and anneal.kind != "pretrain":

@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
-from pipeline.engine.inputs import Input, StageSpec
+from pipeline.engine.inputs import Input, PlanView, StageSpec
 from pipeline.engine.locations import Location
 from pipeline.stages.base_model import MODEL_INPUT, model_problems
 from pipeline.stages.posttrain import BUILTIN_TASK, TaskStageConfig
@@ -69,6 +69,13 @@ class Config(TaskStageConfig):
         0.0, ge=0, description="dpo: weight of an NLL loss on the chosen answer (RPO); 0: plain DPO"
     )
 
+    def data_signature(self) -> dict[str, Any]:
+        """As every trainer stage, plus the files of reward functions named by import path."""
+        from pipeline.train.user_code import code_signature, is_import_path
+
+        code = {name: code_signature(name) for name in self.rewards if is_import_path(name)}
+        return super().data_signature() | ({"reward_code": code} if code else {})
+
     def check_inputs(self) -> None:
         """As every trainer stage, with DPO's data rows holding chosen/rejected pairs."""
         self.task.check_inputs()
@@ -102,6 +109,25 @@ class Config(TaskStageConfig):
                 f"checkpoint_every: {max(n, every // n * n)}"
             )
         return self
+
+
+def generation_batch_problem(cfg: Config, world_size: int, where: str) -> str | None:
+    """GRPO/RLOO score whole groups: the completions of one step must be a multiple of
+    num_generations (known from the recipe and its launch, so the plan checks it)."""
+    generation_batch = cfg.micro_batch_size * world_size * cfg.grad_accum_steps
+    if cfg.algorithm == "dpo" or generation_batch % cfg.num_generations == 0:
+        return None
+    return (
+        f"{where}: micro_batch_size x processes x grad_accum_steps = {generation_batch} "
+        f"completions per step is not a multiple of num_generations={cfg.num_generations}; "
+        f"change one of them"
+    )
+
+
+def plan_problems(view: PlanView) -> list[str]:
+    """The model's checks (base_model.model_problems) and the generation batch."""
+    problem = generation_batch_problem(view.config, view.world_size, f"stages.{view.name}")
+    return model_problems(view) + ([problem] if problem else [])
 
 
 def prompt_rows(cfg: Config, seed: int, where: str) -> list[dict[str, Any]]:
@@ -149,13 +175,8 @@ def build_trainer(ctx: StageContext, cfg: Config, model: Any, tokenizer: Any, ca
             callbacks=[callback],
             **peft_config(cfg),  # with an adapter, the base itself is the reference
         )
-    generation_batch = cfg.micro_batch_size * ctx.world_size * cfg.grad_accum_steps
-    if generation_batch % cfg.num_generations:
-        raise PipelineError(
-            f"{where}: micro_batch_size x processes x grad_accum_steps = {generation_batch} "
-            f"completions per step is not a multiple of num_generations={cfg.num_generations}; "
-            f"change one of them"
-        )
+    if problem := generation_batch_problem(cfg, ctx.world_size, where):
+        raise PipelineError(problem)
     funcs: list[Any] = reward_functions(cfg.rewards, cfg.task, where)
     if cfg.reward_model is not None:
         funcs.append(str(ctx.input("reward_model").path))
@@ -226,5 +247,5 @@ SPEC = StageSpec(
         Input("reward_model", ("reward_model",), field="reward_model", location="model",
               required=False, nearest=False),
     ),
-    plan_check=model_problems,
+    plan_check=plan_problems,
 )  # fmt: skip
