@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from data_prep.task_base import task_file_signature
 from data_prep.tasks import GENERATOR_VERSION, ArithmeticTask, TaskBase, TaskConfig, task_documents
 from data_prep.text_files import (
     COMPRESSIONS,
@@ -166,8 +167,7 @@ def source_signature(source: SourceConfig) -> dict[str, Any]:
     if source.uri == STDLIB:
         return {"python": sys.version, "stdlib": str(stdlib_root())}
     if source.uri in (TASK, ARITHMETIC):
-        signed = source.task_config().signature()  # a JSONL task's file
-        return {"task_generator": GENERATOR_VERSION, **({"task_file": signed} if signed else {})}
+        return {"task_generator": GENERATOR_VERSION, **task_file_signature(source.task_config())}
     path = Path(source.uri)
     files = (
         sorted(p for p in path.rglob("*") if p.is_file())

@@ -110,6 +110,12 @@ class TaskBase(Strict):
         return {}
 
 
+def task_file_signature(task: TaskBase | None) -> dict[str, Any]:
+    """`{"task_file": ...}` for a task read from a file (its stat, for fingerprints), else {}."""
+    signed = task.signature() if task is not None else {}
+    return {"task_file": signed} if signed else {}
+
+
 def completion_text(completion: Any) -> str:
     """The text of a completion: a string, or the last message's content of a conversation."""
     if isinstance(completion, str):

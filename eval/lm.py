@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from data_prep.task_base import task_file_signature
 from data_prep.tasks import ArithmeticTask, TaskBase, TaskConfig
 from eval.lm_metrics import evaluate_model, greedy_samples
 from pipeline.engine.config import StageConfig
@@ -73,8 +74,7 @@ class Config(StageConfig):
 
     def data_signature(self) -> dict[str, Any]:
         """A JSONL task's file, so an edited task reruns the eval."""
-        signed = self.task.signature() if self.task is not None else {}
-        return {"task_file": signed} if signed else {}
+        return task_file_signature(self.task)
 
     def check_inputs(self) -> None:
         if self.task is not None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
+from data_prep.task_base import task_file_signature
 from data_prep.tasks import ArithmeticTask, TaskBase, TaskConfig
 from pipeline.engine.config import StageConfig
 from pipeline.engine.context import StageContext
@@ -110,7 +111,7 @@ class TrainerStageConfig(TrainingConfig, StageConfig):
         mtime: a change to the training data reruns the stage."""
         from data_prep.tasks import GENERATOR_VERSION
 
-        task = {"task_file": signed} if (signed := self.task.signature()) else {}
+        task = task_file_signature(self.task)
         if self.data == BUILTIN_TASK:
             return {"task_generator": GENERATOR_VERSION, **task}
         path = Path(self.data)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from data_prep.task_base import task_file_signature
 from data_prep.tasks import TaskConfig
 from data_prep.tokens_meta import TokensMeta, tokenizers_differ
 from pipeline.engine.config import StageConfig, Strict
@@ -75,8 +76,7 @@ class Config(LoopConfig, StageConfig):
 
     def data_signature(self) -> dict[str, Any]:
         """A JSONL eval_task's file, so an edited task reruns the stage."""
-        signed = self.eval_task.signature() if self.eval_task is not None else {}
-        return {"task_file": signed} if signed else {}
+        return task_file_signature(self.eval_task)
 
     def check_inputs(self) -> None:
         if self.eval_task is not None:
