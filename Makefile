@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench bench-llamacpp llama-cpp clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,10 +15,30 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# llama.cpp's own converter, for the GGUF tests (tests/test_gguf.py): convert_hf_to_gguf.py, its
+# conversion/ package and gguf-py, from the llama-cpp-python sdist on PyPI, whose vendor/llama.cpp
+# is that release's llama.cpp. Everything they import is in .venv already. The sdist is kept:
+# bench/llamacpp_agreement.py builds llama.cpp from it.
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_CPP := $(VENV)/llama.cpp
+CONVERTER := $(LLAMA_CPP)/convert_hf_to_gguf.py
+VENDORED := llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
+
+$(CONVERTER): | $(STAMP)
+	rm -rf $(LLAMA_CPP) && mkdir -p $(LLAMA_CPP)
+	$(BIN)/pip download -q --no-deps --no-binary :all: -d $(LLAMA_CPP) \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	tar -xzf $(LLAMA_CPP)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_CPP) \
+		--strip-components=3 $(VENDORED)/convert_hf_to_gguf.py $(VENDORED)/conversion \
+		$(VENDORED)/gguf-py
+	touch $(CONVERTER)
+
+llama-cpp: $(CONVERTER)
+
 demo: $(STAMP)
 	$(BIN)/pipeline run recipes/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) $(CONVERTER)
 	$(BIN)/pytest -q --durations=30
 
 # In-process tests only: no `pipeline run` subprocesses (those are marked e2e).
@@ -32,6 +52,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/pretrain_overhead.py
 	$(BIN)/python bench/tokenize_throughput.py
 	$(BIN)/python bench/zero_memory.py
+
+# Builds llama.cpp (llama-cpp-python, CPU) from the sdist: minutes, so not part of `bench`.
+bench-llamacpp: $(CONVERTER)
+	$(BIN)/python bench/llamacpp_agreement.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -19,7 +19,9 @@ from data_prep.sources import (
 )
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
+from pipeline.engine.inputs import StageSpec
 from pipeline.models import SENTENCEPIECE_SPECIALS, unmatch_special_tokens
+from pipeline.train.tokenizer_files import carry_sentencepiece
 
 MODEL_FILE = "tokenizer.model"
 UNK, BOS, EOS, PAD = SENTENCEPIECE_SPECIALS
@@ -200,7 +202,8 @@ def _quantized(model_proto: bytes) -> bytes:
 
 
 def export_hf_tokenizer(model_path: Path, out_dir: Path) -> None:
-    """Write tokenizer.json + tokenizer_config.json that encode exactly like `model_path`."""
+    """Write tokenizer.json + tokenizer_config.json that encode exactly like `model_path`, with
+    the add_bos_token / add_eos_token / add_prefix_space flags other runtimes read (all false)."""
     from sentencepiece import sentencepiece_model_pb2
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -246,6 +249,7 @@ def export_hf_tokenizer(model_path: Path, out_dir: Path) -> None:
     )
     tokenizer.save_pretrained(str(out_dir))
     unmatch_special_tokens(out_dir / "tokenizer.json")
+    carry_sentencepiece(model_path.parent, out_dir)  # flags llama.cpp's converter reads
 
 
 def _splits(pieces: list[tuple[str, float, bool]], split_digits: bool, unigram: bool) -> list[Any]:
@@ -269,3 +273,6 @@ def _splits(pieces: list[tuple[str, float, bool]], split_digits: bool, unigram: 
         pattern = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in stray) + "]"
         splits.append(pre_tokenizers.Split(Regex(pattern), "isolated"))
     return splits
+
+
+SPEC = StageSpec(Config, run, output="tokenizer")

@@ -4,7 +4,7 @@ and the round trip that proves transformers loads it back as the model that was 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 # renamed, untied or re-initialised) moves logits by a large share of their scale.
 RELATIVE_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}
 ROUNDTRIP_BATCH, ROUNDTRIP_TOKENS, ROUNDTRIP_SEED = 2, 32, 1234
+ADAPTER_DIR = "adapter"  # a peft model's export keeps its adapter here, the merged model beside
 FIRST_ORDINARY_ID = 4  # ids below are unk, bos, eos, pad (data_prep.tokenizer)
 
 
@@ -42,11 +43,13 @@ def export_model(
     Every rank takes part in the gather (ZeRO-3 and FSDP hold shards); rank 0 writes into a
     temporary directory that is renamed into place, so a crash never leaves half an export.
     `config` (the resolved stage config) goes into provenance.json with the code and package
-    versions.
+    versions. A tokenizer from our tokenizer stage brings its SentencePiece model and encoding
+    flags, which llama.cpp's converter reads (pipeline/train/tokenizer_files.py).
     """
     from transformers import AutoTokenizer
 
     from pipeline.models import add_special_tokens, unmatch_special_tokens
+    from pipeline.train.tokenizer_files import carry_sentencepiece
 
     # A compiled model's state dict names every tensor `_orig_mod.<name>`, which from_pretrained
     # would not find (it would load random weights): save the plain names.
@@ -65,6 +68,7 @@ def export_model(
                 add_special_tokens(tokenizer, added_special_tokens)
             tokenizer.save_pretrained(tmp)
             unmatch_special_tokens(tmp / "tokenizer.json")  # save_pretrained adds them back
+            carry_sentencepiece(tokenizer_dir, tmp)  # what llama.cpp's converter reads
             write_provenance(tmp, config)
         faults.point(export_dir.parent.name, "export_write")
         shutil.rmtree(export_dir, ignore_errors=True)
@@ -73,11 +77,22 @@ def export_model(
 
 
 def export_trainer(
-    trainer: Any, tokenizer: Any, export_dir: Path, config: dict[str, Any] | None = None
+    trainer: Any,
+    tokenizer: Any,
+    export_dir: Path,
+    config: dict[str, Any] | None = None,
+    keep_tokenizer: Callable[[Path], None] | None = None,
 ) -> None:
     """Save a TRL/transformers trainer's model with its tokenizer and provenance as a HF
-    directory, written into a temporary one and renamed into place like `export_model`."""
+    directory, written into a temporary one and renamed into place like `export_model`.
+
+    A peft model is saved twice: its adapter under `adapter/` and the merged model at the root,
+    so both `PeftModel.from_pretrained` and `AutoModelForCausalLM` read the export.
+    `keep_tokenizer(dir)` replaces the saved tokenizer files there (a user's model keeps its
+    own), in the adapter's folder too.
+    """
     from pipeline.models import unmatch_special_tokens
+    from pipeline.train.tokenizer_files import carry_sentencepiece
 
     main = trainer.accelerator.is_main_process
     tmp = export_dir.parent / f".{export_dir.name}.tmp"
@@ -85,17 +100,34 @@ def export_trainer(
         shutil.rmtree(tmp, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     faults.point(export_dir.parent.name, "export_start")
+    peft = _is_peft(trainer.accelerator.unwrap_model(trainer.model))
     with writing_export(export_dir, tmp):
-        trainer.save_model(str(tmp))  # every rank takes part (sharded engines gather)
+        # every rank takes part (sharded engines gather)
+        trainer.save_model(str(tmp / ADAPTER_DIR if peft else tmp))
         if main:
+            if peft:
+                merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+                merged.save_pretrained(str(tmp), safe_serialization=True)
+                (tmp / ADAPTER_DIR / "training_args.bin").unlink(missing_ok=True)
             tokenizer.save_pretrained(str(tmp))
-            unmatch_special_tokens(tmp / "tokenizer.json")  # save_pretrained adds them back
+            for folder in (tmp, tmp / ADAPTER_DIR) if peft else (tmp,):  # save_model wrote both
+                if keep_tokenizer is not None:
+                    keep_tokenizer(folder)
+                elif (folder / "tokenizer.json").is_file():
+                    unmatch_special_tokens(folder / "tokenizer.json")  # save_pretrained adds them
+                    # what llama.cpp's converter reads: our tokenizer.model, add_bos/prefix flags
+                    carry_sentencepiece(Path(tokenizer.name_or_path), folder)
             write_provenance(tmp, config)
     if main:
         faults.point(export_dir.parent.name, "export_write")
         shutil.rmtree(export_dir, ignore_errors=True)
         tmp.rename(export_dir)
     trainer.accelerator.wait_for_everyone()
+
+
+def _is_peft(model: Any) -> bool:
+    """Whether `model` is a peft model (an adapter over a frozen base)."""
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
 
 
 def writing_export(export_dir: Path, tmp: Path) -> Any:
