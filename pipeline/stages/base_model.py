@@ -181,19 +181,45 @@ def load_tokenizer(source: Resolved, chat_template: str | None = None) -> PreTra
     return tokenizer
 
 
-def load_causal_lm(source: Resolved, where: str) -> PreTrainedModel:
-    """The causal LM of `source` with fp32 master weights (bf16 or fp16 files are upcast)."""
+def load_causal_lm(
+    source: Resolved, where: str, adapter: AdapterConfig | None = None
+) -> PreTrainedModel:
+    """The causal LM of `source` with fp32 master weights (bf16 or fp16 files are upcast), or,
+    for QLoRA (`adapter.quantize: nf4`), its frozen base in 4 bits with bf16 compute.
+
+    The nf4 path needs CUDA and bitsandbytes (the plan refuses it elsewhere); it has not run on
+    this project's CPU-only machines."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    quantized: dict[str, Any] = {}
+    if adapter is not None and adapter.quantize == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        quantized = {
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            ),
+            "dtype": torch.bfloat16,
+        }
     try:
-        return AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, **({"dtype": torch.float32} | quantized)
+        )
     except (OSError, ValueError) as exc:
         first = (str(exc).splitlines() or [""])[0]
         raise PipelineError(
             f"{where}: cannot load a causal LM from {source.path} ({first}); give a Hugging "
             f"Face causal-LM directory"
         ) from None
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
+    return model
 
 
 def keep_tokenizer_files(source: Path, export_dir: Path, chat_template: str | None) -> None:

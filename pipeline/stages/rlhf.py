@@ -217,7 +217,7 @@ def run(ctx: StageContext) -> None:
     source = base_model(ctx)
     tokenizer = load_tokenizer(source, cfg.chat_template)
     tokenizer.padding_side = "left"  # generation batches are left-padded
-    model = load_causal_lm(source, f"stages.{ctx.name}")
+    model = load_causal_lm(source, f"stages.{ctx.name}", cfg.adapter)
     ctx.log.info(
         "%s%s from %s, %d steps", cfg.algorithm.upper(), " (LoRA)" if cfg.adapter else "",
         source.label, cfg.max_steps,

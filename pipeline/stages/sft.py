@@ -54,7 +54,7 @@ def run(ctx: StageContext) -> None:
     where = f"stages.{ctx.name}"
     source = base_model(ctx)
     tokenizer = load_tokenizer(source, cfg.chat_template)
-    model = load_causal_lm(source, where)
+    model = load_causal_lm(source, where, cfg.adapter)
     rows = training_rows(cfg, ctx.seed, where)
     conversational = "messages" in rows[0]
     if conversational and cfg.completion_only_loss:
