@@ -80,12 +80,12 @@ def build_model(
     return BuiltModel(model, objective, spec.auto_class, added)
 
 
-def load_pretrained(
-    path: Path, max_seq_len: int, document_eos_id: int | None = None
+def describe_pretrained(
+    path: Path, model: PreTrainedModel, document_eos_id: int | None = None
 ) -> tuple[BuiltModel, ModelConfig]:
-    """A model directory's causal LM (fp32 master weights) to continue pretraining, and the
-    ModelConfig that describes it (for its objective and FLOP count)."""
-    import torch
+    """A model directory's causal LM (`model`, built from its config; the weights are streamed
+    in by the training loop) with its objective, and the ModelConfig that describes it (for the
+    objective and the FLOP count)."""
     import transformers
 
     hf_config = transformers.AutoConfig.from_pretrained(path)
@@ -95,7 +95,6 @@ def load_pretrained(
         raise ValueError(
             f"model.path {path}: continued pretraining takes causal LMs, this is {arch}"
         )
-    model = getattr(transformers, spec.auto_class).from_pretrained(path, dtype=torch.float32)
     fields = {name: getattr(hf_config, attr) for name, attr in spec.export_fields.items()}
     heads = hf_config.num_attention_heads
     cfg = ModelConfig(

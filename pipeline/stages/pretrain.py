@@ -152,7 +152,7 @@ def workload(ctx: StageContext) -> tuple[Workload, BuiltModel]:
     import torch
 
     from data_prep.shards import TokenShards
-    from pipeline.models import build_model, load_pretrained
+    from pipeline.models import build_model
     from pipeline.train import flops
     from pipeline.train.loop import Workload
 
@@ -167,9 +167,9 @@ def workload(ctx: StageContext) -> tuple[Workload, BuiltModel]:
 
     torch.manual_seed(ctx.seed)
     eos_id = meta.eos_id if cfg.document_mask else None  # positions restart after it
-    model_cfg = cfg.model
+    model_cfg, load_weights = cfg.model, None
     if cfg.model.path is not None:  # continued pretraining of the user's model
-        built, model_cfg = load_pretrained(Path(cfg.model.path), seq_len, document_eos_id=eos_id)
+        built, model_cfg, load_weights = pretrained(Path(cfg.model.path), cfg, eos_id)
     else:
         built = build_model(cfg.model, meta.vocab_size, seq_len, document_eos_id=eos_id)
     model, objective = built.model, built.objective
@@ -207,6 +207,7 @@ def workload(ctx: StageContext) -> tuple[Workload, BuiltModel]:
         peak_flops=cfg.peak_flops,
         describe=f"{model_cfg.arch} ({objective.name}): {counts['params'] / 1e6:.2f}M params",
         summary={**counts, "flops_per_token": flops_token},
+        load_weights=load_weights,
     )
     if meta.mixture is not None and objective.name in ("causal_lm", "moe_causal_lm"):
         from eval.mixture import per_source_val_evaluator  # val_loss/<source> at each validation
@@ -226,6 +227,27 @@ def tokenizer_source(ctx: StageContext) -> Path:
     if cfg.model.path is not None:
         return Path(cfg.model.path).expanduser().absolute()
     return ctx.input("tokenizer").path
+
+
+def pretrained(path: Path, cfg: Config, eos_id: int | None) -> tuple[BuiltModel, Any, Any]:
+    """A model directory to continue pretraining: a meta-device twin that describes it, and the
+    loader that builds it sharded as the launch trains it and streams its weights in (no rank
+    holds the whole model under FSDP2 or ZeRO-3; pipeline.train.sharded_load)."""
+    from functools import partial
+
+    from pipeline.models import describe_pretrained
+    from pipeline.train.sharded_load import causal_lm_from_config, load_sharded, on_meta
+
+    def build() -> Any:
+        model = causal_lm_from_config(path)
+        if cfg.activation_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        return model
+
+    built, model_cfg = describe_pretrained(path, on_meta(build), document_eos_id=eos_id)
+    return built, model_cfg, partial(load_sharded, path, build=build)
 
 
 def task_evaluators(ctx: StageContext, cfg: Config) -> list[Any]:

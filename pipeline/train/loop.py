@@ -81,12 +81,13 @@ class _Loop:
         accelerator = build_accelerator(launch, shape, work.wrap_classes, cfg.compile)
         self.accelerator = accelerator
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
-        optimizer = build_optimizer(work.model, cfg.optim)
+        model = work.model if work.load_weights is None else work.load_weights(accelerator)
+        optimizer = build_optimizer(model, cfg.optim)
         self.anneal = _anneal_checkpoint(ctx.name, work)
         start = int(self.anneal[1]["step"]) if self.anneal else None
         self.scheduler = lambda_scheduler(optimizer, cfg.schedule, cfg.max_steps, start)
-        fill_deepspeed_buckets(accelerator, work.model)
-        self.model, self.optimizer = accelerator.prepare(work.model, optimizer)
+        fill_deepspeed_buckets(accelerator, model)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)  # keeps a loaded layout
         accelerator.register_for_checkpointing(self.scheduler)
         self.ema = None
         if work.ema_decay is not None:

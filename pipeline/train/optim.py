@@ -86,8 +86,9 @@ def lr_factor(step: int, schedule: ScheduleConfig, max_steps: int) -> float:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only (not on norms, biases or other vectors)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    # ZeRO-3 parameters built under zero.Init are partitioned already: their shape is ds_shape
+    decay = [p for p in model.parameters() if p.requires_grad and len(_shape(p)) >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and len(_shape(p)) < 2]
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -186,3 +187,8 @@ def trainer_optimizer(opt: OptimConfig) -> dict[str, Any]:
     elif opt.kernel in ("foreach", "loop"):
         args["optim"] = "adamw_torch"
     return args
+
+
+def _shape(param: Any) -> tuple[int, ...]:
+    """A parameter's full shape (a ZeRO-3 partition's shape is its slice's)."""
+    return tuple(getattr(param, "ds_shape", param.shape))

@@ -45,6 +45,11 @@ class Workload:
     # when the stage has none of its own: its weights, optimizer state and step, then only the
     # schedule's decay (annealing from a stable phase).
     anneal_from: Path | None = None
+    # Loading at scale: builds the model sharded as the launch trains it (FSDP2 shards, ZeRO-3
+    # partitions) and streams a model directory's weights into it, so that no rank ever holds
+    # the whole model (`sharded_load.load_sharded` bound to the directory); `model` is then a
+    # twin on the meta device that only describes it (its counts, FLOPs and block classes).
+    load_weights: Callable[[Accelerator], torch.nn.Module] | None = None
 
 
 @dataclass
