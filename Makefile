@@ -52,6 +52,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/pretrain_overhead.py
 	$(BIN)/python bench/tokenize_throughput.py
 	$(BIN)/python bench/zero_memory.py
+	$(BIN)/python bench/load_memory.py
+	$(BIN)/python bench/lora_memory.py
 
 # Builds llama.cpp (llama-cpp-python, CPU) from the sdist: minutes, so not part of `bench`.
 bench-llamacpp: $(CONVERTER)
