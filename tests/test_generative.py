@@ -203,6 +203,7 @@ def test_a_from_stage_outside_after_fails_in_one_line(tmp_path: Path) -> None:
     # Caught before any stage runs (pipeline/engine/checks.py), as every bad input is.
     assert result.returncode == 2
     assert result.stderr == (
-        "error: stages.generative.models.ddpm.from_stage: no stage 'ddpm'; name a diffusion stage\n"
+        "error: stages.generative.models.ddpm.from_stage: no stage 'ddpm'; name a stage that "
+        "makes diffusion (diffusion)\n"
     )
     assert not (tmp_path / "run" / "images" / "stage.json").exists()
