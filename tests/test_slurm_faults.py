@@ -149,14 +149,19 @@ def _resubmit(run_dir: Path, recipe: Path, old_job: str) -> None:
 
 
 def _assert_resumed(run_dir: Path, saved_step: int, reference: dict[str, Any]) -> None:
-    """Resumed from `saved_step` in a second attempt, and ended with the reference's export."""
+    """Resumed from `saved_step` or later in a second attempt, and ended with the reference's
+    export. Later: scancel continues a frozen job (SIGCONT) before its SIGTERM, and the stage
+    may save a newer checkpoint on its way out; which one depends on timing."""
+    import re
+
     import torch
 
     _wait(lambda: not _queue(), "empty queue")
     manifest = read_manifest(run_dir / "pretrain")
     assert manifest["status"] == "done" and manifest["attempts"] == 2, manifest
     log = (run_dir / "pretrain" / "stage.log").read_text()
-    assert f"resuming from step_{saved_step:08d}" in log, log[-2000:]
+    resumed = re.search(r"resuming from step_(\d+)", log)
+    assert resumed and int(resumed.group(1)) >= saved_step, log[-2000:]
     ours = _weights(run_dir)
     assert ours.keys() == reference.keys()
     for name in ours:
