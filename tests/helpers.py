@@ -183,3 +183,15 @@ def completion_length_reward(prompts: list[Any], completions: list[Any], **_: An
     """A reward (TRL's signature) that varies between any two samples of an untrained model, so
     GRPO's advantages, and its updates, are never all zero: the completion's length in chars."""
     return [float(len(str(completion))) for completion in completions]
+
+
+def run_in_process(argv: list[str], capsys: Any) -> tuple[int, str]:
+    """(exit code, stderr) of `pipeline ARGV` in this process (capsys: pytest's fixture)."""
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse
+        code = int(exc.code or 0)
+    return code, capsys.readouterr().err

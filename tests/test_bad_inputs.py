@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.cli import main
-from tests.helpers import cli, tiny_recipe, write_recipe
+from tests.helpers import cli, run_in_process, tiny_recipe, write_recipe
 
 Setup = Callable[[Path], list[str]]
 
@@ -307,16 +306,6 @@ SLURM_CASES = {
 
 def cases(table: dict[str, Callable[[str], Case]]) -> list[Any]:
     return [pytest.param(make(id), id=id) for id, make in table.items()]
-
-
-def run_in_process(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """(exit code, stderr) of `pipeline ARGV` in this process."""
-    capsys.readouterr()
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse
-        code = int(exc.code or 0)
-    return code, capsys.readouterr().err
 
 
 def assert_one_line(code: int, err: str, case: Case, root: Path) -> None:

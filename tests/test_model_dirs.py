@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.cli import main
 from pipeline.engine.config import load_recipe
 from pipeline.engine.graph import plan
 from pipeline.engine.inputs import Resolved
@@ -30,7 +29,7 @@ from pipeline.engine.locations import Location
 from pipeline.stages.base_model import load_causal_lm, load_tokenizer
 from pipeline.stages.chat import CHAT_TEMPLATE, assistant_masked_rows
 from pipeline.stages.rows import dataset
-from tests.helpers import cli, kill_then_resume, write_recipe
+from tests.helpers import cli, kill_then_resume, run_in_process, write_recipe
 
 # 85 s for the whole module on 2 idle cores: each family's recipe 12-22 s, the resume test 32 s.
 FAMILIES = [
@@ -391,16 +390,6 @@ DRY_RUN_CASES: dict[str, tuple[Change, str]] = {
 # fmt: on
 
 
-def dry_run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """(exit code, stderr) of `pipeline ARGV` in this process."""
-    capsys.readouterr()
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse
-        code = int(exc.code or 0)
-    return code, capsys.readouterr().err
-
-
 def assert_refused(code: int, err: str, names: str, tmp: Path) -> None:
     """Exit 2 with one `error:` line containing `names`, and no stage started."""
     lines = err.strip().splitlines()
@@ -413,7 +402,7 @@ def test_dry_run_accepts_the_valid_recipe(
     qwen2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = write_recipe(tmp_path / "recipe.yaml", dryrun_recipe(tmp_path, qwen2_dir))
-    assert dry_run(["run", "--dry-run", str(path)], capsys) == (0, "")
+    assert run_in_process(["run", "--dry-run", str(path)], capsys) == (0, "")
 
 
 @pytest.mark.parametrize("case", list(DRY_RUN_CASES))
@@ -424,7 +413,7 @@ def test_dry_run_refuses_in_one_line(
     recipe = dryrun_recipe(tmp_path, qwen2_dir)
     change(recipe["stages"], tmp_path, qwen2_dir)
     path = write_recipe(tmp_path / "recipe.yaml", recipe)
-    assert_refused(*dry_run(["run", "--dry-run", str(path)], capsys), names, tmp_path)
+    assert_refused(*run_in_process(["run", "--dry-run", str(path)], capsys), names, tmp_path)
 
 
 def test_dry_run_refuses_a_key_given_twice(
@@ -434,7 +423,7 @@ def test_dry_run_refuses_a_key_given_twice(
     text = text.replace("    max_steps: 2\n", "    max_steps: 2\n    max_steps: 3\n", 1)
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
-    code, err = dry_run(["run", "--dry-run", str(path)], capsys)
+    code, err = run_in_process(["run", "--dry-run", str(path)], capsys)
     assert_refused(code, err, "key 'max_steps' appears twice in one mapping", tmp_path)
 
 
@@ -450,7 +439,7 @@ def test_dry_run_refuses_qlora_without_a_gpu(
     recipe = dryrun_recipe(tmp_path, qwen2_dir)
     recipe["stages"]["sft"]["adapter"]["quantize"] = "nf4"
     path = write_recipe(tmp_path / "recipe.yaml", recipe)
-    code, err = dry_run(["run", "--dry-run", str(path)], capsys)
+    code, err = run_in_process(["run", "--dry-run", str(path)], capsys)
     assert_refused(code, err, "stages.sft.adapter.quantize: nf4 (QLoRA) needs", tmp_path)
 
 
@@ -461,5 +450,5 @@ def test_dry_run_refuses_shards_of_another_tokenizer(
     recipe = dryrun_recipe(tmp_path, qwen2_dir)
     recipe["stages"]["tokenize"]["tokenizer"] = {"path": str(llama_dir)}
     path = write_recipe(tmp_path / "recipe.yaml", recipe)
-    code, err = dry_run(["run", "--dry-run", str(path)], capsys)
+    code, err = run_in_process(["run", "--dry-run", str(path)], capsys)
     assert_refused(code, err, "stages.pretrain.model.path: the tokens of tokenize", tmp_path)

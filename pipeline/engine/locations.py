@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -81,8 +82,6 @@ def location_problem(location: Location, kind: LocationKind, where: str) -> str 
 
 
 def _looks_like_hub_id(text: str) -> bool:
-    import re
-
     return re.match(HUB_ID, text) is not None and not Path(text).expanduser().is_absolute()
 
 
