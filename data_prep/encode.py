@@ -34,7 +34,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from data_prep.shards import token_dtype
-from data_prep.tokenizer import EOS_ID
+from data_prep.tokenizer_meta import STAGE_IDS
 from data_prep.tokens_meta import TokensMeta, load_tokenizer, tokenizer_vocab_size, vocab_identity
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.manifest import sha256_file
@@ -133,7 +133,7 @@ def open_tokenization(path: Path) -> Tokenization:
     has_hf = any((path.parent / name).is_file() for name in HF_TOKENIZER_FILES)
     # The identity is that of the HF export beside the model, as a consumer loads it.
     identity = vocab_identity(load_tokenizer(path.parent), vocab_size) if has_hf else None
-    return Tokenization(backend, vocab_size, EOS_ID, sha256_file(path), identity, None)
+    return Tokenization(backend, vocab_size, STAGE_IDS["eos_id"], sha256_file(path), identity, None)
 
 
 def _hf_tokenization(path: Path) -> Tokenization:

@@ -35,6 +35,7 @@ from data_prep.mixture import Item, Mixture, Stream, mixture_of
 from data_prep.shards import ShardWriter
 from data_prep.sources import SourceStageConfig
 from data_prep.tokenizer import MODEL_FILE
+from data_prep.tokenizer_meta import TokenizerMeta
 from data_prep.tokens_meta import META_FILE as META_FILE
 from pipeline.engine import faults
 from pipeline.engine.context import StageContext
@@ -135,9 +136,10 @@ def run(ctx: StageContext) -> None:
 
 
 def tokenizer_path(ctx: StageContext) -> Path:
-    """What to encode with: the tokenizer stage's SentencePiece model, or the user's directory."""
+    """What to encode with: the tokenizer stage's SentencePiece model, or a Hugging Face
+    tokenizer's directory (the user's, or one the tokenizer stage adopted)."""
     found = ctx.input("tokenizer")
-    if found.external:
+    if found.external or TokenizerMeta.read(found.path).adopted:
         return found.path
     model_path = found.path / MODEL_FILE
     if not model_path.is_file():

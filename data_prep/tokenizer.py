@@ -1,8 +1,12 @@
-"""Stage kind `tokenizer`: train a lossless SentencePiece model and export it for Hugging Face.
+"""Stage kind `tokenizer`: train a lossless SentencePiece model and export it for Hugging Face,
+or adopt the tokenizer of a user's directory (`tokenizer: {path: DIR}`).
 
-The export holds `tokenizer.model` (SentencePiece) and a `tokenizers`-backed transformers
+A trained export holds `tokenizer.model` (SentencePiece) and a `tokenizers`-backed transformers
 tokenizer that encodes identically: identity normalisation, no dummy prefix, whitespace kept,
-byte fallback, so any text round-trips and both libraries agree id for id.
+byte fallback, so any text round-trips and both libraries agree id for id. An adopted export
+holds the directory's tokenizer files byte for byte, so a model pretrained from scratch on it
+speaks the vocabulary of GPT-2, Llama 3 or whichever model the user took it from. Either way
+tokenizer_meta.json says which it is and what its special ids are (data_prep.tokenizer_meta).
 """
 
 from __future__ import annotations
@@ -11,21 +15,25 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from data_prep.sources import (
+    SourceConfig,
     SourceStageConfig,
     mixed_documents,
 )
+from data_prep.tokenizer_meta import STAGE_IDS, TokenizerMeta
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
-from pipeline.engine.inputs import StageSpec
+from pipeline.engine.inputs import Input, StageSpec
+from pipeline.engine.locations import Location
 from pipeline.models import SENTENCEPIECE_SPECIALS, unmatch_special_tokens
 from pipeline.train.tokenizer_files import carry_sentencepiece
 
 MODEL_FILE = "tokenizer.model"
 UNK, BOS, EOS, PAD = SENTENCEPIECE_SPECIALS
-UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+UNK_ID, BOS_ID = STAGE_IDS["unk_id"], STAGE_IDS["bos_id"]
+EOS_ID, PAD_ID = STAGE_IDS["eos_id"], STAGE_IDS["pad_id"]
 # Training text is fed as chunks of whole lines under SentencePiece's max_sentence_length.
 CHUNK_BYTES = 4000
 MAX_SENTENCE_BYTES = 8192
@@ -39,10 +47,32 @@ NORMAL_PIECE = 1
 SPLIT_DIGITS_PATTERN = "[0-9\uff10-\uff19]"
 
 
+# Settings of training, which an adopted tokenizer does not use.
+TRAINING_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "sample_bytes",
+    "character_coverage",
+    "max_piece_length",
+    "split_digits",
+)
+
+
 class Config(SourceStageConfig):
-    """Train a SentencePiece tokenizer (BPE or unigram, byte fallback) on a text sample."""
+    """Train a SentencePiece tokenizer (BPE or unigram, byte fallback) on a text sample, or adopt
+    a model's tokenizer."""
 
     kind: Literal["tokenizer"] = "tokenizer"
+    source: list[SourceConfig] = Field(
+        default_factory=list,
+        description="a source, or a list of sources mixed document by document (to train on; "
+        "with `tokenizer:`, optional: bytes per token are measured on its sample)",
+    )
+    tokenizer: Location | None = Field(
+        None,
+        description="{path: DIR}: adopt the Hugging Face fast tokenizer of a model or tokenizer "
+        "directory (its files exported unchanged) instead of training one",
+    )
     model_type: Literal["bpe", "unigram"] = "bpe"
     vocab_size: int = Field(4096, ge=300, le=1_000_000)
     sample_bytes: int = Field(10_000_000, ge=1)
@@ -53,11 +83,33 @@ class Config(SourceStageConfig):
         False, description="every digit its own token (as in LLaMA); helps models learn arithmetic"
     )
 
+    @model_validator(mode="after")
+    def _trains_or_adopts(self) -> Config:
+        if self.tokenizer is None and not self.source:
+            raise ValueError(
+                "no `source` to train on; name a source, or adopt a model's tokenizer with "
+                "tokenizer: {path: DIR}"
+            )
+        if self.tokenizer is not None:
+            defaults = type(self).model_fields
+            training = [n for n in TRAINING_FIELDS if getattr(self, n) != defaults[n].default]
+            if training:
+                raise ValueError(
+                    f"{', '.join(training)}: settings of training, but tokenizer: "
+                    f"{{path: {self.tokenizer.path}}} adopts a tokenizer as it is; remove them "
+                    f"(or remove `tokenizer:` to train one)"
+                )
+        return self
+
 
 def run(ctx: StageContext) -> None:
-    """Train on the first `sample_bytes` of the source and export to `ctx.export_dir`."""
+    """Train on the first `sample_bytes` of the source (or adopt the directory's tokenizer) and
+    export to `ctx.export_dir`."""
     cfg = ctx.config
     assert isinstance(cfg, Config)
+    if cfg.tokenizer is not None:
+        adopt(ctx, ctx.input("tokenizer").path)
+        return
     documents = ctx.progress(
         take_bytes((doc for doc, _ in mixed_documents(cfg.source)), cfg.sample_bytes),
         desc="tokenizer sample",
@@ -80,6 +132,38 @@ def run(ctx: StageContext) -> None:
         stats["bytes_per_token"],
     )
     ctx.write_summary(stats, headline="bytes_per_token")
+
+
+def adopt(ctx: StageContext, source_dir: Path) -> None:
+    """Export the directory's tokenizer files unchanged, with the record of its special ids;
+    bytes per token are measured on the source's sample when the stage has a source."""
+    from data_prep.encode import open_tokenization
+    from data_prep.tokens_meta import load_tokenizer
+    from pipeline.train.tokenizer_files import copy_tokenizer_files
+
+    tokenization = open_tokenization(source_dir)  # one-line errors: slow, no end-of-text token
+    tokenizer = load_tokenizer(source_dir)
+    out = ctx.export_dir
+    out.mkdir(parents=True, exist_ok=True)
+    copy_tokenizer_files(source_dir, out)
+    TokenizerMeta(
+        backend="huggingface",
+        vocab_size=tokenization.vocab_size,
+        eos_id=tokenization.eos_id,
+        bos_id=tokenizer.bos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        unk_id=tokenizer.unk_token_id,
+        adopted_from=str(source_dir),
+    ).write(out)
+    stats: dict[str, Any] = {"vocab_size": tokenization.vocab_size}
+    cfg: Config = ctx.config  # type: ignore[assignment]
+    if cfg.source:
+        sample = list(take_bytes((doc for doc, _ in mixed_documents(cfg.source)), cfg.sample_bytes))
+        num_bytes = sum(len(doc.encode("utf-8")) for doc in sample)
+        num_tokens = sum(map(len, tokenization.backend.encode_batch(sample)))
+        stats |= {"sample_bytes": num_bytes, "bytes_per_token": num_bytes / max(num_tokens, 1)}
+    ctx.log.info("adopted the tokenizer of %s: vocab %d", source_dir, tokenization.vocab_size)
+    ctx.write_summary(stats, headline="vocab_size")
 
 
 def train_tokenizer(
@@ -140,6 +224,9 @@ def train_tokenizer(
     (out_dir / MODEL_FILE).write_bytes(proto)
     export_hf_tokenizer(out_dir / MODEL_FILE, out_dir)
     processor = spm.SentencePieceProcessor(model_proto=proto)
+    TokenizerMeta(
+        backend="sentencepiece", vocab_size=processor.get_piece_size(), **STAGE_IDS
+    ).write(out_dir)
     num_tokens = sum(map(len, processor.encode(chunks, num_threads=os.cpu_count() or 1)))
     return {
         "vocab_size": processor.get_piece_size(),
@@ -275,4 +362,13 @@ def _splits(pieces: list[tuple[str, float, bool]], split_digits: bool, unigram: 
     return splits
 
 
-SPEC = StageSpec(Config, run, output="tokenizer")
+SPEC = StageSpec(
+    Config,
+    run,
+    output="tokenizer",
+    inputs=(
+        Input(
+            "tokenizer", (), field="tokenizer", location="tokenizer", required=False, nearest=False
+        ),
+    ),
+)

@@ -61,11 +61,17 @@ def document_mask_problem(arch: str) -> str | None:
 
 
 def build_model(
-    cfg: ModelConfig, vocab_size: int, max_seq_len: int, document_eos_id: int | None = None
+    cfg: ModelConfig,
+    vocab_size: int,
+    max_seq_len: int,
+    document_eos_id: int | None = None,
+    special_ids: dict[str, int | None] | None = None,
 ) -> BuiltModel:
     """A freshly initialised model of `cfg.arch` (uses the global torch seed).
 
     `document_eos_id` turns on document masking: attention and positions restart after it.
+    `special_ids` (bos_token_id, eos_token_id, pad_token_id) are those of an adopted tokenizer;
+    by default the tokenizer stage's SentencePiece ids.
     """
     import transformers
 
@@ -75,6 +81,8 @@ def build_model(
     added = spec.special_tokens(cfg, max_seq_len)
     model_vocab_size = vocab_size + _count_tokens(added)
     config = spec.hf_config(cfg, model_vocab_size, max_seq_len)
+    for name, value in (special_ids or {}).items():
+        setattr(config, name, value)
     model = getattr(transformers, spec.auto_class).from_config(config)
     objective = spec.objective(cfg, vocab_size, model_vocab_size, document_eos_id)
     return BuiltModel(model, objective, spec.auto_class, added)

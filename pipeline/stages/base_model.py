@@ -9,7 +9,6 @@ trainers compute in bf16 where the hardware has it (`precision`). LoRA adapters 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,7 +18,6 @@ from pipeline.engine.config import Recipe, Strict
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.inputs import Input, PlanView, Resolved, resolve_inputs
-from pipeline.engine.locations import TOKENIZER_ALL_FILES
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -226,12 +224,9 @@ def keep_tokenizer_files(source: Path, export_dir: Path, chat_template: str | No
     """Put the source model's tokenizer files into an export byte for byte (replacing what
     save_pretrained wrote). `chat_template` (the text trained with: an override, or ours for a
     model that has none) is written beside them as chat_template.jinja."""
-    for name in TOKENIZER_ALL_FILES:
-        written = export_dir / name
-        if written.exists():
-            written.unlink()
-        if (source / name).is_file():
-            shutil.copy2(source / name, written)
+    from pipeline.train.tokenizer_files import copy_tokenizer_files
+
+    copy_tokenizer_files(source, export_dir)
     if chat_template is not None:
         (export_dir / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
 
@@ -257,16 +252,23 @@ def exported_template(
     return None if has_chat_template(source.path) or not isinstance(template, str) else template
 
 
+def adopts(tokenizer: Resolved) -> bool:
+    """Whether a tokenizer stage adopts a user's tokenizer (`tokenizer: {path: DIR}`)."""
+    return getattr(tokenizer.config, "tokenizer", None) is not None
+
+
 def from_user_model(recipe: Recipe, source: Resolved) -> bool:
     """Whether `source` is a user's model directory, or the export of a stage that started from
-    one (directly or through other stages): its tokenizer files are then the user's, and an
-    export made from it keeps them as they are."""
+    one (directly or through other stages), or pretrained from scratch on a tokenizer the
+    tokenizer stage adopted: its tokenizer files are then the user's, and an export made from it
+    keeps them as they are."""
     seen: set[str] = set()
     while source.stage is not None and source.stage not in seen:
         seen.add(source.stage)
         resolved, _ = resolve_inputs(recipe, source.stage)
         starts = resolved.get("model") or []
         if not starts:
-            return False
+            tokenizer = (resolved.get("tokenizer") or [None])[0]  # pretrained from scratch
+            return tokenizer is not None and tokenizer.kind == "tokenizer" and adopts(tokenizer)
         source = starts[0]
     return source.external

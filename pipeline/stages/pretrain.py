@@ -17,6 +17,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from data_prep.task_base import task_file_signature
 from data_prep.tasks import TaskConfig
+from data_prep.tokenizer_meta import TokenizerMeta
 from data_prep.tokens_meta import TokensMeta, tokenizers_differ
 from pipeline.engine.config import StageConfig, Strict
 from pipeline.engine.context import StageContext
@@ -137,10 +138,10 @@ def run(ctx: StageContext) -> None:
         accelerator, model, tokenizer_dir, ctx.export_dir,
         built.added_special_tokens, config=ctx.config.model_dump(mode="json"),
     )  # fmt: skip
-    if ctx.config.model.path is not None and ctx.is_main:  # type: ignore[attr-defined]
-        from pipeline.stages.base_model import keep_tokenizer_files
+    if users_tokenizer(ctx) and ctx.is_main:
+        from pipeline.train.tokenizer_files import copy_tokenizer_files
 
-        keep_tokenizer_files(tokenizer_dir, ctx.export_dir, None)  # the user's files, unchanged
+        copy_tokenizer_files(tokenizer_dir, ctx.export_dir)  # the user's files, unchanged
     diff = verify_export(accelerator, model, ctx.export_dir, built.auto_class, f"stages.{ctx.name}")
     ctx.log.info("export round trip: max abs logit diff %.3g", diff)
     summary = {**trained.summary, "export_max_abs_logit_diff": diff}
@@ -171,7 +172,9 @@ def workload(ctx: StageContext) -> tuple[Workload, BuiltModel]:
     if cfg.model.path is not None:  # continued pretraining of the user's model
         built, model_cfg, load_weights = pretrained(Path(cfg.model.path), cfg, eos_id)
     else:
-        built = build_model(cfg.model, meta.vocab_size, seq_len, document_eos_id=eos_id)
+        built = build_model(
+            cfg.model, meta.vocab_size, seq_len, eos_id, adopted_special_ids(ctx, meta)
+        )
     model, objective = built.model, built.objective
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -227,6 +230,24 @@ def tokenizer_source(ctx: StageContext) -> Path:
     if cfg.model.path is not None:
         return Path(cfg.model.path).expanduser().absolute()
     return ctx.input("tokenizer").path
+
+
+def users_tokenizer(ctx: StageContext) -> bool:
+    """Whether the export carries a user's tokenizer files (a model directory's, or one the
+    tokenizer stage adopted) rather than the tokenizer stage's SentencePiece export."""
+    if ctx.config.model.path is not None:  # type: ignore[attr-defined]
+        return True
+    return TokenizerMeta.read(ctx.input("tokenizer").path).adopted
+
+
+def adopted_special_ids(ctx: StageContext, tokens: TokensMeta) -> dict[str, int | None] | None:
+    """The special ids of a tokenizer the tokenizer stage adopted, as a model config names them
+    (end of document ends generation; padding is it too when the tokenizer has no pad token)."""
+    record = TokenizerMeta.read(ctx.input("tokenizer").path)
+    if not record.adopted:
+        return None
+    pad = record.pad_id if record.pad_id is not None else tokens.eos_id
+    return {"bos_token_id": record.bos_id, "eos_token_id": tokens.eos_id, "pad_token_id": pad}
 
 
 def pretrained(path: Path, cfg: Config, eos_id: int | None) -> tuple[BuiltModel, Any, Any]:
@@ -309,7 +330,7 @@ def plan_problems(view: PlanView) -> list[str]:
     same kind."""
     cfg: Config = view.config
     where = f"stages.{view.name}"
-    problems = tokens_tokenizer_problems(view)
+    problems = tokens_tokenizer_problems(view) + adopted_tokenizer_problems(view)
     if cfg.model.path is None and not view.inputs.get("tokenizer") and not problems:
         problems.append(
             f"{where}: needs a tokenizer stage upstream (its export carries the tokenizer), or "
@@ -329,6 +350,29 @@ def plan_problems(view: PlanView) -> list[str]:
     return problems
 
 
+def adopted_tokenizer_problems(view: PlanView) -> list[str]:
+    """A family whose objective needs the tokenizer stage's own ids (bert's mask and t5's
+    sentinels follow its vocabulary, padding is its <pad>) cannot start from an adopted one."""
+    from pipeline.models.families import FAMILIES
+    from pipeline.stages.base_model import adopts
+
+    cfg: Config = view.config  # type: ignore[assignment]
+    tokenizer = view.first("tokenizer")
+    adopted = tokenizer is not None and adopts(tokenizer)
+    if (
+        cfg.model.path is not None
+        or not adopted
+        or FAMILIES[cfg.model.arch].scoring.kind == "causal"
+    ):
+        return []
+    causal = ", ".join(name for name, spec in FAMILIES.items() if spec.scoring.kind == "causal")
+    return [
+        f"stages.{view.name}.model.arch: {cfg.model.arch} is pretrained from scratch on the "
+        f"tokenizer stage's own SentencePiece ids, but {tokenizer.stage} adopts the tokenizer of "
+        f"{tokenizer.config.tokenizer.path}; use a causal arch ({causal}) or train a tokenizer"
+    ]
+
+
 def tokens_tokenizer_problems(view: PlanView) -> list[str]:
     """Tokens encoded with another tokenizer than the one the model has (model.path) or its
     export carries (the tokenizer stage's), as far as the tokens' tokenize stage tells."""
@@ -343,8 +387,8 @@ def tokens_tokenizer_problems(view: PlanView) -> list[str]:
         return [
             f"stages.{view.name}: the tokens of {tokens.stage} are encoded with the tokenizer of "
             f"{named.path}, but a model pretrained from scratch exports a tokenizer stage's; set "
-            f"model.path: {named.path} to continue that model, or remove {fix} to encode with "
-            f"the tokenizer stage"
+            f"model.path: {named.path} to continue that model, or give the tokenizer stage "
+            f"tokenizer: {{path: {named.path}}} and remove {fix} to encode with it"
         ]
     model = init.location
     if isinstance(named, Location) and not tokenizers_differ(named.resolved(), model.resolved()):

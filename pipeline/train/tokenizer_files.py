@@ -26,8 +26,21 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
+from pipeline.engine.locations import TOKENIZER_ALL_FILES
+
 SENTENCEPIECE_FILE = "tokenizer.model"
 PROBE_TEXT = "a"  # any text that encodes to at least one token
+
+
+def copy_tokenizer_files(source: Path, export_dir: Path) -> None:
+    """Make `export_dir`'s tokenizer files those of `source`, byte for byte: a user's tokenizer
+    (Llama's `<s>`, a chat template) is kept as it was, not as save_pretrained rewrites it."""
+    for name in TOKENIZER_ALL_FILES:
+        written = export_dir / name
+        if written.exists():
+            written.unlink()
+        if (source / name).is_file():
+            shutil.copy2(source / name, written)
 
 
 def carry_sentencepiece(tokenizer_dir: Path, export_dir: Path) -> None:
