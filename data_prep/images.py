@@ -13,11 +13,12 @@ Shard format (the contract with the vae, diffusion and image_eval stages and the
     export/train_labels.npy    int64 [N], class index into "classes"
     export/val_images.npy      export/val_labels.npy
 
-Read with `ImageShards(export_dir, "train")`, which memory-maps the arrays
-(`np.load(mmap_mode="r")`) and returns float32 images in [-1, 1]. The vae stage writes latent
-shards in the same format with dtype float32 and normalisation "identity". Which split an image
-lands in is a hash of (seed, image index); batches are a pure function of (seed, step, rank), so
-resume is exact without loader state.
+index.json is an `ImageIndex` (data_prep/images_meta.py). Read with
+`ImageShards(export_dir, "train")`, which memory-maps the arrays (`np.load(mmap_mode="r")`) and
+returns float32 images in [-1, 1]. The vae stage writes latent shards in the same format with
+dtype float32, normalisation "identity" and a "scaling_factor". Which split an image lands in
+is a hash of (seed, image index); batches are a pure function of (seed, step, rank), so resume is
+exact without loader state.
 
 Writing streams: each image is converted and appended to its split's files as it is read
 (`NpyWriter`), so memory holds one image whatever the dataset's size, and the files are byte for
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -40,19 +40,16 @@ from pydantic import Field
 
 from data_prep.image_listing import folder_signature
 from data_prep.image_sources import DIGITS, ImageSourceConfig, read_source, to_array
+from data_prep.images_meta import UINT8_NORMALISATION, ImageIndex, ImageSplit
 from data_prep.shards import SampleOrder
 from pipeline.engine.config import StageConfig
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.graph import rescanning
 from pipeline.engine.inputs import StageSpec
-from pipeline.engine.manifest import atomic_write_json, sha256_file
+from pipeline.engine.manifest import sha256_file
 
-FORMAT = "image-shards/1"
-INDEX_FILE = "index.json"
 SPLITS = ("train", "val")
-UINT8_NORMALISATION = "x / 127.5 - 1"
-IDENTITY = "identity"
 HASH_CHUNK_BYTES = 1 << 16  # re-reading a written shard holds two chunks at once
 
 
@@ -92,19 +89,18 @@ def run(ctx: StageContext) -> None:
     cfg = ctx.config
     assert isinstance(cfg, Config)
     index = prepare_images(cfg, ctx.export_dir, seed=ctx.seed)
-    counts = {split: index["splits"][split]["count"] for split in SPLITS}
+    train, val = index.splits["train"].count, index.splits["val"].count
     ctx.log.info(
         "%d train + %d val images of shape %s, %d classes",
-        counts["train"], counts["val"], index["shape"], len(index["classes"]),
+        train, val, index.shape, len(index.classes),
     )  # fmt: skip
     ctx.write_summary(
-        {"train_images": counts["train"], "val_images": counts["val"],
-         "classes": len(index["classes"])},
+        {"train_images": train, "val_images": val, "classes": len(index.classes)},
         headline="train_images",
-    )  # fmt: skip
+    )
 
 
-def prepare_images(cfg: Config, export_dir: Path, seed: int) -> dict[str, Any]:
+def prepare_images(cfg: Config, export_dir: Path, seed: int) -> ImageIndex:
     """Read the source, split it, and stream uint8 shards image by image; returns the index."""
     channels = cfg.channels or (1 if cfg.source.uri == DIGITS else 3)
     classes, items = read_source(cfg.source)
@@ -132,12 +128,14 @@ def prepare_images(cfg: Config, export_dir: Path, seed: int) -> dict[str, Any]:
     finally:
         for writer in writers.values():
             writer.abort()
-    if splits["train"]["count"] == 0:
+    if splits["train"].count == 0:
         raise PipelineError(f"source {cfg.source.uri}: every image went to val; lower val_fraction")
-    return write_index(
-        export_dir, list(writers["train"].shape), "uint8", UINT8_NORMALISATION, classes, splits,
-        source=cfg.source.uri,
+    index = ImageIndex(
+        shape=list(writers["train"].shape), dtype="uint8", normalisation=UINT8_NORMALISATION,
+        classes=classes, splits=splits, source=cfg.source.uri,
     )  # fmt: skip
+    index.write(export_dir)
+    return index
 
 
 def is_val_image(index: int, seed: int, val_fraction: float) -> bool:
@@ -154,19 +152,15 @@ def is_val_image(index: int, seed: int, val_fraction: float) -> bool:
 # Writing and reading shards
 
 
-def save_split(
-    export_dir: Path, split: str, images: np.ndarray, labels: np.ndarray
-) -> dict[str, Any]:
+def save_split(export_dir: Path, split: str, images: np.ndarray, labels: np.ndarray) -> ImageSplit:
     """Write `<split>_images.npy` and `<split>_labels.npy`; returns the split's index entry."""
     export_dir.mkdir(parents=True, exist_ok=True)
     paths = (export_dir / f"{split}_images.npy", export_dir / f"{split}_labels.npy")
     np.save(paths[0], np.ascontiguousarray(images))
     np.save(paths[1], np.ascontiguousarray(labels, dtype=np.int64))
-    return {
-        "count": len(images),
-        "images_sha256": sha256_file(paths[0]),
-        "labels_sha256": sha256_file(paths[1]),
-    }
+    return ImageSplit(
+        count=len(images), images_sha256=sha256_file(paths[0]), labels_sha256=sha256_file(paths[1])
+    )
 
 
 class NpyWriter:
@@ -230,74 +224,51 @@ class SplitWriter:
         self.images.append(image)
         self.labels.append(np.asarray(label))
 
-    def close(self) -> dict[str, Any]:
+    def close(self) -> ImageSplit:
         """Finish both files; returns the split's index entry."""
         count = self.images.rows
-        return {"count": count, "images_sha256": self.images.close(),
-                "labels_sha256": self.labels.close()}  # fmt: skip
+        return ImageSplit(
+            count=count, images_sha256=self.images.close(), labels_sha256=self.labels.close()
+        )
 
     def abort(self) -> None:
         self.images.abort()
         self.labels.abort()
 
 
-def write_index(
-    export_dir: Path,
-    shape: list[int],
-    dtype: str,
-    normalisation: str,
-    classes: list[str],
-    splits: dict[str, dict[str, Any]],
-    **extra: Any,
-) -> dict[str, Any]:
-    """Write index.json (see the module docstring) and return it."""
-    index = {
-        "format": FORMAT,
-        "shape": shape,
-        "dtype": dtype,
-        "normalisation": normalisation,
-        "classes": classes,
-        "splits": splits,
-        **extra,
-    }
-    atomic_write_json(export_dir / INDEX_FILE, index)
-    return index
-
-
 class ImageShards:
-    """One split of an images (or latents) export, memory-mapped; float32 batches on demand."""
+    """One split of an images (or latents) export, memory-mapped; float32 batches on demand.
 
-    def __init__(self, export_dir: Path, split: str = "train") -> None:
+    `writer` is the stage kind that wrote the shards (images, or vae for latents): errors name it
+    as the stage to rerun."""
+
+    def __init__(self, export_dir: Path, split: str = "train", writer: str = "images") -> None:
         self.export_dir = Path(export_dir)
-        index_path = self.export_dir / INDEX_FILE
-        if not index_path.is_file():
-            raise PipelineError(f"{index_path}: missing; run the images stage first")
-        self.index = json.loads(index_path.read_text(encoding="utf-8"))
-        if split not in self.index["splits"]:
-            raise PipelineError(f"{self.export_dir}: no split {split!r}; rerun the images stage")
+        self.index = ImageIndex.read(self.export_dir, writer)
+        if split not in self.index.splits:
+            raise PipelineError(f"{self.export_dir}: no split {split!r}; rerun the {writer} stage")
         self.split = split
         self.images = np.load(self.export_dir / f"{split}_images.npy", mmap_mode="r")
         self.labels = np.load(self.export_dir / f"{split}_labels.npy", mmap_mode="r")
-        if list(self.images.shape[1:]) != self.index["shape"] or len(self.images) != len(
-            self.labels
-        ):
+        if list(self.images.shape[1:]) != self.index.shape or len(self.images) != len(self.labels):
             raise PipelineError(
-                f"{self.export_dir}: {split} arrays disagree with index.json; rerun the stage"
+                f"{self.export_dir}: {split} arrays disagree with index.json; rerun the {writer} "
+                f"stage"
             )
         self._order = SampleOrder()
 
     @property
     def classes(self) -> list[str]:
-        return list(self.index["classes"])
+        return list(self.index.classes)
 
     @property
     def num_classes(self) -> int:
-        return len(self.index["classes"])
+        return len(self.index.classes)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of one image."""
-        channels, height, width = self.index["shape"]
+        channels, height, width = self.index.shape
         return channels, height, width
 
     def __len__(self) -> int:
@@ -305,15 +276,15 @@ class ImageShards:
 
     def verify(self) -> None:
         """Recompute the checksums; PipelineError when a file was modified."""
-        meta = self.index["splits"][self.split]
-        for kind in ("images", "labels"):
+        meta = self.index.splits[self.split]
+        for kind, sha256 in (("images", meta.images_sha256), ("labels", meta.labels_sha256)):
             path = self.export_dir / f"{self.split}_{kind}.npy"
-            if sha256_file(path) != meta[f"{kind}_sha256"]:
+            if sha256_file(path) != sha256:
                 raise PipelineError(f"{path}: checksum mismatch; rerun the stage that wrote it")
 
     def to_float(self, raw: np.ndarray) -> np.ndarray:
         """float32 model inputs: uint8 pixels to [-1, 1]; latents as stored."""
-        if self.index["normalisation"] == UINT8_NORMALISATION:
+        if self.index.normalisation == UINT8_NORMALISATION:
             return raw.astype(np.float32) / 127.5 - 1.0
         return raw.astype(np.float32)
 

@@ -286,7 +286,7 @@ def evaluate(ctx: StageContext, cfg: Config) -> None:
         ClassConditionalPipeline,
     )
 
-    export, images_dir = ctx.upstream("diffusion").export_dir, ctx.upstream("images").export_dir
+    export, images_dir = ctx.input("diffusion").path, ctx.input("images").path
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()

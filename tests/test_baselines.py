@@ -80,6 +80,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path / "runs" / "baselines"
     data = bundled_baselines(run_dir)
     data["stages"]["csv"] = csv_twin(data["stages"]["breast_cancer"], tmp_path / "cancer.csv")
+    data["stages"]["report"]["after"].append("csv")  # a report comes after every table
     recipe = write_recipe(tmp_path / "baselines.yaml", data)
     result = cli("run", str(recipe))
     assert result.returncode == 0, result.stdout + result.stderr

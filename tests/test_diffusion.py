@@ -13,7 +13,8 @@ from eval import images as image_eval
 from pipeline.engine.config import validate_recipe
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
-from pipeline.engine.manifest import read_manifest
+from pipeline.engine.inputs import plan_problems
+from pipeline.engine.manifest import read_manifest, write_manifest
 from pipeline.engine.tracking import read_metrics
 from pipeline.stages import diffusion
 from tests.helpers import cli, kill_then_resume, write_recipe
@@ -246,6 +247,42 @@ def test_latent_diffusion_through_a_vae_stage(tmp_path: Path) -> None:
     with pytest.raises(PipelineError) as info:
         diffusion.run(_context(run_dir, recipe, "diffusion"))
     assert "stages.diffusion: space: latent needs a vae stage upstream" in str(info.value)
+
+
+def test_latent_space_without_a_vae_is_refused_by_the_plan(tmp_path: Path) -> None:
+    recipe = diffusion_recipe(tmp_path / "run", space="latent")
+    assert plan_problems(validate_recipe(recipe)) == [
+        "stages.diffusion: space: latent needs a vae stage upstream; add one (kind: vae) and list "
+        "it in `after:`, or use space: pixel"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("space", "index", "problem", "fix"),
+    [
+        ("pixel", "images/export/index.json", "unreadable (Expecting ", "rerun the images stage"),
+        ("latent", "vae/export/latents/index.json", "missing", "run the vae stage first"),
+    ],
+)
+def test_a_damaged_upstream_export_is_one_line_naming_the_stage_to_rerun(
+    tmp_path: Path, space: str, index: str, problem: str, fix: str
+) -> None:
+    """The shards' index.json is read through its record: a broken one names the file and fix."""
+    run_dir = tmp_path / "run"
+    recipe = diffusion_recipe(run_dir, space=space)
+    recipe["stages"]["vae"] = {"kind": "vae", "after": ["images"]}
+    recipe["stages"]["diffusion"]["after"] = ["vae"]
+    for stage in ("images", "vae"):
+        write_manifest(run_dir / stage, {"status": "done"})
+    (run_dir / "images" / "export").mkdir()
+    (run_dir / "images" / "export" / "index.json").write_text(
+        '{"format": "image-shards/1", "shape": [1'
+    )
+    with pytest.raises(PipelineError) as info:
+        diffusion.run(_context(run_dir, recipe, "diffusion"))
+    message = str(info.value)
+    assert message.startswith(f"{run_dir / index}: {problem}") and message.endswith(f"; {fix}")
+    assert "\n" not in message
 
 
 @pytest.fixture(scope="module")

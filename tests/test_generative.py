@@ -15,6 +15,7 @@ import yaml
 
 from pipeline.engine.config import bundled_recipes_dir, validate_recipe
 from pipeline.engine.errors import RecipeError
+from pipeline.engine.inputs import plan_problems
 from pipeline.engine.manifest import read_manifest
 from tests.helpers import cli, write_recipe
 
@@ -190,6 +191,21 @@ def test_bad_model_specs_are_refused_naming_the_model(model: dict, message: str)
     with pytest.raises(RecipeError, match=message) as info:
         validate_recipe(recipe)
     assert "stages.generative.models.bad" in str(info.value)
+
+
+def test_the_plan_checks_the_images_and_samplers_a_generative_stage_reads(tmp_path: Path) -> None:
+    """No images stage upstream, or a sampler that does not fit its from_stage's objective: one
+    line each from the plan (`--dry-run`), before any stage runs."""
+    recipe = shrunk_recipe(tmp_path / "run")
+    stages = recipe["stages"]
+    stages["generative"]["models"]["ddpm"]["sampler"] = "euler"
+    stages["eight_bit"]["after"] = []
+    assert plan_problems(validate_recipe(recipe)) == [
+        "stages.generative.models.ddpm.sampler: euler does not fit the ddpm model of 'ddpm'; use "
+        "ddpm or ddim or dpm++",
+        "stages.eight_bit: task generative needs an upstream stage that makes images (images); "
+        "add one to its `after:` list",
+    ]
 
 
 @pytest.mark.e2e

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from data_prep.images import Config, ImageShards, prepare_images
+from data_prep.images_meta import ImageIndex
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.manifest import sha256_file
 from tests.helpers import cli, write_recipe
@@ -66,6 +69,51 @@ def test_verify_detects_a_modified_shard(tmp_path: Path, digits: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(PipelineError, match="checksum mismatch"):
         ImageShards(copy, "train").verify()
+
+
+def test_the_index_record_writes_the_bytes_it_read(tmp_path: Path, digits: Path) -> None:
+    """An index reads back and rewrites byte for byte, keys in order, so earlier exports read."""
+    written = (digits / "index.json").read_bytes()
+    index = ImageIndex.read(digits)
+    index.write(tmp_path / "images")
+    assert (tmp_path / "images" / "index.json").read_bytes() == written
+    keys = ["format", "shape", "dtype", "normalisation", "classes", "splits", "source"]
+    assert list(json.loads(written)) == keys
+    latents = index.model_copy(update={"dtype": "float32", "scaling_factor": 0.5})
+    latents.write(tmp_path / "latents")
+    latent_keys = list(json.loads((tmp_path / "latents" / "index.json").read_text()))
+    assert latent_keys == [*keys[:-1], "scaling_factor", "source"]  # as the vae stage wrote them
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (None, "missing; run the images stage first"),
+        ('{"format": "image-shards/1", "shape": [1, 8', "unreadable (Expecting "),
+        ('{"format": "image-shards/1"}', "unreadable (shape: Field required); rerun the images"),
+        ("[]", "unreadable (Input should be a valid dictionary"),
+    ],
+    ids=["missing", "truncated", "incomplete", "not-an-object"],
+)
+def test_a_missing_or_damaged_index_is_one_line_naming_the_stage_to_rerun(
+    tmp_path: Path, digits: Path, text: str | None, problem: str
+) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(digits, copy)
+    if text is None:
+        (copy / "index.json").unlink()
+    else:
+        (copy / "index.json").write_text(text)
+    with pytest.raises(PipelineError) as info:
+        ImageShards(copy, "train")
+    message = str(info.value)
+    assert message.startswith(f"{copy / 'index.json'}: {problem}"), message
+    assert message.endswith(
+        " the images stage first" if text is None else "; rerun the images stage"
+    )
+    assert "\n" not in message
+    with pytest.raises(PipelineError, match="run the vae stage"):  # latents name their writer
+        ImageShards(copy, "train", writer="vae")
 
 
 def test_split_is_a_function_of_the_seed(tmp_path: Path, digits: Path) -> None:
@@ -253,7 +301,7 @@ def test_streamed_images_are_byte_identical_to_the_stacked_path(
         ["index.json", "train_images.npy", "train_labels.npy", "val_images.npy", "val_labels.npy"]
     )  # no partial files left behind
     for split in ("train", "val"):
-        assert index["splits"][split]["count"] == len(np.load(stacked / f"{split}_labels.npy"))
+        assert index.splits[split].count == len(np.load(stacked / f"{split}_labels.npy"))
 
 
 def test_writing_a_large_image_folder_keeps_memory_bounded(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from pipeline.engine.manifest import atomic_write_json
 
 if TYPE_CHECKING:
     from pipeline.baselines.config import Config
-    from pipeline.engine.context import Upstream
+    from pipeline.engine.inputs import PlanView, Resolved
     from pipeline.engine.tracking import Tracker
 
 FIGURES_DIR = "figures"
@@ -48,8 +48,8 @@ class Job:
     export_dir: Path
     work_dir: Path  # per-model results of this attempt (kept for a resume)
     log: logging.Logger
+    inputs: Callable[[str], list[Resolved]]  # ctx.inputs: the stage's declared inputs, resolved
     tracker: Tracker | None = None
-    upstream: Callable[..., Upstream] | None = None  # ctx.upstream: finished stages this one needs
     _step: int = field(default=0, repr=False)
 
     def where(self, model: str, *keys: str) -> str:
@@ -111,6 +111,10 @@ class Task:
 
     def check(self, job: Job, data: Any) -> None:
         """Fail on a bad model spec before any model trains (default: nothing to check)."""
+
+    def plan_problems(self, view: PlanView) -> list[str]:
+        """What the plan can tell of the stage's inputs before anything runs, one line each."""
+        return []
 
     def evaluate(self, job: Job, data: Any, name: str, model: Any) -> dict[str, Any]:
         raise NotImplementedError

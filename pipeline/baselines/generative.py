@@ -29,9 +29,14 @@ from pipeline.baselines.generative_config import (
     Pixels,
     unit,
 )
-from pipeline.baselines.generative_diffusion import sample_diffusion
+from pipeline.baselines.generative_diffusion import (
+    diffusion_input,
+    sample_diffusion,
+    sampler_problem,
+)
 from pipeline.baselines.training import lr_factor, make_optimizer
 from pipeline.engine.errors import PipelineError
+from pipeline.engine.inputs import PlanView
 from pipeline.train.runtime import torch_threads
 
 LIKELIHOOD = {"vae": "ELBO bound", "flow": "dequantised bound", "pixelcnn": "exact"}
@@ -56,19 +61,21 @@ class Generative(Task):
         """The images stage's shards, quantised, and the shared feature classifier."""
         from data_prep.images import ImageShards
 
-        images = job.upstream("images")
-        train, test = ImageShards(images.export_dir, "train"), ImageShards(images.export_dir, "val")
+        images = next(iter(job.inputs("images")), None)
+        if images is None:
+            raise PipelineError(no_images(job.stage))
+        train, test = ImageShards(images.path, "train"), ImageShards(images.path, "val")
         for name, model in job.models.items():
             check_model(job, name, model, train.shape)
-        if train.index["source"] != job.config.dataset or train.index["dtype"] != "uint8":
+        if train.index.source != job.config.dataset or train.index.dtype != "uint8":
             raise PipelineError(
                 f"stages.{job.stage}.dataset: {job.config.dataset}, but the upstream images stage "
-                f"{images.name!r} holds {train.index['dtype']} {train.index['source']}; set "
-                f"dataset: {train.index['source']}"
+                f"{images.stage!r} holds {train.index.dtype} {train.index.source}; set "
+                f"dataset: {train.index.source}"
             )
         if len(test) < 10:
             raise PipelineError(
-                f"stages.{images.name}.val_fraction: {len(test)} val images, too few to score "
+                f"stages.{images.stage}.val_fraction: {len(test)} val images, too few to score "
                 f"samples against; raise it (e.g. 0.2)"
             )
         rows = np.random.default_rng(job.seed).permutation(len(train))[: job.config.max_rows]
@@ -83,6 +90,18 @@ class Generative(Task):
                 job, unit(train_q, levels), labels, unit(test_q, levels), test.labels
             )
         return Pixels(train_q, test_q, levels, lossless, *scorer)
+
+    def plan_problems(self, view: PlanView) -> list[str]:
+        """An images stage upstream, and each from_stage's sampler fitting that stage's objective."""
+        problems = [] if view.first("images") else [no_images(view.name)]
+        diffusion = {r.where: r for r in view.inputs.get("diffusion", [])}
+        for name, spec in view.config.models.items():
+            where = f"stages.{view.name}.models.{name}"
+            if upstream := diffusion.get(f"{where}.from_stage"):
+                model = GenerativeModel.model_validate(spec)
+                if problem := sampler_problem(f"{where}.sampler", model, upstream):
+                    problems.append(problem)
+        return problems
 
     def describe(self, job: Job, data: Pixels) -> str:
         o, refs = job.options, data.references
@@ -272,11 +291,17 @@ def feature_scorer(
     return classifier, test_features, accuracy, references
 
 
-def check_model(job: Job, name: str, model: GenerativeModel, shape: tuple[int, ...]) -> None:
-    """A gan gets square 2^k images; a from_stage is a finished diffusion stage in `after:`
-    whose objective fits the sampler."""
-    from pipeline.diffusion.class_conditional_pipeline import OBJECTIVE_SAMPLERS
+def no_images(stage: str) -> str:
+    """The one-line error (at plan time and at run time) for a stage without images upstream."""
+    return (
+        f"stages.{stage}: task generative needs an upstream stage that makes images (images); "
+        f"add one to its `after:` list"
+    )
 
+
+def check_model(job: Job, name: str, model: GenerativeModel, shape: tuple[int, ...]) -> None:
+    """A gan gets square 2^k images; a from_stage is a finished diffusion stage upstream whose
+    objective fits the sampler."""
     side = shape[1]
     if model.net == "gan" and (shape[2] != side or side < 4 or side & (side - 1)):
         raise PipelineError(
@@ -285,22 +310,9 @@ def check_model(job: Job, name: str, model: GenerativeModel, shape: tuple[int, .
         )
     if model.from_stage is None:
         return
-    where = job.where(name, "from_stage")
-    if model.from_stage not in job.config.after:
-        raise PipelineError(
-            f"{where}: {model.from_stage!r} is not in stages.{job.stage}.after; add it there "
-            f"(a diffusion stage of this recipe)"
-        )
-    upstream = job.upstream("diffusion", model.from_stage)
-    if upstream.kind != "diffusion":
-        raise PipelineError(f"{where}: {upstream.name!r} is a {upstream.kind} stage; name a "
-                            f"diffusion stage")  # fmt: skip
-    objective = upstream.config.objective.kind
-    if model.sampler and model.sampler not in OBJECTIVE_SAMPLERS[objective]:
-        raise PipelineError(
-            f"{job.where(name, 'sampler')}: {model.sampler} does not fit the {objective} model of "
-            f"{upstream.name!r}; use {' or '.join(OBJECTIVE_SAMPLERS[objective])}"
-        )
+    problem = sampler_problem(job.where(name, "sampler"), model, diffusion_input(job, name))
+    if problem:
+        raise PipelineError(problem)
 
 
 def sample_figure(path: Any, grids: dict[str, np.ndarray], job: Job) -> None:

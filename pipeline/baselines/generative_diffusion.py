@@ -12,6 +12,33 @@ from eval import images as image_eval
 from pipeline.baselines.core import Job
 from pipeline.baselines.generative_config import SAMPLE_BATCH, GenerativeModel, Pixels
 from pipeline.engine.errors import PipelineError
+from pipeline.engine.inputs import Resolved
+
+
+def diffusion_input(job: Job, name: str) -> Resolved:
+    """The diffusion stage that model `name`'s from_stage names, as the plan resolved it."""
+    where = job.where(name, "from_stage")
+    found = next((r for r in job.inputs("diffusion") if r.where == where), None)
+    if found is None:
+        raise PipelineError(
+            f"{where}: not a diffusion stage upstream of {job.stage}; name one listed in "
+            f"stages.{job.stage}.after"
+        )
+    return found
+
+
+def sampler_problem(where: str, model: GenerativeModel, diffusion: Resolved) -> str | None:
+    """A row's sampler (at `where`) that does not fit its diffusion stage's objective."""
+    from pipeline.diffusion.class_conditional_pipeline import OBJECTIVE_SAMPLERS
+
+    objective = diffusion.config.objective.kind
+    allowed = OBJECTIVE_SAMPLERS[objective]
+    if model.sampler is None or model.sampler in allowed:
+        return None
+    return (
+        f"{where}: {model.sampler} does not fit the {objective} model of {diffusion.stage!r}; "
+        f"use {' or '.join(allowed)}"
+    )
 
 
 def sample_diffusion(
@@ -24,9 +51,9 @@ def sample_diffusion(
     from pipeline.diffusion.class_conditional_pipeline import ClassConditionalPipeline
     from pipeline.engine.manifest import read_manifest
 
-    upstream = job.upstream("diffusion", model.from_stage)
+    diffusion = diffusion_input(job, name)
     diffusers_logging.disable_progress_bar()
-    pipe = ClassConditionalPipeline.from_pretrained(upstream.export_dir)
+    pipe = ClassConditionalPipeline.from_pretrained(diffusion.path)
     pipe.to("cuda" if torch.cuda.is_available() else "cpu")
     pipe.set_progress_bar_config(disable=True)
     objective = pipe.config.objective
@@ -50,11 +77,11 @@ def sample_diffusion(
     samples = np.concatenate(out)
     if samples.shape[1:] != data.train.shape[1:]:
         raise PipelineError(
-            f"{job.where(name, 'from_stage')}: stage {upstream.name!r} makes "
+            f"{job.where(name, 'from_stage')}: stage {diffusion.stage!r} makes "
             f"images of shape {samples.shape[1:]}, the images stage {data.train.shape[1:]}; train "
             f"it on the same images stage"
         )
-    manifest = read_manifest(upstream.dir)
+    manifest = read_manifest(diffusion.path.parent)  # the stage's directory, above export/
     metrics = {
         "bits_per_dim": None,
         "likelihood": "none",

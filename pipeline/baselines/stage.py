@@ -13,7 +13,7 @@ from __future__ import annotations
 from pipeline.baselines import get_task
 from pipeline.baselines.config import Config
 from pipeline.engine.context import StageContext
-from pipeline.engine.inputs import Input, StageSpec
+from pipeline.engine.inputs import Input, PlanView, StageSpec
 
 __all__ = ["SPEC", "Config", "run"]
 
@@ -46,8 +46,8 @@ def run(ctx: StageContext) -> None:
             export_dir=ctx.export_dir,
             work_dir=ctx.checkpoint_dir,
             log=ctx.log,
+            inputs=ctx.inputs,
             tracker=tracker,
-            upstream=ctx.upstream,
         )
         data = task.load(job)
         task.check(job, data)
@@ -65,13 +65,21 @@ def run(ctx: StageContext) -> None:
     ctx.write_summary(summary, headline=f"best_{task.primary}" if best else None, note=note)
 
 
+def task_problems(view: PlanView) -> list[str]:
+    """The task's own checks of the resolved inputs (the generative task needs images)."""
+    return get_task(view.config.task).plan_problems(view)
+
+
 SPEC = StageSpec(
     Config,
     run,
     output="table",
-    # generative baselines may sample from a diffusion stage's export (`models.N.from_stage`)
+    # generative baselines read an images stage's shards and may sample from a diffusion stage's
+    # export (`models.N.from_stage`); other tasks read neither
     inputs=(
+        Input("images", ("images",), required=False),
         Input("diffusion", ("diffusion",), field="models.*.from_stage", nearest=False,
               required=False, many=True),
     ),
+    plan_check=task_problems,
 )  # fmt: skip

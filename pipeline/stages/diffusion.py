@@ -20,8 +20,9 @@ from pipeline.diffusion.training import ImageTrainingConfig
 from pipeline.engine import faults
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
-from pipeline.engine.inputs import Input, StageSpec
+from pipeline.engine.inputs import Input, PlanView, StageSpec
 from pipeline.models.diffusion import DiffusionModelConfig
+from pipeline.stages.vae import LATENTS_DIR, VAE_DIR
 
 PIPELINE_FILE = "class_conditional_pipeline.py"  # the pipeline's source, shipped in the export
 
@@ -44,15 +45,26 @@ class Config(ImageTrainingConfig):
 def input_dirs(ctx: StageContext, cfg: Config) -> tuple[Path, Path | None]:
     """(shards directory, VAE directory or None) this stage trains on."""
     if cfg.space == "pixel":
-        return ctx.upstream("images").export_dir, None
-    try:
-        vae = ctx.upstream("vae")
-    except PipelineError:
-        raise PipelineError(
-            f"stages.{ctx.name}: space: latent needs a vae stage upstream; add one "
-            f"(kind: vae) and list it in `after:`, or use space: pixel"
-        ) from None
-    return vae.export_dir / "latents", vae.export_dir / "vae"
+        return ctx.input("images").path, None
+    vae = ctx.optional_input("vae")
+    if vae is None:
+        raise PipelineError(latent_without_vae(ctx.name))
+    return vae.path / LATENTS_DIR, vae.path / VAE_DIR
+
+
+def latent_without_vae(stage: str) -> str:
+    """The one-line error (at plan time and at run time) for latent space without a vae."""
+    return (
+        f"stages.{stage}: space: latent needs a vae stage upstream; add one (kind: vae) and list "
+        f"it in `after:`, or use space: pixel"
+    )
+
+
+def input_problems(view: PlanView) -> list[str]:
+    """The vae input is optional for pixel space and required for latent space."""
+    if view.config.space == "latent" and view.first("vae") is None:
+        return [latent_without_vae(view.name)]
+    return []
 
 
 def run(ctx: StageContext) -> None:
@@ -67,7 +79,8 @@ def run(ctx: StageContext) -> None:
     cfg = ctx.config
     assert isinstance(cfg, Config)
     data_dir, vae_dir = input_dirs(ctx, cfg)
-    splits = ImageShards(data_dir, "train"), ImageShards(data_dir, "val")
+    writer = "vae" if vae_dir is not None else "images"
+    splits = ImageShards(data_dir, "train", writer), ImageShards(data_dir, "val", writer)
     channels, height, width = splits[0].shape
     if height != width:
         raise PipelineError(
@@ -156,4 +169,5 @@ SPEC = StageSpec(
     run,
     output="diffusion",
     inputs=(Input("images", ("images",)), Input("vae", ("vae",), required=False)),
+    plan_check=input_problems,
 )

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from data_prep.images import ImageShards
 
 ENCODE_BATCH = 256
+# The export's parts a latent diffusion stage reads: the shards it trains on, the VAE it ships.
+LATENTS_DIR = "latents"
+VAE_DIR = "vae"
 
 
 class Config(ImageTrainingConfig):
@@ -50,7 +53,7 @@ def run(ctx: StageContext) -> None:
 
     cfg = ctx.config
     assert isinstance(cfg, Config)
-    images_dir = ctx.upstream("images").export_dir
+    images_dir = ctx.input("images").path
     splits = ImageShards(images_dir, "train"), ImageShards(images_dir, "val")
     channels, height, width = splits[0].shape
     torch.manual_seed(ctx.seed)
@@ -90,7 +93,8 @@ def export_vae(
     vae: Any, splits: tuple[ImageShards, ImageShards], export_dir: Path
 ) -> dict[str, float]:
     """Write latents/ and vae/ (with its scaling_factor) and a reconstruction grid."""
-    from data_prep.images import IDENTITY, save_split, write_index
+    from data_prep.images import save_split
+    from data_prep.images_meta import IDENTITY, ImageIndex
     from eval.images import save_grid_png
     from eval.report import write_sections
 
@@ -100,13 +104,14 @@ def export_vae(
     entries = {}
     for shards, latents in ((splits[0], train_latents), (splits[1], encode(vae, splits[1]))):
         entries[shards.split] = save_split(
-            export_dir / "latents", shards.split, latents * scaling, np.asarray(shards.labels)
+            export_dir / LATENTS_DIR, shards.split, latents * scaling, np.asarray(shards.labels)
         )
-    write_index(
-        export_dir / "latents", list(train_latents.shape[1:]), "float32", IDENTITY,
-        splits[0].classes, entries, scaling_factor=scaling, source=str(splits[0].export_dir),
-    )  # fmt: skip
-    vae.save_pretrained(export_dir / "vae", safe_serialization=True)
+    ImageIndex(
+        shape=list(train_latents.shape[1:]), dtype="float32", normalisation=IDENTITY,
+        classes=splits[0].classes, splits=entries, scaling_factor=scaling,
+        source=str(splits[0].export_dir),
+    ).write(export_dir / LATENTS_DIR)  # fmt: skip
+    vae.save_pretrained(export_dir / VAE_DIR, safe_serialization=True)
     originals, _ = splits[1].arrays(max_images=16)
     recon = reconstruct(vae, originals)
     save_grid_png(np.concatenate([originals, recon]), export_dir / "reconstructions.png", nrow=16)

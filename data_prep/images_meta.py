@@ -1,0 +1,72 @@
+"""The hand-off record of image shards (index.json): what the arrays beside it hold.
+
+The images stage writes it for uint8 pixels, the vae stage for its float32 latents; the vae,
+diffusion and image_eval stages and the generative baselines read it through `ImageIndex.read`,
+never by key. `writer` names the stage kind that wrote the shards, so a missing or damaged index
+says which stage to rerun.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipeline.engine.errors import PipelineError
+from pipeline.engine.manifest import atomic_write_json
+
+FORMAT = "image-shards/1"
+INDEX_FILE = "index.json"
+UINT8_NORMALISATION = "x / 127.5 - 1"
+IDENTITY = "identity"
+
+
+class ImageSplit(BaseModel):
+    """One split's image count and the checksums of its two arrays."""
+
+    count: int
+    images_sha256: str
+    labels_sha256: str
+
+
+class ImageIndex(BaseModel):
+    """Shape, dtype, normalisation, class names and splits of an image (or latent) export."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    format: Literal["image-shards/1"] = FORMAT
+    shape: list[int]  # [C, H, W] of one image
+    dtype: Literal["uint8", "float32"]
+    normalisation: Literal["x / 127.5 - 1", "identity"]
+    classes: list[str]
+    splits: dict[str, ImageSplit]
+    scaling_factor: float | None = None  # latents: 1 / their std on the train split
+    source: str  # the images stage's source uri, or the export the latents encode
+
+    def write(self, export_dir: Path) -> None:
+        """Write export_dir/index.json (atomically); scaling_factor left out when unset."""
+        exclude = {"scaling_factor"} if self.scaling_factor is None else set()
+        atomic_write_json(Path(export_dir) / INDEX_FILE, self.model_dump(exclude=exclude))
+
+    @classmethod
+    def read(cls, export_dir: Path, writer: str = "images") -> ImageIndex:
+        """The index.json of shards written by a `writer` stage, or a one-line error."""
+        path = Path(export_dir) / INDEX_FILE
+        if not path.is_file():
+            raise PipelineError(f"{path}: missing; run the {writer} stage first")
+        try:
+            return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            detail = _first_error(exc) if isinstance(exc, ValidationError) else str(exc)
+            raise PipelineError(
+                f"{path}: unreadable ({detail}); rerun the {writer} stage"
+            ) from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    """'splits.train.count: Field required' (the first of a validation error's problems)."""
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {error['msg']}" if where else error["msg"]
