@@ -191,9 +191,12 @@ class SourceStageConfig(StageConfig):
     def check_inputs(self) -> None:
         """Each file source yields a first document (exists, not empty, parses, is UTF-8), and a
         task source's task file (a JSONL task) is well formed."""
-        for source in self.source:
+        for index, source in enumerate(self.source):
             if source.uri in (TASK, ARITHMETIC):
-                source.task_config().check_inputs()
+                try:
+                    source.task_config().check_inputs()
+                except PipelineError as exc:
+                    raise PipelineError(f"source.{index}.task: {exc}") from None
         probe_sources(self.source)
 
     @field_validator("source", mode="before")

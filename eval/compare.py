@@ -10,17 +10,20 @@ LM's or a span-corruption loss is not the same quantity as a causal LM's next-to
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field
 
 from pipeline.engine.config import StageConfig
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
-from pipeline.engine.inputs import StageSpec
+from pipeline.engine.inputs import Input, OutputType, PlanView, StageSpec
+from pipeline.engine.kinds import KINDS
 from pipeline.engine.manifest import atomic_write_json, read_manifest
+from pipeline.engine.schema_errors import suggest
 from pipeline.engine.tracking import read_metrics
 from pipeline.models.families import FAMILIES, ModelConfig
 
@@ -35,6 +38,8 @@ DEFAULT_COLUMNS = [
 ]
 TABLE_FILE = "comparison.json"
 CURVES_PNG = "train_loss.png"
+# The direct `after` stages, of any kind: those of the stage's `kinds` are its rows.
+AFTER_INPUT = Input("after", get_args(OutputType), field="after.*", required=False, nearest=False)
 
 
 class Config(StageConfig):
@@ -69,14 +74,38 @@ class Row:
         return self.manifest.get("summary") or {}
 
 
+def row_stages(after: Mapping[str, str], kinds: list[str]) -> list[str]:
+    """The stages that become rows: those of `after` (name -> kind, in order) of `kinds`."""
+    return [name for name, kind in after.items() if kind in kinds]
+
+
+def rows_problem(view: PlanView, fewest: int, what: str) -> str | None:
+    """Why the stage has not `fewest` rows to tabulate (a misspelt kind, no stage of its kinds in
+    `after`), or None: what `upstream_rows` would find only when the stage runs."""
+    cfg = view.config
+    where = f"stages.{view.name}"
+    for kind in cfg.kinds:
+        if kind not in KINDS:
+            return f"{where}.kinds: no stage kind {kind!r}{suggest(kind, KINDS)}; use {', '.join(KINDS)}"
+    after = {str(r.stage): str(r.kind) for r in view.inputs.get("after", [])}
+    rows = row_stages(after, cfg.kinds)
+    if len(rows) >= fewest:
+        return None
+    found = f"only {rows[0]}" if rows else "none"
+    return (
+        f"{where}.after: {what} needs {fewest} or more stages of kind {'/'.join(cfg.kinds)} "
+        f"in its `after:`, found {found}; list them there"
+    )
+
+
 def upstream_rows(ctx: StageContext, kinds: list[str]) -> list[Row]:
     """The direct upstream stages of `kinds`, in `after` order; each must be done."""
     rows = []
-    for name in ctx.config.after:
+    after = {name: ctx.recipe.stages[name].kind for name in ctx.config.after}
+    for name in row_stages(after, kinds):
+        up = ctx.upstream(after[name], name=name)  # raises unless it is done
         config = ctx.recipe.stages[name]
-        if config.kind in kinds:
-            up = ctx.upstream(config.kind, name=name)  # raises unless it is done
-            rows.append(Row(name, config.kind, config, read_manifest(up.dir), read_metrics(up.dir)))
+        rows.append(Row(name, config.kind, config, read_manifest(up.dir), read_metrics(up.dir)))
     if not rows:
         raise PipelineError(
             f"stages.{ctx.name}.after: no stage of kind {'/'.join(kinds)}; "
@@ -179,4 +208,10 @@ def run(ctx: StageContext) -> None:
     )
 
 
-SPEC = StageSpec(Config, run, output="table")
+SPEC = StageSpec(
+    Config,
+    run,
+    output="table",
+    inputs=(AFTER_INPUT,),
+    plan_check=lambda view: [p for p in [rows_problem(view, 1, "a comparison")] if p],
+)

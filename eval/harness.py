@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,34 @@ import yaml
 
 from data_prep.tasks import Key, TaskBase, problem_keys
 from pipeline.engine.errors import PipelineError
+from pipeline.engine.schema_errors import suggest
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 SHIPPED = {path.stem: path for path in sorted(TASKS_DIR.glob("*.yaml"))}
+
+
+@cache
+def task_manager() -> Any:
+    """lm-eval's index of its installed tasks, built once per process (it reads every task file
+    lm-eval ships, ~15,000, which takes seconds): the plan checks names with the index the run
+    evaluates with."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def task_names_problem(names: list[str], field: str) -> str | None:
+    """Why one of `names` is no lm-eval task here (neither shipped nor installed), or None; the
+    index is only built for a name that is not shipped."""
+    others = [name for name in names if name not in SHIPPED]
+    known = task_manager().all_tasks if others else []
+    for name in others:
+        if name not in known:
+            return (
+                f"{field}: unknown lm-eval task {name!r}{suggest(name, [*SHIPPED, *known])}; use "
+                f"{', '.join(SHIPPED)} or an installed lm-eval task"
+            )
+    return None
 
 
 def write_task_data(name: str, task: TaskBase, out_dir: Path, num: int, seed: int = 0) -> Path:
@@ -117,14 +143,13 @@ def _evaluate(
 ) -> dict[str, float]:
     """simple_evaluate on `model` (a registered name with model_args, or an LM instance)."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     try:
         results = simple_evaluate(
             model=model,
             model_args=model_args or None,
             tasks=task_specs(names, task, data_dir, num),
-            task_manager=TaskManager(),
+            task_manager=task_manager(),
             limit=num,
             batch_size=batch_size,
             log_samples=False,

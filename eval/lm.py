@@ -14,23 +14,22 @@ from __future__ import annotations
 import json
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 
 from data_prep.task_base import task_file_signature
 from data_prep.tasks import ArithmeticTask, TaskBase, TaskConfig
+from eval.harness import SHIPPED, task_names_problem
 from eval.lm_metrics import evaluate_model, greedy_samples
 from pipeline.engine.config import StageConfig
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
-from pipeline.engine.inputs import Input, StageSpec
+from pipeline.engine.inputs import Input, PlanView, Resolved, StageSpec
 from pipeline.engine.locations import Location
 from pipeline.engine.manifest import atomic_write_json, atomic_write_text
-
-if TYPE_CHECKING:
-    pass
+from pipeline.stages.rows import draw_problem, pairs_problem
 
 DEFAULT_PROMPTS = ["def fibonacci(n):\n", "import os\n", "class ", "    for i in range("]
 
@@ -264,6 +263,76 @@ def run(ctx: StageContext) -> None:
     ctx.write_summary(summary, headline=headline, note=note)
 
 
+def learned_positions(config: dict[str, Any]) -> int | None:
+    """The size of a model's learned position table (GPT-2's n_positions, BERT's
+    max_position_embeddings), which a longer window indexes past; None for rotary, ALiBi and
+    relative positions, which have no such end. `config` is a model's config.json."""
+    if any(word in key for key in config for word in ("rope", "rotary", "alibi")):
+        return None
+    size = config.get("n_positions") or config.get("max_position_embeddings")
+    return int(size) if size else None
+
+
+def position_limit(model: Resolved) -> int | None:
+    """`learned_positions` of a model the plan knows the shape of: a directory (its config.json)
+    or a pretrain stage (the transformers config its family builds for its seq_len)."""
+    from pipeline.models.families import FAMILIES
+
+    model_cfg = getattr(model.config, "model", None)
+    path = model.location.resolved() if model.location is not None else None
+    if path is None and getattr(model_cfg, "path", None) is not None:
+        path = Path(model_cfg.path).expanduser()  # continued pretraining keeps the directory's
+    if path is not None:
+        try:
+            return learned_positions(json.loads((path / "config.json").read_text("utf-8")))
+        except (OSError, ValueError):
+            return None  # the model input's own checks name the directory
+    if model.kind != "pretrain" or model_cfg is None:
+        return None
+    hf_config = FAMILIES[model_cfg.arch].hf_config(model_cfg, 256, model.config.seq_len)
+    return learned_positions(hf_config.to_dict())
+
+
+def plan_problems(view: PlanView) -> list[str]:
+    """What an eval knows before the models exist: the problems it draws from its task, its
+    lm-eval task names, a val split to score and windows its models can take."""
+    cfg: Config = view.config
+    where = f"stages.{view.name}"
+    models = view.inputs.get("models", [])
+    task = eval_task(cfg, models)
+    problems = [
+        draw_problem(task, "test", cfg.task_problems, f"{where}.task_problems"),
+        task_names_problem(cfg.lm_eval_tasks, f"{where}.lm_eval_tasks"),
+    ]
+    if cfg.pass_k_problems > cfg.task_problems:
+        problems.append(
+            f"{where}.pass_k_problems: {cfg.pass_k_problems} problems for pass@k, but pass@k "
+            f"samples the task_problems={cfg.task_problems} the models answer greedily; lower "
+            f"pass_k_problems or raise task_problems"
+        )
+    if any(name in SHIPPED for name in cfg.lm_eval_tasks):
+        problems.append(draw_problem(task, "test", cfg.lm_eval_limit, f"{where}.lm_eval_limit"))
+    if "task_choice" in cfg.lm_eval_tasks:
+        problems.append(pairs_problem(task, f"{where}.lm_eval_tasks"))
+    tokens = view.first("tokens")
+    if tokens is not None and getattr(tokens.config, "val_fraction", None) == 0:
+        problems.append(
+            f"{where}: scores the val split of {tokens.stage}, which has none "
+            f"(stages.{tokens.stage}.val_fraction: 0); give it a val_fraction above 0, or put a "
+            f"tokenize stage with a val split first in stages.{view.name}.after"
+        )
+    if tokens is not None and cfg.seq_len is not None:
+        for model in models:
+            limit = position_limit(model)
+            if limit is not None and cfg.seq_len > limit:
+                problems.append(
+                    f"{where}.seq_len: {cfg.seq_len} tokens per window, but {model.label} has "
+                    f"learned positions for {limit}; use seq_len: {limit} or leave it unset "
+                    f"(each model's own)"
+                )
+    return [problem for problem in problems if problem]
+
+
 SPEC = StageSpec(
     Config,
     run,
@@ -272,4 +341,5 @@ SPEC = StageSpec(
         Input("models", ("lm",), field="models.*", location="model", many=True),
         Input("tokens", ("tokens",), required=False),
     ),
+    plan_check=plan_problems,
 )

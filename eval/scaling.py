@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from eval.compare import Row, column_value, upstream_rows
+from eval.compare import AFTER_INPUT, Row, column_value, rows_problem, upstream_rows
 from pipeline.engine.config import StageConfig
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
@@ -198,4 +198,11 @@ def run(ctx: StageContext) -> None:
     ctx.write_summary(summary | {"num_points": len(n)}, headline="alpha", note=headline)
 
 
-SPEC = StageSpec(Config, run, output="table")
+SPEC = StageSpec(
+    Config,
+    run,
+    output="table",
+    inputs=(AFTER_INPUT,),
+    # two sizes at least: fit_power_law refuses fewer, after the whole sweep has trained
+    plan_check=lambda view: [p for p in [rows_problem(view, 2, "a scaling law")] if p],
+)

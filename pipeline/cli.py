@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.engine.checks import deepspeed_problems, preflight
+from pipeline.engine.checks import deepspeed_problems, local_run_problems, preflight
 from pipeline.engine.config import (
     Recipe,
     bundled_recipes,
@@ -50,6 +50,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.override)
     preflight(recipe)
+    if problems := local_run_problems(recipe):
+        raise RecipeError("\n".join(problems))
     if args.dry_run:
         with rescan(args.rescan):
             steps = plan(recipe, from_stage=args.from_stage, only=args.only, force=args.force)

@@ -32,15 +32,21 @@ class Case:
 
 
 def lm_recipe(tmp: Path) -> dict[str, Any]:
-    """Every LM stage kind, valid, on built-in data."""
+    """Every LM stage kind, valid, on built-in data: two model sizes for compare and scaling,
+    and a report after every stage whose results it shows."""
     data = tiny_recipe(tmp / "run")
+    wide = {
+        **data["stages"]["pretrain"],
+        "model": {"hidden_size": 48, "num_layers": 2, "num_heads": 2},
+    }
     data["stages"] |= {
+        "pretrain_wide": wide,
         "sft": {"kind": "sft", "after": ["pretrain"], "max_steps": 2},
         "reward": {"kind": "reward", "after": ["sft"], "max_steps": 2},
         "rlhf": {"kind": "rlhf", "after": ["sft", "reward"], "max_steps": 2},
-        "report": {"kind": "report", "after": ["eval"]},
-        "compare": {"kind": "compare", "after": ["pretrain"]},
-        "scaling": {"kind": "scaling", "after": ["pretrain"]},
+        "compare": {"kind": "compare", "after": ["pretrain", "pretrain_wide"]},
+        "scaling": {"kind": "scaling", "after": ["pretrain", "pretrain_wide"]},
+        "report": {"kind": "report", "after": ["eval", "compare", "scaling"]},
     }
     return data
 
@@ -206,6 +212,7 @@ RECIPE_CASES = {
     "reward-key": recipe("eval_pair", {"stages.reward.eval_pair": 3}),
     "reward-type": recipe("max_length", {"stages.reward.max_length": "long"}),
     "reward-value": recipe("num_examples", {"stages.reward.num_examples": 0}),
+    "preferences-key": recipe("num_prompt", {"stages.prefs": {"kind": "preferences", "after": ["sft"], "num_prompt": 5}}),
     "rlhf-key": recipe("rewardz", {"stages.rlhf.rewardz": ["exact"]}),
     "rlhf-type": recipe("temperature", {"stages.rlhf.temperature": "hot"}),
     "rlhf-value": recipe("algorithm", {"stages.rlhf.algorithm": "ppo"}),

@@ -28,6 +28,7 @@ OutputType = Literal[
     "tokens",  # token shards with their TokensMeta
     "lm",  # a language model (HF directory; an adapter beside it when trained with one)
     "reward_model",  # a sequence-classification model with one output
+    "preferences",  # chosen/rejected pairs with their provenance (pipeline.stages.preferences)
     "images",  # image shards
     "vae",  # an autoencoder for latent diffusion
     "diffusion",  # a diffusers pipeline directory

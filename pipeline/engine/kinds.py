@@ -16,6 +16,7 @@ KINDS: dict[str, str] = {
     "pretrain": "pipeline.stages.pretrain",
     "sft": "pipeline.stages.sft",
     "reward": "pipeline.stages.reward",
+    "preferences": "pipeline.stages.preferences",
     "rlhf": "pipeline.stages.rlhf",
     "eval": "eval.lm",
     "report": "eval.report",

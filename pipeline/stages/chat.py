@@ -10,6 +10,7 @@ template itself is used as it is.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pipeline.engine.errors import PipelineError
@@ -27,6 +28,28 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'Assistant: ' }}{%- endif -%}"
 )
+
+
+def template_problems(path: str | None, field: str) -> list[str]:
+    """Why a `chat_template` file is no template the tokenizer can use, found by compiling it as
+    transformers does on the first conversation (a missing file is the model checks' to name)."""
+    from jinja2 import TemplateError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    if path is None:
+        return []
+    try:
+        template = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        return [f"{field}: {path}: cannot read it ({exc}); give a UTF-8 Jinja template file"]
+    try:
+        _compile_jinja_template(template)
+    except TemplateError as exc:
+        line = f" line {exc.lineno}" if getattr(exc, "lineno", None) else ""
+        return [f"{field}: {path}{line}: not a Jinja template ({exc.message}); fix the template"]
+    return []
 
 
 def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, list[range]]:

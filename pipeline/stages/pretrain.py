@@ -17,15 +17,21 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from data_prep.task_base import task_file_signature
 from data_prep.tasks import TaskConfig
-from data_prep.tokenizer_meta import TokenizerMeta
-from data_prep.tokens_meta import TokensMeta, tokenizers_differ
+from data_prep.tokens_meta import TokensMeta
 from pipeline.engine.config import StageConfig, Strict
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
-from pipeline.engine.inputs import Input, PlanView, Resolved, StageSpec
-from pipeline.engine.locations import Location
+from pipeline.engine.inputs import Input, PlanView, StageSpec
 from pipeline.models import document_mask_problem
 from pipeline.models.causal_lm import ModelConfig
+from pipeline.stages.pretrain_tokenizer import (
+    adopted_special_ids,
+    adopted_tokenizer_problems,
+    tokenizer_fix,
+    tokenizer_source,
+    tokens_tokenizer_problems,
+    users_tokenizer,
+)
 from pipeline.train.config import LoopConfig
 
 if TYPE_CHECKING:
@@ -81,7 +87,10 @@ class Config(LoopConfig, StageConfig):
 
     def check_inputs(self) -> None:
         if self.eval_task is not None:
-            self.eval_task.check_inputs()
+            try:
+                self.eval_task.check_inputs()
+            except PipelineError as exc:
+                raise PipelineError(f"eval_task: {exc}") from None
 
     @model_validator(mode="after")
     def _anneal_from_upstream(self) -> Config:
@@ -224,32 +233,6 @@ def workload(ctx: StageContext) -> tuple[Workload, BuiltModel]:
     return work, built
 
 
-def tokenizer_source(ctx: StageContext) -> Path:
-    """The tokenizer the export carries: the model directory's own, else the tokenizer stage's."""
-    cfg: Config = ctx.config  # type: ignore[assignment]
-    if cfg.model.path is not None:
-        return Path(cfg.model.path).expanduser().absolute()
-    return ctx.input("tokenizer").path
-
-
-def users_tokenizer(ctx: StageContext) -> bool:
-    """Whether the export carries a user's tokenizer files (a model directory's, or one the
-    tokenizer stage adopted) rather than the tokenizer stage's SentencePiece export."""
-    if ctx.config.model.path is not None:  # type: ignore[attr-defined]
-        return True
-    return TokenizerMeta.read(ctx.input("tokenizer").path).adopted
-
-
-def adopted_special_ids(ctx: StageContext, tokens: TokensMeta) -> dict[str, int | None] | None:
-    """The special ids of a tokenizer the tokenizer stage adopted, as a model config names them
-    (end of document ends generation; padding is it too when the tokenizer has no pad token)."""
-    record = TokenizerMeta.read(ctx.input("tokenizer").path)
-    if not record.adopted:
-        return None
-    pad = record.pad_id if record.pad_id is not None else tokens.eos_id
-    return {"bos_token_id": record.bos_id, "eos_token_id": tokens.eos_id, "pad_token_id": pad}
-
-
 def pretrained(path: Path, cfg: Config, eos_id: int | None) -> tuple[BuiltModel, Any, Any]:
     """A model directory to continue pretraining: a meta-device twin that describes it, and the
     loader that builds it sharded as the launch trains it and streams its weights in (no rank
@@ -341,6 +324,7 @@ def plan_problems(view: PlanView) -> list[str]:
             f"{where}.eval_lm_eval_tasks: in-loop lm-eval runs in one process, this launch has "
             f"{view.world_size}; use launch.nproc: 1, or lm_eval_tasks on an eval stage"
         )
+    problems += in_loop_eval_problems(view)
     anneal = view.first("anneal_from")
     if anneal is not None and anneal.kind != "pretrain":
         problems.append(
@@ -350,66 +334,28 @@ def plan_problems(view: PlanView) -> list[str]:
     return problems
 
 
-def adopted_tokenizer_problems(view: PlanView) -> list[str]:
-    """A family whose objective needs the tokenizer stage's own ids (bert's mask and t5's
-    sentinels follow its vocabulary, padding is its <pad>) cannot start from an adopted one."""
-    from pipeline.models.families import FAMILIES
-    from pipeline.stages.base_model import adopts
+def in_loop_eval_problems(view: PlanView) -> list[str]:
+    """The in-loop evaluations need a val split, problems the task's test split has, and lm-eval
+    task names lm-eval knows."""
+    from eval.harness import task_names_problem
+    from pipeline.stages.rows import draw_problem
 
-    cfg: Config = view.config  # type: ignore[assignment]
-    tokenizer = view.first("tokenizer")
-    adopted = tokenizer is not None and adopts(tokenizer)
-    if (
-        cfg.model.path is not None
-        or not adopted
-        or FAMILIES[cfg.model.arch].scoring.kind == "causal"
-    ):
-        return []
-    causal = ", ".join(name for name, spec in FAMILIES.items() if spec.scoring.kind == "causal")
-    return [
-        f"stages.{view.name}.model.arch: {cfg.model.arch} is pretrained from scratch on the "
-        f"tokenizer stage's own SentencePiece ids, but {tokenizer.stage} adopts the tokenizer of "
-        f"{tokenizer.config.tokenizer.path}; use a causal arch ({causal}) or train a tokenizer"
-    ]
-
-
-def tokens_tokenizer_problems(view: PlanView) -> list[str]:
-    """Tokens encoded with another tokenizer than the one the model has (model.path) or its
-    export carries (the tokenizer stage's), as far as the tokens' tokenize stage tells."""
-    tokens, init = view.first("tokens"), view.first("model")
-    if tokens is None:
-        return []
-    named = getattr(tokens.config, "tokenizer", None)  # a tokenize stage's `tokenizer:`
-    fix = f"stages.{tokens.stage}.tokenizer"
-    if init is None or init.location is None:
-        if not isinstance(named, Location):
-            return []
-        return [
-            f"stages.{view.name}: the tokens of {tokens.stage} are encoded with the tokenizer of "
-            f"{named.path}, but a model pretrained from scratch exports a tokenizer stage's; set "
-            f"model.path: {named.path} to continue that model, or give the tokenizer stage "
-            f"tokenizer: {{path: {named.path}}} and remove {fix} to encode with it"
-        ]
-    model = init.location
-    if isinstance(named, Location) and not tokenizers_differ(named.resolved(), model.resolved()):
-        return []
-    used = (
-        f"the tokenizer of {named.path}"
-        if isinstance(named, Location)
-        else "a tokenizer stage's model"
-    )
-    return [
-        f"stages.{view.name}.model.path: the tokens of {tokens.stage} are encoded with {used}, "
-        f"not with the tokenizer of {model.path}; set {fix}: {{path: {model.path}}}"
-    ]
-
-
-def tokenizer_fix(ctx: StageContext, tokens: Resolved) -> str:
-    """How to encode the tokens with the tokenizer this stage's export carries."""
-    path = ctx.config.model.path  # type: ignore[attr-defined]
-    if path is not None:
-        return f"set stages.{tokens.label}.tokenizer: {{path: {path}}}"
-    return f"set stages.{tokens.label}.tokenizer: {ctx.input('tokenizer').label}"
+    cfg: Config = view.config
+    where = f"stages.{view.name}"
+    problems = [task_names_problem(cfg.eval_lm_eval_tasks, f"{where}.eval_lm_eval_tasks")]
+    if cfg.eval_task is not None:
+        problems.append(
+            draw_problem(
+                cfg.eval_task, "test", cfg.eval_task_problems, f"{where}.eval_task_problems"
+            )
+        )
+    tokens = view.first("tokens")
+    if tokens is not None and getattr(tokens.config, "val_fraction", None) == 0:
+        problems.append(
+            f"{where}: validates on the val split of {tokens.stage}, which has none "
+            f"(stages.{tokens.stage}.val_fraction: 0); give it a val_fraction above 0"
+        )
+    return [problem for problem in problems if problem]
 
 
 SPEC = StageSpec(

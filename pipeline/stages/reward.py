@@ -13,9 +13,11 @@ from pydantic import Field
 
 from data_prep.tasks import TaskBase
 from pipeline.engine.context import StageContext
-from pipeline.engine.inputs import StageSpec
+from pipeline.engine.inputs import PlanView, StageSpec
 from pipeline.stages.base_model import MODEL_INPUT, model_problems
+from pipeline.stages.chat import template_problems
 from pipeline.stages.posttrain import BUILTIN_TASK, TrainerStageConfig
+from pipeline.stages.rows import draws_problems, pairs_problem
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -33,16 +35,17 @@ class Config(TrainerStageConfig):
 
 
 def preference_rows(
-    data: str, task: TaskBase, num: int, seed: int, where: str
+    data: str, task: TaskBase, num: int, seed: int, where: str, held_out: int = 0
 ) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) preference rows with prompt/chosen/rejected (prompt may be empty)."""
+    """(train, held-out) preference rows with prompt/chosen/rejected (prompt may be empty):
+    `num` and `held_out` of the task's splits, or a JSONL file's rows with every tenth held out."""
     from data_prep.tasks import preference_pairs
     from pipeline.stages.rows import read_jsonl
 
     if data == BUILTIN_TASK:
         return (
             preference_pairs(task, "train", num, seed),
-            preference_pairs(task, "test", num, seed + 1),
+            preference_pairs(task, "test", held_out, seed + 1),
         )
     rows = [
         {"prompt": r.get("prompt", ""), "chosen": r["chosen"], "rejected": r["rejected"]}
@@ -96,7 +99,7 @@ def run(ctx: StageContext) -> None:
     model = load_reward_model(source.path)
     model.config.pad_token_id = tokenizer.pad_token_id
     train, held_out = preference_rows(
-        cfg.data, cfg.task, cfg.num_examples, ctx.seed, f"stages.{ctx.name}"
+        cfg.data, cfg.task, cfg.num_examples, ctx.seed, f"stages.{ctx.name}", cfg.eval_pairs
     )
     args = RewardConfig(**training_arguments(ctx, cfg, model), max_length=cfg.max_length)
     columns = ("prompt", "chosen", "rejected")
@@ -129,6 +132,19 @@ def run(ctx: StageContext) -> None:
     )
 
 
+def plan_problems(view: PlanView) -> list[str]:
+    """The model's checks, the chat template's syntax and the pairs drawn from the task."""
+    cfg: Config = view.config
+    where = f"stages.{view.name}"
+    problems = model_problems(view) + template_problems(cfg.chat_template, f"{where}.chat_template")
+    if cfg.data != BUILTIN_TASK:
+        return problems
+    if problem := pairs_problem(cfg.task, f"{where}.task"):
+        return [*problems, problem]
+    draws = {"num_examples": ("train", cfg.num_examples), "eval_pairs": ("test", cfg.eval_pairs)}
+    return problems + draws_problems(cfg.task, draws, where)
+
+
 SPEC = StageSpec(
-    Config, run, output="reward_model", inputs=(MODEL_INPUT,), plan_check=model_problems
+    Config, run, output="reward_model", inputs=(MODEL_INPUT,), plan_check=plan_problems
 )

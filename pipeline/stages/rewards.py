@@ -92,6 +92,25 @@ def check_reward_name(name: str) -> str:
 
 
 RewardName = Annotated[str, AfterValidator(check_reward_name)]
+# What TRL passes every reward function besides the dataset's columns (GRPOTrainer and
+# RLOOTrainer's _calculate_rewards); any other parameter without a default must be a column.
+TRAINER_ARGUMENTS = (
+    "prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric",
+    "environments",
+)  # fmt: skip
+
+
+def reward_columns(name: str, task: TaskBase) -> list[str]:
+    """The dataset columns reward `name` takes by name (the built-ins read `answer`), read from
+    its signature: a prompt row without one fails the trainer's call of the function."""
+    function = load_function(name, "") if is_import_path(name) else _resolve(name, "")(task)
+    return [
+        p.name
+        for p in inspect.signature(function).parameters.values()
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in TRAINER_ARGUMENTS
+    ]
 
 
 def reward_functions(names: list[str], task: TaskBase, where: str) -> list[RewardFunc]:

@@ -11,15 +11,26 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.inputs import Input, PlanView, StageSpec
 from pipeline.engine.locations import Location
 from pipeline.stages.base_model import MODEL_INPUT, model_problems
+from pipeline.stages.chat import template_problems
 from pipeline.stages.posttrain import BUILTIN_TASK, TaskStageConfig
-from pipeline.stages.rewards import RewardName
+from pipeline.stages.rewards import RewardName, reward_columns
+from pipeline.stages.rows import draws_problems, pairs_problem, task_stage_draws
+
+# Fields only one algorithm reads (the others would ignore them), and the values that are off.
+ONLY_FOR = {
+    "reward_model": (("grpo", "rloo"), None),
+    "loss_type": (("grpo",), None),
+    "scale_rewards": (("grpo",), None),
+    "num_iterations": (("grpo",), 1),
+    "dpo_sft_weight": (("dpo",), 0.0),
+}
 
 # Trainer log keys (GRPO/RLOO/DPO) recorded in the stage summary under our names.
 SUMMARY_KEYS = {
@@ -77,14 +88,40 @@ class Config(TaskStageConfig):
         return super().data_signature() | ({"reward_code": code} if code else {})
 
     def check_inputs(self) -> None:
-        """As every trainer stage, with DPO's data rows holding chosen/rejected pairs."""
+        """As every trainer stage: DPO's data rows hold chosen/rejected pairs, GRPO/RLOO's a
+        prompt and every column a reward function reads (the built-ins read `answer`)."""
         self.task.check_inputs()
         if self.data != BUILTIN_TASK:
             from pipeline.stages.rows import first_row
 
-            first_row(
-                self.data, (("chosen", "rejected"),) if self.algorithm == "dpo" else (("prompt",),)
+            if self.algorithm == "dpo":
+                first_row(self.data, (("chosen", "rejected"),))
+            else:
+                columns = {c for name in self.rewards for c in reward_columns(name, self.task)}
+                first_row(self.data, (("prompt", *sorted(columns)),))
+
+    @field_validator(*ONLY_FOR)
+    @classmethod
+    def _for_its_algorithm(cls, value: Any, info: ValidationInfo) -> Any:
+        algorithms, off = ONLY_FOR[info.field_name]  # type: ignore[index]
+        algorithm = info.data.get("algorithm")  # absent when it failed validation itself
+        if algorithm is not None and algorithm not in algorithms and value != off:
+            raise ValueError(
+                f"{algorithm} does not use {info.field_name} ({'/'.join(algorithms)} only); "
+                f"remove it or use algorithm: {algorithms[0]}"
             )
+        return value
+
+    @field_validator("sync_ref_model")
+    @classmethod
+    def _sync_without_adapter(cls, sync: bool, info: ValidationInfo) -> bool:
+        # With an adapter TRL's reference is the base with the adapter off: nothing to sync.
+        if sync and info.data.get("adapter") is not None:
+            raise ValueError(
+                "an adapter's reference is its base with the adapter off, which TRL cannot sync; "
+                "set sync_ref_model: false or train without an adapter"
+            )
+        return sync
 
     @model_validator(mode="after")
     def _check_rewards(self) -> Config:
@@ -124,10 +161,43 @@ def generation_batch_problem(cfg: Config, world_size: int, where: str) -> str | 
     )
 
 
+def reference_problem(cfg: Config, where: str) -> str | None:
+    """GRPO/RLOO load no reference model when the KL coefficient is 0 (TRL's GRPO default), so
+    there is none to sync."""
+    if not cfg.sync_ref_model or cfg.algorithm == "dpo":
+        return None
+    beta = cfg.beta
+    if beta is None:  # TRL's default, read from its config class (importing TRL takes seconds)
+        import dataclasses
+
+        from trl import GRPOConfig, RLOOConfig
+
+        trainer = GRPOConfig if cfg.algorithm == "grpo" else RLOOConfig
+        beta = next(f.default for f in dataclasses.fields(trainer) if f.name == "beta")
+    if beta:
+        return None
+    return (
+        f"{where}.sync_ref_model: the KL coefficient beta is 0 ({cfg.algorithm}'s default when "
+        f"unset), so no reference model is kept to sync; set beta above 0 or sync_ref_model: false"
+    )
+
+
 def plan_problems(view: PlanView) -> list[str]:
-    """The model's checks (base_model.model_problems) and the generation batch."""
-    problem = generation_batch_problem(view.config, view.world_size, f"stages.{view.name}")
-    return model_problems(view) + ([problem] if problem else [])
+    """The model's checks (base_model.model_problems), the generation batch, the chat template,
+    the reference model to sync and what the stage draws from its task."""
+    cfg: Config = view.config
+    where = f"stages.{view.name}"
+    problems = model_problems(view) + template_problems(cfg.chat_template, f"{where}.chat_template")
+    for problem in (
+        generation_batch_problem(cfg, view.world_size, where),
+        reference_problem(cfg, where),
+    ):
+        if problem:
+            problems.append(problem)
+    dpo_pairs = cfg.algorithm == "dpo" and cfg.data == BUILTIN_TASK
+    if dpo_pairs and (problem := pairs_problem(cfg.task, f"{where}.task")):
+        return [*problems, problem]
+    return problems + draws_problems(cfg.task, task_stage_draws(cfg), where)
 
 
 def prompt_rows(cfg: Config, seed: int, where: str) -> list[dict[str, Any]]:

@@ -12,9 +12,11 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.engine.context import StageContext
-from pipeline.engine.inputs import StageSpec
+from pipeline.engine.inputs import PlanView, StageSpec
 from pipeline.stages.base_model import MODEL_INPUT, model_problems
+from pipeline.stages.chat import template_problems
 from pipeline.stages.posttrain import BUILTIN_TASK, TaskStageConfig
+from pipeline.stages.rows import draws_problems, task_stage_draws
 
 
 class Config(TaskStageConfig):
@@ -88,4 +90,12 @@ def run(ctx: StageContext) -> None:
     )
 
 
-SPEC = StageSpec(Config, run, output="lm", inputs=(MODEL_INPUT,), plan_check=model_problems)
+def plan_problems(view: PlanView) -> list[str]:
+    """The model's checks, the chat template's syntax and the problems drawn from the task."""
+    cfg: Config = view.config
+    where = f"stages.{view.name}"
+    problems = model_problems(view) + template_problems(cfg.chat_template, f"{where}.chat_template")
+    return problems + draws_problems(cfg.task, task_stage_draws(cfg), where)
+
+
+SPEC = StageSpec(Config, run, output="lm", inputs=(MODEL_INPUT,), plan_check=plan_problems)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.engine.checks import DEEPSPEED_BATCH_KEYS, deepspeed_batch_problem
 from pipeline.engine.config import LaunchConfig, deep_merge
 from pipeline.engine.errors import PipelineError
 
@@ -17,7 +18,6 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 # Keys whose values must agree with the recipe; "auto" lets DeepSpeed/Accelerate fill them.
-BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,11 @@ def deepspeed_config(launch: LaunchConfig, shape: TrainShape) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     if launch.deepspeed_config:
-        config = deep_merge(config, _read_expert_config(Path(launch.deepspeed_config), config))
+        config = deep_merge(config, _read_expert_config(Path(launch.deepspeed_config), shape))
     return config
 
 
-def _read_expert_config(path: Path, ours: dict[str, Any]) -> dict[str, Any]:
+def _read_expert_config(path: Path, shape: TrainShape) -> dict[str, Any]:
     try:
         expert = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -87,14 +87,12 @@ def _read_expert_config(path: Path, ours: dict[str, Any]) -> dict[str, Any]:
         ) from None
     if not isinstance(expert, dict):
         raise PipelineError(f"launch.deepspeed_config {path}: must be a JSON object")
-    for key in BATCH_KEYS:
-        value = expert.get(key, "auto")
-        if value != "auto" and value != ours[key]:
-            raise PipelineError(
-                f"launch.deepspeed_config {path}: {key}={value} disagrees with the recipe's {ours[key]} "
-                f'(micro_batch_size x grad_accum_steps x world size); set it to "auto" or change the recipe'
-            )
-    return {k: v for k, v in expert.items() if not (k in BATCH_KEYS and v == "auto")}
+    problem = deepspeed_batch_problem(
+        expert, shape.micro_batch_size, shape.grad_accum_steps, shape.world_size
+    )
+    if problem is not None:
+        raise PipelineError(f"launch.deepspeed_config {path}: {problem}")
+    return {k: v for k, v in expert.items() if not (k in DEEPSPEED_BATCH_KEYS and v == "auto")}
 
 
 def fsdp_plugin_kwargs(wrap_classes: list[str]) -> dict[str, Any]:
