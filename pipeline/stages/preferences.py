@@ -1,0 +1,309 @@
+"""Stage kind `preferences`: preference pairs from a policy's own samples, labelled by a judge.
+
+Offline pairs (the right answer against a near miss) say little about what the policy being
+trained gets wrong; online and iterative DPO and iterated reward modelling learn from pairs
+sampled from the current policy and then labelled. This stage samples `samples` completions of
+each prompt from its model (temperature `temperature`, seeded), scores them with its judge and
+pairs the best against the worst; prompts whose completions all score the same give no pair.
+
+Judges: `task` (the task's verifiable scorer: exact first, partial credit breaking ties; a
+simulated labeller, as Gao et al. used a gold model), `reward_model` (a reward stage's or a
+directory's scalar score), or `labels` (the user's JSONL of `prompt`/`chosen`/`rejected`, plain
+text or as messages, taken as they are). Every pair records which model and which judge made it;
+`reward` and `rlhf` (DPO) train on them with `pairs: STAGE`. Round r of a sequence (`round`) takes
+the r-th block of `num_prompts` train problems, so each round sees fresh prompts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from data_prep.task_base import task_file_signature
+from data_prep.tasks import ArithmeticTask, TaskConfig
+from pipeline.engine.config import StageConfig
+from pipeline.engine.context import StageContext
+from pipeline.engine.errors import PipelineError
+from pipeline.engine.inputs import Input, PlanView, StageSpec
+from pipeline.engine.locations import Location
+from pipeline.engine.manifest import atomic_write_json, atomic_write_text
+from pipeline.engine.schema_errors import PathText
+
+PAIRS_FILE = "pairs.jsonl"
+META_FILE = "preferences.json"
+Judge = Literal["task", "reward_model", "labels"]
+
+
+class Config(StageConfig):
+    """Sample completions from a model and pair them by a judge (or take the user's labels)."""
+
+    kind: Literal["preferences"] = "preferences"
+    model: str | Location | None = Field(
+        None,
+        description="the policy to sample: a stage name or {path: DIR}; default: the nearest "
+        "upstream language-model stage",
+    )
+    judge: Judge = Field("task", description="task | reward_model | labels (the user's pairs)")
+    reward_model: str | Location | None = Field(
+        None, description="judge: reward_model: a reward stage, or {path: DIR}"
+    )
+    labels: PathText | None = Field(
+        None, description="judge: labels: a JSONL of prompt/chosen/rejected (text or messages)"
+    )
+    task: TaskConfig = Field(default_factory=ArithmeticTask, description="prompts and scorer")
+    num_prompts: int = Field(1000, ge=1, description="train-split problems sampled")
+    round: int = Field(
+        1, ge=1, description="which block of num_prompts train problems (fresh prompts per round)"
+    )
+    samples: int = Field(4, ge=2, description="completions sampled per prompt")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    max_completion_length: int | None = Field(
+        None, ge=1, description="tokens per completion; default: the task's longest answer + 1"
+    )
+
+    def data_signature(self) -> dict[str, Any]:
+        """A labels file by size and mtime, a JSONL task's file: a change reruns the stage."""
+        signed = task_file_signature(self.task)
+        if self.labels is not None:
+            path = Path(self.labels)
+            stat = path.stat() if path.is_file() else None
+            signed["labels"] = [str(path), stat.st_size, stat.st_mtime_ns] if stat else None
+        return signed
+
+    def check_inputs(self) -> None:
+        self.task.check_inputs()
+        if self.labels is not None:
+            label_rows(self.labels, "labels")
+
+    @model_validator(mode="after")
+    def _judge_has_what_it_needs(self) -> Config:
+        if self.judge == "reward_model" and self.reward_model is None:
+            raise ValueError("judge: reward_model needs reward_model: STAGE or {path: DIR}")
+        if self.judge == "labels" and self.labels is None:
+            raise ValueError("judge: labels needs labels: FILE (a JSONL of prompt/chosen/rejected)")
+        if self.judge != "reward_model" and self.reward_model is not None:
+            raise ValueError(
+                f"reward_model is only read by judge: reward_model (judge is {self.judge})"
+            )
+        if self.judge != "labels" and self.labels is not None:
+            raise ValueError(f"labels is only read by judge: labels (judge is {self.judge})")
+        return self
+
+
+class PreferencesMeta(BaseModel):
+    """What a preferences export holds and where its pairs came from."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    judge: Judge
+    model: str | None  # the policy sampled (a stage or a directory); None for user labels
+    reward_model: str | None = None
+    task: str | None = None
+    round: int = 1
+    prompts: int
+    pairs: int
+    ties: int  # prompts whose completions all scored the same (no pair)
+    samples: int | None = None
+    temperature: float | None = None
+
+    def write(self, export_dir: Path) -> None:
+        atomic_write_json(export_dir / META_FILE, self.model_dump(mode="json"))
+
+    @classmethod
+    def read(cls, export_dir: Path) -> PreferencesMeta:
+        path = export_dir / META_FILE
+        try:
+            return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise PipelineError(
+                f"{path}: unreadable ({str(exc).splitlines()[0]}); rerun the preferences stage"
+            ) from None
+
+
+def read_pairs(export_dir: Path) -> list[dict[str, Any]]:
+    """The pairs of a preferences export (prompt, chosen, rejected, scores, provenance)."""
+    PreferencesMeta.read(export_dir)  # a one-line error when the export is not one
+    text = (export_dir / PAIRS_FILE).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def message_text(value: Any) -> str:
+    """A response as text: a string, or a list of chat messages (their contents joined)."""
+    if isinstance(value, str):
+        return value
+    return "".join(str(m.get("content", "")) for m in value)
+
+
+def label_rows(path: str, where: str) -> list[dict[str, Any]]:
+    """The user's labelled pairs; a bad row is a one-line error naming its line."""
+    from data_prep.sources import jsonl_records
+
+    file = Path(path)
+    if not file.is_file():
+        raise PipelineError(
+            f"{where}: {path}: no such file; give a JSONL of prompt/chosen/rejected rows"
+        )
+    rows = []
+    for number, row in jsonl_records(file):
+        for key in ("chosen", "rejected"):
+            value = row.get(key) if isinstance(row, dict) else None
+            if not (isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(m, dict) for m in value)
+            )):  # fmt: skip
+                got = "nothing" if value is None else type(value).__name__
+                raise PipelineError(
+                    f"{where}: {path} line {number}: `{key}` must be text or a list of "
+                    f"messages, got {got}; fix the file"
+                )
+        rows.append({k: message_text(row.get(k, "")) for k in ("prompt", "chosen", "rejected")})
+    if not rows:
+        raise PipelineError(f"{where}: {path} has no rows; add labelled pairs")
+    return rows
+
+
+def best_and_worst(
+    completions: list[str], scores: list[tuple[float, ...]]
+) -> tuple[int, int] | None:
+    """Indices of the best and the worst completion by score (the first of equals), or None
+    when every completion scores the same (a tie gives no preference)."""
+    best = max(range(len(scores)), key=lambda i: scores[i])
+    worst = min(range(len(scores)), key=lambda i: scores[i])
+    if scores[best] == scores[worst]:
+        return None
+    return best, worst
+
+
+def reward_scores(
+    model: Any, tokenizer: Any, texts: list[str], batch_size: int = 32
+) -> list[float]:
+    """A reward model's scalar for each text (with the tokenizer's EOS appended, as trained)."""
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[float] = []
+    for start in range(0, len(texts), batch_size):
+        encoded = [
+            tokenizer.encode(t + tokenizer.eos_token, add_special_tokens=False)
+            for t in texts[start : start + batch_size]
+        ]
+        width = max(map(len, encoded))
+        ids = torch.tensor([e + [pad] * (width - len(e)) for e in encoded], device=model.device)
+        mask = (torch.arange(width) < torch.tensor([[len(e)] for e in encoded])).long()
+        with torch.inference_mode():
+            logits = model(ids, attention_mask=mask.to(model.device)).logits[:, 0]
+        out += [float(x) for x in logits]
+    return out
+
+
+def run(ctx: StageContext) -> None:
+    """Sample, judge and pair (or check and copy the user's labels); write pairs + record."""
+    cfg: Config = ctx.config  # type: ignore[assignment]
+    where = f"stages.{ctx.name}"
+    out = ctx.export_dir
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.judge == "labels":
+        assert cfg.labels is not None
+        pairs = [{**r, "judge": "labels", "model": None} for r in label_rows(cfg.labels, where)]
+        meta = PreferencesMeta(
+            judge="labels", model=None, prompts=len(pairs), pairs=len(pairs), ties=0
+        )
+    else:
+        pairs, meta = sampled_pairs(ctx, cfg)
+    atomic_write_text(out / PAIRS_FILE, "".join(json.dumps(p) + "\n" for p in pairs))
+    meta.write(out)
+    ctx.log.info(
+        "%d pairs from %d prompts (%d ties) judged by %s", meta.pairs, meta.prompts, meta.ties,
+        cfg.judge,
+    )  # fmt: skip
+    if not pairs:
+        raise PipelineError(
+            f"{where}: every prompt's {cfg.samples} completions scored the same, no pair; raise "
+            f"samples or temperature"
+        )
+    ctx.write_summary(
+        {"pairs": meta.pairs, "prompts": meta.prompts, "ties": meta.ties}, headline="pairs"
+    )
+
+
+def sampled_pairs(ctx: StageContext, cfg: Config) -> tuple[list[dict[str, Any]], PreferencesMeta]:
+    """Pairs from `samples` completions per prompt of the model, judged by the task or a
+    reward model."""
+    import torch
+
+    from data_prep.tasks import score, task_problems
+    from eval.families import load_model
+    from eval.tasks import answer_tokens, generate
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    source = ctx.input("model")
+    model, tokenizer = load_model(source.path, device)
+    skip = (cfg.round - 1) * cfg.num_prompts
+    problems = task_problems(cfg.task, "train", skip + cfg.num_prompts, ctx.seed)[skip:]
+    tokens = cfg.max_completion_length or answer_tokens(problems)
+    torch.manual_seed(ctx.seed + cfg.round)
+    drawn = generate(model, tokenizer, [p["prompt"] for p in problems], tokens, batch_size=32,
+                     samples=cfg.samples, temperature=cfg.temperature)  # fmt: skip
+    del model
+    judge_label = None
+    if cfg.judge == "task":
+        scores = [
+            [score(cfg.task, c, p["answer"], p) for c in completions]
+            for completions, p in zip(drawn, problems, strict=True)
+        ]
+    else:
+        from pipeline.stages.reward import load_reward_model
+
+        judge = ctx.input("reward_model")
+        judge_label = judge.label
+        rm = load_reward_model(judge.path, device)
+        from transformers import AutoTokenizer
+
+        rm_tokenizer = AutoTokenizer.from_pretrained(judge.path)
+        flat = [p["prompt"] + c for cs, p in zip(drawn, problems, strict=True) for c in cs]
+        values = reward_scores(rm, rm_tokenizer, flat)
+        k = cfg.samples
+        scores = [[(values[i * k + j],) for j in range(k)] for i in range(len(problems))]
+    pairs: list[dict[str, Any]] = []
+    for completions, p, s in zip(drawn, problems, scores, strict=True):
+        picked = best_and_worst(completions, s)
+        if picked is None:
+            continue
+        best, worst = picked
+        pairs.append({
+            "prompt": p["prompt"], "chosen": completions[best], "rejected": completions[worst],
+            "chosen_score": list(s[best]), "rejected_score": list(s[worst]),
+            "answer": p["answer"], "model": source.label, "judge": judge_label or cfg.judge,
+        })  # fmt: skip
+    meta = PreferencesMeta(
+        judge=cfg.judge, model=source.label, reward_model=judge_label, task=cfg.task.FAMILY,
+        round=cfg.round, prompts=len(problems), pairs=len(pairs), ties=len(problems) - len(pairs),
+        samples=cfg.samples, temperature=cfg.temperature,
+    )  # fmt: skip
+    return pairs, meta
+
+
+def plan_problems(view: PlanView) -> list[str]:
+    """Sampling needs a policy: a model stage upstream or `model:`."""
+    cfg: Config = view.config
+    if cfg.judge == "labels" or view.first("model") is not None:
+        return []
+    return [
+        f"stages.{view.name}.model: judge: {cfg.judge} samples a policy, and none is given or "
+        f"upstream; set model: STAGE or {{path: DIR}}, or add a model stage to `after`"
+    ]
+
+
+SPEC = StageSpec(
+    Config,
+    run,
+    output="preferences",
+    inputs=(
+        Input("model", ("lm",), field="model", location="model", required=False),
+        Input("reward_model", ("reward_model",), field="reward_model", location="model",
+              required=False, nearest=False),
+    ),
+    plan_check=plan_problems,
+)  # fmt: skip

@@ -1,0 +1,104 @@
+"""The preferences stage: pairing by a judge, the user's labels, reward-model scoring, and the
+plan's refusals (end-to-end rounds on a trained policy are in tests/test_posttrain_grpo.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.engine.errors import PipelineError
+from pipeline.stages.preferences import best_and_worst, label_rows, reward_scores
+from tests.helpers import run_in_process, write_recipe
+
+
+def test_the_best_is_paired_with_the_worst_and_ties_give_no_pair() -> None:
+    assert best_and_worst(["a", "b", "c"], [(0.0, 0.5), (1.0, 1.0), (0.0, 0.2)]) == (1, 2)
+    assert best_and_worst(["a", "b"], [(1.0, 1.0), (1.0, 1.0)]) is None
+    assert best_and_worst(["a", "b", "c"], [(1.0,), (0.0,), (1.0,)]) == (0, 1)  # first of equals
+
+
+def write_rows(path: Path, rows: list[Any]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_labels_take_text_or_messages(tmp_path: Path) -> None:
+    path = write_rows(tmp_path / "p.jsonl", [
+        {"prompt": "2+2=", "chosen": " 4", "rejected": " 5"},
+        {"prompt": [{"role": "user", "content": "hi"}],
+         "chosen": [{"role": "assistant", "content": "hello"}],
+         "rejected": [{"role": "assistant", "content": "go away"}]},
+        {"chosen": "yes", "rejected": "no"},
+    ])  # fmt: skip
+    assert label_rows(path, "stages.p") == [
+        {"prompt": "2+2=", "chosen": " 4", "rejected": " 5"},
+        {"prompt": "hi", "chosen": "hello", "rejected": "go away"},
+        {"prompt": "", "chosen": "yes", "rejected": "no"},
+    ]
+
+
+@pytest.mark.parametrize(
+    "bad, line",
+    [({"chosen": 4, "rejected": "5"}, 2), ({"prompt": "x", "chosen": "y"}, 2)],
+)
+def test_a_bad_label_row_is_one_line_naming_it(tmp_path: Path, bad: dict, line: int) -> None:
+    path = write_rows(tmp_path / "p.jsonl", [{"chosen": "a", "rejected": "b"}, bad])
+    with pytest.raises(PipelineError) as err:
+        label_rows(path, "stages.prefs")
+    message = str(err.value)
+    assert "\n" not in message and f"line {line}" in message and "stages.prefs" in message
+
+
+def test_batched_reward_scores_equal_scoring_one_text_at_a_time(gpt2_dir: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2, num_labels=1,
+                        pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+    model = GPT2ForSequenceClassification(config).eval()
+    texts = ["a", "a longer text here", "x = 1\n", "tokens merge"]
+    batched = reward_scores(model, tokenizer, texts, batch_size=3)
+    alone = [reward_scores(model, tokenizer, [t])[0] for t in texts]
+    assert batched == pytest.approx(alone, abs=1e-5)
+    assert len(set(batched)) == len(texts)
+
+
+def recipe(tmp_path: Path, stage: dict[str, Any]) -> Path:
+    return write_recipe(tmp_path / "r.yaml", {
+        "name": "prefs", "run_dir": str(tmp_path / "run"), "tracking": {"mode": "disabled"},
+        "stages": {"prefs": {"kind": "preferences", **stage}},
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "stage, names",
+    [
+        ({"judge": "task"}, "stages.prefs.model"),
+        ({"judge": "reward_model", "model": {"path": "/nonexistent"}}, "stages.prefs"),
+        ({"judge": "labels", "labels": "/nonexistent/pairs.jsonl"}, "/nonexistent/pairs.jsonl"),
+        ({"judge": "task", "labels": "x.jsonl", "model": {"path": "/x"}}, "stages.prefs"),
+        ({"judge": "reward_model", "reward_model": "prefs"}, "stages.prefs"),
+    ],
+)
+def test_dry_run_refuses_in_one_line(
+    stage: dict[str, Any], names: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = run_in_process(["run", "--dry-run", str(recipe(tmp_path, stage))], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, f"exit {code}:\n{err}"
+    assert lines[0].startswith("error: ") and names in lines[0], lines[0]
+
+
+def test_labels_are_checked_line_by_line_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_rows(tmp_path / "p.jsonl", [{"chosen": "a", "rejected": "b"}, {"chosen": "a"}])
+    code, err = run_in_process(
+        ["run", "--dry-run", str(recipe(tmp_path, {"judge": "labels", "labels": path}))], capsys
+    )
+    assert code == 2 and "line 2" in err and len(err.strip().splitlines()) == 1, err
