@@ -237,6 +237,10 @@ def tracker_callback(tracker: Tracker, periodic: PeriodicEval | None = None) -> 
         def __init__(self) -> None:
             self.last: dict[str, float] = {}
 
+        def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+            """Other callbacks' metrics (the rlhf guard's) to the same tracker."""
+            tracker.log(metrics, step=step)
+
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
             numeric = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, int | float)}
             if state.is_world_process_zero and numeric:
@@ -275,6 +279,25 @@ class PeriodicEval:
         return {k: v for k, v in scored.items() if k.startswith("task_accuracy")}
 
 
+def shard_on_cpu(trainer: Trainer) -> None:
+    """Make `engine: fsdp` shard a TRL trainer's model on CPUs too, as `build_accelerator` does for
+    our loops: Accelerate selects FSDP only for GPU process groups and would run DDP instead."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin_args = trainer.args.fsdp_plugin_args
+    if torch.cuda.is_available() or not plugin_args or trainer.accelerator.num_processes < 2:
+        return
+    plugin = FullyShardedDataParallelPlugin(**plugin_args)
+    if trainer.accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(trainer.accelerator.mixed_precision)
+    PartialState().distributed_type = DistributedType.FSDP
+    trainer.accelerator.state.distributed_type = DistributedType.FSDP
+    trainer.accelerator.state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
+
+
 def train_and_export(
     ctx: StageContext,
     trainer: Trainer,
@@ -303,6 +326,8 @@ def train_and_export(
     if from_user_model(ctx.recipe, source):  # a user's model keeps its tokenizer files as they were
         template = exported_template(source, tokenizer, ctx.config.chat_template)  # type: ignore[attr-defined]
         keep = partial(keep_tokenizer_files, source.path, chat_template=template)
+    if trainer.is_fsdp_enabled:  # checkpoints stay sharded; the export gathers whole weights
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     config = ctx.config.model_dump(mode="json")
     export_trainer(trainer, tokenizer, ctx.export_dir, config, keep_tokenizer=keep)
 
@@ -326,9 +351,15 @@ def fit(
     with ctx.tracker() as tracker:
         callback = tracker_callback(tracker, periodic)
         trainer = build(callback)
+        shard_on_cpu(trainer)
         train_and_export(ctx, trainer, tokenizer, resume)
         summary: dict[str, Any] = last_metrics(callback, keys)
         if evaluate is not None and ctx.is_main:
+            from transformers.integrations import unset_hf_deepspeed_config
+
+            # Training is over: rank 0 loads the export whole (under ZeRO-3 transformers would
+            # otherwise partition it over ranks that do not take part, and wait for them).
+            unset_hf_deepspeed_config()
             summary |= evaluate()
         tracker.summary(summary)
     ctx.write_summary(summary, headline=headline)

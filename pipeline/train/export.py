@@ -87,7 +87,8 @@ def export_trainer(
     directory, written into a temporary one and renamed into place like `export_model`.
 
     A peft model is saved twice: its adapter under `adapter/` and the merged model at the root,
-    so both `PeftModel.from_pretrained` and `AutoModelForCausalLM` read the export.
+    so both `PeftModel.from_pretrained` and `AutoModelForCausalLM` read the export; the merged
+    one is made from the saved adapter as a user would (`_merged_from_base`).
     `keep_tokenizer(dir)` replaces the saved tokenizer files there (a user's model keeps its
     own), in the adapter's folder too.
     """
@@ -106,7 +107,9 @@ def export_trainer(
         trainer.save_model(str(tmp / ADAPTER_DIR if peft else tmp))
         if main:
             if peft:
-                merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+                unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+                with _whole_model_loading(trainer.accelerator):
+                    merged = _merged_from_base(unwrapped, tmp / ADAPTER_DIR)
                 merged.save_pretrained(str(tmp), safe_serialization=True)
                 (tmp / ADAPTER_DIR / "training_args.bin").unlink(missing_ok=True)
             tokenizer.save_pretrained(str(tmp))
@@ -123,6 +126,22 @@ def export_trainer(
         shutil.rmtree(export_dir, ignore_errors=True)
         tmp.rename(export_dir)
     trainer.accelerator.wait_for_everyone()
+
+
+def _merged_from_base(model: Any, adapter_dir: Path) -> Any:
+    """The base of the peft `model` loaded again from its directory (fp32, with the trained
+    model's config) and the adapter saved in `adapter_dir` merged into it. The trained model is
+    left alone: under FSDP2 and ZeRO-3 each rank holds only shards of it, which no merge can use."""
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    adapter = model.peft_config[model.active_adapter]
+    auto = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification"}
+    base = getattr(transformers, auto[adapter.task_type]).from_pretrained(
+        adapter.base_model_name_or_path, config=model.get_base_model().config, dtype=torch.float32
+    )
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
 def _is_peft(model: Any) -> bool:
