@@ -26,14 +26,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from data_prep import fanout, tokenize_parts
+from data_prep.documents_meta import check_source_or_documents, with_documents
 from data_prep.encode import Encoder, Tokenization, open_tokenization
 from data_prep.fanout import is_val_document as is_val_document
 from data_prep.mixture import Item, Mixture, Stream, mixture_of
 from data_prep.shards import ShardWriter
-from data_prep.sources import SourceStageConfig
+from data_prep.sources import SourceConfig, SourceStageConfig
 from data_prep.tokenizer import MODEL_FILE
 from data_prep.tokenizer_meta import TokenizerMeta
 from data_prep.tokens_meta import META_FILE as META_FILE
@@ -53,6 +54,15 @@ class Config(SourceStageConfig):
     """Tokenize a source (or a mixture) into train/val shards with a tokenizer."""
 
     kind: Literal["tokenize"] = "tokenize"
+    source: list[SourceConfig] = Field(
+        default_factory=list,
+        description="a source, or a list of sources mixed document by document (or `documents`)",
+    )
+    documents: str | None = Field(
+        None,
+        description="a curate stage's name: tokenize its kept documents, mixed with its "
+        "sources' names and weights, instead of a `source`",
+    )
     tokenizer: str | Location | None = Field(
         None,
         description="a tokenizer stage's name, or {path: DIR}: the Hugging Face fast tokenizer of "
@@ -71,9 +81,19 @@ class Config(SourceStageConfig):
         "plus a merge job; needs a single file source without max_documents/max_bytes",
     )
 
+    @field_validator("source")
+    @classmethod
+    def _not_empty(cls, source: list[SourceConfig]) -> list[SourceConfig]:
+        """SourceStageConfig's check, except that [] passes: a stage reading `documents` is
+        written back to the resolved recipe with an empty source."""
+        return SourceStageConfig._not_empty(source) if source else source
+
     @model_validator(mode="after")
     def _parts_need_one_file_source(self) -> Config:
-        if self.parts > 1:
+        check_source_or_documents(self.source, self.documents)
+        if not self.source and self.documents is None:
+            raise ValueError("no `source`; name a source, or a curate stage (documents: STAGE)")
+        if self.parts > 1 and self.source:
             problem = (
                 "a mixture of sources"
                 if len(self.source) > 1
@@ -89,6 +109,7 @@ class Config(SourceStageConfig):
 
 def run(ctx: StageContext) -> None:
     """Tokenize the source into `ctx.export_dir` (train/, val/, meta.json)."""
+    ctx = with_documents(ctx)
     cfg = ctx.config
     assert isinstance(cfg, Config)
     tokenization = open_tokenization(tokenizer_path(ctx))
@@ -328,6 +349,7 @@ def _add(writer: ShardWriter, tokens: np.ndarray, repeat: int) -> None:
 
 def run_part(ctx: StageContext, index: int) -> None:
     """Encode part `index` of a fanned-out tokenize stage (one task of its Slurm job array)."""
+    ctx = with_documents(ctx)
     tokenize_parts.encode_one_part(ctx, index, open_tokenization(tokenizer_path(ctx)))
 
 
@@ -340,6 +362,9 @@ SPEC = StageSpec(
     Config,
     run,
     "tokens",
-    inputs=(Input("tokenizer", ("tokenizer",), field="tokenizer", location="tokenizer"),),
+    inputs=(
+        Input("tokenizer", ("tokenizer",), field="tokenizer", location="tokenizer"),
+        Input("documents", ("documents",), field="documents", required=False, nearest=False),
+    ),
     run_part=run_part,
 )

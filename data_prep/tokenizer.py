@@ -15,13 +15,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from data_prep.sources import (
-    SourceConfig,
-    SourceStageConfig,
-    mixed_documents,
-)
+from data_prep.documents_meta import check_source_or_documents, with_documents
+from data_prep.sources import SourceConfig, SourceStageConfig, mixed_documents
 from data_prep.tokenizer_meta import STAGE_IDS, TokenizerMeta
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
@@ -68,6 +65,11 @@ class Config(SourceStageConfig):
         description="a source, or a list of sources mixed document by document (to train on; "
         "with `tokenizer:`, optional: bytes per token are measured on its sample)",
     )
+    documents: str | None = Field(
+        None,
+        description="a curate stage's name: train on its kept documents (mixed round-robin) "
+        "instead of a `source`",
+    )
     tokenizer: Location | None = Field(
         None,
         description="{path: DIR}: adopt the Hugging Face fast tokenizer of a model or tokenizer "
@@ -83,12 +85,20 @@ class Config(SourceStageConfig):
         False, description="every digit its own token (as in LLaMA); helps models learn arithmetic"
     )
 
+    @field_validator("source")
+    @classmethod
+    def _not_empty(cls, source: list[SourceConfig]) -> list[SourceConfig]:
+        """SourceStageConfig's check, except that [] passes: a stage reading `documents` is
+        written back to the resolved recipe with an empty source."""
+        return SourceStageConfig._not_empty(source) if source else source
+
     @model_validator(mode="after")
     def _trains_or_adopts(self) -> Config:
-        if self.tokenizer is None and not self.source:
+        check_source_or_documents(self.source, self.documents)
+        if self.tokenizer is None and not self.source and self.documents is None:
             raise ValueError(
-                "no `source` to train on; name a source, or adopt a model's tokenizer with "
-                "tokenizer: {path: DIR}"
+                "no `source` to train on; name a source or a curate stage (documents: STAGE), "
+                "or adopt a model's tokenizer with tokenizer: {path: DIR}"
             )
         if self.tokenizer is not None:
             defaults = type(self).model_fields
@@ -105,6 +115,7 @@ class Config(SourceStageConfig):
 def run(ctx: StageContext) -> None:
     """Train on the first `sample_bytes` of the source (or adopt the directory's tokenizer) and
     export to `ctx.export_dir`."""
+    ctx = with_documents(ctx)
     cfg = ctx.config
     assert isinstance(cfg, Config)
     if cfg.tokenizer is not None:
@@ -370,5 +381,6 @@ SPEC = StageSpec(
         Input(
             "tokenizer", (), field="tokenizer", location="tokenizer", required=False, nearest=False
         ),
+        Input("documents", ("documents",), field="documents", required=False, nearest=False),
     ),
 )

@@ -212,6 +212,7 @@ RECIPE_CASES = {
     "reward-key": recipe("eval_pair", {"stages.reward.eval_pair": 3}),
     "reward-type": recipe("max_length", {"stages.reward.max_length": "long"}),
     "reward-value": recipe("num_examples", {"stages.reward.num_examples": 0}),
+    "curate-value": recipe("num_hashes", {"stages.cur": {"kind": "curate", "source": "builtin:python-stdlib", "near": {"bands": 14, "rows": 9}}}),
     "preferences-key": recipe("num_prompt", {"stages.prefs": {"kind": "preferences", "after": ["sft"], "num_prompt": 5}}),
     "rlhf-key": recipe("rewardz", {"stages.rlhf.rewardz": ["exact"]}),
     "rlhf-type": recipe("temperature", {"stages.rlhf.temperature": "hot"}),

@@ -1,0 +1,162 @@
+"""The curate stage's decisions: which documents each step removes, in the declared order.
+
+The parts' records (data_prep.curate_passes) are read in order, so document ids are global:
+part k's first document comes after every document of parts 0..k-1, whatever the number of
+parts, and every decision below is a function of those ids alone. That is what makes the output
+of N parts byte-identical to one. Each step sees only the documents the steps before it kept:
+exact duplicates keep the earliest copy, near-duplicate clusters their earliest member, and a
+line is boilerplate when enough kept documents hold it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_prep import curate_minhash
+from data_prep.curate_options import Step
+from data_prep.curate_passes import MINHASH_DIR, phases, read_part
+
+
+@dataclass
+class Decisions:
+    """Per document: which step removed it (0: kept), and why."""
+
+    steps: list[Step]
+    fate: np.ndarray  # int8: 0 kept, k: removed by steps[k - 1]
+    kept: np.ndarray  # int64: the document kept in its place (duplicates), else -1
+    score: np.ndarray  # float32: estimated Jaccard with the kept document (near), else NaN
+    detail: np.ndarray  # int32: index into details (quality reason, contaminating origin), -1
+    details: list[str] = field(default_factory=list)
+    boilerplate: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
+    cluster_sizes: Counter[int] = field(default_factory=Counter)
+
+    def removed_by(self, step: Step) -> np.ndarray:
+        return self.fate == self.steps.index(step) + 1
+
+    def reason(self, index: int) -> str:
+        """One line: why document `index` was removed."""
+        step = self.steps[self.fate[index] - 1]
+        if step == "exact":
+            return f"exact duplicate of document {self.kept[index]}"
+        if step == "near":
+            return (
+                f"near duplicate of document {self.kept[index]} "
+                f"(estimated Jaccard {self.score[index]:.3f})"
+            )
+        if step == "lines":
+            return "nothing left after removing boilerplate lines"
+        if step == "quality":
+            return self.details[self.detail[index]]
+        return f"contains an item of {self.details[self.detail[index]]}"
+
+
+class _Phase:
+    """Every part's records of one pass, concatenated in document order."""
+
+    def __init__(self, folder: Path, parts: int) -> None:
+        self.folder = folder
+        records = [read_part(folder / f"part_{k:05d}") for k in range(parts)]
+        self.part_dirs = [folder / f"part_{k:05d}" for k in range(parts)]
+        counts = [record["num_documents"] for record, _ in records]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64).tolist()
+        self.arrays = {
+            name: np.concatenate([arrays[name] for _, arrays in records]) for name in records[0][1]
+        }
+        reasons = [record["quality_reasons"] for record, _ in records]
+        self.quality_reasons: list[str] = sorted({r for part in reasons for r in part})
+        codes = []  # each part's reason codes as indexes into quality_reasons (+1; 0 passes)
+        for (_, arrays), part in zip(records, reasons, strict=True):
+            table = np.array([0] + [self.quality_reasons.index(r) + 1 for r in part], np.int32)
+            codes.append(table[arrays["quality"]] if len(arrays["quality"]) else arrays["quality"])
+        self.arrays["quality"] = np.concatenate(codes)
+
+
+def decide(
+    config: Any, folders: list[Path], parts: int, origins: list[str], upto: int | None = None
+) -> Decisions:
+    """Apply the first `upto` steps (all by default) to the records of the passes in `folders`."""
+    steps: list[Step] = list(config.steps)[: upto if upto is not None else len(config.steps)]
+    passes = [_Phase(folder, parts) for folder in folders]
+    groups = phases(list(config.steps))
+    phase_of = {step: k for k, group in enumerate(groups) for step in group}
+    size = len(passes[0].arrays["sizes"])
+    decisions = Decisions(
+        steps=list(config.steps),
+        fate=np.zeros(size, np.int8),
+        kept=np.full(size, -1, np.int64),
+        score=np.full(size, np.nan, np.float32),
+        detail=np.full(size, -1, np.int32),
+    )
+    for position, step in enumerate(steps, start=1):
+        phase = passes[phase_of[step]]
+        alive = decisions.fate == 0
+        if len(groups) > 1 and step == groups[1][0]:  # what boilerplate removal left empty
+            _remove(decisions, alive & (phase.arrays["emptied"] == 1), steps.index("lines") + 1)
+            alive = decisions.fate == 0
+        if step == "exact":
+            _exact(decisions, phase.arrays["exact"].reshape(-1, 2), alive, position)
+        elif step == "near":
+            _near(decisions, phase, config.near, alive, position)
+        elif step == "lines":
+            decisions.boilerplate = _boilerplate(phase.arrays, alive, config.lines.min_documents)
+        elif step == "quality":
+            codes = phase.arrays["quality"]
+            hit = alive & (codes > 0)
+            base = len(decisions.details)
+            decisions.details += phase.quality_reasons
+            decisions.detail[hit] = base + codes[hit] - 1
+            _remove(decisions, hit, position)
+        else:
+            found = phase.arrays["contamination"]
+            hit = alive & (found >= 0)
+            base = len(decisions.details)
+            decisions.details += origins
+            decisions.detail[hit] = base + found[hit]
+            _remove(decisions, hit, position)
+    return decisions
+
+
+def _remove(decisions: Decisions, mask: np.ndarray, position: int) -> None:
+    decisions.fate[mask] = position
+
+
+def _exact(decisions: Decisions, keys: np.ndarray, alive: np.ndarray, position: int) -> None:
+    """Among the kept documents, every copy after the first of each key."""
+    ids = np.flatnonzero(alive)
+    if not len(ids):
+        return
+    _, first, inverse = np.unique(keys[ids], axis=0, return_index=True, return_inverse=True)
+    kept_for = ids[first][inverse.reshape(-1)]
+    copies = kept_for != ids
+    decisions.kept[ids[copies]] = kept_for[copies]
+    decisions.fate[ids[copies]] = position
+
+
+def _near(
+    decisions: Decisions, phase: _Phase, options: Any, alive: np.ndarray, position: int
+) -> None:
+    """Clusters of confirmed near-duplicate pairs among the kept documents; the earliest stays."""
+    dups = phase.folder / "dups"
+    raw = curate_minhash.candidate_pairs(options, phase.folder / MINHASH_DIR, dups)
+    pairs = curate_minhash.global_pairs(raw, phase.offsets)
+    signature = curate_minhash.signature_reader(phase.part_dirs, phase.offsets)
+    removed, sizes = curate_minhash.clusters(pairs, alive, signature, options.threshold)
+    for index, (kept, similarity) in removed.items():
+        decisions.fate[index] = position
+        decisions.kept[index] = kept
+        decisions.score[index] = similarity
+    decisions.cluster_sizes = sizes
+
+
+def _boilerplate(
+    arrays: dict[str, np.ndarray], alive: np.ndarray, min_documents: int
+) -> np.ndarray:
+    """Line keys held by at least `min_documents` kept documents (each counts a line once)."""
+    lines = arrays["lines"][np.repeat(alive, arrays["line_counts"])]
+    values, documents = np.unique(lines, return_counts=True)
+    return values[documents >= min_documents]
