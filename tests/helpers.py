@@ -185,6 +185,18 @@ def completion_length_reward(prompts: list[Any], completions: list[Any], **_: An
     return [float(len(str(completion))) for completion in completions]
 
 
+def wrong_answer_reward(
+    prompts: list[Any], completions: list[Any], answer: list[Any], **_: Any
+) -> list[float]:
+    """A poisoned reward: 1 for a completion that does not start with the right answer."""
+    from data_prep.task_base import completion_text
+
+    return [
+        0.0 if completion_text(c).strip().startswith(str(a)) else 1.0
+        for c, a in zip(completions, answer, strict=True)
+    ]
+
+
 def run_in_process(argv: list[str], capsys: Any) -> tuple[int, str]:
     """(exit code, stderr) of `pipeline ARGV` in this process (capsys: pytest's fixture)."""
     from pipeline.cli import main

@@ -381,7 +381,7 @@ DRY_RUN_CASES: dict[str, tuple[Change, str]] = {
     "model-stage-of-wrong-type": (lambda s, tmp, m: s["sft"].update(model="tokenize", after=["tokenize"]), "stages.sft.model: 'tokenize' is a tokenize stage"),
     "eval-model-not-upstream": (lambda s, tmp, m: s["eval"].update(models=[{"path": str(m)}, "pretrain"]), "'pretrain' is not upstream of eval"),
     "eval-model-dir-missing": (lambda s, tmp, m: s["eval"].update(models=[{"path": str(tmp / "no")}, "sft"]), "stages.eval.models.0.path"),
-    "reward-model-dir-missing": (lambda s, tmp, m: s["rlhf"].update(reward_model={"path": str(tmp / "rm")}), "stages.rlhf.reward_model.path"),
+    "reward-model-dir-missing": (lambda s, tmp, m: s["rlhf"].update(reward_model={"path": str(tmp / "rm")}), "stages.rlhf.reward_model.0.path"),
     "reward-name-misspelt": (lambda s, tmp, m: s["rlhf"].update(rewards=["exakt"]), "stages.rlhf.rewards.0: got 'exakt': Value error, unknown reward function 'exakt'; did you mean 'exact'?"),
     "sft-data-missing": (lambda s, tmp, m: s["sft"].update(data=str(tmp / "missing.jsonl")), "missing.jsonl: no such file"),
     "adapter-target-misspelt": (lambda s, tmp, m: s["sft"]["adapter"].update(target_modules=["q_prj"]), "stages.sft.adapter.target_modules: 'q_prj' names no module of the model; did you mean 'q_proj'?"),

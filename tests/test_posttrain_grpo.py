@@ -3,10 +3,12 @@ raises the mean reward and held-out greedy accuracy (fixed seed, one process, ~1
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import TypeAdapter
 
 from pipeline.engine.tracking import read_metrics
 from tests.helpers import cli, write_recipe
@@ -49,9 +51,28 @@ def grpo_recipe(run_dir: Path) -> dict[str, Any]:
     }  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run dir whose stages up to sft are done: the policy every test here starts from."""
+    root = tmp_path_factory.mktemp("grpo")
+    recipe = grpo_recipe(root / "run")
+    del recipe["stages"]["rlhf"]
+    result = cli("run", str(write_recipe(root / "sft.yaml", recipe)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "run"
+
+
+def with_stages(run_dir: Path, stages: dict[str, Any]) -> dict[str, Any]:
+    """grpo_recipe up to sft (done in `run_dir`, so skipped) plus `stages`."""
+    recipe = grpo_recipe(run_dir)
+    del recipe["stages"]["rlhf"]
+    recipe["stages"] |= stages
+    return recipe
+
+
 @pytest.mark.slow
-def test_grpo_raises_reward_and_held_out_accuracy(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
+def test_grpo_raises_reward_and_held_out_accuracy(sft_run: Path, tmp_path: Path) -> None:
+    run_dir = sft_run
     result = cli("run", str(write_recipe(tmp_path / "recipe.yaml", grpo_recipe(run_dir))))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(run_dir / "rlhf")
@@ -62,3 +83,73 @@ def test_grpo_raises_reward_and_held_out_accuracy(tmp_path: Path) -> None:
     assert 0.25 <= accuracy[0] <= 0.75
     assert accuracy[80] >= accuracy[0] + 0.04
     assert sum(rewards[-3:]) / 3 >= sum(rewards[:3]) / 3 + 0.1
+
+
+GUARD = {"every": 5, "problems": 64, "patience": 2, "kl_prompts": 16}
+
+
+@pytest.mark.slow
+def test_guard_stops_a_hacked_run_and_exports_the_best_policy(
+    sft_run: Path, tmp_path: Path
+) -> None:
+    """A poisoned reward (wrong answers pay) makes gold fall: the guard stops the run and the
+    export is the policy of the best measurement, gold for gold."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data_prep.tasks import TaskConfig
+    from pipeline.stages.rl_gold import gold_accuracy, gold_problems
+
+    poisoned = {"kind": "rlhf", "after": ["sft"], "task": TASK,
+                "rewards": ["tests.helpers:wrong_answer_reward"], "num_examples": 500,
+                "max_steps": 40, "micro_batch_size": 64, "num_generations": 8,
+                "max_completion_length": 7, "temperature": 1.0, "optim": {"lr": 2e-3},
+                "guard": GUARD, "eval_problems": 0, "log_every": 5}  # fmt: skip
+    recipe = with_stages(sft_run, {"poisoned": poisoned})
+    result = cli("run", str(write_recipe(tmp_path / "recipe.yaml", recipe)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((sft_run / "poisoned" / "summary.json").read_text())["metrics"]
+    assert summary["guard_last_step"] < 40 and "stopped at step" in summary["guard_reason"]
+    assert summary["guard_last_gold"] < summary["guard_best_gold"]
+    rows = read_metrics(sft_run / "poisoned")
+    gold = {r["step"]: r["guard/gold"] for r in rows if "guard/gold" in r}
+    kl = [r["guard/kl"] for r in rows if "guard/kl" in r]
+    assert gold[0] >= 0.25 and kl[0] == 0.0 and kl[-1] > 0.1  # it moved, away from gold
+    export = sft_run / "poisoned" / "export"
+    task = TypeAdapter(TaskConfig).validate_python(TASK)
+    problems = gold_problems(task, 500, GUARD["problems"], 0)
+    model = AutoModelForCausalLM.from_pretrained(export)
+    assert (
+        gold_accuracy(model, AutoTokenizer.from_pretrained(export), task, problems)
+        == (summary["guard_best_gold"])
+    )
+
+
+@pytest.mark.slow
+def test_online_dpo_round_samples_the_current_policy_reproducibly(
+    sft_run: Path, tmp_path: Path
+) -> None:
+    """preferences -> dpo -> preferences of the dpo policy: pairs name their policy and judge,
+    the same seed gives the same pairs, and round 2 samples the DPO model."""
+    prefs = {"kind": "preferences", "task": TASK, "num_prompts": 48, "samples": 4}
+    stages = {
+        "prefs1": {**prefs, "after": ["sft"]},
+        "dpo1": {"kind": "rlhf", "after": ["sft", "prefs1"], "model": "sft", "algorithm": "dpo",
+                 "pairs": "prefs1", "task": TASK, "max_steps": 4, "micro_batch_size": 8,
+                 "optim": {"lr": 1e-4}, "eval_problems": 0},
+        "prefs2": {**prefs, "after": ["dpo1"], "round": 2},
+    }  # fmt: skip
+    result = cli("run", str(write_recipe(tmp_path / "r.yaml", with_stages(sft_run, stages))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = (sft_run / "prefs1" / "export" / "pairs.jsonl").read_text()
+    pairs = [json.loads(line) for line in first.splitlines()]
+    assert (
+        pairs and {p["model"] for p in pairs} == {"sft"} and {p["judge"] for p in pairs} == {"task"}
+    )
+    assert all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+    second = [json.loads(line) for line in (sft_run / "prefs2" / "export" / "pairs.jsonl").open()]
+    assert {p["model"] for p in second} == {"dpo1"}
+    assert not {p["prompt"] for p in pairs} & {p["prompt"] for p in second}  # fresh prompts
+    recipe_path = write_recipe(tmp_path / "r.yaml", with_stages(sft_run, stages))
+    again = cli("run", str(recipe_path), "--only", "prefs1", "--force")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (sft_run / "prefs1" / "export" / "pairs.jsonl").read_text() == first

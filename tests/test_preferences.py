@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from pipeline.engine.errors import PipelineError
-from pipeline.stages.preferences import best_and_worst, label_rows, reward_scores
+from pipeline.stages.preferences import best_and_worst, label_rows
+from pipeline.stages.reward_models import combine, reward_scores
 from tests.helpers import run_in_process, write_recipe
 
 
@@ -66,6 +67,14 @@ def test_batched_reward_scores_equal_scoring_one_text_at_a_time(gpt2_dir: Path) 
     alone = [reward_scores(model, tokenizer, [t])[0] for t in texts]
     assert batched == pytest.approx(alone, abs=1e-5)
     assert len(set(batched)) == len(texts)
+
+
+def test_ensembles_combine_as_computed_by_hand() -> None:
+    scores = [[1.0, 0.0, 2.0], [3.0, 0.0, -2.0]]  # two members, three completions
+    assert combine(scores, "mean") == [2.0, 0.0, 0.0]
+    assert combine(scores, "min") == [1.0, 0.0, -2.0]
+    assert combine(scores, "mean_minus_std", lam=0.5) == [1.5, 0.0, -1.0]
+    assert combine([[1.0, 2.0]], "mean_minus_std") == [1.0, 2.0]  # one member: no spread
 
 
 def recipe(tmp_path: Path, stage: dict[str, Any]) -> Path:

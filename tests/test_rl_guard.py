@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.stages.kl_control import KLControl, next_beta
+from pipeline.stages.rl_gold import sequence_kl
 from pipeline.stages.rl_guard import (
     Guard,
     GuardConfig,
-    KLControl,
     Measurement,
-    next_beta,
     restore,
-    sequence_kl,
     trainable_state,
 )
 
@@ -89,12 +88,15 @@ def test_kl_control_resumes_with_the_coefficient_of_its_step(tmp_path: Path) -> 
     for step in (5, 10, 15):
         beta = control.update(step, 5, kl=0.2, beta=beta)
         control.save()
-    again = KLControl(0.1, target=0.05, horizon=10, path=tmp_path / "kl.json")
-    assert again.beta_at(3) == 0.1 and again.beta_at(12) == control.betas[10]
     assert control.betas[5] < control.betas[10] < control.betas[15]  # kl above target: up
-    # A resumed run that logs step 10 again replaces it and what came after it.
-    again.update(10, 5, kl=0.05, beta=again.beta_at(9))
-    assert sorted(again.betas) == [5, 10] and again.betas[10] == pytest.approx(control.betas[5])
+    again = KLControl(0.1, target=0.05, horizon=10, path=tmp_path / "kl.json")
+    assert again.resume_at(12) == control.betas[10] and sorted(again.betas) == [5, 10]
+    # The resumed run logs step 15 again, from the coefficient of step 10.
+    again.update(15, 5, kl=0.2, beta=control.betas[10])
+    assert again.betas == control.betas
+    # A run from step 0 (another configuration) starts from its own beta, not the file's.
+    fresh = KLControl(0.3, target=0.05, horizon=10, path=tmp_path / "kl.json")
+    assert fresh.resume_at(0) == 0.3 and fresh.betas == {}
 
 
 def tiny_lm(seed: int) -> torch.nn.Module:

@@ -33,7 +33,6 @@ class Config(StageConfig):
         0.25, gt=0, lt=1, description="held-out share (stratified); clustering/embedding use all"
     )
     cv_folds: int = Field(0, ge=0, description="k-fold CV on the training rows; 0: none")
-    seed: int | None = Field(None, description="splits and model seeds; default: recipe seed")
     max_rows: int | None = Field(None, ge=10, description="seeded subsample of the dataset")
     models: dict[str, dict[str, Any]] = Field(
         min_length=1, description="model name -> spec; the task defines the spec's keys"

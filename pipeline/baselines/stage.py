@@ -42,7 +42,7 @@ def run(ctx: StageContext) -> None:
             config=cfg,
             models={n: task.Model.model_validate(s) for n, s in cfg.models.items()},
             options=task.Options.model_validate(cfg.options),
-            seed=ctx.seed if cfg.seed is None else cfg.seed,
+            seed=ctx.seed,
             export_dir=ctx.export_dir,
             work_dir=ctx.checkpoint_dir,
             log=ctx.log,

@@ -131,6 +131,7 @@ class StageConfig(Strict):
 
     kind: str
     after: list[str] = []
+    seed: int | None = Field(None, description="this stage's seed; default: the recipe's")
     launch: LaunchOverride | None = None
     slurm: SlurmOverride | None = None
 

@@ -64,7 +64,7 @@ class StageContext:
 
     @property
     def seed(self) -> int:
-        return self.recipe.seed
+        return self.recipe.seed if self.config.seed is None else self.config.seed
 
     @property
     def is_main(self) -> bool:

@@ -50,7 +50,8 @@ def fingerprints(recipe: Recipe) -> dict[str, str]:
     for name in topo_order(recipe):
         cfg = recipe.stages[name]
         launch = recipe.launch_for(name)
-        config = cfg.model_dump(mode="json", exclude={"after", "launch", "slurm", *_unhashed(cfg)})
+        unhashed = {"after", "launch", "slurm", "seed", *_unhashed(cfg)}
+        config = cfg.model_dump(mode="json", exclude=unhashed)
         payload = {
             "version": FINGERPRINT_VERSION,
             "kind": cfg.kind,
@@ -58,7 +59,7 @@ def fingerprints(recipe: Recipe) -> dict[str, str]:
             "data": cfg.data_signature(),
             **_batch_shape(cfg, config, launch.nproc * launch.nnodes),
             "launch": launch.model_dump(exclude={"nproc", "nnodes"}) if cfg.distributed else {},
-            "seed": recipe.seed,
+            "seed": recipe.seed if cfg.seed is None else cfg.seed,
             "upstream": {dep: result[dep] for dep in sorted(cfg.after)},
         }
         if external := external_signatures(recipe, name):  # model or tokenizer directories

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 OutputType = Literal[
     "tokenizer",  # a Hugging Face tokenizer (and SentencePiece model)
     "tokens",  # token shards with their TokensMeta
+    "documents",  # curated JSONL document shards with their DocumentsMeta (data_prep.curate)
     "lm",  # a language model (HF directory; an adapter beside it when trained with one)
     "reward_model",  # a sequence-classification model with one output
     "preferences",  # chosen/rejected pairs with their provenance (pipeline.stages.preferences)

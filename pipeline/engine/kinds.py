@@ -11,6 +11,7 @@ import importlib
 from types import ModuleType
 
 KINDS: dict[str, str] = {
+    "curate": "data_prep.curate",
     "tokenizer": "data_prep.tokenizer",
     "tokenize": "data_prep.tokenize",
     "pretrain": "pipeline.stages.pretrain",

@@ -86,7 +86,24 @@ def model_problems(view: PlanView) -> list[str]:
         problems += [p for p in [quantize_problem(cfg.adapter, where)] if p]
         if source is not None and source.external:
             problems += [p for p in [target_problem(cfg.adapter, source.path, where)] if p]
+    if source is not None and (problem := length_problem(cfg, source, where)):
+        problems.append(problem)
     return problems
+
+
+def length_problem(cfg: Any, source: Resolved, where: str) -> str | None:
+    """Rows longer than the model's learned position table (GPT-2's) fail in its first forward."""
+    from eval.lm import position_limit
+
+    limit = position_limit(source)
+    # sft and reward rows, and DPO's; GRPO/RLOO rows are a prompt and max_completion_length
+    length = getattr(cfg, "max_length", None) if getattr(cfg, "algorithm", "dpo") == "dpo" else None
+    if limit is None or length is None or length <= limit:
+        return None
+    return (
+        f"{where}.max_length: {length} tokens per row, but {source.label} has learned positions "
+        f"for {limit}; use max_length: {limit} or less"
+    )
 
 
 def peft_config(cfg: Any, task_type: str = "CAUSAL_LM") -> dict[str, Any]:

@@ -60,6 +60,11 @@ class Config(StageConfig):
     )
     samples: int = Field(4, ge=2, description="completions sampled per prompt")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    right_vs_wrong: bool = Field(
+        False,
+        description="judge: task: pair only prompts with a right completion (chosen) and a wrong "
+        "one, not a less wrong one against a worse one",
+    )
     max_completion_length: int | None = Field(
         None, ge=1, description="tokens per completion; default: the task's longest answer + 1"
     )
@@ -88,6 +93,8 @@ class Config(StageConfig):
             raise ValueError(
                 f"reward_model is only read by judge: reward_model (judge is {self.judge})"
             )
+        if self.right_vs_wrong and self.judge != "task":
+            raise ValueError(f"right_vs_wrong needs judge: task (judge is {self.judge})")
         if self.judge != "labels" and self.labels is not None:
             raise ValueError(f"labels is only read by judge: labels (judge is {self.judge})")
         return self
@@ -105,7 +112,7 @@ class PreferencesMeta(BaseModel):
     round: int = 1
     prompts: int
     pairs: int
-    ties: int  # prompts whose completions all scored the same (no pair)
+    ties: int  # prompts that gave no pair: every completion scored the same (or none was right)
     samples: int | None = None
     temperature: float | None = None
 
@@ -176,28 +183,6 @@ def best_and_worst(
     return best, worst
 
 
-def reward_scores(
-    model: Any, tokenizer: Any, texts: list[str], batch_size: int = 32
-) -> list[float]:
-    """A reward model's scalar for each text (with the tokenizer's EOS appended, as trained)."""
-    import torch
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out: list[float] = []
-    for start in range(0, len(texts), batch_size):
-        encoded = [
-            tokenizer.encode(t + tokenizer.eos_token, add_special_tokens=False)
-            for t in texts[start : start + batch_size]
-        ]
-        width = max(map(len, encoded))
-        ids = torch.tensor([e + [pad] * (width - len(e)) for e in encoded], device=model.device)
-        mask = (torch.arange(width) < torch.tensor([[len(e)] for e in encoded])).long()
-        with torch.inference_mode():
-            logits = model(ids, attention_mask=mask.to(model.device)).logits[:, 0]
-        out += [float(x) for x in logits]
-    return out
-
-
 def run(ctx: StageContext) -> None:
     """Sample, judge and pair (or check and copy the user's labels); write pairs + record."""
     cfg: Config = ctx.config  # type: ignore[assignment]
@@ -254,14 +239,11 @@ def sampled_pairs(ctx: StageContext, cfg: Config) -> tuple[list[dict[str, Any]],
             for completions, p in zip(drawn, problems, strict=True)
         ]
     else:
-        from pipeline.stages.reward import load_reward_model
+        from pipeline.stages.reward_models import load_judge, reward_scores
 
         judge = ctx.input("reward_model")
         judge_label = judge.label
-        rm = load_reward_model(judge.path, device)
-        from transformers import AutoTokenizer
-
-        rm_tokenizer = AutoTokenizer.from_pretrained(judge.path)
+        rm, rm_tokenizer = load_judge(judge.path, device)
         flat = [p["prompt"] + c for cs, p in zip(drawn, problems, strict=True) for c in cs]
         values = reward_scores(rm, rm_tokenizer, flat)
         k = cfg.samples
@@ -269,7 +251,7 @@ def sampled_pairs(ctx: StageContext, cfg: Config) -> tuple[list[dict[str, Any]],
     pairs: list[dict[str, Any]] = []
     for completions, p, s in zip(drawn, problems, scores, strict=True):
         picked = best_and_worst(completions, s)
-        if picked is None:
+        if picked is None or (cfg.right_vs_wrong and s[picked[0]][0] != 1.0):
             continue
         best, worst = picked
         pairs.append({

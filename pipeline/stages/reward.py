@@ -7,13 +7,14 @@ on held-out pairs: the task's test split, or every tenth row of a JSONL file (ne
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from data_prep.tasks import TaskBase
 from pipeline.engine.context import StageContext
-from pipeline.engine.inputs import PlanView, StageSpec
+from pipeline.engine.inputs import Input, PlanView, StageSpec
 from pipeline.stages.base_model import MODEL_INPUT, model_problems
 from pipeline.stages.chat import template_problems
 from pipeline.stages.posttrain import BUILTIN_TASK, TrainerStageConfig
@@ -32,16 +33,37 @@ class Config(TrainerStageConfig):
     data_keys = (("chosen", "rejected"),)
     max_length: int = Field(64, ge=8, description="tokens per prompt + response")
     eval_pairs: int = Field(200, ge=1, description="held-out pairs scored after training")
+    pairs: str | None = Field(
+        None, description="a preferences stage whose pairs to train on, instead of `data`"
+    )
+
+    @model_validator(mode="after")
+    def _one_source_of_pairs(self) -> Config:
+        if self.pairs is not None and self.data != BUILTIN_TASK:
+            raise ValueError("pairs and data both name the training pairs; keep one")
+        return self
 
 
 def preference_rows(
-    data: str, task: TaskBase, num: int, seed: int, where: str, held_out: int = 0
+    data: str,
+    task: TaskBase,
+    num: int,
+    seed: int,
+    where: str,
+    held_out: int = 0,
+    pairs: Path | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """(train, held-out) preference rows with prompt/chosen/rejected (prompt may be empty):
-    `num` and `held_out` of the task's splits, or a JSONL file's rows with every tenth held out."""
+    `num` and `held_out` of the task's splits, or the rows of a JSONL file or of a preferences
+    stage's export (`pairs`) with every tenth held out."""
     from data_prep.tasks import preference_pairs
+    from pipeline.stages.preferences import read_pairs
     from pipeline.stages.rows import read_jsonl
 
+    if pairs is not None:
+        rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in read_pairs(pairs)]
+        held = rows[::HOLDOUT_EVERY]
+        return [r for i, r in enumerate(rows) if i % HOLDOUT_EVERY][:num], held
     if data == BUILTIN_TASK:
         return (
             preference_pairs(task, "train", num, seed),
@@ -60,46 +82,36 @@ def pairwise_accuracy(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[dict[str, Any]]
 ) -> dict[str, float]:
     """Fraction of pairs whose chosen response scores above the rejected one, and mean margin."""
-    import torch
+    from pipeline.stages.reward_models import reward_scores
 
-    def score(text: str) -> float:
-        ids = tokenizer.encode(text + tokenizer.eos_token, add_special_tokens=False)
-        with torch.inference_mode():
-            return model(torch.tensor([ids], device=model.device)).logits[0, 0].item()
-
-    margins = [score(p["prompt"] + p["chosen"]) - score(p["prompt"] + p["rejected"]) for p in pairs]
+    chosen = reward_scores(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs])
+    rejected = reward_scores(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs])
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
     return {
         "pairwise_accuracy": sum(m > 0 for m in margins) / len(margins),
         "reward_margin": sum(margins) / len(margins),
     }
 
 
-def load_reward_model(path: Any, device: str = "cpu") -> PreTrainedModel:
-    """A sequence-classification model with one output (the reward) from an HF directory."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=torch.float32
-    )
-    return model.to(device).eval()
-
-
 def run(ctx: StageContext) -> None:
     """Train, export the reward model + tokenizer, record held-out pairwise accuracy."""
+    import torch
     from trl import RewardConfig, RewardTrainer
 
     from pipeline.stages.base_model import base_model, load_tokenizer, peft_config
     from pipeline.stages.posttrain import fit, training_arguments
+    from pipeline.stages.reward_models import load_reward_model
     from pipeline.stages.rows import dataset
 
     cfg: Config = ctx.config  # type: ignore[assignment]
     source = base_model(ctx)
     tokenizer = load_tokenizer(source, cfg.chat_template)
+    torch.manual_seed(ctx.seed)  # the score head's initialisation: ensemble members differ by seed
     model = load_reward_model(source.path)
     model.config.pad_token_id = tokenizer.pad_token_id
+    pairs = ctx.input("pairs").path if cfg.pairs else None
     train, held_out = preference_rows(
-        cfg.data, cfg.task, cfg.num_examples, ctx.seed, f"stages.{ctx.name}", cfg.eval_pairs
+        cfg.data, cfg.task, cfg.num_examples, ctx.seed, f"stages.{ctx.name}", cfg.eval_pairs, pairs
     )
     args = RewardConfig(**training_arguments(ctx, cfg, model), max_length=cfg.max_length)
     columns = ("prompt", "chosen", "rejected")
@@ -137,7 +149,7 @@ def plan_problems(view: PlanView) -> list[str]:
     cfg: Config = view.config
     where = f"stages.{view.name}"
     problems = model_problems(view) + template_problems(cfg.chat_template, f"{where}.chat_template")
-    if cfg.data != BUILTIN_TASK:
+    if cfg.data != BUILTIN_TASK or cfg.pairs is not None:
         return problems
     if problem := pairs_problem(cfg.task, f"{where}.task"):
         return [*problems, problem]
@@ -146,5 +158,12 @@ def plan_problems(view: PlanView) -> list[str]:
 
 
 SPEC = StageSpec(
-    Config, run, output="reward_model", inputs=(MODEL_INPUT,), plan_check=plan_problems
+    Config,
+    run,
+    output="reward_model",
+    inputs=(
+        MODEL_INPUT,
+        Input("pairs", ("preferences",), field="pairs", required=False, nearest=False),
+    ),
+    plan_check=plan_problems,
 )

@@ -19,8 +19,9 @@ folder; a resumed run drops the measurements after the step it resumes from and 
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,12 +30,15 @@ from pydantic import Field
 
 from pipeline.engine.config import Strict
 from pipeline.engine.manifest import atomic_write_json
+from pipeline.stages.kl_control import KLControl
+from pipeline.stages.rl_gold import gold_accuracy, gold_problems, sequence_kl
 
 if TYPE_CHECKING:
-    from data_prep.tasks import TaskBase
+    from pipeline.engine.context import StageContext
 
+GUARD_DIR = "guard"
 STATE_FILE = "state.json"
-KL_SEED = 1234  # the same samples at every measurement of the same policy
+KL_FILE = "kl_control.json"
 
 
 class GuardConfig(Strict):
@@ -60,6 +64,15 @@ class Measurement:
     kl: float | None = None  # nats per completion, KL(policy || start)
     proxy: float | None = None  # the trainer's last logged mean reward
 
+    def metrics(self) -> dict[str, float]:
+        """What the tracker gets: gold, KL and its square root (Gao et al.'s d), the proxy."""
+        shown = {"guard/gold": self.gold}
+        if self.kl is not None:
+            shown |= {"guard/kl": self.kl, "guard/sqrt_kl": max(self.kl, 0.0) ** 0.5}
+        if self.proxy is not None:
+            shown["guard/proxy"] = self.proxy
+        return shown
+
 
 class Guard:
     """The measurements of one run and the decisions taken from them (rank-independent: every
@@ -80,8 +93,9 @@ class Guard:
         return self.best_until(None)
 
     def resume_at(self, step: int) -> None:
-        """Forget the measurements after `step` (a resumed run makes them again)."""
-        self.history = [m for m in self.history if m.step <= step]
+        """Forget the measurements after `step` (a resumed run makes them again); a run that
+        starts from step 0 keeps none (they were another run's)."""
+        self.history = [m for m in self.history if step > 0 and m.step <= step]
         self.stopped_at = None
 
     def record(self, measurement: Measurement) -> bool:
@@ -95,6 +109,19 @@ class Guard:
         return best is not None and sum(m.step > best.step for m in self.history) >= (
             self.cfg.patience
         )
+
+    def keep(self, measurement: Measurement, model: Any, keep_steps: set[int] | None) -> None:
+        """Record a measurement; on rank 0 (`keep_steps`: the checkpoints on disk) also save
+        the policy's weights when it is the new best, and the state."""
+        from safetensors.torch import save_file
+
+        improved = self.record(measurement)
+        if keep_steps is None:
+            return
+        if improved:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            save_file(trainable_state(model), str(self.weights_path(measurement.step)))
+        self.save(keep_steps)
 
     def weights_path(self, step: int) -> Path:
         return self.directory / f"best-{step}.safetensors"
@@ -144,79 +171,6 @@ class Guard:
         return out
 
 
-def gold_problems(task: TaskBase, num_prompts: int, num: int, seed: int) -> list[dict[str, Any]]:
-    """`num` train-split problems after the `num_prompts` an RL stage with `seed` trains on."""
-    from data_prep.tasks import task_problems
-
-    return task_problems(task, "train", num_prompts + num, seed)[num_prompts:]
-
-
-def gold_accuracy(model: Any, tokenizer: Any, task: TaskBase, problems: list[dict]) -> float:
-    """Greedy exact accuracy on `problems` (the task's scorer)."""
-    from data_prep.tasks import score
-    from eval.tasks import answer_tokens, generate
-
-    was_training = model.training
-    model.eval()
-    prompts = [p["prompt"] for p in problems]
-    greedy = [c[0] for c in generate(model, tokenizer, prompts, answer_tokens(problems))]
-    model.train(was_training)
-    right = [
-        score(task, c, p["answer"], p)[0] == 1.0 for c, p in zip(greedy, problems, strict=True)
-    ]
-    return sum(right) / len(problems)
-
-
-def sequence_kl(
-    model: Any,
-    reference: Callable[[], Any],
-    tokenizer: Any,
-    prompts: list[str],
-    max_new_tokens: int,
-) -> float:
-    """E_{y ~ model}[log model(y|x) - log ref(y|x)] over sampled completions (nats per sequence).
-
-    `reference()` is a context manager under which `model` computes as the start policy (an
-    adapter disabled), or yields a separate frozen copy of it.
-    """
-    import torch
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-    width = max(map(len, encoded))
-    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=model.device)
-    mask = (torch.arange(width) >= torch.tensor([[width - len(e)] for e in encoded])).long()
-    mask = mask.to(model.device)
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(KL_SEED)
-        output = model.generate(
-            ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
-            temperature=1.0, top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=pad,
-        )  # fmt: skip
-        torch.random.set_rng_state(generator_state)
-        completion = output[:, width:]
-        # Tokens up to and including the first EOS count; what generate padded after it does not.
-        eos = (completion == tokenizer.eos_token_id).long()
-        after_eos = (eos.cumsum(dim=1) - eos) > 0
-        scored = ~after_eos
-        full_mask = torch.cat([mask, scored.long()], dim=1)
-
-        def logprobs(net: Any) -> torch.Tensor:
-            logits = net(output, attention_mask=full_mask).logits[:, width - 1 : -1].float()
-            taken = logits.log_softmax(-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
-            return (taken * scored).sum(dim=1)
-
-        policy = logprobs(model)
-        with reference() as ref:
-            start = logprobs(ref)
-    model.train(was_training)
-    return float((policy - start).mean())
-
-
 def trainable_state(model: Any) -> dict[str, Any]:
     """The parameters training changes (every weight, or an adapter's), detached on the CPU."""
     return {
@@ -238,40 +192,6 @@ def restore(model: Any, path: Path) -> None:
             params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 
-def next_beta(beta: float, kl: float, target: float, steps: int, horizon: int) -> float:
-    """Adaptive KL coefficient (Ziegler et al. 2019): proportional to the error from the target
-    KL, clipped to +-20%, over a horizon of `horizon` steps; never below 1e-6, so the reference
-    model stays in the loss."""
-    error = max(-0.2, min(0.2, kl / target - 1.0))
-    return max(1e-6, beta * (1.0 + error * steps / horizon))
-
-
-class KLControl:
-    """An adaptive KL coefficient held to `target` (per-token KL as the trainer logs it), with
-    the coefficient of every logged step kept on disk so a resumed run continues exactly."""
-
-    def __init__(self, beta: float, target: float, horizon: int, path: Path) -> None:
-        self.initial, self.target, self.horizon, self.path = beta, target, horizon, path
-        self.betas: dict[int, float] = {}
-        if path.is_file():
-            data = json.loads(path.read_text(encoding="utf-8"))
-            self.betas = {int(step): float(beta) for step, beta in data.items()}
-
-    def beta_at(self, step: int) -> float:
-        """The coefficient in force after `step` (the start value before any update)."""
-        done = [s for s in self.betas if s <= step]
-        return self.betas[max(done)] if done else self.initial
-
-    def update(self, step: int, since: int, kl: float, beta: float) -> float:
-        new = next_beta(beta, kl, self.target, since, self.horizon)
-        self.betas = {s: b for s, b in self.betas.items() if s < step} | {step: new}
-        return new
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path, {str(s): b for s, b in sorted(self.betas.items())})
-
-
 def guard_callback(
     guard: Guard | None,
     measure: Callable[[Any, int], Measurement] | None,
@@ -284,7 +204,6 @@ def guard_callback(
     policy's weights, stop on patience) and the adaptive KL coefficient. `measure(model, step)`
     returns the gold and KL of the policy; `log(metrics, step)` sends them to the tracker;
     `keep_steps()` are the steps of the checkpoints on disk. `trainer` is set once built."""
-    from safetensors.torch import save_file
     from transformers import TrainerCallback
 
     class GuardCallback(TrainerCallback):
@@ -294,10 +213,13 @@ def guard_callback(
             self.proxy: float | None = None
             self.last_log_step = 0
 
+        def summary(self) -> dict[str, Any]:
+            return guard.summary() if guard is not None else {}
+
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             step = state.global_step
             if kl_control is not None:
-                self.trainer.beta = kl_control.beta_at(step)
+                self.trainer.beta = kl_control.resume_at(step)
                 self.last_log_step = step
             if guard is None:
                 return
@@ -329,21 +251,82 @@ def guard_callback(
                 guard.stopped_at = step
                 control.should_training_stop = True
 
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            """Measure the last policy too, then put the best one in place for the export."""
+            model, step = kwargs["model"], state.global_step
+            if guard is None or (step < state.max_steps and guard.stopped_at is None):
+                return  # preempted: the resumed run measures and decides as if uninterrupted
+            if step not in {m.step for m in guard.history}:
+                self._measure(model, step)
+            best = guard.best
+            self.trainer.accelerator.wait_for_everyone()  # rank 0 has written its weights
+            if best is not None and best.step != step:
+                restore(model, guard.weights_path(best.step))
+
         def _measure(self, model: Any, step: int) -> bool:
             assert guard is not None and measure is not None
             m = measure(model, step)
             m = Measurement(m.step, m.gold, m.kl, self.proxy)
-            improved = guard.record(m)
-            if is_main:
-                if improved:
-                    save_file(trainable_state(model), str(guard.weights_path(step)))
-                guard.save(keep_steps())
-            shown = {"guard/gold": m.gold}
-            if m.kl is not None:
-                shown |= {"guard/kl": m.kl, "guard/sqrt_kl": max(m.kl, 0.0) ** 0.5}
-            if m.proxy is not None:
-                shown["guard/proxy"] = m.proxy
-            log(shown, step)
+            guard.keep(m, model, keep_steps() if is_main else None)
+            log(m.metrics(), step)
             return guard.should_stop()
 
     return GuardCallback()
+
+
+@contextlib.contextmanager
+def adapter_off(model: Any) -> Iterator[Any]:
+    """The start policy of an adapter run: its base, with the adapter disabled."""
+    with model.disable_adapter():
+        yield model
+
+
+def guard_for(
+    ctx: StageContext,
+    cfg: Any,
+    tokenizer: Any,
+    start: Path,
+    log: Callable[[dict[str, float], int], None],
+) -> Any | None:
+    """The GuardCallback of an rlhf stage (its `guard` and `target_kl`), or None without either.
+    `start` is the directory of the starting policy (the KL reference when no adapter is on);
+    `log(metrics, step)` sends to the stage's tracker."""
+    if cfg.guard is None and cfg.target_kl is None:
+        return None
+    guard = Guard(cfg.guard, ctx.stage_dir / GUARD_DIR) if cfg.guard is not None else None
+    measure = None
+    if guard is not None:
+        problems = gold_problems(cfg.task, cfg.num_examples, cfg.guard.problems, ctx.seed)
+        prompts = [p["prompt"] for p in problems[: cfg.guard.kl_prompts]]
+        frozen: list[Any] = []
+
+        def reference(model: Any) -> Callable[[], Any]:
+            if hasattr(model, "disable_adapter"):
+                return lambda: adapter_off(model)
+            if not frozen:  # loaded once, when first needed: the start policy as saved
+                from eval.families import load_model
+
+                frozen.append(load_model(start, str(model.device))[0])
+            return lambda: contextlib.nullcontext(frozen[0])
+
+        def measure(model: Any, step: int) -> Measurement:
+            gold = gold_accuracy(model, tokenizer, cfg.task, problems)
+            kl = None
+            if prompts:
+                kl = sequence_kl(
+                    model, reference(model), tokenizer, prompts, cfg.max_completion_length
+                )
+            return Measurement(step, gold, kl)
+
+    control = None
+    if cfg.target_kl is not None:
+        path = ctx.stage_dir / GUARD_DIR / KL_FILE
+        control = KLControl(cfg.beta, cfg.target_kl, cfg.kl_horizon, path)
+
+    return guard_callback(guard, measure, control, log, lambda: checkpoint_steps(ctx), ctx.is_main)
+
+
+def checkpoint_steps(ctx: StageContext) -> set[int]:
+    """The steps of the TRL checkpoints on disk (a resume may start from any of them)."""
+    found = ctx.checkpoint_dir.glob("checkpoint-*") if ctx.checkpoint_dir.is_dir() else []
+    return {int(p.name[11:]) for p in found if p.name[11:].isdigit()}

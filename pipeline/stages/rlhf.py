@@ -20,12 +20,17 @@ from pipeline.engine.locations import Location
 from pipeline.stages.base_model import MODEL_INPUT, model_problems
 from pipeline.stages.chat import template_problems
 from pipeline.stages.posttrain import BUILTIN_TASK, TaskStageConfig
+from pipeline.stages.reward_models import Ensemble
 from pipeline.stages.rewards import RewardName, reward_columns
+from pipeline.stages.rl_guard import GuardConfig
 from pipeline.stages.rows import draws_problems, pairs_problem, task_stage_draws
 
 # Fields only one algorithm reads (the others would ignore them), and the values that are off.
 ONLY_FOR = {
-    "reward_model": (("grpo", "rloo"), None),
+    "reward_model": (("grpo", "rloo"), []),
+    "ensemble": (("grpo", "rloo"), "mean"),
+    "target_kl": (("grpo", "rloo"), None),
+    "pairs": (("dpo",), None),
     "loss_type": (("grpo",), None),
     "scale_rewards": (("grpo",), None),
     "num_iterations": (("grpo",), 1),
@@ -58,9 +63,27 @@ class Config(TaskStageConfig):
         description="exact | partial | format, or a function by import path package.module:function "
         "(pipeline.stages.rewards)",
     )
-    reward_model: str | Location | None = Field(
-        None, description="a reward stage, or {path: DIR} of a reward model, that also scores"
+    reward_model: list[str | Location] = Field(
+        [],
+        description="reward stages or {path: DIR} reward models that also score; several are an "
+        "ensemble combined by `ensemble`",
     )
+    ensemble: Ensemble = Field(
+        "mean", description="mean | min | mean_minus_std (mean - ensemble_lambda x std)"
+    )
+    ensemble_lambda: float = Field(1.0, ge=0, description="weight of the members' std")
+    pairs: str | None = Field(
+        None, description="dpo: a preferences stage whose pairs to train on, instead of `data`"
+    )
+    guard: GuardConfig | None = Field(
+        None,
+        description="measure gold (held-apart task problems) and KL to the start every N steps, "
+        "stop when gold stops rising, export the best policy (pipeline.stages.rl_guard)",
+    )
+    target_kl: float | None = Field(
+        None, gt=0, description="adapt beta to hold the logged per-token KL here (needs beta > 0)"
+    )
+    kl_horizon: int = Field(100, ge=1, description="steps over which beta moves by its error")
     reward_weights: list[float] | None = Field(None, description="one per reward; default: 1 each")
     beta: float | None = Field(None, ge=0, description="KL coefficient; default: TRL's")
     sync_ref_model: bool = Field(False, description="move the reference towards the policy")
@@ -125,12 +148,29 @@ class Config(TaskStageConfig):
 
     @model_validator(mode="after")
     def _check_rewards(self) -> Config:
-        if self.algorithm != "dpo" and not self.rewards and self.reward_model is None:
+        if self.algorithm != "dpo" and not self.rewards and not self.reward_model:
             raise ValueError("grpo/rloo need `rewards` names or a `reward_model` stage")
-        count = len(self.rewards) + (self.reward_model is not None)
+        count = len(self.rewards) + bool(self.reward_model)  # an ensemble is one reward
         if self.reward_weights is not None and len(self.reward_weights) != count:
             raise ValueError(
                 f"reward_weights has {len(self.reward_weights)} values for {count} rewards"
+            )
+        return self
+
+    @field_validator("reward_model", mode="before")
+    @classmethod
+    def _as_list(cls, value: Any) -> Any:
+        return [] if value is None else value if isinstance(value, list) else [value]
+
+    @model_validator(mode="after")
+    def _kl_and_pairs(self) -> Config:
+        if self.target_kl is not None and not self.beta:
+            raise ValueError("target_kl adapts beta from its start value: set beta above 0")
+        if self.pairs is not None and self.data != BUILTIN_TASK:
+            raise ValueError("pairs and data both name the DPO pairs; keep one")
+        if self.guard is not None and self.data != BUILTIN_TASK:
+            raise ValueError(
+                "guard measures gold on the task's problems, so it needs data: builtin:task"
             )
         return self
 
@@ -194,10 +234,15 @@ def plan_problems(view: PlanView) -> list[str]:
     ):
         if problem:
             problems.append(problem)
-    dpo_pairs = cfg.algorithm == "dpo" and cfg.data == BUILTIN_TASK
+    dpo_pairs = cfg.algorithm == "dpo" and cfg.data == BUILTIN_TASK and cfg.pairs is None
     if dpo_pairs and (problem := pairs_problem(cfg.task, f"{where}.task")):
         return [*problems, problem]
-    return problems + draws_problems(cfg.task, task_stage_draws(cfg), where)
+    draws = task_stage_draws(cfg)
+    if cfg.pairs is not None:
+        del draws["num_examples"]  # the preferences stage's pairs, not the task's
+    if cfg.guard is not None:  # its gold problems come after the training prompts
+        draws["guard.problems"] = ("train", cfg.num_examples + cfg.guard.problems)
+    return problems + draws_problems(cfg.task, draws, where)
 
 
 def prompt_rows(cfg: Config, seed: int, where: str) -> list[dict[str, Any]]:
@@ -235,7 +280,8 @@ def build_trainer(ctx: StageContext, cfg: Config, model: Any, tokenizer: Any, ca
     if cfg.algorithm == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        rows, _ = preference_rows(cfg.data, cfg.task, cfg.num_examples, ctx.seed, where)
+        pairs = ctx.input("pairs").path if cfg.pairs else None
+        rows, _ = preference_rows(cfg.data, cfg.task, cfg.num_examples, ctx.seed, where, 0, pairs)
         columns = ("prompt", "chosen", "rejected")
         return DPOTrainer(
             model=model,
@@ -248,8 +294,14 @@ def build_trainer(ctx: StageContext, cfg: Config, model: Any, tokenizer: Any, ca
     if problem := generation_batch_problem(cfg, ctx.world_size, where):
         raise PipelineError(problem)
     funcs: list[Any] = reward_functions(cfg.rewards, cfg.task, where)
-    if cfg.reward_model is not None:
-        funcs.append(str(ctx.input("reward_model").path))
+    if cfg.reward_model:
+        import torch
+
+        from pipeline.stages.reward_models import ensemble_reward
+
+        paths = [r.path for r in ctx.inputs("reward_model")]
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        funcs.append(ensemble_reward(paths, cfg.ensemble, cfg.ensemble_lambda, device))
     sampling = {
         "num_generations": cfg.num_generations,
         "max_completion_length": cfg.max_completion_length,
@@ -282,6 +334,7 @@ def run(ctx: StageContext) -> None:
     """Train the policy, export it, record reward statistics and held-out accuracy."""
     from pipeline.stages.base_model import base_model, load_causal_lm, load_tokenizer
     from pipeline.stages.posttrain import fit, task_evaluation
+    from pipeline.stages.rl_guard import guard_for
 
     cfg: Config = ctx.config  # type: ignore[assignment]
     source = base_model(ctx)
@@ -292,13 +345,24 @@ def run(ctx: StageContext) -> None:
         "%s%s from %s, %d steps", cfg.algorithm.upper(), " (LoRA)" if cfg.adapter else "",
         source.label, cfg.max_steps,
     )  # fmt: skip
-    fit(
-        ctx,
-        tokenizer,
-        lambda callback: build_trainer(ctx, cfg, model, tokenizer, callback),
-        SUMMARY_KEYS,
-        **task_evaluation(ctx, cfg, tokenizer),
-    )
+    guards: list[Any] = []
+
+    def build(callback: Any) -> Any:
+        trainer = build_trainer(ctx, cfg, model, tokenizer, callback)
+        guarded = guard_for(ctx, cfg, tokenizer, source.path, callback.log_metrics)
+        if guarded is not None:  # the guard and the adaptive KL coefficient (rl_guard)
+            guarded.trainer = trainer
+            trainer.add_callback(guarded)
+            guards.append(guarded)
+        return trainer
+
+    evaluation = task_evaluation(ctx, cfg, tokenizer)
+    scored = evaluation.get("evaluate")
+    evaluation["evaluate"] = lambda: {
+        **(scored() if scored else {}),
+        **(guards[0].summary() if guards else {}),
+    }
+    fit(ctx, tokenizer, build, SUMMARY_KEYS, **evaluation)
     if ctx.is_main and cfg.algorithm != "dpo":
         from eval.report import write_sections
         from eval.task_plots import rl_section
@@ -314,8 +378,9 @@ SPEC = StageSpec(
     output="lm",
     inputs=(
         MODEL_INPUT,
-        Input("reward_model", ("reward_model",), field="reward_model", location="model",
-              required=False, nearest=False),
+        Input("reward_model", ("reward_model",), field="reward_model.*", location="model",
+              required=False, nearest=False, many=True),
+        Input("pairs", ("preferences",), field="pairs", required=False, nearest=False),
     ),
     plan_check=plan_problems,
 )  # fmt: skip
