@@ -101,11 +101,12 @@ def rows_problem(view: PlanView, fewest: int, what: str) -> str | None:
 def upstream_rows(ctx: StageContext, kinds: list[str]) -> list[Row]:
     """The direct upstream stages of `kinds`, in `after` order; each must be done."""
     rows = []
-    after = {name: ctx.recipe.stages[name].kind for name in ctx.config.after}
+    found = {str(up.stage): up for up in ctx.inputs("after")}  # raises unless each is done
+    after = {name: str(up.kind) for name, up in found.items()}
     for name in row_stages(after, kinds):
-        up = ctx.upstream(after[name], name=name)  # raises unless it is done
-        config = ctx.recipe.stages[name]
-        rows.append(Row(name, config.kind, config, read_manifest(up.dir), read_metrics(up.dir)))
+        up = found[name]
+        manifest, metrics = read_manifest(up.stage_dir), read_metrics(up.stage_dir)
+        rows.append(Row(name, str(up.kind), up.config, manifest, metrics))
     if not rows:
         raise PipelineError(
             f"stages.{ctx.name}.after: no stage of kind {'/'.join(kinds)}; "

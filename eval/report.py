@@ -1,8 +1,8 @@
-"""Run report: one self-contained HTML page, with PNG loss curves beside it, for a run directory.
+"""Run report: one self-contained HTML page, with PNG training curves beside it, for a run dir.
 
 Written by the `report` stage and by `pipeline report RUN_DIR`. It only reads what stages left in
-the run directory (manifests, metrics.jsonl, eval exports) and never writes a manifest, so a
-report written by the report stage honestly lists that stage as still running.
+the run directory (manifests, metrics.jsonl, eval exports) and never writes a manifest; the
+report stage names itself as the page being written rather than as a stage still running.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pipeline.engine.config import StageConfig, read_yaml
+from eval.task_plots import guard_runs, overoptimisation_section, plot_rl_curves
+from pipeline.engine.config import StageConfig, read_yaml, validate_recipe
 from pipeline.engine.context import StageContext
-from pipeline.engine.errors import PipelineError
+from pipeline.engine.dag import Graph
+from pipeline.engine.errors import PipelineError, RecipeError
 from pipeline.engine.inputs import StageSpec
 from pipeline.engine.manifest import atomic_write_text, read_manifest
 from pipeline.engine.rundir import EXPORT_DIR, MANIFEST_FILE, RECIPE_FILE
@@ -32,8 +34,11 @@ FAMILY_COLUMNS = ("mlm_loss", "masked_token_accuracy", "span_loss", "span_accura
 # Task metrics (held-out arithmetic, lm-eval tasks); shown when present.
 TASK_COLUMNS = ("task_accuracy", "task_accuracy_low", "task_accuracy_high", "task_format_rate")
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; }
+body { font-family: system-ui, sans-serif; color: #222; margin: 2em auto; padding: 0 1em;
+       max-width: 70em; }
+table { border-collapse: collapse; }
+.wide { overflow-x: auto; margin: 1em 0; }
+code { overflow-wrap: anywhere; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .done { color: #176f2c; } .failed { color: #b00020; } .running { color: #a15c00; }
@@ -55,16 +60,19 @@ def run(ctx: StageContext) -> None:
     """Write index.html and its PNGs into this stage's directory (RUN_DIR/report by convention)."""
     config = ctx.config
     assert isinstance(config, Config)
-    path = write_report(ctx.run_dir, config.title, out_dir=ctx.stage_dir)
+    path = write_report(ctx.run_dir, config.title, out_dir=ctx.stage_dir, writer=ctx.name)
     ctx.log.info("report: %s", path)
 
 
-def write_report(run_dir: Path, title: str | None = None, out_dir: Path | None = None) -> Path:
-    """Write `out_dir/index.html` (default RUN_DIR/report) and PNG loss curves; return its path."""
+def write_report(
+    run_dir: Path, title: str | None = None, out_dir: Path | None = None, writer: str | None = None
+) -> Path:
+    """Write `out_dir/index.html` (default RUN_DIR/report) and its PNGs; return its path.
+    `writer` is the report stage writing it, shown as this page rather than as still running."""
     out_dir = out_dir or run_dir / REPORT_DIR
     recipe = read_yaml(run_dir / RECIPE_FILE) if (run_dir / RECIPE_FILE).is_file() else {}
     recipe_stages = recipe.get("stages") or {}
-    names = list(recipe_stages) + sorted(
+    names = stage_order(recipe) + sorted(
         p.parent.name
         for p in run_dir.glob(f"*/{MANIFEST_FILE}")
         if p.parent.name not in recipe_stages
@@ -81,14 +89,21 @@ def write_report(run_dir: Path, title: str | None = None, out_dir: Path | None =
     }
     title = title or recipe.get("name") or run_dir.name
     out_dir.mkdir(parents=True, exist_ok=True)
+    curves, shown = training_curves(run_dir, names, recipe_stages, out_dir)
+    # Gold and proxy against sqrt(KL) of every stage with guard measurements, compared in one table.
+    guarded = guard_runs(run_dir, names, recipe_stages, manifests)
+    over = overoptimisation_section(out_dir, guarded) if guarded else None
     body = [
         f"<h1>{escape(title)}</h1>",
-        _header(run_dir, manifests),
+        _header(run_dir, manifests, writer),
         "<h2>Stages</h2>",
-        stage_table(manifests, kinds),
-        loss_curves(run_dir, names, out_dir),
+        stage_table(manifests, kinds, writer),
+        curves,
+        _section_html(f"RL: {over['title']}", over, [(i, i) for i in over["images"]])
+        if over
+        else "",
         eval_results(run_dir, manifests),
-        stage_sections(run_dir, manifests, out_dir),
+        stage_sections(run_dir, manifests, out_dir, shown),
     ]
     page = (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -101,28 +116,39 @@ def write_report(run_dir: Path, title: str | None = None, out_dir: Path | None =
     return path
 
 
-def _header(run_dir: Path, manifests: dict[str, dict[str, Any]]) -> str:
-    """When and from where the report was written, and which stages were still running then."""
+def stage_order(recipe: dict[str, Any]) -> list[str]:
+    """The recipe's stages in the order they run (dependencies first); a recipe that no longer
+    validates (written by an older version) in its listed order."""
+    try:
+        return Graph(validate_recipe(recipe, source=RECIPE_FILE)).order
+    except RecipeError:
+        return list(recipe.get("stages") or {})
+
+
+def _header(run_dir: Path, manifests: dict[str, dict[str, Any]], writer: str | None) -> str:
+    """When and from where the report was written, and which other stages were still running."""
     now = datetime.now(UTC).isoformat(timespec="seconds")
     lines = [f"<p>Run directory <code>{escape(str(run_dir))}</code>, report written {now}.</p>"]
-    running = [name for name, m in manifests.items() if m.get("status") == "running"]
+    running = [n for n, m in manifests.items() if m.get("status") == "running" and n != writer]
     if running:
         lines.append(
-            f"<p>Still running when this report was written: {escape(', '.join(running))} "
-            "(a report stage lists itself here; its manifest is finished after the report).</p>"
+            f"<p>Still running when this report was written: {escape(', '.join(running))}.</p>"
         )
     return "\n".join(lines)
 
 
-def stage_table(manifests: dict[str, dict[str, Any]], kinds: dict[str, str]) -> str:
+def stage_table(
+    manifests: dict[str, dict[str, Any]], kinds: dict[str, str], writer: str | None = None
+) -> str:
     """HTML table: stage, kind, status, duration, headline metric and attempts."""
     rows = [
-        "<table>",
         "<tr><th>stage</th><th>kind</th><th>status</th><th>duration</th>"
         "<th>headline</th><th>value</th><th>attempts</th></tr>",
     ]
     for name, manifest in manifests.items():
         status = manifest.get("status") or "not started"
+        css = status.replace(" ", "-")
+        status = "writing this page" if name == writer else status
         error = (
             f"<br><small>{escape(str(manifest['error']))}</small>" if manifest.get("error") else ""
         )
@@ -130,29 +156,40 @@ def stage_table(manifests: dict[str, dict[str, Any]], kinds: dict[str, str]) -> 
         value = (manifest.get("summary") or {}).get(headline) if headline else None
         rows.append(
             f"<tr><td>{escape(name)}</td><td>{escape(kinds[name])}</td>"
-            f'<td class="{escape(status.replace(" ", "-"))}">{escape(status)}{error}</td>'
+            f'<td class="{escape(css)}">{escape(status)}{error}</td>'
             f'<td class="num">{escape(_duration(manifest))}</td>'
             f'<td>{escape(headline or "-")}</td><td class="num">{escape(_fmt(value))}</td>'
             f'<td class="num">{manifest.get("attempts", 0)}</td></tr>'
         )
-    rows.append("</table>")
-    return "\n".join(rows)
+    return _table(rows)
 
 
-def loss_curves(run_dir: Path, names: list[str], out_dir: Path) -> str:
-    """A PNG per stage that logged train/loss (val/loss on the same axes) and the HTML showing it."""
-    parts = []
+def training_curves(
+    run_dir: Path, names: list[str], recipe_stages: dict[str, Any], out_dir: Path
+) -> tuple[str, set[str]]:
+    """A PNG per stage that logged train/loss and the HTML showing them, with the PNG names.
+
+    A stage that logs a sampled reward (GRPO, RLOO) gets its reward and held-out accuracy
+    instead: its loss is a policy-gradient surrogate around 0 that says nothing about progress.
+    """
+    parts, shown = [], set()
     for name in names:
         rows = read_metrics(run_dir / name)
         if not any("train/loss" in row for row in rows):
             continue
-        png = out_dir / f"loss_{name}.png"
-        plot_losses(rows, png, title=name)
-        parts.append(
-            f'<h3>{escape(name)}</h3>\n<img src="{escape(png.name)}" alt="loss of {escape(name)}">'
-        )
+        if any("train/reward" in row for row in rows):
+            algorithm = str((recipe_stages.get(name) or {}).get("algorithm", name)).upper()
+            png = out_dir / f"{name}_rl_curves.png"
+            plot_rl_curves(rows, png, algorithm)
+            alt = f"reward and held-out accuracy of {name}"
+        else:
+            png = out_dir / f"loss_{name}.png"
+            plot_losses(rows, png, title=name)
+            alt = f"loss of {name}"
+        shown.add(png.name)
+        parts.append(f'<h3>{escape(name)}</h3>\n<img src="{escape(png.name)}" alt="{escape(alt)}">')
         parts.extend(f"<p>{escape(line)}</p>" for line in training_events(rows))
-    return "<h2>Loss curves</h2>\n" + "\n".join(parts) if parts else ""
+    return ("<h2>Training curves</h2>\n" + "\n".join(parts) if parts else ""), shown
 
 
 def training_events(rows: list[dict[str, Any]]) -> list[str]:
@@ -247,7 +284,7 @@ def eval_results(run_dir: Path, manifests: dict[str, dict[str, Any]]) -> str:
         "mlm_loss and span_loss are the masked-LM and span-corruption objectives on the same windows; "
         "task_accuracy is greedy exact match on held-out problems of the verifiable task (with its "
         "95% Wilson interval) and task_format_rate the share of bare answers.</p>",
-        f"<table>\n<tr>{header}</tr>\n" + "\n".join(rows) + "\n</table>",
+        _table([f"<tr>{header}</tr>", *rows]),
     ]
     if samples:
         parts += [
@@ -276,8 +313,11 @@ def write_sections(export_dir: Path, sections: list[dict[str, Any]]) -> None:
     atomic_write_text(export_dir / SECTIONS_FILE, json.dumps({"sections": sections}, indent=1))
 
 
-def stage_sections(run_dir: Path, manifests: dict[str, dict[str, Any]], out_dir: Path) -> str:
-    """HTML of the report.json sections of every finished stage (tables, then images)."""
+def stage_sections(
+    run_dir: Path, manifests: dict[str, dict[str, Any]], out_dir: Path, shown: set[str]
+) -> str:
+    """HTML of the report.json sections of every finished stage (tables, then images); an
+    image already on the page (`shown`, e.g. RL curves among the training curves) not again."""
     parts = []
     for name, manifest in manifests.items():
         export = run_dir / name / EXPORT_DIR
@@ -285,21 +325,32 @@ def stage_sections(run_dir: Path, manifests: dict[str, dict[str, Any]], out_dir:
         if manifest.get("status") != "done" or not path.is_file():
             continue
         for section in json.loads(path.read_text(encoding="utf-8")).get("sections", []):
-            parts.append(f"<h2>{escape(name)}: {escape(str(section['title']))}</h2>")
-            if section.get("note"):
-                parts.append(f"<p>{escape(str(section['note']))}</p>")
-            if section.get("rows"):
-                header = "".join(f"<th>{escape(str(c))}</th>" for c in section.get("columns", []))
-                rows = [
-                    "<tr>" + "".join(_cell(value) for value in row) + "</tr>"
-                    for row in section["rows"]
-                ]
-                parts.append(f"<table>\n<tr>{header}</tr>\n" + "\n".join(rows) + "\n</table>")
+            images = []
             for image in section.get("images", []):
-                target = out_dir / f"{name}_{Path(image).name}"
-                shutil.copyfile(export / image, target)
-                parts.append(f'<img src="{escape(target.name)}" alt="{escape(str(image))}">')
+                target = f"{name}_{Path(image).name}"
+                if target not in shown:
+                    shutil.copyfile(export / image, out_dir / target)
+                    images.append((target, str(image)))
+            parts.append(_section_html(f"{name}: {section['title']}", section, images))
     return "\n".join(parts)
+
+
+def _section_html(heading: str, section: dict[str, Any], images: list[tuple[str, str]]) -> str:
+    """A section as HTML: heading, note, table, then images given as (src, alt)."""
+    parts = [f"<h2>{escape(heading)}</h2>"]
+    if section.get("note"):
+        parts.append(f"<p>{escape(str(section['note']))}</p>")
+    if section.get("rows"):
+        header = "".join(f"<th>{escape(str(c))}</th>" for c in section.get("columns", []))
+        rows = ["<tr>" + "".join(map(_cell, row)) + "</tr>" for row in section["rows"]]
+        parts.append(_table([f"<tr>{header}</tr>", *rows]))
+    parts += [f'<img src="{escape(src)}" alt="{escape(alt)}">' for src, alt in images]
+    return "\n".join(parts)
+
+
+def _table(rows: list[str]) -> str:
+    """Table rows in a box that scrolls sideways when the table is wider than the page."""
+    return '<div class="wide"><table>\n' + "\n".join(rows) + "\n</table></div>"
 
 
 def _cell(value: Any) -> str:

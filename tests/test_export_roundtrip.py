@@ -60,7 +60,7 @@ def _trained_and_exported(run_dir: Path, nproc: int = 1, **launch: Any) -> tuple
     work, built = workload(ctx)
     trained = train(ctx, ctx.config, work)  # type: ignore[arg-type]
     export_model(
-        trained.accelerator, trained.model, ctx.upstream("tokenizer").export_dir, ctx.export_dir,
+        trained.accelerator, trained.model, ctx.input("tokenizer").path, ctx.export_dir,
         built.added_special_tokens, config=ctx.config.model_dump(mode="json"),
     )  # fmt: skip
     return trained, built, ctx

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline.engine.config import Recipe, StageConfig
-from pipeline.engine.dag import Graph
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.manifest import atomic_write_json, read_manifest
 from pipeline.engine.rundir import CHECKPOINTS_DIR, EXPORT_DIR, LOG_FILE, SUMMARY_FILE
@@ -27,20 +26,6 @@ if TYPE_CHECKING:
     from pipeline.engine.inputs import Resolved
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Upstream:
-    """A finished stage this one depends on."""
-
-    name: str
-    kind: str
-    dir: Path
-    config: StageConfig
-
-    @property
-    def export_dir(self) -> Path:
-        return self.dir / EXPORT_DIR
 
 
 @dataclass
@@ -86,37 +71,12 @@ class StageContext:
     def log(self) -> logging.Logger:
         return logging.getLogger(f"pipeline.{self.name}")
 
-    def upstream(self, kind: str | tuple[str, ...], name: str | None = None) -> Upstream:
-        """The named upstream stage, or the nearest one (breadth-first over `after`) of `kind`."""
-        kinds = (kind,) if isinstance(kind, str) else kind
-        if name is not None:
-            if name not in self.recipe.stages:
-                raise PipelineError(f"stages.{self.name}: refers to unknown stage {name!r}")
-            if self.recipe.stages[name].kind not in kinds:
-                raise PipelineError(
-                    f"stages.{self.name}: {name!r} is a {self.recipe.stages[name].kind} stage, "
-                    f"not a {' or '.join(kinds)} stage; name a {' or '.join(kinds)} stage"
-                )
-            return self._upstream(name)
-        stage = Graph(self.recipe).nearest(self.name, lambda s: self.recipe.stages[s].kind in kinds)
-        if stage is None:
-            raise PipelineError(
-                f"stages.{self.name}: needs an upstream stage of kind {'/'.join(kinds)}; "
-                f"add one to its `after:` list"
-            )
-        return self._upstream(stage)
-
-    def _upstream(self, stage: str) -> Upstream:
-        up = Upstream(
-            stage, self.recipe.stages[stage].kind, self.run_dir / stage, self.recipe.stages[stage]
-        )
-        manifest = read_manifest(up.dir)
-        if manifest.get("status") != "done":
+    def _require_done(self, stage: str) -> None:
+        if read_manifest(self.run_dir / stage).get("status") != "done":
             raise PipelineError(
                 f"stages.{self.name}: upstream stage {stage!r} is not done; "
                 f"run it first (pipeline run RECIPE --only {stage})"
             )
-        return up
 
     def inputs(self, name: str) -> list[Resolved]:
         """Every resolved value of this stage's declared input `name` (stages must be done)."""
@@ -127,7 +87,7 @@ class StageContext:
             raise KeyError(f"stage kind {self.kind} declares no input {name!r}")
         for found in resolved[name]:
             if found.stage is not None:
-                self._upstream(found.stage)  # raises unless it is done
+                self._require_done(found.stage)
         if problems and not resolved[name]:
             raise PipelineError(problems[0])
         return resolved[name]

@@ -92,6 +92,12 @@ class Resolved:
         return self.run_dir / self.stage / EXPORT_DIR
 
     @property
+    def stage_dir(self) -> Path:
+        """An upstream stage's folder (manifest, metrics, checkpoints)."""
+        assert self.run_dir is not None and self.stage is not None
+        return self.run_dir / self.stage
+
+    @property
     def label(self) -> str:
         """A name for logs and tables: the stage name, or the directory as the recipe gives it
         (unambiguous where two directories share a base name)."""

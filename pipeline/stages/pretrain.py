@@ -288,7 +288,7 @@ def anneal_checkpoint(ctx: StageContext, anneal: AnnealFrom) -> Path:
 
     cfg: Config = ctx.config  # type: ignore[assignment]
     where = f"stages.{ctx.name}.anneal_from"
-    up = ctx.upstream("pretrain", name=anneal.stage)  # checked by the plan: SPEC's anneal_from
+    up = ctx.input("anneal_from")  # a pretrain stage: the plan checks its kind
     theirs: Config = up.config  # type: ignore[assignment]
     if up.kind != "pretrain" or theirs.model != cfg.model:
         raise PipelineError(
@@ -305,7 +305,7 @@ def anneal_checkpoint(ctx: StageContext, anneal: AnnealFrom) -> Path:
             f"{schedule.kind}, warmup {schedule.warmup_steps}, stable until {stable_end}); pick "
             f"a step of a constant or wsd schedule between its warmup and its decay"
         )
-    return up.dir / CHECKPOINTS_DIR / step_dir(Path(), anneal.step).name
+    return up.stage_dir / CHECKPOINTS_DIR / step_dir(Path(), anneal.step).name
 
 
 def plan_problems(view: PlanView) -> list[str]:

@@ -357,6 +357,9 @@ def run(ctx: StageContext) -> None:
         return trainer
 
     evaluation = task_evaluation(ctx, cfg, tokenizer)
+    # Without a held-out score, what the run optimised says more than its (policy-gradient) loss.
+    fallback = "reward_margin" if cfg.algorithm == "dpo" else "reward_mean"
+    evaluation.setdefault("headline", "guard_best_gold" if cfg.guard else fallback)
     scored = evaluation.get("evaluate")
     evaluation["evaluate"] = lambda: {
         **(scored() if scored else {}),
