@@ -97,17 +97,8 @@ class Config(SourceStageConfig):
                 f"options for {', '.join(unused)}, which `steps` leaves out; add it to steps or "
                 f"remove the options"
             )
-        if self.parts > 1:
-            problem = (
-                "a mixture of sources"
-                if len(self.source) > 1
-                else fanout.fanout_problem(self.source[0])
-            )
-            if problem:
-                raise ValueError(
-                    f"parts={self.parts} cannot split the source: {problem}; set parts: 1 (or "
-                    f"use one file source, a file or a glob)"
-                )
+        if problem := fanout.parts_problem(self.parts, self.source):
+            raise ValueError(problem)
         return self
 
     def check_inputs(self) -> None:

@@ -9,7 +9,6 @@ and on_exhausted, so a mixture's weights apply to the curated documents.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -17,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from data_prep.sources import SourceConfig
 from pipeline.engine.errors import PipelineError
-from pipeline.engine.manifest import atomic_write_json
+from pipeline.engine.manifest import atomic_write_json, read_record
 
 if TYPE_CHECKING:
     from pipeline.engine.context import StageContext
@@ -73,11 +72,7 @@ class DocumentsMeta(BaseModel):
 
     @classmethod
     def read(cls, export_dir: Path) -> DocumentsMeta:
-        path = Path(export_dir) / DOCUMENTS_FILE
-        try:
-            return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError) as exc:
-            raise PipelineError(f"{path}: unreadable ({exc}); rerun the curate stage") from None
+        return read_record(cls, Path(export_dir) / DOCUMENTS_FILE, "curate")
 
     def source_configs(self, export_dir: Path) -> list[SourceConfig]:
         """The kept documents of each source as a JSONL source with the curate stage's mixing."""

@@ -48,6 +48,20 @@ def is_val_document(index: int, seed: int, val_fraction: float) -> bool:
     return int.from_bytes(digest, "big") < val_fraction * 2**64
 
 
+def parts_problem(parts: int, sources: list[SourceConfig]) -> str | None:
+    """Why `parts` processes cannot give the bytes of one over these sources; None when they
+    can (one part always can)."""
+    if parts <= 1 or not sources:
+        return None
+    problem = "a mixture of sources" if len(sources) > 1 else fanout_problem(sources[0])
+    if problem is None:
+        return None
+    return (
+        f"parts={parts} cannot give the bytes of one process: {problem}; set parts: 1 (or use "
+        f"one file source, a file or a glob)"
+    )
+
+
 def fanout_problem(source: SourceConfig) -> str | None:
     """Why this source cannot be split into parts byte-identically; None when it can."""
     if source.uri in BUILTINS:

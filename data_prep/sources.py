@@ -187,6 +187,8 @@ class SourceStageConfig(StageConfig):
     source: list[SourceConfig] = Field(
         description="a source, or a list of sources mixed document by document"
     )
+    # Stages that may take a curate stage's `documents` (or adopt a tokenizer) instead.
+    source_optional: ClassVar[bool] = False
 
     def check_inputs(self) -> None:
         """Each file source yields a first document (exists, not empty, parses, is UTF-8), and a
@@ -208,6 +210,8 @@ class SourceStageConfig(StageConfig):
     @classmethod
     def _not_empty(cls, source: list[SourceConfig]) -> list[SourceConfig]:
         if not source:
+            if cls.source_optional:  # [] is how a stage reading `documents` is written back
+                return source
             raise ValueError("an empty list of sources; name at least one source")
         weighted = [s.weight is not None for s in source]
         if any(weighted) and len(source) < 2:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from data_prep import fanout, tokenize_parts
 from data_prep.documents_meta import check_source_or_documents, with_documents
@@ -54,6 +54,7 @@ class Config(SourceStageConfig):
     """Tokenize a source (or a mixture) into train/val shards with a tokenizer."""
 
     kind: Literal["tokenize"] = "tokenize"
+    source_optional = True
     source: list[SourceConfig] = Field(
         default_factory=list,
         description="a source, or a list of sources mixed document by document (or `documents`)",
@@ -81,29 +82,13 @@ class Config(SourceStageConfig):
         "plus a merge job; needs a single file source without max_documents/max_bytes",
     )
 
-    @field_validator("source")
-    @classmethod
-    def _not_empty(cls, source: list[SourceConfig]) -> list[SourceConfig]:
-        """SourceStageConfig's check, except that [] passes: a stage reading `documents` is
-        written back to the resolved recipe with an empty source."""
-        return SourceStageConfig._not_empty(source) if source else source
-
     @model_validator(mode="after")
     def _parts_need_one_file_source(self) -> Config:
         check_source_or_documents(self.source, self.documents)
         if not self.source and self.documents is None:
             raise ValueError("no `source`; name a source, or a curate stage (documents: STAGE)")
-        if self.parts > 1 and self.source:
-            problem = (
-                "a mixture of sources"
-                if len(self.source) > 1
-                else fanout.fanout_problem(self.source[0])
-            )
-            if problem:
-                raise ValueError(
-                    f"parts={self.parts} cannot give the bytes of one process: {problem}; "
-                    f"set parts: 1 (or use one file source, a file or a glob)"
-                )
+        if problem := fanout.parts_problem(self.parts, self.source):
+            raise ValueError(problem)
         return self
 
 

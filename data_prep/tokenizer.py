@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from data_prep.documents_meta import check_source_or_documents, with_documents
 from data_prep.sources import SourceConfig, SourceStageConfig, mixed_documents
@@ -60,6 +60,7 @@ class Config(SourceStageConfig):
     a model's tokenizer."""
 
     kind: Literal["tokenizer"] = "tokenizer"
+    source_optional = True
     source: list[SourceConfig] = Field(
         default_factory=list,
         description="a source, or a list of sources mixed document by document (to train on; "
@@ -84,13 +85,6 @@ class Config(SourceStageConfig):
     split_digits: bool = Field(
         False, description="every digit its own token (as in LLaMA); helps models learn arithmetic"
     )
-
-    @field_validator("source")
-    @classmethod
-    def _not_empty(cls, source: list[SourceConfig]) -> list[SourceConfig]:
-        """SourceStageConfig's check, except that [] passes: a stage reading `documents` is
-        written back to the resolved recipe with an empty source."""
-        return SourceStageConfig._not_empty(source) if source else source
 
     @model_validator(mode="after")
     def _trains_or_adopts(self) -> Config:

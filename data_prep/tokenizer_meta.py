@@ -10,14 +10,12 @@ tokens, and exports an adopted tokenizer's files unchanged.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.engine.errors import PipelineError
-from pipeline.engine.manifest import atomic_write_json
+from pipeline.engine.manifest import atomic_write_json, read_record
 
 META_FILE = "tokenizer_meta.json"
 SENTENCEPIECE_MODEL = "tokenizer.model"
@@ -57,9 +55,4 @@ class TokenizerMeta(BaseModel):
                 model_file=str(Path(export_dir) / SENTENCEPIECE_MODEL)
             )
             return cls(backend="sentencepiece", vocab_size=model.get_piece_size(), **STAGE_IDS)
-        try:
-            return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError) as exc:
-            raise PipelineError(
-                f"{path}: unreadable ({str(exc).splitlines()[0]}); rerun the tokenizer stage"
-            ) from None
+        return read_record(cls, path, "tokenizer")

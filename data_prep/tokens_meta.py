@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.engine.errors import PipelineError
-from pipeline.engine.manifest import atomic_write_json
+from pipeline.engine.manifest import atomic_write_json, read_record
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -81,12 +81,7 @@ class TokensMeta(BaseModel):
     @classmethod
     def read(cls, export_dir: Path) -> TokensMeta:
         """The meta.json of a tokenize export."""
-        path = Path(export_dir) / META_FILE
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise PipelineError(f"{path}: unreadable ({exc}); rerun the tokenize stage") from None
-        return cls.model_validate(data)
+        return read_record(cls, Path(export_dir) / META_FILE, "tokenize")
 
     def require_tokenizer(
         self,

@@ -11,10 +11,15 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from pipeline.engine import faults
+from pipeline.engine.errors import PipelineError
 from pipeline.engine.rundir import MANIFEST_FILE
+
+R = TypeVar("R", bound=BaseModel)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -103,3 +108,13 @@ def update_manifest(stage_dir: Path, **fields: Any) -> dict[str, Any]:
     manifest.update(fields)
     write_manifest(stage_dir, manifest)
     return manifest
+
+
+def read_record(model: type[R], path: Path, writer: str) -> R:
+    """A stage's JSON hand-off record as its pydantic `model`, or a one-line error naming the
+    file and the `writer` stage kind to rerun."""
+    try:
+        return model.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"{path}: unreadable ({detail}); rerun the {writer} stage") from None

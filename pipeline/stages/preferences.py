@@ -29,7 +29,7 @@ from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.inputs import Input, PlanView, StageSpec
 from pipeline.engine.locations import Location
-from pipeline.engine.manifest import atomic_write_json, atomic_write_text
+from pipeline.engine.manifest import atomic_write_json, atomic_write_text, read_record
 from pipeline.engine.schema_errors import PathText
 
 PAIRS_FILE = "pairs.jsonl"
@@ -121,13 +121,7 @@ class PreferencesMeta(BaseModel):
 
     @classmethod
     def read(cls, export_dir: Path) -> PreferencesMeta:
-        path = export_dir / META_FILE
-        try:
-            return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError) as exc:
-            raise PipelineError(
-                f"{path}: unreadable ({str(exc).splitlines()[0]}); rerun the preferences stage"
-            ) from None
+        return read_record(cls, export_dir / META_FILE, "preferences")
 
 
 def read_pairs(export_dir: Path) -> list[dict[str, Any]]:
