@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
 from pipeline.engine.errors import PipelineError
+from pipeline.stages.dpo_losses import DpoLoss, dpo_losses
 from pipeline.stages.preferences import best_and_worst, label_rows
 from pipeline.stages.reward_models import combine, reward_scores
 from tests.helpers import run_in_process, write_recipe
@@ -111,3 +112,32 @@ def test_labels_are_checked_line_by_line_before_anything_runs(
         ["run", "--dry-run", str(recipe(tmp_path, {"judge": "labels", "labels": path}))], capsys
     )
     assert code == 2 and "line 2" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("loss", get_args(DpoLoss))
+@pytest.mark.parametrize("sft_weight", [0.0, 0.5])
+def test_every_dpo_loss_is_one_trl_runs(loss: str, sft_weight: float, tmp_path: Path) -> None:
+    """Each offered loss gives a DPOConfig TRL accepts, with the NLL term added by weight;
+    plain sigmoid DPO keeps TRL's defaults (runs from before the option are unchanged)."""
+    from trl import DPOConfig
+
+    from pipeline.engine.config import validate_recipe
+
+    recipe = validate_recipe({"name": "d", "stages": {"dpo": {
+        "kind": "rlhf", "algorithm": "dpo", "model": {"path": str(tmp_path)},
+        "dpo_loss": loss, "dpo_sft_weight": sft_weight}}})  # fmt: skip
+    fields = dpo_losses(recipe.stages["dpo"])
+    config = DPOConfig(output_dir=str(tmp_path), use_cpu=True, **fields)
+    expected = [loss, "sft"] if sft_weight else [loss]
+    assert config.loss_type == expected
+    assert config.loss_weights == ([1.0, sft_weight] if sft_weight else None)
+    assert (fields == {}) == (loss == "sigmoid" and not sft_weight)
+
+
+def test_dpo_loss_is_refused_for_grpo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_recipe(tmp_path / "r.yaml", {
+        "name": "d", "run_dir": str(tmp_path / "run"), "tracking": {"mode": "disabled"},
+        "stages": {"g": {"kind": "rlhf", "model": {"path": str(tmp_path)}, "dpo_loss": "ipo"}},
+    })  # fmt: skip
+    code, err = run_in_process(["run", "--dry-run", str(path)], capsys)
+    assert code == 2 and "dpo_loss" in err and len(err.strip().splitlines()) == 1, err

@@ -19,6 +19,7 @@ from pipeline.engine.inputs import Input, PlanView, StageSpec
 from pipeline.engine.locations import Location
 from pipeline.stages.base_model import MODEL_INPUT, model_problems
 from pipeline.stages.chat import template_problems
+from pipeline.stages.dpo_losses import DpoLoss, dpo_losses
 from pipeline.stages.posttrain import BUILTIN_TASK, TaskStageConfig
 from pipeline.stages.reward_models import Ensemble
 from pipeline.stages.rewards import RewardName, reward_columns
@@ -35,6 +36,7 @@ ONLY_FOR = {
     "scale_rewards": (("grpo",), None),
     "num_iterations": (("grpo",), 1),
     "dpo_sft_weight": (("dpo",), 0.0),
+    "dpo_loss": (("dpo",), "sigmoid"),
 }
 
 # Trainer log keys (GRPO/RLOO/DPO) recorded in the stage summary under our names.
@@ -99,6 +101,10 @@ class Config(TaskStageConfig):
     )
     num_iterations: int = Field(1, ge=1, description="policy updates per generation batch")
     max_length: int = Field(64, ge=8, description="prompt + response tokens (dpo)")
+    dpo_loss: DpoLoss = Field(
+        "sigmoid",
+        description="dpo: TRL's preference loss (README: what each does); sigmoid is DPO's own",
+    )
     dpo_sft_weight: float = Field(
         0.0, ge=0, description="dpo: weight of an NLL loss on the chosen answer (RPO); 0: plain DPO"
     )
@@ -256,13 +262,6 @@ def prompt_rows(cfg: Config, seed: int, where: str) -> list[dict[str, Any]]:
             for p in task_problems(cfg.task, "train", cfg.num_examples, seed)
         ]
     return read_jsonl(cfg.data, (("prompt",),), where)[: cfg.num_examples]
-
-
-def dpo_losses(cfg: Config) -> dict[str, Any]:
-    """DPOConfig loss fields: plain sigmoid DPO, or DPO plus a weighted NLL term (RPO)."""
-    if not cfg.dpo_sft_weight:
-        return {}
-    return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.dpo_sft_weight]}
 
 
 def build_trainer(ctx: StageContext, cfg: Config, model: Any, tokenizer: Any, callback: Any) -> Any:
