@@ -233,3 +233,17 @@ def test_lm_eval_runs_shipped_tasks_on_an_export(run_dir: Path, tmp_path: Path) 
     assert 0 <= results["task_choice/acc"] <= 1
     rows = (tmp_path / "task_choice.jsonl").read_text().splitlines()
     assert len(rows) == 8 and "choices" in json.loads(rows[0])
+
+
+def test_a_checkpoint_with_a_cut_short_rng_state_is_not_resumed_from(tmp_path: Path) -> None:
+    """Rank 0 writes trainer_state.json while another rank may still write its RNG state: a
+    kill then leaves a checkpoint that looks complete but cannot load (EOFError on resume)."""
+    import torch
+
+    from pipeline.stages.posttrain import rng_whole
+
+    torch.save({"cpu": torch.random.get_rng_state()}, tmp_path / "rng_state_0.pth")
+    whole = (tmp_path / "rng_state_0.pth").read_bytes()
+    assert rng_whole(tmp_path)
+    (tmp_path / "rng_state_1.pth").write_bytes(whole[: len(whole) // 2])
+    assert not rng_whole(tmp_path)

@@ -166,13 +166,14 @@ def prepare_checkpoints(ctx: StageContext) -> str | None:
     """The newest complete TRL checkpoint of this configuration to resume from.
 
     Checkpoints of another configuration are removed, and so are incomplete ones (a kill during
-    a save): the Trainer writes trainer_state.json last, so a checkpoint without it is partial.
+    a save): the Trainer writes trainer_state.json last on rank 0, so a checkpoint without it is
+    partial; every rank writes its own RNG state, which a kill can leave cut short after it.
     """
     marker = ctx.checkpoint_dir / FINGERPRINT_FILE
     complete: list[Path] = []
     if ctx.checkpoint_dir.is_dir():
         found = [p for p in ctx.checkpoint_dir.glob("checkpoint-*") if p.name[11:].isdigit()]
-        complete = [p for p in found if (p / "trainer_state.json").is_file()]
+        complete = [p for p in found if (p / "trainer_state.json").is_file() and rng_whole(p)]
         if ctx.is_main:
             for partial in set(found) - set(complete):
                 ctx.log.warning("removing incomplete checkpoint %s", partial.name)
@@ -187,6 +188,21 @@ def prepare_checkpoints(ctx: StageContext) -> str | None:
         complete = []
     newest = max(complete, key=lambda p: int(p.name[11:]), default=None)
     return str(newest) if newest else None
+
+
+def rng_whole(checkpoint: Path) -> bool:
+    """Whether every RNG state file of a TRL checkpoint is whole: torch.save writes a zip
+    archive, whose directory comes last, so a file cut short does not open."""
+    import zipfile
+
+    for path in checkpoint.glob("rng_state*.pth"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                if archive.testzip() is not None:
+                    return False
+        except (zipfile.BadZipFile, OSError):
+            return False
+    return True
 
 
 def training_arguments(ctx: StageContext, cfg: TrainerStageConfig, model: Any) -> dict[str, Any]:
@@ -279,25 +295,6 @@ class PeriodicEval:
         return {k: v for k, v in scored.items() if k.startswith("task_accuracy")}
 
 
-def shard_on_cpu(trainer: Trainer) -> None:
-    """Make `engine: fsdp` shard a TRL trainer's model on CPUs too, as `build_accelerator` does for
-    our loops: Accelerate selects FSDP only for GPU process groups and would run DDP instead."""
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    plugin_args = trainer.args.fsdp_plugin_args
-    if torch.cuda.is_available() or not plugin_args or trainer.accelerator.num_processes < 2:
-        return
-    plugin = FullyShardedDataParallelPlugin(**plugin_args)
-    if trainer.accelerator.mixed_precision != "no":
-        plugin.set_mixed_precision(trainer.accelerator.mixed_precision)
-    PartialState().distributed_type = DistributedType.FSDP
-    trainer.accelerator.state.distributed_type = DistributedType.FSDP
-    trainer.accelerator.state.fsdp_plugin = plugin
-    trainer.is_fsdp_enabled = True
-
-
 def train_and_export(
     ctx: StageContext,
     trainer: Trainer,
@@ -347,6 +344,8 @@ def fit(
     last logged values for the summary; `evaluate()` (rank 0, after the export) adds held-out
     metrics; `periodic` scores held-out problems during training.
     """
+    from pipeline.train.distributed import shard_on_cpu
+
     resume = prepare_checkpoints(ctx)
     with ctx.tracker() as tracker:
         callback = tracker_callback(tracker, periodic)

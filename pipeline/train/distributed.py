@@ -322,3 +322,22 @@ def _full_optimizer_state(module: Any, optimizer: Any, path: Path) -> dict[str, 
             for group in saved["param_groups"]
         ],
     }
+
+
+def shard_on_cpu(trainer: Any) -> None:
+    """Make `engine: fsdp` shard a TRL trainer's model on CPUs too, as `build_accelerator` does for
+    our loops: Accelerate selects FSDP only for GPU process groups and would run DDP instead."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin_args = trainer.args.fsdp_plugin_args
+    if torch.cuda.is_available() or not plugin_args or trainer.accelerator.num_processes < 2:
+        return
+    plugin = FullyShardedDataParallelPlugin(**plugin_args)
+    if trainer.accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(trainer.accelerator.mixed_precision)
+    PartialState().distributed_type = DistributedType.FSDP
+    trainer.accelerator.state.distributed_type = DistributedType.FSDP
+    trainer.accelerator.state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
