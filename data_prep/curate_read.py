@@ -21,6 +21,7 @@ from data_prep.sources import (
     _files,
     _hf_documents,
     _is_hf_dir,
+    limited,
     stdlib_documents,
 )
 from data_prep.tasks import task_documents
@@ -52,23 +53,12 @@ def source_documents(sources: list[SourceConfig]) -> Iterator[Document]:
 
 def _limited(source: SourceConfig, index: int) -> Iterator[Document]:
     """Non-empty documents up to max_documents / max_bytes, the last one cut at a character."""
-    num_documents = num_bytes = 0
-    for text, file, row in _origins(source):
-        if not text:
-            continue
-        if source.max_bytes is not None:
-            size = len(text.encode("utf-8"))
-            if num_bytes + size > source.max_bytes:
-                room = source.max_bytes - num_bytes
-                text = text.encode("utf-8")[:room].decode("utf-8", errors="ignore")
-                size = len(text.encode("utf-8"))
-            num_bytes += size
-        if text:
-            num_documents += 1
-            yield Document(text, index, file, row)
-        if num_documents == source.max_documents or num_bytes == source.max_bytes:
-            break
-    if num_documents == 0:
+    pairs = ((text, (file, row)) for text, file, row in _origins(source))
+    found = False
+    for text, (file, row) in limited(pairs, source):
+        found = True
+        yield Document(text, index, file, row)
+    if not found:
         raise PipelineError(f"source {source.uri}: no documents (empty corpus); point it at text")
 
 

@@ -10,9 +10,9 @@ import glob
 import os
 import sys
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import Field, field_validator, model_validator
 
@@ -36,6 +36,7 @@ TASK = "builtin:task"
 ARITHMETIC = "builtin:arithmetic"  # shorthand for builtin:task with the default arithmetic task
 BUILTINS = (STDLIB, TASK, ARITHMETIC)
 HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+T = TypeVar("T")
 
 
 class UriConfig(Strict):
@@ -141,9 +142,20 @@ def iter_documents(source: SourceConfig) -> Iterator[str]:
     The document that reaches max_bytes is cut at a character boundary so the total never exceeds
     it. Raises PipelineError when the source yields no document at all.
     """
+    found = False
+    for doc, _ in limited(((doc, None) for doc in _raw_documents(source)), source):
+        found = True
+        yield doc
+    if not found:
+        raise PipelineError(f"source {source.uri}: no documents (empty corpus); point it at text")
+
+
+def limited(items: Iterable[tuple[str, T]], source: SourceConfig) -> Iterator[tuple[str, T]]:
+    """The non-empty (text, payload) items up to the source's max_documents / max_bytes, the
+    text that reaches max_bytes cut at a character boundary (the one rule every reader uses)."""
     num_documents = 0
     num_bytes = 0
-    for doc in _raw_documents(source):
+    for doc, payload in items:
         if not doc:
             continue
         if source.max_bytes is not None:
@@ -155,11 +167,9 @@ def iter_documents(source: SourceConfig) -> Iterator[str]:
             num_bytes += size
         if doc:
             num_documents += 1
-            yield doc
+            yield doc, payload
         if num_documents == source.max_documents or num_bytes == source.max_bytes:
             break
-    if num_documents == 0:
-        raise PipelineError(f"source {source.uri}: no documents (empty corpus); point it at text")
 
 
 def source_signature(source: SourceConfig) -> dict[str, Any]:
