@@ -12,16 +12,11 @@ from typing import Any
 import pytest
 
 from pipeline.engine.errors import PipelineError
+from tests import hf_models
 from tests.spawn import run_distributed
 
-SHAPE = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
-    "vocab_size": 101,  # 101 rows: FSDP2's 2 shards of the embedding are 51 and 50 rows
-}
+# 101 rows: FSDP2's 2 shards of the embedding are 51 and 50 rows
+SHAPE = {**hf_models.SHAPE, "vocab_size": 101}
 TOKENS = [[1, 5, 9, 33, 2, 77, 100, 4], [3, 3, 64, 12, 8, 50, 0, 99]]
 ENGINES = {
     "fsdp": {"nproc": 2, "engine": "fsdp"},
