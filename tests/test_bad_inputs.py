@@ -344,6 +344,11 @@ def test_checks_before_running_hold_without_dry_run(
 ) -> None:
     """`run` stops on the same line as `run --dry-run`, before any stage starts."""
     monkeypatch.chdir(tmp_path)
+    assert_run_stops_before_any_stage(case, tmp_path, capsys)
+
+
+def assert_run_stops_before_any_stage(case: Case, tmp_path: Path, capsys: Any) -> None:
+    """The case without --dry-run: the same one line, and no stage started."""
     argv = [a for a in case.setup(tmp_path) if a != "--dry-run"]
     code, err = run_in_process(argv, capsys)
     assert_one_line(code, err, case, tmp_path)

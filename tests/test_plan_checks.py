@@ -16,7 +16,13 @@ from typing import Any
 import pytest
 
 from tests.helpers import run_in_process
-from tests.test_bad_inputs import Case, assert_one_line, file, recipe
+from tests.test_bad_inputs import (
+    Case,
+    assert_one_line,
+    assert_run_stops_before_any_stage,
+    file,
+    recipe,
+)
 
 Files = Callable[[Path], dict[str, Any]]
 
@@ -140,10 +146,7 @@ def test_run_stops_on_the_same_line_before_any_stage(
 ) -> None:
     """`run` makes the dry run's checks before it starts anything."""
     monkeypatch.chdir(tmp_path)
-    argv = [a for a in case.setup(tmp_path) if a != "--dry-run"]
-    code, err = run_in_process(argv, capsys)
-    assert_one_line(code, err, case, tmp_path)
-    assert not list(tmp_path.rglob("stage.json")), "a stage started"
+    assert_run_stops_before_any_stage(case, tmp_path, capsys)
 
 
 def test_table_spreads_over_the_llm_stage_kinds_and_sections() -> None:
