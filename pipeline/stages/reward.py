@@ -118,8 +118,6 @@ def run(ctx: StageContext) -> None:
     ctx.log.info("reward model from %s on %d pairs", source.label, len(train))
 
     def evaluate() -> dict[str, Any]:
-        import torch
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
         scored = pairwise_accuracy(
             load_reward_model(ctx.export_dir, device), tokenizer, held_out[: cfg.eval_pairs]
