@@ -11,7 +11,13 @@ in RSS while mapped). Naive: `from_pretrained` in fp32 on every rank, then `acce
 shards it with FSDP2. Target: <= 0.6x the model's fp32 bytes per rank under FSDP2 and ZeRO-3
 (its own half plus about one tensor).
 
-    .venv/bin/python bench/load_memory.py [--hidden 768 --layers 12 --vocab 8192]
+The TRL stages (sft, rlhf) make their TrainingArguments first and then load the policy with
+`pipeline.stages.base_model.load_causal_lm`: `trl-zero3` and `trl-fsdp` pass the arguments (a
+ZeRO-3 or FSDP2 launch of 2 ranks: sharded, streamed load, pipeline.train.trl_load), `trl-naive`
+does not (`from_pretrained` whole on every rank, as these stages did before). Their reference models (GRPO/RLOO/DPO with beta > 0 and no
+adapter) are loaded by TRL itself, through transformers' own ZeRO-3 loading: not measured here.
+
+    .venv/bin/python bench/load_memory.py [--hidden 768 --layers 12 --vocab 8192] [--modes ...]
 """
 
 from __future__ import annotations
@@ -28,13 +34,17 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, TrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {
     "naive": {"nproc": 2, "engine": "fsdp"},
     "fsdp": {"nproc": 2, "engine": "fsdp"},
     "zero3": {"nproc": 2, "engine": "deepspeed", "zero_stage": 3},
+    # The TRL stages (sft, rlhf): TrainingArguments first, then base_model.load_causal_lm.
+    "trl-naive": {"nproc": 2, "engine": "deepspeed", "zero_stage": 3},
+    "trl-zero3": {"nproc": 2, "engine": "deepspeed", "zero_stage": 3},
+    "trl-fsdp": {"nproc": 2, "engine": "fsdp"},
 }
 
 
@@ -56,14 +66,23 @@ def status_mib(field: str) -> float:
     raise KeyError(field)
 
 
-def load(mode: str, model_dir: Path, accelerator: Accelerator) -> None:
+def load(mode: str, model_dir: Path, accelerator: Accelerator | TrainingArguments) -> None:
     """Load model_dir the way `mode` names (the peak of this call is what is measured)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from pipeline.engine.inputs import Resolved
+    from pipeline.engine.locations import Location
+    from pipeline.stages.base_model import load_causal_lm
     from pipeline.train.sharded_load import load_sharded
 
-    if mode == "naive":
+    if mode.startswith("trl-"):  # what the sft and rlhf stages do, with or without the args
+        source = Resolved("model", "bench", location=Location(path=str(model_dir)))
+        model = load_causal_lm(source, "bench", args=None if mode == "trl-naive" else accelerator)
+        for param in model.parameters():  # read every weight, as training will: mapped file
+            local = getattr(param, "ds_tensor", param)  # pages count once touched
+            float((local.to_local() if hasattr(local, "to_local") else local).sum())
+    elif mode == "naive":
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         accelerator.prepare(model)
     else:
@@ -77,7 +96,17 @@ def worker(mode: str, model_dir: Path, tiny_dir: Path, out: Path) -> None:
     from pipeline.train.distributed import TrainShape, build_accelerator
 
     shape = TrainShape(1, 1, int(os.environ["WORLD_SIZE"]))
-    accelerator = build_accelerator(LaunchConfig(**MODES[mode]), shape, ["LlamaDecoderLayer"])
+    launch = LaunchConfig(**MODES[mode])
+    if mode.startswith("trl-"):
+        from transformers import TrainingArguments
+
+        from pipeline.train.distributed import trainer_arguments
+
+        arguments = trainer_arguments(launch, shape, ["LlamaDecoderLayer"])
+        accelerator = TrainingArguments(str(out / "trainer"), use_cpu=True, **arguments)
+        assert accelerator.world_size == 2  # (and so the process group is set up)
+    else:
+        accelerator = build_accelerator(launch, shape, ["LlamaDecoderLayer"])
     load(mode, tiny_dir, accelerator)  # warm-up: imports and one-time setup are not the load
     gc.collect()
     dist.barrier()
@@ -109,6 +138,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--worker", choices=list(MODES))
     parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--tiny-dir", type=Path)
@@ -121,7 +151,7 @@ def main() -> None:
         model_dir, tiny_dir, params = save_models(args, Path(tmp))
         files = sorted(p.name for p in model_dir.glob("*.safetensors"))
         peaks = {}
-        for mode in MODES:
+        for mode in args.modes:
             cmd = [
                 sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                 __file__, "--worker", mode, "--model-dir", str(model_dir),
@@ -141,13 +171,14 @@ def main() -> None:
         f"{params / 1e6:.1f}M params, {model_mib:.0f} MiB in fp32, {len(files)} safetensors "
         f"files; 2 ranks (gloo, CPU); peak RSS above the pre-load baseline"
     )
-    naive = max(peaks["naive"])
     for mode, ranks in peaks.items():
         shown = "  ".join(
             f"rank {r}: {mib:7.1f} MiB = {mib / model_mib:.3f}x" for r, mib in enumerate(ranks)
         )
-        print(f"{mode:>6}: {shown}   worst rank / naive {max(ranks) / naive:.3f}")
-    print("target: fsdp and zero3 <= 0.6x the model's fp32 bytes on every rank")
+        naive = peaks.get("trl-naive" if mode.startswith("trl-") else "naive")
+        versus = f"   worst rank / naive {max(ranks) / max(naive):.3f}" if naive else ""
+        print(f"{mode:>9}: {shown}{versus}")
+    print("target: every sharded mode <= 0.6x the model's fp32 bytes on every rank")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pipeline.engine.context import StageContext
 from pipeline.engine.dag import Graph
 from pipeline.engine.errors import PipelineError, RecipeError
 from pipeline.engine.inputs import StageSpec
-from pipeline.engine.manifest import atomic_write_text, read_manifest
+from pipeline.engine.manifest import StageRecord, atomic_write_text, stage_record
 from pipeline.engine.rundir import EXPORT_DIR, MANIFEST_FILE, RECIPE_FILE
 from pipeline.engine.tracking import read_metrics
 
@@ -82,9 +82,9 @@ def write_report(
             f"{run_dir}: not a run directory (no {RECIPE_FILE} and no */{MANIFEST_FILE}); "
             f"pass the run_dir of a recipe, e.g. runs/demo"
         )
-    manifests = {name: read_manifest(run_dir / name) for name in names}
+    manifests = {name: stage_record(run_dir / name) for name in names}
     kinds = {
-        name: manifests[name].get("kind") or (recipe_stages.get(name) or {}).get("kind", "?")
+        name: manifests[name].kind or (recipe_stages.get(name) or {}).get("kind", "?")
         for name in names
     }
     title = title or recipe.get("name") or run_dir.name
@@ -125,11 +125,11 @@ def stage_order(recipe: dict[str, Any]) -> list[str]:
         return list(recipe.get("stages") or {})
 
 
-def _header(run_dir: Path, manifests: dict[str, dict[str, Any]], writer: str | None) -> str:
+def _header(run_dir: Path, manifests: dict[str, StageRecord], writer: str | None) -> str:
     """When and from where the report was written, and which other stages were still running."""
     now = datetime.now(UTC).isoformat(timespec="seconds")
     lines = [f"<p>Run directory <code>{escape(str(run_dir))}</code>, report written {now}.</p>"]
-    running = [n for n, m in manifests.items() if m.get("status") == "running" and n != writer]
+    running = [n for n, m in manifests.items() if m.status == "running" and n != writer]
     if running:
         lines.append(
             f"<p>Still running when this report was written: {escape(', '.join(running))}.</p>"
@@ -138,7 +138,7 @@ def _header(run_dir: Path, manifests: dict[str, dict[str, Any]], writer: str | N
 
 
 def stage_table(
-    manifests: dict[str, dict[str, Any]], kinds: dict[str, str], writer: str | None = None
+    manifests: dict[str, StageRecord], kinds: dict[str, str], writer: str | None = None
 ) -> str:
     """HTML table: stage, kind, status, duration, headline metric and attempts."""
     rows = [
@@ -146,20 +146,17 @@ def stage_table(
         "<th>headline</th><th>value</th><th>attempts</th></tr>",
     ]
     for name, manifest in manifests.items():
-        status = manifest.get("status") or "not started"
+        status = manifest.status or "not started"
         css = status.replace(" ", "-")
         status = "writing this page" if name == writer else status
-        error = (
-            f"<br><small>{escape(str(manifest['error']))}</small>" if manifest.get("error") else ""
-        )
-        headline = manifest.get("headline")
-        value = (manifest.get("summary") or {}).get(headline) if headline else None
+        error = f"<br><small>{escape(manifest.error)}</small>" if manifest.error else ""
+        headline, value = manifest.headline, manifest.headline_value
         rows.append(
             f"<tr><td>{escape(name)}</td><td>{escape(kinds[name])}</td>"
             f'<td class="{escape(css)}">{escape(status)}{error}</td>'
             f'<td class="num">{escape(_duration(manifest))}</td>'
             f'<td>{escape(headline or "-")}</td><td class="num">{escape(_fmt(value))}</td>'
-            f'<td class="num">{manifest.get("attempts", 0)}</td></tr>'
+            f'<td class="num">{manifest.attempts}</td></tr>'
         )
     return _table(rows)
 
@@ -248,13 +245,13 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[flo
     return ([p[0] for p in points], [p[1] for p in points]) if points else ([], [])
 
 
-def eval_results(run_dir: Path, manifests: dict[str, dict[str, Any]]) -> str:
+def eval_results(run_dir: Path, manifests: dict[str, StageRecord]) -> str:
     """Metrics table and greedy samples of every finished stage that exported eval.json."""
     scored: list[tuple[str, str, dict[str, Any]]] = []
     samples: list[str] = []
     for name, manifest in manifests.items():
         export = run_dir / name / EXPORT_DIR
-        if manifest.get("status") != "done" or not (export / "eval.json").is_file():
+        if manifest.status != "done" or not (export / "eval.json").is_file():
             continue
         results = json.loads((export / "eval.json").read_text(encoding="utf-8"))
         scored += [(name, model, m) for model, m in results.get("models", {}).items()]
@@ -314,7 +311,7 @@ def write_sections(export_dir: Path, sections: list[dict[str, Any]]) -> None:
 
 
 def stage_sections(
-    run_dir: Path, manifests: dict[str, dict[str, Any]], out_dir: Path, shown: set[str]
+    run_dir: Path, manifests: dict[str, StageRecord], out_dir: Path, shown: set[str]
 ) -> str:
     """HTML of the report.json sections of every finished stage (tables, then images); an
     image already on the page (`shown`, e.g. RL curves among the training curves) not again."""
@@ -322,7 +319,7 @@ def stage_sections(
     for name, manifest in manifests.items():
         export = run_dir / name / EXPORT_DIR
         path = export / SECTIONS_FILE
-        if manifest.get("status") != "done" or not path.is_file():
+        if manifest.status != "done" or not path.is_file():
             continue
         for section in json.loads(path.read_text(encoding="utf-8")).get("sections", []):
             images = []
@@ -369,13 +366,12 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     ]
 
 
-def _duration(manifest: dict[str, Any]) -> str:
+def _duration(manifest: StageRecord) -> str:
     """Finished duration, or time so far for a running stage."""
-    seconds = manifest.get("duration_s")
-    if seconds is not None:
-        return _fmt_seconds(seconds)
-    if manifest.get("status") == "running" and manifest.get("started_at"):
-        started = datetime.fromisoformat(manifest["started_at"])
+    if manifest.duration_s is not None:
+        return _fmt_seconds(manifest.duration_s)
+    if manifest.status == "running" and manifest.started_at:
+        started = datetime.fromisoformat(manifest.started_at)
         return _fmt_seconds((datetime.now(UTC) - started).total_seconds()) + " so far"
     return "-"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.tasks import TaskBase
+from pipeline.engine.manifest import StageRecord
 from pipeline.engine.tracking import read_metrics
 
 RL_CURVES_PNG = "rl_curves.png"
@@ -191,7 +192,10 @@ class GuardRun:
 
 
 def guard_runs(
-    run_dir: Path, names: list[str], recipe_stages: dict[str, Any], manifests: dict[str, Any]
+    run_dir: Path,
+    names: list[str],
+    recipe_stages: dict[str, Any],
+    manifests: dict[str, StageRecord],
 ) -> list[GuardRun]:
     """The guard measurements of every stage of a run directory that has them, in `names` order."""
     runs = []
@@ -200,7 +204,7 @@ def guard_runs(
             name,
             proxy_label(recipe_stages.get(name) or {}),
             read_metrics(run_dir / name),
-            (manifests[name].get("summary") or {}).get("guard_best_step"),
+            manifests[name].summary.get("guard_best_step"),
         )
         if run is not None:
             runs.append(run)

@@ -114,9 +114,10 @@ def kill_then_resume(tmp_path: Path, recipe: dict[str, Any], kill_when: str) -> 
     return reference, killed
 
 
-def run_until(path: Path, run_dir: Path, kill_when: str) -> None:
+def run_until(path: Path, run_dir: Path, kill_when: str | list[str]) -> None:
     """`pipeline run path`, killed with SIGKILL (whole process group) once `run_dir/kill_when`
-    exists; checks that the stage was left running, without an export."""
+    exists (every one of them, for a list); checks that the stage was left running, without an
+    export."""
     from pipeline.engine.manifest import read_manifest
 
     _require_e2e_marker()
@@ -128,12 +129,13 @@ def run_until(path: Path, run_dir: Path, kill_when: str) -> None:
         start_new_session=True,
     )
     deadline = time.time() + 300
-    while time.time() < deadline and not (run_dir / kill_when).exists():
+    paths = [kill_when] if isinstance(kill_when, str) else kill_when
+    while time.time() < deadline and not all((run_dir / p).exists() for p in paths):
         assert proc.poll() is None, "run finished before it could be killed"
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    stage = kill_when.split("/")[0]
+    stage = paths[0].split("/")[0]
     assert read_manifest(run_dir / stage)["status"] == "running"
     assert not (run_dir / stage / "export").exists()
 

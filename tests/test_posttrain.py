@@ -240,10 +240,34 @@ def test_a_checkpoint_with_a_cut_short_rng_state_is_not_resumed_from(tmp_path: P
     kill then leaves a checkpoint that looks complete but cannot load (EOFError on resume)."""
     import torch
 
-    from pipeline.stages.posttrain import rng_whole
+    from pipeline.stages.trl_checkpoints import rng_whole
 
     torch.save({"cpu": torch.random.get_rng_state()}, tmp_path / "rng_state_0.pth")
     whole = (tmp_path / "rng_state_0.pth").read_bytes()
     assert rng_whole(tmp_path)
     (tmp_path / "rng_state_1.pth").write_bytes(whole[: len(whole) // 2])
     assert not rng_whole(tmp_path)
+
+
+def test_a_checkpoint_is_complete_only_when_every_rank_marked_it(tmp_path: Path) -> None:
+    """A kill can land after rank 0 wrote trainer_state.json and before rank 1 even opened its
+    RNG file: with markers, such a checkpoint is incomplete; one from before markers is judged
+    by trainer_state.json and its RNG files."""
+    import torch
+
+    from pipeline.stages.trl_checkpoints import checkpoint_complete
+
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text("{}")
+    torch.save({}, checkpoint / "rng_state.pth")  # one process: trainer_state.json is last
+    assert checkpoint_complete(checkpoint, marked=True)
+    (checkpoint / "rng_state.pth").unlink()
+    (checkpoint / "saved-rank0-of2").write_text("")
+    torch.save({}, checkpoint / "rng_state_0.pth")  # rank 1 had not opened its own yet
+    assert not checkpoint_complete(checkpoint, marked=True)
+    assert checkpoint_complete(checkpoint, marked=False)  # the old rule cannot tell
+    (checkpoint / "saved-rank1-of2").write_text("")
+    assert checkpoint_complete(checkpoint, marked=True)
+    (checkpoint / "saved-rank1-of4").write_text("")  # markers of two saves disagree
+    assert not checkpoint_complete(checkpoint, marked=True)

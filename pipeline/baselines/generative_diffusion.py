@@ -49,7 +49,7 @@ def sample_diffusion(
     from diffusers.utils import logging as diffusers_logging
 
     from pipeline.diffusion.class_conditional_pipeline import ClassConditionalPipeline
-    from pipeline.engine.manifest import read_manifest
+    from pipeline.engine.manifest import stage_record
 
     diffusion = diffusion_input(job, name)
     diffusers_logging.disable_progress_bar()
@@ -81,12 +81,12 @@ def sample_diffusion(
             f"images of shape {samples.shape[1:]}, the images stage {data.train.shape[1:]}; train "
             f"it on the same images stage"
         )
-    manifest = read_manifest(diffusion.path.parent)  # the stage's directory, above export/
+    record = stage_record(diffusion.path.parent)  # the stage's directory, above export/
     metrics = {
         "bits_per_dim": None,
         "likelihood": "none",
-        "train_seconds": manifest.get("duration_s"),
-        "params": manifest.get("summary", {}).get("params"),
+        "train_seconds": record.duration_s,
+        "params": record.summary.get("params"),
         "sampler": f"{sampler} {steps} steps",
     }
     return {"metrics": metrics, "objective": objective}, samples, seconds

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from pipeline.engine import faults
 from pipeline.engine.errors import PipelineError
@@ -118,3 +118,35 @@ def read_record(model: type[R], path: Path, writer: str) -> R:
     except (OSError, ValueError) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PipelineError(f"{path}: unreadable ({detail}); rerun the {writer} stage") from None
+
+
+class StageRecord(BaseModel):
+    """A stage's manifest as the readers outside the engine see it (the report, baselines that
+    quote a stage's training time): typed, and blind to the engine's other fields."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kind: str | None = None
+    status: str | None = None
+    error: str | None = None
+    note: str | None = None
+    headline: str | None = None
+    summary: dict[str, Any] = {}
+    duration_s: float | None = None
+    started_at: str | None = None
+    attempts: int = 0
+
+    @field_validator("summary", mode="before")
+    @classmethod
+    def _no_summary(cls, value: Any) -> Any:
+        return value or {}
+
+    @property
+    def headline_value(self) -> Any:
+        """The summary's value of the stage's headline metric (None without one)."""
+        return self.summary.get(self.headline) if self.headline else None
+
+
+def stage_record(stage_dir: Path) -> StageRecord:
+    """The stage's manifest as a StageRecord (empty for a stage that never started)."""
+    return StageRecord.model_validate(read_manifest(stage_dir))

@@ -197,18 +197,27 @@ def load_tokenizer(source: Resolved, chat_template: str | None = None) -> PreTra
 
 
 def load_causal_lm(
-    source: Resolved, where: str, adapter: AdapterConfig | None = None
+    source: Resolved, where: str, adapter: AdapterConfig | None = None, args: Any = None
 ) -> PreTrainedModel:
     """The causal LM of `source` with fp32 master weights (bf16 or fp16 files are upcast), or,
     for QLoRA (`adapter.quantize: nf4`), its frozen base in 4 bits with bf16 compute.
 
-    The nf4 path needs CUDA and bitsandbytes (the plan refuses it elsewhere); it has not run on
-    this project's CPU-only machines."""
+    Under a ZeRO-3 or FSDP2 launch of several ranks (`args`, the trainer's arguments, made
+    first), it is sharded as it is built and streamed in from the files (trl_load): no rank
+    holds the whole model. The nf4 path needs CUDA and bitsandbytes (the plan refuses it
+    elsewhere); it has not run on this project's CPU-only machines."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from pipeline.train.distributed import hf_zero3_off
+    from pipeline.train.trl_load import load_for_trainer
+
+    quantize = adapter is not None and adapter.quantize == "nf4"
+    sharded = None if quantize else load_for_trainer(source.path, args, adapter is not None)
+    if sharded is not None:
+        return sharded  # type: ignore[return-value]
     quantized: dict[str, Any] = {}
-    if adapter is not None and adapter.quantize == "nf4":
+    if quantize:
         from transformers import BitsAndBytesConfig
 
         quantized = {
@@ -221,9 +230,10 @@ def load_causal_lm(
             "dtype": torch.bfloat16,
         }
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path, **({"dtype": torch.float32} | quantized)
-        )
+        with hf_zero3_off():  # one process: whole (DeepSpeed partitions at initialize)
+            model = AutoModelForCausalLM.from_pretrained(
+                source.path, **({"dtype": torch.float32} | quantized)
+            )
     except (OSError, ValueError) as exc:
         first = (str(exc).splitlines() or [""])[0]
         raise PipelineError(
@@ -235,6 +245,14 @@ def load_causal_lm(
 
         model = prepare_model_for_kbit_training(model)
     return model
+
+
+def causal_lm_twin(source: Resolved) -> PreTrainedModel:
+    """`source`'s causal LM on the meta device, built from its config alone: what the trainer's
+    arguments are made from (the layers FSDP wraps) before the weights load."""
+    from pipeline.train.sharded_load import causal_lm_from_config, on_meta
+
+    return on_meta(lambda: causal_lm_from_config(source.path))  # type: ignore[return-value]
 
 
 def keep_tokenizer_files(source: Path, export_dir: Path, chat_template: str | None) -> None:

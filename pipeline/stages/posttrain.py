@@ -8,7 +8,6 @@ TRL trainers do the training; this module only hands them our launch settings (t
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -44,7 +43,6 @@ RENAMED_KEYS = {
     "grad_clip": "optim.grad_clip",
     "warmup_steps": "schedule.warmup_steps",
 }
-FINGERPRINT_FILE = "fingerprint.txt"
 
 
 class TrainerOptimConfig(OptimConfig):
@@ -162,49 +160,6 @@ def task_evaluation(
     }
 
 
-def prepare_checkpoints(ctx: StageContext) -> str | None:
-    """The newest complete TRL checkpoint of this configuration to resume from.
-
-    Checkpoints of another configuration are removed, and so are incomplete ones (a kill during
-    a save): the Trainer writes trainer_state.json last on rank 0, so a checkpoint without it is
-    partial; every rank writes its own RNG state, which a kill can leave cut short after it.
-    """
-    marker = ctx.checkpoint_dir / FINGERPRINT_FILE
-    complete: list[Path] = []
-    if ctx.checkpoint_dir.is_dir():
-        found = [p for p in ctx.checkpoint_dir.glob("checkpoint-*") if p.name[11:].isdigit()]
-        complete = [p for p in found if (p / "trainer_state.json").is_file() and rng_whole(p)]
-        if ctx.is_main:
-            for partial in set(found) - set(complete):
-                ctx.log.warning("removing incomplete checkpoint %s", partial.name)
-                shutil.rmtree(partial, ignore_errors=True)
-    if ctx.is_main:
-        if marker.is_file() and marker.read_text() != ctx.fingerprint:
-            shutil.rmtree(ctx.checkpoint_dir)
-            complete = []
-        ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        marker.write_text(ctx.fingerprint)
-    elif marker.is_file() and marker.read_text() != ctx.fingerprint:
-        complete = []
-    newest = max(complete, key=lambda p: int(p.name[11:]), default=None)
-    return str(newest) if newest else None
-
-
-def rng_whole(checkpoint: Path) -> bool:
-    """Whether every RNG state file of a TRL checkpoint is whole: torch.save writes a zip
-    archive, whose directory comes last, so a file cut short does not open."""
-    import zipfile
-
-    for path in checkpoint.glob("rng_state*.pth"):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                if archive.testzip() is not None:
-                    return False
-        except (zipfile.BadZipFile, OSError):
-            return False
-    return True
-
-
 def training_arguments(ctx: StageContext, cfg: TrainerStageConfig, model: Any) -> dict[str, Any]:
     """TrainingArguments fields shared by every TRL config: launch, schedule, logging, saving."""
     import torch
@@ -221,7 +176,7 @@ def training_arguments(ctx: StageContext, cfg: TrainerStageConfig, model: Any) -
     )
     launch = ctx.recipe.launch_for(ctx.name)
     return {
-        **trainer_arguments(launch, shape, list(getattr(model, "_no_split_modules", None) or [])),
+        **trainer_arguments(launch, shape, sorted(getattr(model, "_no_split_modules", None) or [])),
         "output_dir": str(ctx.checkpoint_dir),
         "max_steps": cfg.max_steps,
         **trainer_optimizer(cfg.optim),
@@ -344,12 +299,14 @@ def fit(
     last logged values for the summary; `evaluate()` (rank 0, after the export) adds held-out
     metrics; `periodic` scores held-out problems during training.
     """
+    from pipeline.stages.trl_checkpoints import prepare_checkpoints, saved_marker_callback
     from pipeline.train.distributed import shard_on_cpu
 
     resume = prepare_checkpoints(ctx)
     with ctx.tracker() as tracker:
         callback = tracker_callback(tracker, periodic)
         trainer = build(callback)
+        trainer.add_callback(saved_marker_callback())
         shard_on_cpu(trainer)
         train_and_export(ctx, trainer, tokenizer, resume)
         summary: dict[str, Any] = last_metrics(callback, keys)

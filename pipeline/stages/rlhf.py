@@ -14,16 +14,16 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pipeline.engine.context import StageContext
-from pipeline.engine.errors import PipelineError
 from pipeline.engine.inputs import Input, PlanView, StageSpec
 from pipeline.engine.locations import Location
 from pipeline.stages.base_model import MODEL_INPUT, model_problems
 from pipeline.stages.chat import template_problems
-from pipeline.stages.dpo_losses import DpoLoss, dpo_losses
+from pipeline.stages.dpo_losses import DpoLoss
 from pipeline.stages.posttrain import BUILTIN_TASK, TaskStageConfig
 from pipeline.stages.reward_models import Ensemble
 from pipeline.stages.rewards import RewardName, reward_columns
 from pipeline.stages.rl_guard import GuardConfig
+from pipeline.stages.rlhf_trainers import generation_batch_problem
 from pipeline.stages.rows import draws_problems, pairs_problem, task_stage_draws
 
 # Fields only one algorithm reads (the others would ignore them), and the values that are off.
@@ -194,19 +194,6 @@ class Config(TaskStageConfig):
         return self
 
 
-def generation_batch_problem(cfg: Config, world_size: int, where: str) -> str | None:
-    """GRPO/RLOO score whole groups: the completions of one step must be a multiple of
-    num_generations (known from the recipe and its launch, so the plan checks it)."""
-    generation_batch = cfg.micro_batch_size * world_size * cfg.grad_accum_steps
-    if cfg.algorithm == "dpo" or generation_batch % cfg.num_generations == 0:
-        return None
-    return (
-        f"{where}: micro_batch_size x processes x grad_accum_steps = {generation_batch} "
-        f"completions per step is not a multiple of num_generations={cfg.num_generations}; "
-        f"change one of them"
-    )
-
-
 def reference_problem(cfg: Config, where: str) -> str | None:
     """GRPO/RLOO load no reference model when the KL coefficient is 0 (TRL's GRPO default), so
     there is none to sync."""
@@ -251,95 +238,24 @@ def plan_problems(view: PlanView) -> list[str]:
     return problems + draws_problems(cfg.task, draws, where)
 
 
-def prompt_rows(cfg: Config, seed: int, where: str) -> list[dict[str, Any]]:
-    """GRPO/RLOO prompts: the task's train problems (with `answer`) or the user's JSONL rows."""
-    from data_prep.tasks import task_problems
-    from pipeline.stages.rows import read_jsonl
-
-    if cfg.data == BUILTIN_TASK:
-        return [
-            {"prompt": p["prompt"], "answer": p["answer"]}
-            for p in task_problems(cfg.task, "train", cfg.num_examples, seed)
-        ]
-    return read_jsonl(cfg.data, (("prompt",),), where)[: cfg.num_examples]
-
-
-def build_trainer(ctx: StageContext, cfg: Config, model: Any, tokenizer: Any, callback: Any) -> Any:
-    """The TRL trainer for `cfg.algorithm`, configured from the recipe."""
-    from pipeline.stages.base_model import peft_config
-    from pipeline.stages.posttrain import training_arguments
-    from pipeline.stages.reward import preference_rows
-    from pipeline.stages.rewards import reward_functions
-    from pipeline.stages.rows import dataset
-
-    where = f"stages.{ctx.name}"
-    common = training_arguments(ctx, cfg, model)
-    ref = {"sync_ref_model": cfg.sync_ref_model, "ref_model_sync_steps": cfg.ref_model_sync_steps}
-    beta = {} if cfg.beta is None else {"beta": cfg.beta}
-    if cfg.algorithm == "dpo":
-        from trl import DPOConfig, DPOTrainer
-
-        pairs = ctx.input("pairs").path if cfg.pairs else None
-        rows, _ = preference_rows(cfg.data, cfg.task, cfg.num_examples, ctx.seed, where, 0, pairs)
-        columns = ("prompt", "chosen", "rejected")
-        return DPOTrainer(
-            model=model,
-            args=DPOConfig(**common, **ref, **beta, **dpo_losses(cfg), max_length=cfg.max_length),
-            train_dataset=dataset(rows, lambda r: {k: r[k] for k in columns}),
-            processing_class=tokenizer,
-            callbacks=[callback],
-            **peft_config(cfg),  # with an adapter, the base itself is the reference
-        )
-    if problem := generation_batch_problem(cfg, ctx.world_size, where):
-        raise PipelineError(problem)
-    funcs: list[Any] = reward_functions(cfg.rewards, cfg.task, where)
-    if cfg.reward_model:
-        import torch
-
-        from pipeline.stages.reward_models import ensemble_reward
-
-        paths = [r.path for r in ctx.inputs("reward_model")]
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        funcs.append(ensemble_reward(paths, cfg.ensemble, cfg.ensemble_lambda, device))
-    sampling = {
-        "num_generations": cfg.num_generations,
-        "max_completion_length": cfg.max_completion_length,
-        "temperature": cfg.temperature,
-        "reward_weights": cfg.reward_weights,
-        **ref,
-        **beta,
-    }
-    if cfg.algorithm == "grpo":
-        sampling |= {"num_iterations": cfg.num_iterations}
-        sampling |= {"loss_type": cfg.loss_type} if cfg.loss_type else {}
-        sampling |= {"scale_rewards": cfg.scale_rewards} if cfg.scale_rewards else {}
-        from trl import GRPOConfig as TrainerConfig
-        from trl import GRPOTrainer as Trainer
-    else:
-        from trl import RLOOConfig as TrainerConfig
-        from trl import RLOOTrainer as Trainer
-    return Trainer(
-        model=model,
-        reward_funcs=funcs,
-        args=TrainerConfig(**common, **sampling),
-        train_dataset=dataset(prompt_rows(cfg, ctx.seed, where)),
-        processing_class=tokenizer,
-        callbacks=[callback],
-        **peft_config(cfg),
-    )
-
-
 def run(ctx: StageContext) -> None:
     """Train the policy, export it, record reward statistics and held-out accuracy."""
-    from pipeline.stages.base_model import base_model, load_causal_lm, load_tokenizer
+    from pipeline.stages.base_model import (
+        base_model,
+        causal_lm_twin,
+        load_causal_lm,
+        load_tokenizer,
+    )
     from pipeline.stages.posttrain import fit, task_evaluation
     from pipeline.stages.rl_guard import guard_for
+    from pipeline.stages.rlhf_trainers import build_trainer, trainer_config
 
     cfg: Config = ctx.config  # type: ignore[assignment]
     source = base_model(ctx)
     tokenizer = load_tokenizer(source, cfg.chat_template)
     tokenizer.padding_side = "left"  # generation batches are left-padded
-    model = load_causal_lm(source, f"stages.{ctx.name}", cfg.adapter)
+    args = trainer_config(ctx, cfg, causal_lm_twin(source))
+    model = load_causal_lm(source, f"stages.{ctx.name}", cfg.adapter, args)
     ctx.log.info(
         "%s%s from %s, %d steps", cfg.algorithm.upper(), " (LoRA)" if cfg.adapter else "",
         source.label, cfg.max_steps,
@@ -347,7 +263,7 @@ def run(ctx: StageContext) -> None:
     guards: list[Any] = []
 
     def build(callback: Any) -> Any:
-        trainer = build_trainer(ctx, cfg, model, tokenizer, callback)
+        trainer = build_trainer(ctx, cfg, model, tokenizer, callback, args)
         guarded = guard_for(ctx, cfg, tokenizer, source.path, callback.log_metrics)
         if guarded is not None:  # the guard and the adaptive KL coefficient (rl_guard)
             guarded.trainer = trainer

@@ -47,7 +47,13 @@ def run(ctx: StageContext) -> None:
     """Train, export the HF model + tokenizer, record train loss and held-out accuracy."""
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.stages.base_model import base_model, load_causal_lm, load_tokenizer, peft_config
+    from pipeline.stages.base_model import (
+        base_model,
+        causal_lm_twin,
+        load_causal_lm,
+        load_tokenizer,
+        peft_config,
+    )
     from pipeline.stages.chat import assistant_masked_rows
     from pipeline.stages.posttrain import fit, task_evaluation, training_arguments
     from pipeline.stages.rows import dataset
@@ -56,20 +62,20 @@ def run(ctx: StageContext) -> None:
     where = f"stages.{ctx.name}"
     source = base_model(ctx)
     tokenizer = load_tokenizer(source, cfg.chat_template)
-    model = load_causal_lm(source, where, cfg.adapter)
     rows = training_rows(cfg, ctx.seed, where)
     conversational = "messages" in rows[0]
     if conversational and cfg.completion_only_loss:
         # Assistant spans found by rendering each conversation turn by turn with the model's own
         # template: no `{% generation %}` markers needed (TRL cannot patch most user templates).
         rows = assistant_masked_rows(tokenizer, rows, cfg.max_length, where)
-    args = SFTConfig(
-        **training_arguments(ctx, cfg, model),
+    args = SFTConfig(  # before the model: a ZeRO-3 launch loads it partitioned
+        **training_arguments(ctx, cfg, causal_lm_twin(source)),
         max_length=cfg.max_length,
         packing=cfg.packing,
         completion_only_loss=cfg.completion_only_loss and not conversational,
         dataset_num_proc=None,
     )
+    model = load_causal_lm(source, where, cfg.adapter, args)
     ctx.log.info(
         "SFT%s from %s on %d %s rows, %d steps", " (LoRA)" if cfg.adapter else "", source.label,
         len(rows), "chat" if conversational else "prompt/completion", cfg.max_steps,

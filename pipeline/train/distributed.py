@@ -6,6 +6,8 @@ builder, so batch size, accumulation and world size can never disagree between t
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -326,18 +328,38 @@ def _full_optimizer_state(module: Any, optimizer: Any, path: Path) -> dict[str, 
 
 def shard_on_cpu(trainer: Any) -> None:
     """Make `engine: fsdp` shard a TRL trainer's model on CPUs too, as `build_accelerator` does for
-    our loops: Accelerate selects FSDP only for GPU process groups and would run DDP instead."""
+    our loops: Accelerate selects FSDP only for GPU process groups and would run DDP instead.
+    A model that trl_load already sharded brings the plugin that sharded it (its wrap policy
+    resolved on the unsharded classes); the trainer takes that one, on GPUs too."""
     import torch
     from accelerate import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
+    loaded = getattr(trainer.model, "pipeline_fsdp_plugin", None)
+    if loaded is not None and trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin = loaded
     plugin_args = trainer.args.fsdp_plugin_args
     if torch.cuda.is_available() or not plugin_args or trainer.accelerator.num_processes < 2:
         return
-    plugin = FullyShardedDataParallelPlugin(**plugin_args)
-    if trainer.accelerator.mixed_precision != "no":
+    plugin = loaded or FullyShardedDataParallelPlugin(**plugin_args)
+    if loaded is None and trainer.accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(trainer.accelerator.mixed_precision)
     PartialState().distributed_type = DistributedType.FSDP
     trainer.accelerator.state.distributed_type = DistributedType.FSDP
     trainer.accelerator.state.fsdp_plugin = plugin
     trainer.is_fsdp_enabled = True
+
+
+@contextmanager
+def hf_zero3_off() -> Iterator[None]:
+    """transformers' ZeRO-3 switch (set by TrainingArguments or Accelerate for a ZeRO-3 launch)
+    off for a while: `from_pretrained` and `from_config` then build a model whole, not inside
+    a deepspeed.zero.Init of their own. The launch's switch is restored afterwards."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    switch = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = switch

@@ -7,8 +7,8 @@ each rank's shard only; ZeRO-3: partitioned as each module is created, by deepsp
 with the launch's config), then fills it one tensor at a time: rank 0 reads, for each rank, only
 the part of the tensor that rank keeps (FSDP2: its rows of dim 0; ZeRO-3: its range of the
 flattened tensor) and sends it there. A rank's peak is its own shard plus about one tensor's
-part. Without a sharding engine (DDP, ZeRO-1/2, one process) every rank gets the whole model,
-read the same way.
+part. Without a sharding engine (DDP, ZeRO-1/2, one process) every rank gets the whole model.
+The TRL stages (sft, rlhf), whose trainer prepares the model, load through pipeline.train.trl_load.
 
 Each tensor is read through its own `safe_open`: safetensors maps the file, and the pages a read
 touches stay in the process's RSS for as long as the mapping lives, so a handle kept open over
@@ -16,10 +16,9 @@ the whole load would make the whole file resident on rank 0.
 
 Weights load as fp32 master weights whatever dtype they are stored in (under ZeRO-3, in the dtype
 DeepSpeed partitions in: bf16 when the launch trains in bf16, as with transformers' own loading).
-Tied parameters (lm_head sharing the embedding) are filled once, from whichever of their names
-the files hold; buffers keep the values the constructor computed (rotary inv_freq) unless the
-files hold them. A name or shape the files lack is an error raised on every rank before any
-rank waits in a collective.
+Tied parameters are filled once, from whichever of their names the files hold; buffers keep
+the values the constructor computed (rotary inv_freq) unless the files hold them. A name or
+shape the files lack is an error raised on every rank before any rank waits in a collective.
 """
 
 from __future__ import annotations
@@ -34,17 +33,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.engine.errors import PipelineError
-from pipeline.train.distributed import engine_layout
+from pipeline.train.distributed import engine_layout, hf_zero3_off
 
-# torch, transformers, safetensors and deepspeed are imported where they are used: they take
-# seconds to import, and deepspeed is needed by ZeRO-3 launches only.
+# torch, transformers, safetensors, deepspeed: imported where used (seconds to import).
 if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
 
 INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
-# Where a model tensor's weights are: (safetensors file, tensor name in it).
-Source = tuple[Path, str]
+Source = tuple[Path, str]  # where a model tensor's weights are: (file, name in it)
 
 
 def load_sharded(
@@ -59,15 +56,15 @@ def load_sharded(
     layout = engine_layout(accelerator)
     plugin = accelerator.state.deepspeed_plugin
     if layout == "deepspeed" and plugin.zero_stage == 3:
-        with _zero3_construction(plugin):
+        with zero3_construction(plugin.deepspeed_config):
             model = build()
-        _fill(_tied(model), model_dir, _fill_zero3)
+        fill(_tied(model), model_dir, fill_zero3)
         return model
     model = on_meta(build)
     if layout == "fsdp":
         model = accelerator.prepare(model)  # shards the meta parameters: FSDP2's own layout
-    _materialise(getattr(model, "_orig_mod", model), accelerator.device)
-    _fill(getattr(model, "_orig_mod", model), model_dir, _fill_tensor)
+    materialise(getattr(model, "_orig_mod", model), accelerator.device)
+    fill(getattr(model, "_orig_mod", model), model_dir, fill_tensor)
     return model
 
 
@@ -130,43 +127,34 @@ def _tied(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextmanager
-def _zero3_construction(plugin: Any) -> Iterator[None]:
+def zero3_construction(ds_config: dict[str, Any]) -> Iterator[None]:
     """Partition each module as it is created (deepspeed.zero.Init, configured as the launch
     trains) without initialising it: the weights replace any init. transformers' own ZeRO-3
     switch (which Accelerate turns on) is off meanwhile: it would wrap from_config in a second
-    zero.Init and then gather every module once more to initialise it. DeepSpeed creates each
-    parameter whole before partitioning it; the freed whole tensors are handed back to the
-    system as each module is done, or a CPU rank's RSS grows toward the whole model."""
+    zero.Init and then gather every module once more to initialise it. The whole tensors
+    DeepSpeed creates before partitioning are handed back to the system module by module."""
     import deepspeed
     import torch
     from transformers.initialization import no_init_weights
-    from transformers.integrations.deepspeed import (
-        is_deepspeed_zero3_enabled,
-        prevent_arange_dtype_change,
-        unset_hf_deepspeed_config,
-    )
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
-    transformers_zero3 = is_deepspeed_zero3_enabled()
-    unset_hf_deepspeed_config()
     hooks = torch.nn.modules.module.register_module_module_registration_hook(_release_freed)
     try:
         # prevent_arange_dtype_change must come first: zero.Init would build rotary buffers
         # in its own dtype (bf16 under a bf16 launch).
         with (
+            hf_zero3_off(),
             no_init_weights(),
             prevent_arange_dtype_change(),
-            deepspeed.zero.Init(config_dict_or_path=plugin.deepspeed_config),
+            deepspeed.zero.Init(config_dict_or_path=ds_config),
         ):
             yield
     finally:
         hooks.remove()
-        if transformers_zero3:
-            plugin.set_deepspeed_weakref()
 
 
 def _release_freed(*_: Any) -> None:
-    """Hand the C heap's free pages back to the system (glibc's malloc_trim; elsewhere a no-op).
-    glibc keeps freed blocks below its (adaptive) mmap threshold in the heap."""
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim, else a no-op)."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
@@ -177,7 +165,7 @@ def _malloc_trim() -> Any:
     return getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
-def _materialise(model: torch.nn.Module, device: torch.device) -> None:
+def materialise(model: torch.nn.Module, device: torch.device) -> None:
     """Give the meta parameters (each rank's shards, under FSDP2) uninitialised memory on
     `device`; buffers keep their computed values (to_empty would leave them uninitialised)."""
     import torch
@@ -192,11 +180,10 @@ def _materialise(model: torch.nn.Module, device: torch.device) -> None:
     _tied(model)
 
 
-def _fill(model: torch.nn.Module, model_dir: Path, fill_one: Callable[..., None]) -> None:
+def fill(model: torch.nn.Module, model_dir: Path, fill_one: Callable[..., None]) -> None:
     """Fill every parameter (and each persistent buffer the files hold) from model_dir, one
-    tensor at a time. Rank 0 alone reads the directory and decides which file tensor fills
-    which model tensor; a problem it finds (a missing weight, a shape that disagrees with the
-    config) is raised on every rank, before any rank waits in a collective."""
+    tensor at a time. Rank 0 alone reads the directory and matches file tensors to model ones;
+    a problem it finds is raised on every rank, before any rank waits in a collective."""
     import torch
     import torch.distributed as dist
 
@@ -275,7 +262,7 @@ def _targets(model: torch.nn.Module) -> Iterator[tuple[list[str], bool, torch.Te
         yield aliases + bare, is_param, tensor
 
 
-def _fill_tensor(tensor: torch.Tensor, source: Source, rank: int) -> None:
+def fill_tensor(tensor: torch.Tensor, source: Source, rank: int) -> None:
     """FSDP2's DTensor shard or a whole tensor (replicated buffers, DDP), from rank 0."""
     from torch.distributed.tensor import DTensor
 
@@ -316,7 +303,7 @@ def _fill_dtensor(param: Any, source: Source, rank: int) -> None:
     _send_parts(local, owners, spans, lambda start, end: read_tensor(source, start, end), rank)
 
 
-def _fill_zero3(param: Any, source: Source, rank: int) -> None:
+def fill_zero3(param: Any, source: Source, rank: int) -> None:
     """One ZeRO-3 parameter. Its partition on rank i is elements [i * size, (i + 1) * size) of
     the flattened tensor (the last one padded), so rank 0 reads and sends each rank only those;
     a partition swapped to NVMe or quantised is filled through a gather instead. A buffer
@@ -350,16 +337,14 @@ def _fill_zero3(param: Any, source: Source, rank: int) -> None:
 
 
 def _whole_world(owners: list[int]) -> bool:
-    """Whether `owners` are all the ranks: then every rank takes the same path, whatever group
-    it is in."""
+    """Whether `owners` are all the ranks (then every rank takes the same path)."""
     import torch.distributed as dist
 
     return sorted(owners) == list(range(dist.get_world_size()))
 
 
 def _spans(total: int, size: int, parts: int) -> list[tuple[int, int]]:
-    """[start, end) of each of `parts` consecutive chunks of `size` out of `total` (the last
-    ones shorter or empty)."""
+    """[start, end) of `parts` consecutive chunks of `size` in `total` (the last ones short)."""
     return [(min(i * size, total), min((i + 1) * size, total)) for i in range(parts)]
 
 

@@ -1,0 +1,120 @@
+"""The TRL trainers of the rlhf stage: their configs (made before the model, so that a ZeRO-3
+launch loads it partitioned), their data and their rewards. `cfg` is the rlhf stage's Config
+(typed loosely here: that module imports this one)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pipeline.engine.errors import PipelineError
+from pipeline.stages.dpo_losses import dpo_losses
+from pipeline.stages.posttrain import BUILTIN_TASK
+
+if TYPE_CHECKING:
+    from pipeline.engine.context import StageContext
+
+
+def generation_batch_problem(cfg: Any, world_size: int, where: str) -> str | None:
+    """GRPO/RLOO score whole groups: the completions of one step must be a multiple of
+    num_generations (known from the recipe and its launch, so the plan checks it)."""
+    generation_batch = cfg.micro_batch_size * world_size * cfg.grad_accum_steps
+    if cfg.algorithm == "dpo" or generation_batch % cfg.num_generations == 0:
+        return None
+    return (
+        f"{where}: micro_batch_size x processes x grad_accum_steps = {generation_batch} "
+        f"completions per step is not a multiple of num_generations={cfg.num_generations}; "
+        f"change one of them"
+    )
+
+
+def prompt_rows(cfg: Any, seed: int, where: str) -> list[dict[str, Any]]:
+    """GRPO/RLOO prompts: the task's train problems (with `answer`) or the user's JSONL rows."""
+    from data_prep.tasks import task_problems
+    from pipeline.stages.rows import read_jsonl
+
+    if cfg.data == BUILTIN_TASK:
+        return [
+            {"prompt": p["prompt"], "answer": p["answer"]}
+            for p in task_problems(cfg.task, "train", cfg.num_examples, seed)
+        ]
+    return read_jsonl(cfg.data, (("prompt",),), where)[: cfg.num_examples]
+
+
+def trainer_config(ctx: StageContext, cfg: Any, twin: Any) -> Any:
+    """The TRL config for `cfg.algorithm` (made before the model: a ZeRO-3 launch loads it
+    partitioned); `twin` is the model on the meta device."""
+    from pipeline.stages.posttrain import training_arguments
+
+    common = training_arguments(ctx, cfg, twin)
+    ref = {"sync_ref_model": cfg.sync_ref_model, "ref_model_sync_steps": cfg.ref_model_sync_steps}
+    beta = {} if cfg.beta is None else {"beta": cfg.beta}
+    if cfg.algorithm == "dpo":
+        from trl import DPOConfig
+
+        return DPOConfig(**common, **ref, **beta, **dpo_losses(cfg), max_length=cfg.max_length)
+    if problem := generation_batch_problem(cfg, ctx.world_size, f"stages.{ctx.name}"):
+        raise PipelineError(problem)
+    sampling = {
+        "num_generations": cfg.num_generations,
+        "max_completion_length": cfg.max_completion_length,
+        "temperature": cfg.temperature,
+        "reward_weights": cfg.reward_weights,
+        **ref,
+        **beta,
+    }
+    if cfg.algorithm == "grpo":
+        from trl import GRPOConfig
+
+        sampling |= {"num_iterations": cfg.num_iterations}
+        sampling |= {"loss_type": cfg.loss_type} if cfg.loss_type else {}
+        sampling |= {"scale_rewards": cfg.scale_rewards} if cfg.scale_rewards else {}
+        return GRPOConfig(**common, **sampling)
+    from trl import RLOOConfig
+
+    return RLOOConfig(**common, **sampling)
+
+
+def build_trainer(
+    ctx: StageContext, cfg: Any, model: Any, tokenizer: Any, callback: Any, args: Any
+) -> Any:
+    """The TRL trainer for `cfg.algorithm` with its data and rewards, configured by `args`."""
+    from pipeline.stages.base_model import peft_config
+    from pipeline.stages.reward import preference_rows
+    from pipeline.stages.rewards import reward_functions
+    from pipeline.stages.rows import dataset
+
+    where = f"stages.{ctx.name}"
+    if cfg.algorithm == "dpo":
+        from trl import DPOTrainer
+
+        pairs = ctx.input("pairs").path if cfg.pairs else None
+        rows, _ = preference_rows(cfg.data, cfg.task, cfg.num_examples, ctx.seed, where, 0, pairs)
+        columns = ("prompt", "chosen", "rejected")
+        return DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset(rows, lambda r: {k: r[k] for k in columns}),
+            processing_class=tokenizer,
+            callbacks=[callback],
+            **peft_config(cfg),  # with an adapter, the base itself is the reference
+        )
+    funcs: list[Any] = reward_functions(cfg.rewards, cfg.task, where)
+    if cfg.reward_model:
+        import torch
+
+        from pipeline.stages.reward_models import ensemble_reward
+
+        paths = [r.path for r in ctx.inputs("reward_model")]
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        funcs.append(ensemble_reward(paths, cfg.ensemble, cfg.ensemble_lambda, device))
+    from trl import GRPOTrainer, RLOOTrainer
+
+    return (GRPOTrainer if cfg.algorithm == "grpo" else RLOOTrainer)(
+        model=model,
+        reward_funcs=funcs,
+        args=args,
+        train_dataset=dataset(prompt_rows(cfg, ctx.seed, where)),
+        processing_class=tokenizer,
+        callbacks=[callback],
+        **peft_config(cfg),
+    )

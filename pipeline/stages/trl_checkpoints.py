@@ -1,0 +1,98 @@
+"""Which TRL checkpoint a rerun resumes from.
+
+A checkpoint is complete when every rank finished saving it. The Trainer writes
+trainer_state.json last, on rank 0 only, and each rank its own RNG state, so a kill during a save
+can leave a checkpoint that looks whole on rank 0 while another rank had not yet written its
+part. Every rank therefore leaves a marker `saved-rank{r}-of{world}` once its save is done (a
+callback's on_save), and a checkpoint of several ranks in a directory that began with markers
+(MARKERS_FILE) is complete only with all of them. One process's checkpoints, and those from
+before markers, are judged as before: trainer_state.json present and every RNG file whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.engine.context import StageContext
+
+FINGERPRINT_FILE = "fingerprint.txt"
+MARKERS_FILE = "saved-markers.txt"  # in a checkpoint directory whose checkpoints have markers
+SAVED = re.compile(r"saved-rank(\d+)-of(\d+)")
+
+
+def prepare_checkpoints(ctx: StageContext) -> str | None:
+    """The newest complete TRL checkpoint of this configuration to resume from.
+
+    Checkpoints of another configuration are removed, and so are incomplete ones (a kill during
+    a save).
+    """
+    marker = ctx.checkpoint_dir / FINGERPRINT_FILE
+    complete: list[Path] = []
+    found: list[Path] = []
+    if ctx.checkpoint_dir.is_dir():
+        found = [p for p in ctx.checkpoint_dir.glob("checkpoint-*") if p.name[11:].isdigit()]
+        marked = (ctx.checkpoint_dir / MARKERS_FILE).is_file()
+        complete = [p for p in found if checkpoint_complete(p, marked)]
+        if ctx.is_main:
+            for partial in set(found) - set(complete):
+                ctx.log.warning("removing incomplete checkpoint %s", partial.name)
+                shutil.rmtree(partial, ignore_errors=True)
+    if ctx.is_main:
+        if marker.is_file() and marker.read_text() != ctx.fingerprint:
+            ctx.log.info("removing the checkpoints of another configuration")
+            shutil.rmtree(ctx.checkpoint_dir)
+            complete = found = []
+        ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(ctx.fingerprint)
+        if not found:  # checkpoints made from now on carry markers
+            (ctx.checkpoint_dir / MARKERS_FILE).write_text("every rank marks its saves\n")
+    elif marker.is_file() and marker.read_text() != ctx.fingerprint:
+        complete = []
+    newest = max(complete, key=lambda p: int(p.name[11:]), default=None)
+    return str(newest) if newest else None
+
+
+def checkpoint_complete(checkpoint: Path, marked: bool) -> bool:
+    """Whether every rank finished saving `checkpoint`: all its ranks' markers (`marked`, for a
+    save by several ranks: their RNG files are rng_state_{rank}.pth); for one process, or a
+    checkpoint from before markers, trainer_state.json (written last) and whole RNG files."""
+    if marked and any(checkpoint.glob("rng_state_*.pth")):
+        saved = [SAVED.fullmatch(p.name) for p in checkpoint.glob("saved-rank*-of*")]
+        ranks = {int(m[1]) for m in saved if m}
+        worlds = {int(m[2]) for m in saved if m}
+        return len(worlds) == 1 and ranks == set(range(worlds.pop()))
+    return (checkpoint / "trainer_state.json").is_file() and rng_whole(checkpoint)
+
+
+def rng_whole(checkpoint: Path) -> bool:
+    """Whether every RNG state file of a TRL checkpoint is whole: torch.save writes a zip
+    archive, whose directory comes last, so a file cut short does not open."""
+    import zipfile
+
+    for path in checkpoint.glob("rng_state*.pth"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                if archive.testzip() is not None:
+                    return False
+        except (zipfile.BadZipFile, OSError):
+            return False
+    return True
+
+
+def saved_marker_callback() -> Any:
+    """A TrainerCallback that marks, on every rank, each checkpoint this rank finished saving
+    (the Trainer calls on_save after its whole save, on every rank)."""
+    from transformers import TrainerCallback
+
+    class SavedMarker(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            name = f"saved-rank{args.process_index}-of{args.world_size}"
+            with contextlib.suppress(FileNotFoundError):  # rotated away by rank 0 meanwhile
+                (checkpoint / name).write_text("")
+
+    return SavedMarker()

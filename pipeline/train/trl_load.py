@@ -1,0 +1,98 @@
+"""Loading at scale for the TRL stages (sft, rlhf): the policy built sharded, the way the
+trainer's launch trains it, and streamed in from its directory (pipeline.train.sharded_load), so
+that no rank holds the whole model.
+
+The stage makes its TrainingArguments first (they set up the process group and name the
+engine), then calls `load_for_trainer`:
+- ZeRO-3: the model is partitioned as each module is created (deepspeed.zero.Init with the
+  launch's config); deepspeed.initialize keeps that partitioning and partitions what is added
+  later (LoRA).
+- FSDP2, full fine-tuning: the model is built on the meta device, sharded by Accelerate's own
+  FSDP2 preparation with the trainer's plugin, given memory for each rank's shards and filled.
+  The trainer's `accelerator.prepare` then finds an FSDP module and keeps it as it is.
+- Anything else (one process, DDP, ZeRO-1/2, FSDP2 with an adapter, QLoRA): None, and the stage
+  loads the model whole. With an adapter under FSDP2, peft must wrap the base before FSDP shards
+  it, and its LoRA weights would then have to be initialised on shards: not done.
+
+Reference models that TRL itself creates (GRPO/RLOO with beta > 0 and no adapter) are loaded by
+TRL through transformers, not here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+from pipeline.train.sharded_load import (
+    causal_lm_from_config,
+    fill,
+    fill_tensor,
+    fill_zero3,
+    materialise,
+    on_meta,
+    zero3_construction,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+def load_for_trainer(model_dir: Path, args: Any, adapter: bool) -> torch.nn.Module | None:
+    """model_dir's causal LM sharded as the trainer's arguments `args` train it, or None when
+    this launch loads it whole (see the module docstring)."""
+    if args is None or args.world_size < 2:
+        return None
+    ds = getattr(args, "hf_deepspeed_config", None)
+    if ds is not None and ds.is_zero3():
+        log.info("loading %s partitioned over %d ranks (ZeRO-3)", model_dir, args.world_size)
+        return load_zero3(model_dir, ds.config)
+    if args.fsdp_plugin_args and not adapter:
+        log.info("loading %s sharded over %d ranks (FSDP2)", model_dir, args.world_size)
+        return load_fsdp2(model_dir, args)
+    return None
+
+
+def load_zero3(model_dir: Path, ds_config: dict[str, Any]) -> torch.nn.Module:
+    """model_dir's causal LM partitioned by ZeRO-3 as `ds_config` trains it, holding its
+    weights. The process group must exist (a TRL stage's TrainingArguments set it up)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not deepspeed.comm.is_initialized():  # DeepSpeed's view of the TrainingArguments' group
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    with zero3_construction(ds_config):
+        model = causal_lm_from_config(model_dir)
+    model.tie_weights()
+    fill(model, model_dir, fill_zero3)
+    return model
+
+
+def load_fsdp2(model_dir: Path, args: Any) -> torch.nn.Module:
+    """model_dir's causal LM sharded by FSDP2 exactly as the trainer's Accelerator would shard
+    it (the same plugin, built from `args` as pipeline.train.distributed.shard_on_cpu builds
+    it), each rank's shards filled from the files."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    precision = "bf16" if args.bf16 else "no"
+    if precision != "no":
+        plugin.set_mixed_precision(precision)
+    # What fsdp2_prepare_model reads of an Accelerator; the trainer's own comes later.
+    accelerator = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin),
+        is_main_process=args.process_index == 0,
+        mixed_precision=precision,
+        device=args.device,
+    )
+    model = fsdp2_prepare_model(accelerator, on_meta(lambda: causal_lm_from_config(model_dir)))
+    materialise(model, args.device)
+    fill(model, model_dir, fill_tensor)
+    # The trainer must shard with this plugin: a fresh one would look for the layer classes by
+    # name, which FSDP2 has renamed (FSDPQwen2DecoderLayer). See distributed.shard_on_cpu.
+    model.pipeline_fsdp_plugin = plugin
+    return model
