@@ -1,7 +1,11 @@
 """What every verifiable task is: a space of problems split by prompt hash, and how a completion
-is read and graded. The generated families (data_prep.tasks) and the user's JSONL tasks
-(data_prep.user_tasks) both build on it; it lives apart so that the union of all of them
-(data_prep.tasks.TaskConfig) imports both without a cycle.
+is read and graded. The generated families (data_prep.tasks, data_prep.tasks_reasoning) and the
+user's JSONL tasks (data_prep.user_tasks) all build on it; it lives apart so that the union of
+all of them (data_prep.tasks.TaskConfig) imports each without a cycle.
+
+A generated task (GeneratedTask) also writes a worked solution for every problem (`format: cot`,
+data_prep.thinking) and has an out-of-distribution space beside its own (longer operands, more
+numbers), fixed by its options.
 """
 
 from __future__ import annotations
@@ -10,12 +14,15 @@ import hashlib
 import random
 import re
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
+from data_prep.thinking import after_think, cot_completion, well_formed_answer
 from pipeline.engine.config import Strict
+from pipeline.engine.errors import PipelineError
 
+ENUMERATE_LIMIT = 200_000  # larger problem spaces are sampled instead of listed
 ANSWER = re.compile(r"\s*(-?\d+)")
 BARE_ANSWER = re.compile(r"\s*-?\d+\s*")
 
@@ -41,8 +48,14 @@ class TaskBase(Strict):
         raise NotImplementedError
 
     def sample_key(self, rng: random.Random) -> Key:
-        """One problem drawn uniformly from the space."""
+        """One problem drawn uniformly from the space (or from a bound of it that `in_space`
+        narrows)."""
         raise NotImplementedError
+
+    def in_space(self, key: Key) -> bool:
+        """Whether a drawn key is a problem of the space: checked after the cheap split test, for
+        spaces costly to test (countdown solves each draw)."""
+        return True
 
     def prompt(self, key: Key) -> str:
         raise NotImplementedError
@@ -67,15 +80,31 @@ class TaskBase(Strict):
         digest = hashlib.sha256(self.prompt(key).encode()).digest()
         return "test" if int.from_bytes(digest[:8], "big") % 100 < self.test_percent else "train"
 
+    def completion(self, key: Key, answer: str) -> str:
+        """The completion that gives `answer` to problem `key` (the right one or a near miss)."""
+        return f" {answer}"
+
     def problem(self, key: Key) -> dict[str, Any]:
         """One problem as {"prompt", "completion", "answer", "subtask"}."""
         answer = self.answer(key)
         return {
             "prompt": self.prompt(key),
-            "completion": f" {answer}",
+            "completion": self.completion(key, answer),
             "answer": answer,
             "subtask": self.subtask(key),
         }
+
+    def reference_length(self, prompt: str, answer: str) -> int:
+        """Characters of the reference completion of the problem with `prompt` and `answer`."""
+        return len(f" {answer}")
+
+    def ood_task(self) -> TaskBase:
+        """The task over the out-of-distribution space (test_percent kept): problems no option
+        of this task's own space reaches."""
+        raise PipelineError(
+            f"task {self.FAMILY} has no out-of-distribution split; use a generated task "
+            "(arithmetic, sort, reverse, addition, countdown) or the test split"
+        )
 
     def parse(self, completion: Any) -> str | None:
         """The answer a completion gives, or None (generated tasks: its leading digit string)."""
@@ -91,7 +120,7 @@ class TaskBase(Strict):
         """(exact, partial credit) of one completion against the right answer; `problem` (the
         problem's row, when the caller has it) is for tasks whose scorer reads more than the
         answer."""
-        got = parse_answer(completion)
+        got = self.parse(completion)
         want = str(answer).strip()
         if got is None or not want:
             return 0.0, 0.0
@@ -108,6 +137,72 @@ class TaskBase(Strict):
     def signature(self) -> dict[str, Any]:
         """What the task reads beyond its options (file versions), for stage fingerprints."""
         return {}
+
+
+class GeneratedTask(TaskBase):
+    """A task whose problems a rule generates: it can write each one's worked solution and has
+    an out-of-distribution space beside its own."""
+
+    format: Literal["direct", "cot"] = Field(
+        "direct",
+        description="direct: the completion is ` answer` | cot: ` <think>worked steps</think> "
+        "answer`, the answer read after </think> only",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The task's fields, less `format` and the `ood_*` options at their defaults: they came
+        after runs existed, and a stage's fingerprint hashes its config, so runs made before
+        them keep their fingerprints (and skip what is up to date)."""
+        data = handler(self)
+        for name, field in type(self).model_fields.items():
+            new = name == "format" or name.startswith("ood_")
+            if new and name in data and getattr(self, name) == field.default:
+                del data[name]
+        return data
+
+    def steps(self, key: Key) -> str:
+        """The worked solution of problem `key` (what the think block holds)."""
+        raise NotImplementedError
+
+    def key_of(self, prompt: str) -> Key | None:
+        """The problem whose prompt `prompt` is, or None when it is no prompt of this family."""
+        raise NotImplementedError
+
+    def parse_text(self, text: str) -> str | None:
+        """The answer a text starts with (a digit string with an optional minus), or None."""
+        return parse_answer(text)
+
+    def is_bare_text(self, text: str) -> bool:
+        """True when a text is only an answer (surrounding whitespace allowed)."""
+        return is_bare_answer(text)
+
+    def completion(self, key: Key, answer: str) -> str:
+        if self.format == "cot":
+            return cot_completion(self.steps(key), answer)
+        return f" {answer}"
+
+    def reference_length(self, prompt: str, answer: str) -> int:
+        key = self.key_of(prompt) if self.format == "cot" else None
+        if key is None:
+            return super().reference_length(prompt, answer)
+        return len(self.completion(key, self.answer(key)))
+
+    def parse(self, completion: Any) -> str | None:
+        """The answer a completion gives: what it starts with (direct), or what the text after
+        its one `</think>` starts with (cot); None if none."""
+        text: str | None = completion_text(completion)
+        if self.format == "cot":
+            text = after_think(text or "")
+        return None if text is None else self.parse_text(text)
+
+    def is_bare(self, completion: Any) -> bool:
+        """Direct: only an answer. Cot: one well-formed think block with steps, then only one
+        answer."""
+        text: str | None = completion_text(completion)
+        if self.format == "cot":
+            text = well_formed_answer(text or "")
+        return text is not None and self.is_bare_text(text)
 
 
 def task_file_signature(task: TaskBase | None) -> dict[str, Any]:

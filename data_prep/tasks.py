@@ -1,14 +1,19 @@
 """Verifiable tasks: generated problems with exact answers, for pretraining text, SFT, RL and eval.
 
-One registry of task families (arithmetic, reverse, sort), each a typed config with its own
-difficulty knobs. Every answer is a digit string (an integer for arithmetic), so one parser and
-one format check serve every family, and a digit-splitting tokenizer sees one token per digit.
+One registry of task families (arithmetic, reverse, sort here; addition and countdown in
+data_prep.tasks_reasoning), each a typed config with its own difficulty knobs. Answers are digit
+strings (an integer for arithmetic and addition; an expression for countdown, checked by its own
+scorer), and a digit-splitting tokenizer sees one token per digit. Every generated family writes
+its answers directly or after a worked solution (`format: cot`, `<think>steps</think> answer`).
 The user's own problems come from a JSONL file (data_prep.user_tasks.JsonlTask, `name: jsonl`)
 with a scorer of their choosing; everything below treats both alike.
 
 Every problem belongs to the train or the test split by a hash of its prompt alone, never of a
 seed or an option: changing a difficulty knob, a count or a seed never moves a problem across the
-split, so no stage ever trains on a problem that eval scores.
+split, so no stage ever trains on a problem that eval scores. The out-of-distribution split
+("ood") holds the test-split problems of a space beside the task's own (longer operands, more
+numbers; data_prep.task_base.GeneratedTask.ood_task): outside the task's space, so never trained
+on, and held out by hash too, so a task widened to reach them never trains on them either.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 from collections.abc import Iterator
 from functools import cache
 from typing import Annotated, Any, ClassVar, Literal
@@ -24,24 +30,30 @@ from pydantic import Field, model_validator
 
 # completion_text, is_bare_answer, parse_answer: re-exported, callers import them from here.
 from data_prep.task_base import (  # noqa: F401
+    ENUMERATE_LIMIT,
+    GeneratedTask,
     Key,
     TaskBase,
     completion_text,
     is_bare_answer,
     parse_answer,
 )
+from data_prep.tasks_reasoning import AdditionTask, CountdownTask
 from data_prep.user_tasks import JsonlTask
+from data_prep.worked import arithmetic_steps, counting_steps, reversing_steps
 from pipeline.engine.errors import PipelineError
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "ood")
 PROBLEMS_PER_DOCUMENT = 16
-ENUMERATE_LIMIT = 200_000  # larger problem spaces are sampled instead of listed
+SAMPLE_TRIES = 100  # draws per problem (plus a floor) before a sampled split counts as too small
+ARITHMETIC_PROMPT = re.compile(r"What is (\d+) ([-+*]) (\d+)\?")
 # Bump when a family's problem space or text format changes (part of source fingerprints).
 GENERATOR_VERSION = 3
 
 
-class ArithmeticTask(TaskBase):
-    """`What is a op b?` with operands in [min_operand, max_operand]; subtask: the operator."""
+class ArithmeticTask(GeneratedTask):
+    """`What is a op b?` with operands in [min_operand, max_operand]; subtask: the operator.
+    Cot: columns with carries or borrows, or partial products and their sum."""
 
     FAMILY = "arithmetic"
     name: Literal["arithmetic"] = "arithmetic"
@@ -50,13 +62,27 @@ class ArithmeticTask(TaskBase):
     operators: list[Literal["+", "-", "*"]] = Field(
         ["+", "-", "*"], min_length=1, description="operators to draw from"
     )
+    ood_max_operand: int | None = Field(
+        None, ge=1,
+        description="out-of-distribution split: operands in max_operand+1..this; default one "
+        "digit more (10 x max_operand + 9)",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _check_range(self) -> ArithmeticTask:
         if self.max_operand < self.min_operand:
-            raise ValueError(f"max_operand {self.max_operand} < min_operand {self.min_operand}")
+            raise ValueError(
+                f"max_operand {self.max_operand} < min_operand {self.min_operand}; raise "
+                "max_operand or lower min_operand"
+            )
         if len(set(self.operators)) != len(self.operators):
-            raise ValueError(f"operators {self.operators} repeat an operator")
+            raise ValueError(f"operators {self.operators} repeat an operator; list each once")
+        if self.ood_max_operand is not None and self.ood_max_operand <= self.max_operand:
+            raise ValueError(
+                f"ood_max_operand {self.ood_max_operand} must exceed max_operand "
+                f"{self.max_operand} (out-of-distribution operands are larger); raise it or "
+                "leave it out"
+            )
         return self
 
     def all_keys(self) -> Iterator[Key]:
@@ -76,12 +102,24 @@ class ArithmeticTask(TaskBase):
         a, op, b = key
         return f"What is {a} {op} {b}?"
 
+    def key_of(self, prompt: str) -> Key | None:
+        match = ARITHMETIC_PROMPT.search(prompt)
+        return (int(match.group(1)), match.group(2), int(match.group(3))) if match else None
+
     def answer(self, key: Key) -> str:
         a, op, b = key
         return str(a + b if op == "+" else a - b if op == "-" else a * b)
 
+    def steps(self, key: Key) -> str:
+        return arithmetic_steps(*key)
+
     def subtask(self, key: Key) -> str:
         return key[1]
+
+    def ood_task(self) -> ArithmeticTask:
+        """Both operands in max_operand+1..ood_max_operand."""
+        top = self.ood_max_operand or 10 * self.max_operand + 9
+        return self.model_copy(update={"min_operand": self.max_operand + 1, "max_operand": top})
 
     def partial_credit(self, got: str, want: str) -> float:
         return 1.0 / (1.0 + abs(int(got) - int(want)))
@@ -95,21 +133,36 @@ class ArithmeticTask(TaskBase):
         return str(rng.choice([c for c in candidates if c != answer]))
 
 
-class DigitStringTask(TaskBase):
+class DigitStringTask(GeneratedTask):
     """Base of tasks on a string of `min_length`..`max_length` digits; subtask: the length."""
 
     min_length: int = Field(3, ge=1, le=12, description="fewest digits in the input")
     max_length: int = Field(6, ge=1, le=12, description="most digits in the input")
     digits: str = Field("0123456789", min_length=2, description="digits the input is drawn from")
+    ood_max_length: int | None = Field(
+        None, ge=2, le=16,
+        description="out-of-distribution split: inputs of max_length+1 to this many digits; "
+        "default max_length + 2",
+    )  # fmt: skip
 
     VERB: ClassVar[str] = ""
 
     @model_validator(mode="after")
     def _check_lengths(self) -> DigitStringTask:
         if self.max_length < self.min_length:
-            raise ValueError(f"max_length {self.max_length} < min_length {self.min_length}")
+            raise ValueError(
+                f"max_length {self.max_length} < min_length {self.min_length}; raise max_length "
+                "or lower min_length"
+            )
         if not self.digits.isdigit() or len(set(self.digits)) != len(self.digits):
-            raise ValueError(f"digits {self.digits!r} must be distinct decimal digits")
+            raise ValueError(
+                f"digits {self.digits!r} must be distinct decimal digits; e.g. '0123456789'"
+            )
+        if self.ood_max_length is not None and self.ood_max_length <= self.max_length:
+            raise ValueError(
+                f"ood_max_length {self.ood_max_length} must exceed max_length {self.max_length} "
+                "(out-of-distribution inputs are longer); raise it or leave it out"
+            )
         return self
 
     def all_keys(self) -> Iterator[Key]:
@@ -130,8 +183,17 @@ class DigitStringTask(TaskBase):
     def prompt(self, key: Key) -> str:
         return f"{self.VERB} {key[0]}:"
 
+    def key_of(self, prompt: str) -> Key | None:
+        match = re.search(rf"{self.VERB} (\d+):", prompt)
+        return (match.group(1),) if match else None
+
     def subtask(self, key: Key) -> str:
         return f"length {len(key[0])}"
+
+    def ood_task(self) -> DigitStringTask:
+        """Inputs of max_length+1 to ood_max_length digits."""
+        top = self.ood_max_length or self.max_length + 2
+        return self.model_copy(update={"min_length": self.max_length + 1, "max_length": top})
 
     def partial_credit(self, got: str, want: str) -> float:
         """Share of positions holding the right digit, over the longer of the two strings."""
@@ -161,6 +223,9 @@ class ReverseTask(DigitStringTask):
     def answer(self, key: Key) -> str:
         return key[0][::-1]
 
+    def steps(self, key: Key) -> str:
+        return reversing_steps(key[0])
+
 
 class SortTask(DigitStringTask):
     """`Sort 3815:` -> ` 1358`."""
@@ -171,6 +236,9 @@ class SortTask(DigitStringTask):
 
     def answer(self, key: Key) -> str:
         return "".join(sorted(key[0]))
+
+    def steps(self, key: Key) -> str:
+        return counting_steps(key[0], self.digits)
 
     def near_miss(self, key: Key, rng: random.Random) -> str:
         """Half the time two neighbours swapped (unsorted), half the time sorted digits with one
@@ -184,11 +252,19 @@ class SortTask(DigitStringTask):
 
 
 TASKS: dict[str, type[TaskBase]] = {
-    t.FAMILY: t for t in (ArithmeticTask, ReverseTask, SortTask, JsonlTask)
+    t.FAMILY: t
+    for t in (ArithmeticTask, ReverseTask, SortTask, AdditionTask, CountdownTask, JsonlTask)
 }
 TaskConfig = Annotated[
-    ArithmeticTask | ReverseTask | SortTask | JsonlTask, Field(discriminator="name")
+    ArithmeticTask | ReverseTask | SortTask | AdditionTask | CountdownTask | JsonlTask,
+    Field(discriminator="name"),
 ]
+
+
+def _space(task: TaskBase, split: str) -> tuple[TaskBase, str]:
+    """The space a split's problems come from and the hash split they belong to there: the
+    task's own, or for "ood" the test split of its out-of-distribution space."""
+    return (task.ood_task(), "test") if split == "ood" else (task, split)
 
 
 @cache
@@ -196,7 +272,8 @@ def _pool(task_json: str, signature_json: str, split: str) -> tuple[Key, ...]:
     """Every problem key of a split of an enumerable task (cached per task options and, for a
     task read from a file, per version of the file)."""
     task = _from_json(task_json)
-    return tuple(key for key in task.all_keys() if task.split_of(key) == split)
+    space, hashed = _space(task, split)
+    return tuple(key for key in space.all_keys() if task.split_of(key) == hashed)
 
 
 def _split_pool(task: TaskBase, split: str) -> tuple[Key, ...]:
@@ -214,7 +291,8 @@ def problem_keys(task: TaskBase, split: str, num: int, seed: int) -> list[Key]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = random.Random(seed)
-    if task.size() <= ENUMERATE_LIMIT:
+    space, hashed = _space(task, split)
+    if space.size() <= ENUMERATE_LIMIT:
         pool = list(_split_pool(task, split))
         if num > len(pool):
             raise PipelineError(
@@ -224,11 +302,19 @@ def problem_keys(task: TaskBase, split: str, num: int, seed: int) -> list[Key]:
         rng.shuffle(pool)
         return pool[:num]
     keys: dict[Key, None] = {}
-    while len(keys) < num:
-        key = task.sample_key(rng)
-        if key not in keys and task.split_of(key) == split:
+    for _ in range(SAMPLE_TRIES * num + ENUMERATE_LIMIT):
+        if len(keys) == num:
+            return list(keys)
+        key = space.sample_key(rng)
+        if key not in keys and task.split_of(key) == hashed and space.in_space(key):
             keys[key] = None
-    return list(keys)
+    if len(keys) == num:
+        return list(keys)
+    raise PipelineError(
+        f"task {task.FAMILY}: found only {len(keys)} distinct problems of the {split} split in "
+        f"{SAMPLE_TRIES * num + ENUMERATE_LIMIT} draws, cannot draw {num}; ask for fewer or "
+        f"{task.GROW}"
+    )
 
 
 def task_problems(task: TaskBase, split: str, num: int, seed: int) -> list[dict[str, Any]]:
@@ -238,10 +324,11 @@ def task_problems(task: TaskBase, split: str, num: int, seed: int) -> list[dict[
 
 def split_size(task: TaskBase, split: str) -> int:
     """Problems in a split (estimated from the hash share for spaces too large to list)."""
-    if task.size() <= ENUMERATE_LIMIT:
+    space, hashed = _space(task, split)
+    if space.size() <= ENUMERATE_LIMIT:
         return len(_split_pool(task, split))
     share = task.test_percent / 100
-    return int(task.size() * (share if split == "test" else 1 - share))
+    return int(space.size() * (share if hashed == "test" else 1 - share))
 
 
 def format_problem(problem: dict[str, Any]) -> str:
@@ -258,13 +345,15 @@ def task_documents(task: TaskBase, num_problems: int | None = None, seed: int = 
 
 
 def preference_pairs(task: TaskBase, split: str, num: int, seed: int) -> list[dict[str, Any]]:
-    """`num` problems as {"prompt", "chosen", "rejected", "answer"}: right answer vs. a near miss."""
+    """`num` problems as {"prompt", "chosen", "rejected", "answer"}: right answer vs. a near miss
+    (for a cot task both after the problem's worked steps: the pair teaches the answer to follow
+    from them)."""
     rng = random.Random(seed)
     return [
         {
             "prompt": task.prompt(key),
-            "chosen": f" {task.answer(key)}",
-            "rejected": f" {task.near_miss(key, rng)}",
+            "chosen": task.completion(key, task.answer(key)),
+            "rejected": task.completion(key, task.near_miss(key, rng)),
             "answer": task.answer(key),
         }
         for key in problem_keys(task, split, num, seed)

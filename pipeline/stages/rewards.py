@@ -1,6 +1,10 @@
 """Verifiable reward functions for GRPO/RLOO, selected by name in the recipe, scored by the task,
 or the user's own named by import path (`package.module:function`).
 
+For a task with `format: cot` the answer is read after `</think>` only (an answer inside the
+thinking never counts): `exact` and `partial` are then the answer rewards of reasoning RL, and
+`format` checks the tags (DeepSeek-R1's pair); `overlong` shapes the length.
+
 Each has TRL's signature `f(prompts, completions, **columns) -> list[float]` and never raises on
 a malformed completion (None, empty, chat messages, text around the answer): it scores it 0. The
 user's functions are wrapped to keep that promise: a raise, a list of the wrong length or a value
@@ -29,7 +33,7 @@ from pipeline.train.user_code import (
 )
 
 RewardFunc = Callable[..., list[float]]
-NAMES = ("exact", "partial", "format")
+NAMES = ("exact", "partial", "format", "overlong")
 RENAMED = {"arithmetic_exact": "exact", "arithmetic_close": "partial", "answer_format": "format"}
 
 log = logging.getLogger("pipeline.rewards")
@@ -37,7 +41,7 @@ log = logging.getLogger("pipeline.rewards")
 
 def exact_reward(task: TaskBase) -> RewardFunc:
     """1 when the task's scorer finds the right answer (generated tasks: the completion starts
-    with it), else 0."""
+    with it; cot: the text after its one `</think>` does), else 0."""
 
     def exact(prompts: list[Any], completions: list[Any], answer: list[Any], **_: Any):
         return [
@@ -66,7 +70,8 @@ def partial_reward(task: TaskBase) -> RewardFunc:
 
 
 def format_reward(task: TaskBase) -> RewardFunc:
-    """1 when the completion is a bare answer (surrounding whitespace allowed), else 0."""
+    """1 when the completion is a bare answer (surrounding whitespace allowed), else 0; for a
+    cot task, when it is one think block with steps and no stray tags, then one bare answer."""
 
     def format(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:  # noqa: A001
         return [float(task.is_bare(c)) for c in completions]
@@ -74,10 +79,31 @@ def format_reward(task: TaskBase) -> RewardFunc:
     return format
 
 
+def overlong_reward(task: TaskBase) -> RewardFunc:
+    """A soft penalty on length (DAPO's overlong shaping, against the problem's own reference):
+    0 up to the length of the reference completion (the worked solution of a cot task), then
+    falling linearly to -1 at twice that length, -1 beyond; lengths in characters.
+
+    Weighted beside an answer reward, it stops rambling and repeated steps without rewarding
+    short wrong answers (it never pays more than 0).
+    """
+
+    def overlong(prompts: list[Any], completions: list[Any], answer: list[Any], **_: Any):
+        penalties = []
+        for p, c, a in zip(prompts, completions, answer, strict=True):
+            budget = max(task.reference_length(completion_text(p), str(a)), 1)
+            excess = len(completion_text(c)) - budget
+            penalties.append(0.0 if excess <= 0 else -min(excess / budget, 1.0))
+        return penalties
+
+    return overlong
+
+
 BUILDERS: dict[str, Callable[[TaskBase], RewardFunc]] = {
     "exact": exact_reward,
     "partial": partial_reward,
     "format": format_reward,
+    "overlong": overlong_reward,
 }
 
 
