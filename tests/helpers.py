@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +210,26 @@ def run_in_process(argv: list[str], capsys: Any) -> tuple[int, str]:
     except SystemExit as exc:  # argparse
         code = int(exc.code or 0)
     return code, capsys.readouterr().err
+
+
+def runs_on_first_use(
+    make_dir: Callable[[str], Path], make_recipe: Callable[[Path, str], dict[str, Any]]
+) -> Callable[[str], dict[str, Any]]:
+    """`get(name)`: the recipe `make_recipe(root, name)` (root: `make_dir(name)`), run by the CLI
+    the first time it is asked for, and its recipe dict; a failed run fails each test asking."""
+    import pytest
+
+    runs: dict[str, dict[str, Any] | str] = {}  # a name's recipe, or why its run failed
+
+    def get(name: str) -> dict[str, Any]:
+        if name not in runs:
+            root = make_dir(name)
+            recipe = make_recipe(root, name)
+            result = cli("run", str(write_recipe(root / "recipe.yaml", recipe)))
+            runs[name] = recipe if result.returncode == 0 else f"{name}: {result.stderr[-3000:]}"
+        run = runs[name]
+        if isinstance(run, str):
+            pytest.fail(run)
+        return run
+
+    return get

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from pipeline.engine.tracking import read_metrics
-from tests.helpers import cli, run_until, write_recipe
+from tests.helpers import cli, run_until, runs_on_first_use, write_recipe
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # 2-process runs: about 4 min for the module
 
@@ -66,20 +66,10 @@ def lora_runs(
     qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[[str], dict[str, Any]]:
     """`launch_recipe` of a launch (or "one"), run by the CLI on first use; its recipe dict."""
-    runs: dict[str, dict[str, Any] | str] = {}  # a launch's recipe, or why its run failed
-
-    def get(name: str) -> dict[str, Any]:
-        if name not in runs:
-            root = tmp_path_factory.mktemp(f"lora-{name}")
-            recipe = launch_recipe(root, qwen2_dir, name)
-            result = cli("run", str(write_recipe(root / "recipe.yaml", recipe)))
-            runs[name] = recipe if result.returncode == 0 else f"{name}: {result.stderr[-3000:]}"
-        run = runs[name]
-        if isinstance(run, str):
-            pytest.fail(run)
-        return run
-
-    return get
+    return runs_on_first_use(
+        lambda name: tmp_path_factory.mktemp(f"lora-{name}"),
+        lambda root, name: launch_recipe(root, qwen2_dir, name),
+    )
 
 
 def stage_dir(recipe: dict[str, Any], stage: str) -> Path:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import cli, run_until, write_recipe
+from tests.helpers import cli, run_until, runs_on_first_use, write_recipe
 from tests.test_lora_launch import series, stage_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # 2-process runs: about 4 min for the module
@@ -56,20 +56,10 @@ def full_runs(
     qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[[str], dict[str, Any]]:
     """`full_recipe` of a launch, run by the CLI on first use; its recipe dict."""
-    runs: dict[str, dict[str, Any] | str] = {}
-
-    def get(name: str) -> dict[str, Any]:
-        if name not in runs:
-            root = tmp_path_factory.mktemp(f"full-{name}")
-            recipe = full_recipe(root, qwen2_dir, name)
-            result = cli("run", str(write_recipe(root / "recipe.yaml", recipe)))
-            runs[name] = recipe if result.returncode == 0 else f"{name}: {result.stderr[-3000:]}"
-        run = runs[name]
-        if isinstance(run, str):
-            pytest.fail(run)
-        return run
-
-    return get
+    return runs_on_first_use(
+        lambda name: tmp_path_factory.mktemp(f"full-{name}"),
+        lambda root, name: full_recipe(root, qwen2_dir, name),
+    )
 
 
 def export_weights(recipe: dict[str, Any], stage: str) -> dict[str, Any]:
