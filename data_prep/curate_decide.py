@@ -142,10 +142,14 @@ def _near(
 ) -> None:
     """Clusters of confirmed near-duplicate pairs among the kept documents; the earliest stays."""
     dups = phase.folder / "dups"
-    raw = curate_minhash.candidate_pairs(options, phase.folder / MINHASH_DIR, dups)
-    pairs = curate_minhash.global_pairs(raw, phase.offsets)
+    chains = curate_minhash.candidate_pairs(options, phase.folder / MINHASH_DIR, dups)
+    groups = [
+        group
+        for chain in chains
+        for group in curate_minhash.band_groups(curate_minhash.global_pairs(chain, phase.offsets))
+    ]
     signature = curate_minhash.signature_reader(phase.part_dirs, phase.offsets)
-    removed, sizes = curate_minhash.clusters(pairs, alive, signature, options.threshold)
+    removed, sizes = curate_minhash.clusters(groups, alive, signature, options.threshold)
     for index, (kept, similarity) in removed.items():
         decisions.fate[index] = position
         decisions.kept[index] = kept

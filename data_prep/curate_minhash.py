@@ -14,6 +14,14 @@ bands of 8), and says nothing of which document was kept. Here each candidate pa
 by the Jaccard similarity its full signatures estimate (num_hashes hashes: about +-0.04), the
 confirmed pairs are joined into clusters, and the earliest document of each cluster is kept; every
 other one is removed naming it and the similarity to it.
+
+The bucket stage writes, for each group of documents whose band matches, a chain: every member
+paired with the member before it. Union of every pair (datatrove's clustering) joins the group
+whatever the chain's order, but dropping a pair breaks it: a member an earlier step removed, or
+a chance candidate the signatures reject, would cut off every member after it (a near copy
+following its original and the original's exact copy was kept). So the chains are read back
+into their groups, and each kept member is linked to the nearest earlier kept member of its
+group that the signatures confirm.
 """
 
 from __future__ import annotations
@@ -87,16 +95,32 @@ def gather_signatures(
     del signatures
 
 
-def candidate_pairs(options: NearOptions, folder: Path, dups: Path) -> np.ndarray:
-    """Every (part, doc, part, doc) pair some band matches, from datatrove's bucket stage."""
+def candidate_pairs(options: NearOptions, folder: Path, dups: Path) -> list[np.ndarray]:
+    """Per band, the (part, doc, part, doc) pairs datatrove's bucket stage writes: each member of
+    a group of documents whose band matches, with the member before it."""
     config = minhash_config(options)
+    found = []
     for band in range(options.bands):
         block = MinhashDedupBuckets(
             input_folder=str(folder), output_folder=str(dups), config=config
         )
         block.run(None, rank=band, world_size=options.bands)
-    found = [np.fromfile(path, "<u4").reshape(-1, 4) for path in sorted(dups.glob("*.dups"))]
-    return np.concatenate(found) if found else np.empty((0, 4), np.uint32)
+        files = sorted(dups.glob(f"{band:05d}_*.dups"))
+        pairs = [np.fromfile(path, "<u4").reshape(-1, 4) for path in files]
+        found.append(np.concatenate([np.empty((0, 4), np.uint32), *pairs]))
+    return found
+
+
+def band_groups(chain: np.ndarray) -> list[np.ndarray]:
+    """The groups of one band's chain pairs (global ids, n x 2), each as its ids in order."""
+    if not len(chain):
+        return []
+    starts = np.flatnonzero(np.r_[True, chain[1:, 0] != chain[:-1, 1]])
+    ends = [*starts[1:].tolist(), len(chain)]
+    return [
+        np.sort(np.r_[chain[start, 0], chain[start:end, 1]])
+        for start, end in zip(starts.tolist(), ends, strict=True)
+    ]
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> float:
@@ -105,16 +129,15 @@ def similarity(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def clusters(
-    pairs: np.ndarray,
+    groups: list[np.ndarray],
     alive: np.ndarray,
     signature: Callable[[int], np.ndarray],
     threshold: float,
 ) -> tuple[dict[int, tuple[int, float]], Counter[int]]:
     """{removed document: (kept document, estimated Jaccard)} and the cluster-size histogram.
 
-    `pairs` are global document ids (n x 2); pairs with a removed document are left out.
+    `groups` are the global ids of documents some band matches; removed documents are left out.
     """
-    pairs = np.unique(np.sort(pairs, axis=1), axis=0) if len(pairs) else pairs
     parent: dict[int, int] = {}
 
     def root(x: int) -> int:
@@ -123,14 +146,20 @@ def clusters(
             x = parent[x]
         return x
 
-    for a, b in pairs.tolist():
-        if a == b or not (alive[a] and alive[b]):
+    for group in groups:
+        members = group[alive[group]].tolist()
+        if len(members) < 2:
             continue
-        if similarity(signature(a), signature(b)) < threshold:
-            continue
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)  # the earliest document is every cluster's root
+        table = np.stack([signature(m) for m in members])
+        for i in range(1, len(members)):
+            if root(members[i]) == root(members[i - 1]):
+                continue  # already joined (the group recurs in most bands)
+            link = _nearest_confirmed(table, i, threshold)
+            if link < 0:
+                continue
+            ra, rb = root(members[i]), root(members[link])
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)  # the earliest document is every cluster's root
     removed: dict[int, tuple[int, float]] = {}
     sizes: Counter[int] = Counter()
     for node in sorted(parent):
@@ -139,6 +168,15 @@ def clusters(
             removed[node] = (kept, similarity(signature(node), signature(kept)))
             sizes[kept] += 1
     return removed, Counter(size + 1 for size in sizes.values())
+
+
+def _nearest_confirmed(table: np.ndarray, i: int, threshold: float) -> int:
+    """The last row before row i whose signature confirms row i's, or -1 (the row just before
+    is tried first: in a group of near copies it confirms, so a group costs linear time)."""
+    if similarity(table[i - 1], table[i]) >= threshold:
+        return i - 1
+    confirmed = np.flatnonzero((table[: i - 1] == table[i]).mean(axis=1) >= threshold)
+    return int(confirmed[-1]) if len(confirmed) else -1
 
 
 def signature_reader(folders: list[Path], offsets: list[int]) -> Callable[[int], np.ndarray]:

@@ -10,89 +10,36 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import zstandard
-from datatrove.utils.text import simplify_text
 
+from bench.curate_planting import edited, jaccard, vocabulary, write_planted
+from data_prep.curate_minhash import clusters
 from data_prep.curate_read import source_documents
 from data_prep.documents_meta import DocumentsMeta
 from data_prep.sources import SourceConfig, tagged_documents
 from data_prep.tasks import ArithmeticTask, format_problem, task_problems
 from tests.helpers import run_in_process, write_recipe
 
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-SHINGLE = 5
-
-
-def vocabulary(rng: random.Random, size: int = 4000) -> list[str]:
-    """Letter-only words (datatrove's shingles map every number to 0, so no digits)."""
-    return ["".join(rng.choice(LETTERS) for _ in range(rng.randint(2, 9))) for _ in range(size)]
-
-
-def shingles(text: str) -> set[tuple[str, ...]]:
-    """Word 5-grams of the text as the MinHash step sees it (datatrove's simplify_text)."""
-    words = simplify_text(text).split()
-    return {tuple(words[i : i + SHINGLE]) for i in range(len(words) - SHINGLE + 1)}
-
-
-def jaccard(a: str, b: str) -> float:
-    x, y = shingles(a), shingles(b)
-    return len(x & y) / len(x | y)
-
-
-def edited(rng: random.Random, text: str, words: list[str], low: float, high: float) -> str:
-    """A copy with random words replaced until its true Jaccard lies in [low, high]."""
-    tokens = text.split()
-    share = (1 - (low + high) / 2) / (1 + (low + high) / 2) / SHINGLE  # words to replace
-    for _ in range(100):
-        copy = list(tokens)
-        for _ in range(max(1, round(share * len(tokens)))):
-            copy[rng.randrange(len(copy))] = rng.choice(words)
-        candidate = " ".join(copy)
-        if low <= jaccard(text, candidate) <= high:
-            return candidate
-    raise AssertionError("could not plant a copy in the Jaccard range")
-
 
 def planted(path: Path, seed: int = 0, originals: int = 300) -> dict[str, Any]:
-    """A JSONL corpus and what each planted document is (indexes are document ids)."""
+    """A JSONL corpus of random-word documents, their copies and held-out problems inside text,
+    and what each planted document is (indexes are document ids)."""
     rng = random.Random(seed)
     words = vocabulary(rng)
     docs = [
         " ".join(rng.choice(words) for _ in range(rng.randint(120, 260))) for _ in range(originals)
     ]
-    kinds = ["original"] * originals
-    source_of: dict[int, int] = {}
-    for kind, count, low, high in (
-        ("exact", 30, 1.0, 1.0),
-        ("near", 40, 0.85, 0.95),
-        ("edited", 20, 0.0, 0.5),
-    ):
-        for original in rng.sample(range(originals), count):
-            copy = (
-                docs[original] if kind == "exact" else edited(rng, docs[original], words, low, high)
-            )
-            source_of[len(docs)] = original
-            docs.append(copy)
-            kinds.append(kind)
-    problems = task_problems(ArithmeticTask(), "test", 12, 0)
-    for problem in problems:  # a held-out problem inside ordinary text
-        docs.append(f"{docs[rng.randrange(originals)][:300]} {format_problem(problem)} end.")
-        kinds.append("problem")
-    train = task_problems(ArithmeticTask(), "train", 12, 0)
-    docs.append("\n".join(format_problem(p) for p in train))  # train problems: must stay
-    kinds.append("train_problems")
-    order = list(range(len(docs)))
-    rng.shuffle(order)
-    position = {old: new for new, old in enumerate(order)}
-    with path.open("w", encoding="utf-8") as f:
-        for old in order:
-            f.write(json.dumps({"text": docs[old]}) + "\n")
-    return {
-        "texts": [docs[old] for old in order],
-        "kinds": [kinds[old] for old in order],
-        "source_of": {position[c]: position[o] for c, o in source_of.items()},
-    }
+    problems = [
+        ("problem", format_problem(p)) for p in task_problems(ArithmeticTask(), "test", 12, 0)
+    ]
+    train = task_problems(ArithmeticTask(), "train", 12, 0)  # train problems: must stay
+    extras = [*problems, ("train_problems", "\n".join(format_problem(p) for p in train))]
+    truth = write_planted(path, docs, rng, words, {"exact": 30, "near": 40, "edited": 20}, extras)
+    with path.open(encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    return {"texts": texts, "kinds": truth.kinds, "source_of": truth.source_of}
 
 
 def read_shards(folder: Path) -> list[dict[str, Any]]:
@@ -155,7 +102,8 @@ def test_curate_near_duplicates_precision_and_recall_against_true_jaccard(
     truth, gone = curated["truth"], removed(curated["export"], "near")
     near = {max(pair) for pair in planted_pairs(truth, "near")}
     edited_ids = {copy for copy, _ in planted_pairs(truth, "edited")}
-    recall = len(near & set(gone)) / len(near)
+    duplicates = set(gone) | set(removed(curated["export"], "exact"))  # an original may go as
+    recall = len(near & duplicates) / len(near)  # an exact copy of an earlier exact copy
     true_sims = [jaccard(truth["texts"][i], truth["texts"][r["kept_id"]]) for i, r in gone.items()]
     precision = sum(s >= 0.7 for s in true_sims) / max(len(gone), 1)
     print(f"near: recall {recall:.3f}, precision {precision:.3f} ({len(gone)} removed)")
@@ -165,6 +113,43 @@ def test_curate_near_duplicates_precision_and_recall_against_true_jaccard(
         assert record["reason"].startswith(f"near duplicate of document {record['kept_id']}")
     meta = DocumentsMeta.read(curated["export"])
     assert sum(meta.cluster_sizes.values()) >= 1 and set(meta.cluster_sizes) >= {2}
+
+
+def test_curate_near_copy_after_an_original_and_its_exact_copy_is_removed(
+    tmp_path: Path,
+) -> None:
+    """datatrove's bucket stage links each document of a band's group to the one before it; a
+    document the exact step removed must not cut that chain: a near copy after an original and
+    its exact copy is removed as a near duplicate of the original."""
+    rng = random.Random(5)
+    words = vocabulary(rng)
+    docs = [" ".join(rng.choice(words) for _ in range(200)) for _ in range(20)]
+    near = edited(rng, docs[0], words, 0.85, 0.95)
+    path = tmp_path / "chain.jsonl"
+    corpus = [docs[0], *docs, near]  # 1: an exact copy of 0; 21: a near copy of 0
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus))
+    stage = {"kind": "curate", "source": str(path), "steps": ["exact", "near"]}
+    from pipeline.cli import main
+
+    assert main(["run", str(recipe(tmp_path, {"curate": stage}))]) == 0
+    export = tmp_path / "runs" / "cur" / "curate" / "export"
+    assert set(removed(export, "exact")) == {1}
+    gone = removed(export, "near")
+    assert set(gone) == {21} and gone[21]["kept_id"] == 0
+
+
+def test_curate_clusters_link_past_a_candidate_the_signatures_reject() -> None:
+    """In a band's group 0, 1, 2 where 1 is a chance candidate of both (estimated Jaccard 0.4),
+    2 is still confirmed against 0 and removed naming it."""
+    first = np.arange(112, dtype=np.uint64)
+    chance, near = first.copy(), first.copy()
+    chance[:67] += 1000
+    near[:6] += 2000
+    signatures = [first, chance, near]
+    removed_docs, sizes = clusters(
+        [np.array([0, 1, 2])], np.ones(3, bool), lambda i: signatures[i], 0.75
+    )
+    assert removed_docs == {2: (0, pytest.approx(106 / 112))} and sizes == {2: 1}
 
 
 def test_curate_decontamination_removes_every_planted_problem_and_nothing_else(
