@@ -12,9 +12,9 @@ shards it with FSDP2. Target: <= 0.6x the model's fp32 bytes per rank under FSDP
 (its own half plus about one tensor).
 
 The TRL stages (sft, rlhf) make their TrainingArguments first and then load the policy with
-`pipeline.stages.base_model.load_causal_lm`: `trl-zero3` and `trl-fsdp` pass the arguments (a
-ZeRO-3 or FSDP2 launch of 2 ranks: sharded, streamed load, pipeline.train.trl_load), `trl-naive`
-does not (`from_pretrained` whole on every rank, as these stages did before). Their reference models (GRPO/RLOO/DPO with beta > 0 and no
+`pipeline.stages.base_model.load_causal_lm`: `trl-zero3`, `trl-fsdp` and `trl-fsdp-lora` (a
+rank-16 adapter on q_proj and v_proj) pass the arguments (a ZeRO-3 or FSDP2 launch of 2 ranks:
+sharded, streamed load, pipeline.train.trl_load), `trl-naive` does not (`from_pretrained` whole on every rank, as these stages did before). Their reference models (GRPO/RLOO/DPO with beta > 0 and no
 adapter) are loaded by TRL itself, through transformers' own ZeRO-3 loading: not measured here.
 
     .venv/bin/python bench/load_memory.py [--hidden 768 --layers 12 --vocab 8192] [--modes ...]
@@ -45,6 +45,7 @@ MODES = {
     "trl-naive": {"nproc": 2, "engine": "deepspeed", "zero_stage": 3},
     "trl-zero3": {"nproc": 2, "engine": "deepspeed", "zero_stage": 3},
     "trl-fsdp": {"nproc": 2, "engine": "fsdp"},
+    "trl-fsdp-lora": {"nproc": 2, "engine": "fsdp"},  # peft wraps the meta base, then FSDP2
 }
 
 
@@ -73,12 +74,16 @@ def load(mode: str, model_dir: Path, accelerator: Accelerator | TrainingArgument
 
     from pipeline.engine.inputs import Resolved
     from pipeline.engine.locations import Location
-    from pipeline.stages.base_model import load_causal_lm
+    from pipeline.stages.base_model import AdapterConfig, load_causal_lm
     from pipeline.train.sharded_load import load_sharded
 
     if mode.startswith("trl-"):  # what the sft and rlhf stages do, with or without the args
         source = Resolved("model", "bench", location=Location(path=str(model_dir)))
-        model = load_causal_lm(source, "bench", args=None if mode == "trl-naive" else accelerator)
+        adapter = (
+            AdapterConfig(r=16, target_modules=["q_proj", "v_proj"]) if "lora" in mode else None
+        )
+        arguments = None if mode == "trl-naive" else accelerator
+        model = load_causal_lm(source, "bench", adapter, arguments)
         for param in model.parameters():  # read every weight, as training will: mapped file
             local = getattr(param, "ds_tensor", param)  # pages count once touched
             float((local.to_local() if hasattr(local, "to_local") else local).sum())

@@ -106,9 +106,16 @@ def length_problem(cfg: Any, source: Resolved, where: str) -> str | None:
     )
 
 
-def peft_config(cfg: Any, task_type: str = "CAUSAL_LM") -> dict[str, Any]:
-    """The trainer keyword for the stage's adapter (none without one)."""
-    return {} if cfg.adapter is None else {"peft_config": cfg.adapter.peft_config(task_type)}
+def peft_config(cfg: Any, task_type: str = "CAUSAL_LM", model: Any = None) -> dict[str, Any]:
+    """The trainer keyword for the stage's adapter: none without one, nor for a `model` that
+    is already a peft model (loaded sharded with its adapter, pipeline.train.trl_load)."""
+    if cfg.adapter is None:
+        return {}
+    from peft import PeftModel
+
+    return (
+        {} if isinstance(model, PeftModel) else {"peft_config": cfg.adapter.peft_config(task_type)}
+    )
 
 
 def quantize_problem(adapter: AdapterConfig, where: str) -> str | None:
@@ -213,7 +220,7 @@ def load_causal_lm(
     from pipeline.train.trl_load import load_for_trainer
 
     quantize = adapter is not None and adapter.quantize == "nf4"
-    sharded = None if quantize else load_for_trainer(source.path, args, adapter is not None)
+    sharded = None if quantize else load_for_trainer(source.path, args, adapter)
     if sharded is not None:
         return sharded  # type: ignore[return-value]
     quantized: dict[str, Any] = {}

@@ -300,6 +300,7 @@ def fit(
     metrics; `periodic` scores held-out problems during training.
     """
     from pipeline.stages.trl_checkpoints import prepare_checkpoints, saved_marker_callback
+    from pipeline.train.adapter_init import seed_adapter
     from pipeline.train.distributed import shard_on_cpu
 
     resume = prepare_checkpoints(ctx)
@@ -307,6 +308,8 @@ def fit(
         callback = tracker_callback(tracker, periodic)
         trainer = build(callback)
         trainer.add_callback(saved_marker_callback())
+        if getattr(ctx.config, "adapter", None) is not None:  # the same start on every engine
+            seed_adapter(trainer.model, ctx.seed)
         shard_on_cpu(trainer)
         train_and_export(ctx, trainer, tokenizer, resume)
         summary: dict[str, Any] = last_metrics(callback, keys)

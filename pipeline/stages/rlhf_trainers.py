@@ -96,7 +96,7 @@ def build_trainer(
             train_dataset=dataset(rows, lambda r: {k: r[k] for k in columns}),
             processing_class=tokenizer,
             callbacks=[callback],
-            **peft_config(cfg),  # with an adapter, the base itself is the reference
+            **peft_config(cfg, model=model),  # with an adapter, the base is the reference
         )
     funcs: list[Any] = reward_functions(cfg.rewards, cfg.task, where)
     if cfg.reward_model:
@@ -116,5 +116,5 @@ def build_trainer(
         train_dataset=dataset(prompt_rows(cfg, ctx.seed, where)),
         processing_class=tokenizer,
         callbacks=[callback],
-        **peft_config(cfg),
+        **peft_config(cfg, model=model),
     )

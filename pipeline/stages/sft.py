@@ -89,7 +89,7 @@ def run(ctx: StageContext) -> None:
             train_dataset=dataset(rows),
             processing_class=tokenizer,
             callbacks=[callback],
-            **peft_config(cfg),
+            **peft_config(cfg, model=model),
         ),
         {"loss": "train_loss", "train_loss": "mean_train_loss"},
         **task_evaluation(ctx, cfg, tokenizer),

@@ -180,14 +180,21 @@ def materialise(model: torch.nn.Module, device: torch.device) -> None:
     _tied(model)
 
 
-def fill(model: torch.nn.Module, model_dir: Path, fill_one: Callable[..., None]) -> None:
+def fill(
+    model: torch.nn.Module,
+    model_dir: Path,
+    fill_one: Callable[..., None],
+    file_name: Callable[[str], str | None] = lambda name: name,
+) -> None:
     """Fill every parameter (and each persistent buffer the files hold) from model_dir, one
     tensor at a time. Rank 0 alone reads the directory and matches file tensors to model ones;
-    a problem it finds is raised on every rank, before any rank waits in a collective."""
+    a problem it finds is raised on every rank, before any rank waits in a collective.
+    `file_name(name)` is the files' name of a model tensor, None for one they cannot hold (a
+    LoRA weight: left as it is)."""
     import torch
     import torch.distributed as dist
 
-    plan = list(_targets(model))
+    plan = list(_targets(model, file_name))
     rank = dist.get_rank() if dist.is_initialized() else 0
     agreed: list[Any] = [None, None]
     if rank == 0:
@@ -240,7 +247,9 @@ def _match(plan: list[tuple[list[str], bool, Any]], model_dir: Path) -> list[Sou
     return sources
 
 
-def _targets(model: torch.nn.Module) -> Iterator[tuple[list[str], bool, torch.Tensor]]:
+def _targets(
+    model: torch.nn.Module, file_name: Callable[[str], str | None]
+) -> Iterator[tuple[list[str], bool, torch.Tensor]]:
     """(every name of a tensor, whether it is a parameter, the tensor) for each distinct
     parameter and persistent buffer, in the model's order (the same on every rank). A
     checkpoint of the base model alone (GPT-2's hub files) names tensors without its prefix."""
@@ -258,8 +267,10 @@ def _targets(model: torch.nn.Module) -> Iterator[tuple[list[str], bool, torch.Te
             tensors[id(buffer)] = (False, buffer)
     for key, aliases in names.items():
         is_param, tensor = tensors[key]
+        aliases = [n for n in map(file_name, aliases) if n is not None]
         bare = [a.removeprefix(prefix) for a in aliases if prefix != "." and a.startswith(prefix)]
-        yield aliases + bare, is_param, tensor
+        if aliases:
+            yield aliases + bare, is_param, tensor
 
 
 def fill_tensor(tensor: torch.Tensor, source: Source, rank: int) -> None:

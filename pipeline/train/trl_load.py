@@ -10,9 +10,10 @@ engine), then calls `load_for_trainer`:
 - FSDP2, full fine-tuning: the model is built on the meta device, sharded by Accelerate's own
   FSDP2 preparation with the trainer's plugin, given memory for each rank's shards and filled.
   The trainer's `accelerator.prepare` then finds an FSDP module and keeps it as it is.
-- Anything else (one process, DDP, ZeRO-1/2, FSDP2 with an adapter, QLoRA): None, and the stage
-  loads the model whole. With an adapter under FSDP2, peft must wrap the base before FSDP shards
-  it, and its LoRA weights would then have to be initialised on shards: not done.
+- FSDP2 with a LoRA adapter: peft wraps the meta model first (as the trainer would, before its
+  Accelerator shards), and the LoRA weights are drawn on the shards by adapter_init. With
+  `modules_to_save` the model loads whole (those copies of base modules are not mapped here).
+- Anything else (one process, DDP, ZeRO-1/2, QLoRA): None, and the stage loads the model whole.
 
 Reference models that TRL itself creates (GRPO/RLOO with beta > 0 and no adapter) are loaded by
 TRL through transformers, not here.
@@ -41,18 +42,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def load_for_trainer(model_dir: Path, args: Any, adapter: bool) -> torch.nn.Module | None:
-    """model_dir's causal LM sharded as the trainer's arguments `args` train it, or None when
-    this launch loads it whole (see the module docstring)."""
+def load_for_trainer(model_dir: Path, args: Any, adapter: Any = None) -> torch.nn.Module | None:
+    """model_dir's causal LM sharded as the trainer's arguments `args` train it (under FSDP2
+    with `adapter`, the stage's AdapterConfig, already a peft model), or None when this launch
+    loads it whole (see the module docstring)."""
     if args is None or args.world_size < 2:
         return None
     ds = getattr(args, "hf_deepspeed_config", None)
     if ds is not None and ds.is_zero3():
         log.info("loading %s partitioned over %d ranks (ZeRO-3)", model_dir, args.world_size)
         return load_zero3(model_dir, ds.config)
-    if args.fsdp_plugin_args and not adapter:
+    if args.fsdp_plugin_args and not (adapter is not None and adapter.modules_to_save):
         log.info("loading %s sharded over %d ranks (FSDP2)", model_dir, args.world_size)
-        return load_fsdp2(model_dir, args)
+        return load_fsdp2(model_dir, args, adapter)
     return None
 
 
@@ -71,10 +73,11 @@ def load_zero3(model_dir: Path, ds_config: dict[str, Any]) -> torch.nn.Module:
     return model
 
 
-def load_fsdp2(model_dir: Path, args: Any) -> torch.nn.Module:
+def load_fsdp2(model_dir: Path, args: Any, adapter: Any = None) -> torch.nn.Module:
     """model_dir's causal LM sharded by FSDP2 exactly as the trainer's Accelerator would shard
     it (the same plugin, built from `args` as pipeline.train.distributed.shard_on_cpu builds
-    it), each rank's shards filled from the files."""
+    it), each rank's shards filled from the files. With an adapter, peft wraps the base first
+    (as the trainer would) and the LoRA weights are left for adapter_init.seed_adapter."""
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
@@ -89,10 +92,25 @@ def load_fsdp2(model_dir: Path, args: Any) -> torch.nn.Module:
         mixed_precision=precision,
         device=args.device,
     )
-    model = fsdp2_prepare_model(accelerator, on_meta(lambda: causal_lm_from_config(model_dir)))
+    model = on_meta(lambda: causal_lm_from_config(model_dir))
+    if adapter is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, adapter.peft_config("CAUSAL_LM"))
+    model = fsdp2_prepare_model(accelerator, model)
     materialise(model, args.device)
-    fill(model, model_dir, fill_tensor)
+    if adapter is None:
+        fill(model, model_dir, fill_tensor)
+    else:  # the base's names in the files: no `.base_layer`; LoRA weights are not there
+        fill(model.get_base_model(), model_dir, fill_tensor, _base_file_name)
     # The trainer must shard with this plugin: a fresh one would look for the layer classes by
     # name, which FSDP2 has renamed (FSDPQwen2DecoderLayer). See distributed.shard_on_cpu.
     model.pipeline_fsdp_plugin = plugin
     return model
+
+
+def _base_file_name(name: str) -> str | None:
+    """The files' name of a peft-wrapped base model's tensor; None for an adapter weight."""
+    if ".lora_" in name:
+        return None
+    return name.replace(".base_layer.", ".")
