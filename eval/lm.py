@@ -23,6 +23,7 @@ from data_prep.task_base import task_file_signature
 from data_prep.tasks import ArithmeticTask, TaskBase, TaskConfig
 from eval.harness import SHIPPED, task_names_problem
 from eval.lm_metrics import evaluate_model, greedy_samples
+from eval.test_time import k_problems, ood_problem
 from pipeline.engine.config import StageConfig
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
@@ -56,8 +57,23 @@ class Config(StageConfig):
     task_problems: int = Field(
         0, ge=0, description="held-out task problems answered greedily (pass@1); 0: off"
     )
-    pass_k: int = Field(8, ge=2, description="samples per problem for pass@k (temperature 1)")
-    pass_k_problems: int = Field(0, ge=0, description="problems sampled for pass@k; 0: off")
+    pass_k: int = Field(
+        8, ge=2, description="samples per problem (temperature 1), for pass@k and maj@k"
+    )
+    pass_k_problems: int = Field(
+        0, ge=0, description="first task_problems sampled for pass@k and maj@k; 0: off"
+    )
+    k_values: list[int] | None = Field(
+        None,
+        description="the k of pass@k and maj@k (self-consistency), each <= pass_k; default: 1, "
+        "2, 4, 8, 16, 32 up to pass_k (pass_k itself is always scored)",
+    )
+    ood_problems: int = Field(
+        0,
+        ge=0,
+        description="out-of-distribution problems answered greedily (generated tasks only: "
+        "longer operands, more numbers); 0: off",
+    )
     lm_eval_tasks: list[str] = Field(
         [], description="lm-eval tasks: task_gen, task_choice (over `task`) or installed names"
     )
@@ -113,8 +129,9 @@ def score_causal(
     metrics: dict[str, Any] = {}
     if config.task_problems:
         metrics = score_task(
-            model, tokenizer, task, config.task_problems, config.pass_k, config.pass_k_problems
-        )
+            model, tokenizer, task, config.task_problems, config.pass_k, config.pass_k_problems,
+            k_values=config.k_values, ood_problems=config.ood_problems,
+        )  # fmt: skip
         samples += [{"model": stage.label, **e} for e in metrics.pop("examples")]
     if config.lm_eval_tasks:
         harness = run_harness(
@@ -237,8 +254,9 @@ def run(ctx: StageContext) -> None:
             prefixed = {prefix + key: value for key, value in metrics.items()}
             tracker.log(prefixed, step=index)
             summary.update(prefixed)
-        tests = task_report(ctx, task, results, outcomes)  # eval.task_outcomes
-        summary |= {f"paired/{name}/{k}": v for name, t in tests.items() for k, v in t.items()}
+        tests, macro_tests = task_report(ctx, task, results, outcomes)  # eval.task_outcomes
+        for key, paired in (("paired", tests), ("paired_macro", macro_tests)):
+            summary |= {f"{key}/{name}/{k}": v for name, t in paired.items() for k, v in t.items()}
         tracker.summary(summary)
 
     atomic_write_json(
@@ -248,6 +266,7 @@ def run(ctx: StageContext) -> None:
             "task": task.model_dump(),
             "models": results,
             "paired": tests,
+            "paired_macro": macro_tests,
         },
     )
     atomic_write_text(
@@ -257,7 +276,7 @@ def run(ctx: StageContext) -> None:
     if outcomes:
         from eval.tasks import accuracy_table
 
-        table = accuracy_table(results, tests, task)
+        table = accuracy_table(results, tests, task, macro_tests)
         ctx.log.info("%s", table)
         note = f"{note}\n{table}" if note else table
     ctx.write_summary(summary, headline=headline, note=note)
@@ -310,6 +329,9 @@ def plan_problems(view: PlanView) -> list[str]:
             f"samples the task_problems={cfg.task_problems} the models answer greedily; lower "
             f"pass_k_problems or raise task_problems"
         )
+    problems += k_problems(cfg.k_values, cfg.pass_k, cfg.pass_k_problems, f"{where}.k_values")
+    if cfg.ood_problems:
+        problems.append(ood_problem(task, cfg.ood_problems, f"{where}.ood_problems"))
     if any(name in SHIPPED for name in cfg.lm_eval_tasks):
         problems.append(draw_problem(task, "test", cfg.lm_eval_limit, f"{where}.lm_eval_limit"))
     if "task_choice" in cfg.lm_eval_tasks:

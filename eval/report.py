@@ -32,7 +32,8 @@ EVAL_COLUMNS = ("val_loss", "perplexity", "bits_per_byte", "unigram_loss", "loss
 # Headline metrics of the masked (bert) and span-corruption (t5) families; shown when present.
 FAMILY_COLUMNS = ("mlm_loss", "masked_token_accuracy", "span_loss", "span_accuracy")
 # Task metrics (held-out arithmetic, lm-eval tasks); shown when present.
-TASK_COLUMNS = ("task_accuracy", "task_accuracy_low", "task_accuracy_high", "task_format_rate")
+TASK_COLUMNS = ("task_accuracy", "task_accuracy_low", "task_accuracy_high",
+                "task_macro_accuracy", "task_format_rate")  # fmt: skip
 STYLE = """
 body { font-family: system-ui, sans-serif; color: #222; margin: 2em auto; padding: 0 1em;
        max-width: 70em; }
@@ -280,7 +281,8 @@ def eval_results(run_dir: Path, manifests: dict[str, StageRecord]) -> str:
         "model of the training tokens, loss_vs_unigram = val_loss / unigram_loss (lower is better); "
         "mlm_loss and span_loss are the masked-LM and span-corruption objectives on the same windows; "
         "task_accuracy is greedy exact match on held-out problems of the verifiable task (with its "
-        "95% Wilson interval) and task_format_rate the share of bare answers.</p>",
+        "95% Wilson interval), task_macro_accuracy its mean over subtasks and task_format_rate "
+        "the share of bare answers.</p>",
         _table([f"<tr>{header}</tr>", *rows]),
     ]
     if samples:

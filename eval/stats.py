@@ -11,8 +11,10 @@ from collections.abc import Sequence
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
-def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (95% by default); (0, 1) for no trials."""
+def wilson_interval(successes: float, trials: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95% by default); (0, 1) for no trials.
+    `successes` may be a sum of per-trial values in [0, 1] (conservative for them: such a value
+    of mean p has variance at most p (1 - p))."""
     if trials == 0:
         return 0.0, 1.0
     p = successes / trials

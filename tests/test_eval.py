@@ -158,6 +158,15 @@ def test_evaluate_model_metrics_are_consistent(tokenizer: PreTrainedTokenizerBas
     )
 
 
+def tiny_exports(run_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Two finished "pretrain" stages, `small` and `other`: tiny llamas of different seeds."""
+    for name, seed in (("small", 0), ("other", 1)):
+        export = run_dir / name / "export"
+        tiny_llama(vocab_size=len(tokenizer), seed=seed).save_pretrained(export)
+        tokenizer.save_pretrained(export)
+        write_manifest(run_dir / name, {"stage": name, "status": "done"})
+
+
 def argmax_continuation(model: LlamaForCausalLM, ids: list[int], max_new_tokens: int) -> list[int]:
     """The greedy continuation of `ids` by hand: the most likely next token, one at a time."""
     ids, new = list(ids), []
@@ -193,13 +202,9 @@ def test_eval_stage_scores_every_model_and_writes_its_outputs(
     from pipeline.stages import pretrain
 
     run_dir = tmp_path / "run"
-    for name, seed in (("small", 0), ("other", 1)):
-        export = run_dir / name / "export"
-        tiny_llama(vocab_size=len(tokenizer), seed=seed).save_pretrained(export)
-        tokenizer.save_pretrained(export)
+    tiny_exports(run_dir, tokenizer)
     shutil.copytree(data_dir / "tokenize", run_dir / "tokenize" / "export")
-    for name in ("tokenize", "small", "other"):
-        write_manifest(run_dir / name, {"stage": name, "status": "done"})
+    write_manifest(run_dir / "tokenize", {"stage": "tokenize", "status": "done"})
     recipe = Recipe(
         name="tiny",
         run_dir=str(run_dir),

@@ -223,7 +223,7 @@ def sampled_pairs(ctx: StageContext, cfg: Config) -> tuple[list[dict[str, Any]],
     problems = task_problems(cfg.task, "train", skip + cfg.num_prompts, ctx.seed)[skip:]
     tokens = cfg.max_completion_length or answer_tokens(problems)
     torch.manual_seed(ctx.seed + cfg.round)
-    drawn = generate(model, tokenizer, [p["prompt"] for p in problems], tokens, batch_size=32,
+    drawn = generate(model, tokenizer, [p["prompt"] for p in problems], tokens,
                      samples=cfg.samples, temperature=cfg.temperature)  # fmt: skip
     del model
     judge_label = None
