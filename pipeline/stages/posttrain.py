@@ -301,7 +301,7 @@ def fit(
     """
     from pipeline.stages.trl_checkpoints import prepare_checkpoints, saved_marker_callback
     from pipeline.train.adapter_init import seed_adapter
-    from pipeline.train.distributed import shard_on_cpu
+    from pipeline.train.distributed import hf_zero3_off, shard_on_cpu
 
     resume = prepare_checkpoints(ctx)
     with ctx.tracker() as tracker:
@@ -314,12 +314,10 @@ def fit(
         train_and_export(ctx, trainer, tokenizer, resume)
         summary: dict[str, Any] = last_metrics(callback, keys)
         if evaluate is not None and ctx.is_main:
-            from transformers.integrations import unset_hf_deepspeed_config
-
             # Training is over: rank 0 loads the export whole (under ZeRO-3 transformers would
             # otherwise partition it over ranks that do not take part, and wait for them).
-            unset_hf_deepspeed_config()
-            summary |= evaluate()
+            with hf_zero3_off():
+                summary |= evaluate()
         tracker.summary(summary)
     ctx.write_summary(summary, headline=headline)
     return summary

@@ -333,7 +333,7 @@ def shard_on_cpu(trainer: Any) -> None:
     resolved on the unsharded classes); the trainer takes that one, on GPUs too."""
     import torch
     from accelerate import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
 
     loaded = getattr(trainer.model, "pipeline_fsdp_plugin", None)
     if loaded is not None and trainer.is_fsdp_enabled:
@@ -341,13 +341,21 @@ def shard_on_cpu(trainer: Any) -> None:
     plugin_args = trainer.args.fsdp_plugin_args
     if torch.cuda.is_available() or not plugin_args or trainer.accelerator.num_processes < 2:
         return
-    plugin = loaded or FullyShardedDataParallelPlugin(**plugin_args)
-    if loaded is None and trainer.accelerator.mixed_precision != "no":
-        plugin.set_mixed_precision(trainer.accelerator.mixed_precision)
+    plugin = loaded or trainer_fsdp_plugin(trainer.args)
     PartialState().distributed_type = DistributedType.FSDP
     trainer.accelerator.state.distributed_type = DistributedType.FSDP
     trainer.accelerator.state.fsdp_plugin = plugin
     trainer.is_fsdp_enabled = True
+
+
+def trainer_fsdp_plugin(args: Any) -> Any:
+    """The FSDP2 plugin a TRL trainer's arguments ask for, with their mixed precision."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    if args.bf16:
+        plugin.set_mixed_precision("bf16")
+    return plugin
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.engine import diskfull, faults
 from pipeline.engine.errors import PipelineError
-from pipeline.train.distributed import reshard
+from pipeline.train.distributed import hf_zero3_off, reshard
 from pipeline.train.provenance import write_provenance
 from pipeline.train.workload import plain_names
 
@@ -108,7 +108,7 @@ def export_trainer(
         if main:
             if peft:
                 unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-                with _whole_model_loading(trainer.accelerator):
+                with hf_zero3_off():  # this rank alone loads: no partitioning
                     merged = _merged_from_base(unwrapped, tmp / ADAPTER_DIR)
                 merged.save_pretrained(str(tmp), safe_serialization=True)
                 (tmp / ADAPTER_DIR / "training_args.bin").unlink(missing_ok=True)
@@ -221,22 +221,6 @@ def _evaluating(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-@contextmanager
-def _whole_model_loading(accelerator: Accelerator) -> Iterator[None]:
-    """Load on this rank alone: under ZeRO-3, transformers would otherwise partition the loaded
-    model over ranks that are not loading it (collectives they never join)."""
-    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    plugin = accelerator.state.deepspeed_plugin
-    registered = getattr(plugin, "dschf", None)  # Accelerate keeps the object transformers reads
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        if registered is not None:
-            set_hf_deepspeed_config(registered)
-
-
 def _logits(model: Any, inputs: dict[str, Any], accelerator: Accelerator) -> torch.Tensor:
     """The model's fp32 logits in the run's precision (the training autocast)."""
     with accelerator.autocast():
@@ -255,7 +239,7 @@ def _compare(
     import transformers
 
     try:
-        with _whole_model_loading(accelerator):
+        with hf_zero3_off():  # this rank alone loads: no partitioning
             loaded = getattr(transformers, auto_class).from_pretrained(export_dir, dtype=dtype)
         loaded = loaded.to(accelerator.device)
         with _evaluating(loaded):

@@ -56,15 +56,23 @@ def load_sharded(
     layout = engine_layout(accelerator)
     plugin = accelerator.state.deepspeed_plugin
     if layout == "deepspeed" and plugin.zero_stage == 3:
-        with zero3_construction(plugin.deepspeed_config):
-            model = build()
-        fill(_tied(model), model_dir, fill_zero3)
-        return model
+        return load_zero3(model_dir, plugin.deepspeed_config, build)
     model = on_meta(build)
     if layout == "fsdp":
         model = accelerator.prepare(model)  # shards the meta parameters: FSDP2's own layout
     materialise(getattr(model, "_orig_mod", model), accelerator.device)
     fill(getattr(model, "_orig_mod", model), model_dir, fill_tensor)
+    return model
+
+
+def load_zero3(
+    model_dir: Path, ds_config: dict[str, Any], build: Callable[[], torch.nn.Module] | None = None
+) -> torch.nn.Module:
+    """`build()` (default: model_dir's causal LM) partitioned by ZeRO-3 as `ds_config` trains
+    it, holding model_dir's weights."""
+    with _zero3_construction(ds_config):
+        model = (build or (lambda: causal_lm_from_config(model_dir)))()
+    fill(_tied(model), model_dir, _fill_zero3)
     return model
 
 
@@ -127,7 +135,7 @@ def _tied(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextmanager
-def zero3_construction(ds_config: dict[str, Any]) -> Iterator[None]:
+def _zero3_construction(ds_config: dict[str, Any]) -> Iterator[None]:
     """Partition each module as it is created (deepspeed.zero.Init, configured as the launch
     trains) without initialising it: the weights replace any init. transformers' own ZeRO-3
     switch (which Accelerate turns on) is off meanwhile: it would wrap from_config in a second
@@ -314,7 +322,7 @@ def _fill_dtensor(param: Any, source: Source, rank: int) -> None:
     _send_parts(local, owners, spans, lambda start, end: read_tensor(source, start, end), rank)
 
 
-def fill_zero3(param: Any, source: Source, rank: int) -> None:
+def _fill_zero3(param: Any, source: Source, rank: int) -> None:
     """One ZeRO-3 parameter. Its partition on rank i is elements [i * size, (i + 1) * size) of
     the flattened tensor (the last one padded), so rank 0 reads and sends each rank only those;
     a partition swapped to NVMe or quantised is filled through a gather instead. A buffer

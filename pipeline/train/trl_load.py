@@ -26,14 +26,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+from pipeline.train.distributed import trainer_fsdp_plugin
 from pipeline.train.sharded_load import (
     causal_lm_from_config,
     fill,
     fill_tensor,
-    fill_zero3,
+    load_zero3,
     materialise,
     on_meta,
-    zero3_construction,
 )
 
 if TYPE_CHECKING:
@@ -51,26 +51,22 @@ def load_for_trainer(model_dir: Path, args: Any, adapter: Any = None) -> torch.n
     ds = getattr(args, "hf_deepspeed_config", None)
     if ds is not None and ds.is_zero3():
         log.info("loading %s partitioned over %d ranks (ZeRO-3)", model_dir, args.world_size)
-        return load_zero3(model_dir, ds.config)
+        return load_zero3_for_trainer(model_dir, ds.config)
     if args.fsdp_plugin_args and not (adapter is not None and adapter.modules_to_save):
         log.info("loading %s sharded over %d ranks (FSDP2)", model_dir, args.world_size)
         return load_fsdp2(model_dir, args, adapter)
     return None
 
 
-def load_zero3(model_dir: Path, ds_config: dict[str, Any]) -> torch.nn.Module:
-    """model_dir's causal LM partitioned by ZeRO-3 as `ds_config` trains it, holding its
-    weights. The process group must exist (a TRL stage's TrainingArguments set it up)."""
+def load_zero3_for_trainer(model_dir: Path, ds_config: dict[str, Any]) -> torch.nn.Module:
+    """sharded_load.load_zero3 in the process group the TrainingArguments set up, which
+    DeepSpeed's own communication layer does not know of yet."""
     import deepspeed
     import torch.distributed as dist
 
-    if not deepspeed.comm.is_initialized():  # DeepSpeed's view of the TrainingArguments' group
+    if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
-    with zero3_construction(ds_config):
-        model = causal_lm_from_config(model_dir)
-    model.tie_weights()
-    fill(model, model_dir, fill_zero3)
-    return model
+    return load_zero3(model_dir, ds_config)
 
 
 def load_fsdp2(model_dir: Path, args: Any, adapter: Any = None) -> torch.nn.Module:
@@ -78,13 +74,10 @@ def load_fsdp2(model_dir: Path, args: Any, adapter: Any = None) -> torch.nn.Modu
     it (the same plugin, built from `args` as pipeline.train.distributed.shard_on_cpu builds
     it), each rank's shards filled from the files. With an adapter, peft wraps the base first
     (as the trainer would) and the LoRA weights are left for adapter_init.seed_adapter."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    plugin = trainer_fsdp_plugin(args)
     precision = "bf16" if args.bf16 else "no"
-    if precision != "no":
-        plugin.set_mixed_precision(precision)
     # What fsdp2_prepare_model reads of an Accelerator; the trainer's own comes later.
     accelerator = SimpleNamespace(
         state=SimpleNamespace(fsdp_plugin=plugin),
