@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from data_prep.tasks import TaskBase, score, task_problems
 from eval.generation import generate
-from eval.macro import macro_average, macro_paired_test
+from eval.macro import macro_average, macro_paired_test, subtask_counts
 from eval.stats import mcnemar, wilson_interval
 from eval.test_time import PASS_KEY, k_list, length_metrics, sampled_metrics
 
@@ -97,7 +97,8 @@ def greedy_metrics(
     scores = [score(task, c, p["answer"], p) for c, p in zip(greedy, problems, strict=True)]
     correct = [exact == 1.0 for exact, _ in scores]
     low, high = wilson_interval(sum(correct), len(problems))
-    macro = macro_average(correct, [p["subtask"] for p in problems])
+    subtasks = [p["subtask"] for p in problems]
+    macro = macro_average(correct, subtasks)
     metrics: dict[str, Any] = {
         "task_accuracy": sum(correct) / len(problems),
         "task_accuracy_low": low,
@@ -107,9 +108,8 @@ def greedy_metrics(
         "task_partial_credit": sum(partial for _, partial in scores) / len(problems),
         "task_problems": len(problems),
     }
-    for subtask in sorted({p["subtask"] for p in problems}):
-        picked = [ok for ok, p in zip(correct, problems, strict=True) if p["subtask"] == subtask]
-        metrics[f"task_accuracy/{subtask}"] = sum(picked) / len(picked)
+    for subtask, (right, total) in subtask_counts(correct, subtasks).items():
+        metrics[f"task_accuracy/{subtask}"] = right / total
     metrics |= {
         "task_macro_accuracy": macro["macro"],
         "task_macro_accuracy_low": macro["low"],
