@@ -52,11 +52,16 @@ def launch_recipe(root: Path, model_dir: Path, name: str) -> dict[str, Any]:
     stages: dict[str, Any] = {
         "sft": {"kind": "sft", "model": {"path": str(model_dir)}, "max_length": 32,
                 "checkpoint_every": 2, "keep_checkpoints": 2, **common},
+        # peft trains a copy of the score head (modules_to_save) beside the adapter
+        "reward": {"kind": "reward", "model": {"path": str(model_dir)}, "max_length": 32,
+                   **common, "eval_pairs": 4},
     }  # fmt: skip
-    if launch["nproc"] > 1:
+    del stages["reward"]["eval_problems"]  # a reward model is scored on pairs
+    if launch["nproc"] > 1:  # with a trained copy of the final norm (modules_to_save)
         stages["rlhf"] = {"kind": "rlhf", "after": ["sft"], "num_generations": 2,
                           "max_completion_length": 4, "rewards": [LENGTH_REWARD],
-                          "checkpoint_every": 1000, **common}  # fmt: skip
+                          "checkpoint_every": 1000, **common,
+                          "adapter": {**lora(), "modules_to_save": ["model.norm"]}}  # fmt: skip
     return {"name": f"lora-{name}", "run_dir": str(root / "run"),
             "tracking": {"mode": "disabled"}, "launch": launch, "stages": stages}  # fmt: skip
 
@@ -114,13 +119,34 @@ def test_sft_matches_one_process(lora_runs: Callable[[str], dict[str, Any]], lau
     # Under ZeRO-3 and FSDP2 the base was sharded as it loaded (no rank held it whole; under
     # FSDP2 peft wrapped it first and adapter_init drew the LoRA weights on the shards), and the
     # run still matches one process: bench/load_memory.py measures the memory this saves.
+    # With modules_to_save (the reward model's score head, rlhf's norm), FSDP2 fills peft's
+    # copies from the files too; ZeRO-3 loads such a model whole (DeepSpeed partitions it at
+    # initialize): peft would deepcopy partitioned modules.
     loaded = {"zero3": "partitioned over 2 ranks (ZeRO-3)", "fsdp": "sharded over 2 ranks (FSDP2)"}
-    for stage in ("sft", "rlhf"):
+    for stage in ("sft", "reward", "rlhf"):
         log = (stage_dir(run, stage) / "stage.log").read_text()
-        if launch == "ddp":
+        if launch == "ddp" or (launch == "zero3" and stage != "sft"):
             assert "over 2 ranks" not in log, stage
         else:
             assert loaded[launch] in log, stage
+
+
+@pytest.mark.parametrize("launch", list(LAUNCHES))
+def test_reward_model_matches_one_process(
+    lora_runs: Callable[[str], dict[str, Any]], launch: str
+) -> None:
+    """A LoRA reward model (the score head drawn by adapter_init.seed_head, the same on every
+    engine, and trained as peft's copy) learns as one process does with the same global batch."""
+    import torch
+    from safetensors.torch import load_file
+
+    one, run = lora_runs("one"), lora_runs(launch)
+    expected = series(one, "reward", "loss")
+    assert len(expected) == 4 and len(set(expected)) > 1
+    assert series(run, "reward", "loss") == pytest.approx(expected, rel=1e-5), launch
+    head = [load_file(stage_dir(r, "reward") / "export" / "model.safetensors")["score.weight"]
+            for r in (one, run)]  # fmt: skip
+    torch.testing.assert_close(head[1], head[0], atol=3e-6, rtol=0)
 
 
 @pytest.mark.parametrize("stage", ["sft", "rlhf"])

@@ -1,12 +1,14 @@
-"""Loading at scale in the TRL stages: under FSDP2 and ZeRO-3 the policy of sft and rlhf (full
-fine-tuning) is built sharded and streamed in from its directory (pipeline.train.trl_load), and
-training is unchanged by it.
+"""Loading at scale in the TRL stages: under FSDP2 and ZeRO-3 the policy of sft and rlhf, GRPO's
+reference model and the reward stage's sequence classifier (full fine-tuning) are built sharded
+and streamed in from their directory (pipeline.train.trl_load), and training is unchanged by it.
 
 The tiny Qwen2 directory (tied embeddings, tests/hf_models.py) is fine-tuned for 4 steps with a
-global batch of 4 by one process and by 2 gloo processes under each engine, then GRPO (beta 0, so
-TRL loads no reference model) runs from that export under DDP, FSDP2 and ZeRO-3. Measured in fp32
-on 2 cores (allowed in brackets): SFT losses against one process relative 2e-7 (1e-5); exported
-weights 2e-7 (1e-5); GRPO rewards equal to DDP's (relative 1e-6). The memory this saves is what
+global batch of 4 by one process and by 2 gloo processes under each engine, and a reward model is
+trained from it the same way; then GRPO (beta 0.1: TRL keeps a reference model, which DDP loads
+through TRL's own factory) runs from the SFT export under DDP, FSDP2 and ZeRO-3. Measured in fp32
+on 2 cores (allowed in brackets): SFT and reward losses against one process relative 2e-7 (1e-5);
+exported weights 2e-7 (1e-5); GRPO rewards equal to DDP's (relative 1e-6), KL to 2.2e-8
+(absolute 1e-7; 3.7e-6 of values near 0.006). The memory this saves is what
 `bench/load_memory.py --modes trl-naive trl-zero3` measures (0.54x / 0.57x of the model's bytes
 per rank against 1.00x); a test cannot measure it reliably on a shared 2-core machine.
 """
@@ -42,9 +44,12 @@ def full_recipe(root: Path, model_dir: Path, name: str) -> dict[str, Any]:
     stages: dict[str, Any] = {
         "sft": {"kind": "sft", "model": {"path": str(model_dir)}, "max_length": 32,
                 "checkpoint_every": 2, "keep_checkpoints": 2, **common},
+        "reward": {"kind": "reward", "model": {"path": str(model_dir)}, "max_length": 32,
+                   **common, "eval_pairs": 4},
     }  # fmt: skip
+    del stages["reward"]["eval_problems"]  # a reward model is scored on pairs
     if launch["nproc"] > 1:
-        stages["rlhf"] = {"kind": "rlhf", "after": ["sft"], "num_generations": 2, "beta": 0.0,
+        stages["rlhf"] = {"kind": "rlhf", "after": ["sft"], "num_generations": 2, "beta": 0.1,
                           "max_completion_length": 4, "rewards": [LENGTH_REWARD],
                           "checkpoint_every": 1000, **common}  # fmt: skip
     return {"name": f"full-{name}", "run_dir": str(root / "run"),
@@ -72,17 +77,22 @@ def export_weights(recipe: dict[str, Any], stage: str) -> dict[str, Any]:
 def test_sharded_load_trains_as_one_process(
     full_runs: Callable[[str], dict[str, Any]], launch: str
 ) -> None:
-    """The policy was loaded sharded (the stage says so), and SFT's losses and exported weights
-    are those of one process; GRPO from it gives DDP's rewards."""
+    """The policy, GRPO's reference and the reward model were loaded sharded (the stage says
+    so), and SFT's and the reward model's losses and exported weights are those of one process;
+    GRPO from it gives DDP's rewards and KL."""
     import torch
 
     one, ddp, run = full_runs("one"), full_runs("ddp"), full_runs(launch)
-    for stage in ("sft", "rlhf"):
-        assert LOADED[launch] in (stage_dir(run, stage) / "stage.log").read_text(), stage
+    for stage, loads in (("sft", 1), ("reward", 1), ("rlhf", 2)):  # rlhf: policy and reference
+        assert (stage_dir(run, stage) / "stage.log").read_text().count(LOADED[launch]) == loads
         assert "over 2 ranks" not in (stage_dir(ddp, stage) / "stage.log").read_text(), stage
-    expected = series(one, "sft", "loss")
-    assert len(expected) == 4 and len(set(expected)) > 1
-    assert series(run, "sft", "loss") == pytest.approx(expected, rel=1e-5)
+    assert "reference model" in (stage_dir(run, "rlhf") / "stage.log").read_text()
+    for stage in ("sft", "reward"):
+        expected = series(one, stage, "loss")
+        assert len(expected) == 4 and len(set(expected)) > 1
+        assert series(run, stage, "loss") == pytest.approx(expected, rel=1e-5), stage
+    reward_head = export_weights(one, "reward")["score.weight"]
+    torch.testing.assert_close(export_weights(run, "reward")["score.weight"], reward_head)
     reference = export_weights(one, "sft")
     got = export_weights(run, "sft")
     # FSDP2's gathered state dict holds the tied lm_head as a copy of the embedding, which
@@ -93,9 +103,11 @@ def test_sharded_load_trains_as_one_process(
         assert torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
     for name, tensor in reference.items():
         torch.testing.assert_close(got[name].float(), tensor.float(), atol=1e-5, rtol=0, msg=name)
-    rewards = series(ddp, "rlhf", "reward")
-    assert len(rewards) == 4
-    assert series(run, "rlhf", "reward") == pytest.approx(rewards, rel=1e-6)
+    # KL is a difference of nearly equal log-probabilities: its relative error is the larger
+    for key, tolerance in (("reward", {"rel": 1e-6}), ("kl", {"rel": 1e-6, "abs": 1e-7})):
+        expected = series(ddp, "rlhf", key)
+        assert len(expected) == 4 and any(expected), key
+        assert series(run, "rlhf", key) == pytest.approx(expected, **tolerance), key
 
 
 def test_sharded_full_sft_resumes_exactly_after_kill(

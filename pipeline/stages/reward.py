@@ -98,22 +98,24 @@ def run(ctx: StageContext) -> None:
     import torch
     from trl import RewardConfig, RewardTrainer
 
-    from pipeline.stages.base_model import base_model, load_tokenizer, peft_config
+    from pipeline.stages.base_model import base_model, causal_lm_twin, load_tokenizer, peft_config
     from pipeline.stages.posttrain import fit, training_arguments
     from pipeline.stages.reward_models import load_reward_model
     from pipeline.stages.rows import dataset
+    from pipeline.train.adapter_init import seed_head
 
     cfg: Config = ctx.config  # type: ignore[assignment]
     source = base_model(ctx)
     tokenizer = load_tokenizer(source, cfg.chat_template)
-    torch.manual_seed(ctx.seed)  # the score head's initialisation: ensemble members differ by seed
-    model = load_reward_model(source.path)
+    # The arguments first: under FSDP2 or ZeRO-3 the model is then loaded sharded.
+    common = training_arguments(ctx, cfg, causal_lm_twin(source))
+    args = RewardConfig(**common, max_length=cfg.max_length)
+    model = training_reward_model(source.path, args, cfg.adapter)
     model.config.pad_token_id = tokenizer.pad_token_id
     pairs = ctx.input("pairs").path if cfg.pairs else None
     train, held_out = preference_rows(
         cfg.data, cfg.task, cfg.num_examples, ctx.seed, f"stages.{ctx.name}", cfg.eval_pairs, pairs
     )
-    args = RewardConfig(**training_arguments(ctx, cfg, model), max_length=cfg.max_length)
     columns = ("prompt", "chosen", "rejected")
     ctx.log.info("reward model from %s on %d pairs", source.label, len(train))
 
@@ -125,21 +127,42 @@ def run(ctx: StageContext) -> None:
         ctx.log.info("held-out pairwise accuracy %.1f%%", 100 * scored["pairwise_accuracy"])
         return scored
 
-    fit(
-        ctx,
-        tokenizer,
-        lambda callback: RewardTrainer(
+    def build(callback: Any) -> Any:
+        trainer = RewardTrainer(
             model=model,
             args=args,
             train_dataset=dataset(train, lambda r: {k: r[k] for k in columns}),
             processing_class=tokenizer,
             callbacks=[callback],
-            **peft_config(cfg, "SEQ_CLS"),
-        ),
+            **peft_config(cfg, "SEQ_CLS", model),
+        )
+        # The score head (in no causal LM's files): the same draw on every engine, and the
+        # seed is what makes ensemble members differ.
+        seed_head(trainer.model, ctx.seed)
+        return trainer
+
+    fit(
+        ctx,
+        tokenizer,
+        build,
         {"loss": "train_loss", "accuracy": "train_accuracy"},
         evaluate=evaluate,
         headline="pairwise_accuracy",
     )
+
+
+def training_reward_model(model_dir: Path, args: Any, adapter: Any) -> Any:
+    """model_dir's model with a fresh one-output score head, to train: sharded as `args` train
+    it (pipeline.train.trl_load), else whole."""
+    from pipeline.stages.reward_models import load_reward_model
+    from pipeline.train.distributed import hf_zero3_off
+    from pipeline.train.trl_load import load_for_trainer, sequence_classifier
+
+    sharded = load_for_trainer(model_dir, args, adapter, sequence_classifier(model_dir))
+    if sharded is not None:
+        return sharded
+    with hf_zero3_off():  # DeepSpeed partitions it at initialize
+        return load_reward_model(model_dir)
 
 
 def plan_problems(view: PlanView) -> list[str]:

@@ -77,21 +77,27 @@ def trainer_config(ctx: StageContext, cfg: Any, twin: Any) -> Any:
 def build_trainer(
     ctx: StageContext, cfg: Any, model: Any, tokenizer: Any, callback: Any, args: Any
 ) -> Any:
-    """The TRL trainer for `cfg.algorithm` with its data and rewards, configured by `args`."""
-    from pipeline.stages.base_model import peft_config
+    """The TRL trainer for `cfg.algorithm` with its data and rewards, configured by `args`.
+    A reference model TRL needs (no adapter, and for GRPO/RLOO beta > 0) is the stage's base
+    model, loaded sharded under FSDP2 or ZeRO-3 (pipeline.train.trl_load)."""
+    from pipeline.stages.base_model import base_model, peft_config
     from pipeline.stages.reward import preference_rows
     from pipeline.stages.rewards import reward_functions
     from pipeline.stages.rows import dataset
+    from pipeline.train.trl_load import load_for_trainer, sharded_reference
 
     where = f"stages.{ctx.name}"
+    source = base_model(ctx).path
     if cfg.algorithm == "dpo":
         from trl import DPOTrainer
 
         pairs = ctx.input("pairs").path if cfg.pairs else None
         rows, _ = preference_rows(cfg.data, cfg.task, cfg.num_examples, ctx.seed, where, 0, pairs)
         columns = ("prompt", "chosen", "rejected")
+        ref = None if cfg.adapter else load_for_trainer(source, args, what="reference model ")
         return DPOTrainer(
             model=model,
+            **({} if ref is None else {"ref_model": ref}),
             args=args,
             train_dataset=dataset(rows, lambda r: {k: r[k] for k in columns}),
             processing_class=tokenizer,
@@ -107,14 +113,16 @@ def build_trainer(
         paths = [r.path for r in ctx.inputs("reward_model")]
         device = "cuda" if torch.cuda.is_available() else "cpu"
         funcs.append(ensemble_reward(paths, cfg.ensemble, cfg.ensemble_lambda, device))
-    from trl import GRPOTrainer, RLOOTrainer
+    from trl.trainer import grpo_trainer, rloo_trainer
 
-    return (GRPOTrainer if cfg.algorithm == "grpo" else RLOOTrainer)(
-        model=model,
-        reward_funcs=funcs,
-        args=args,
-        train_dataset=dataset(prompt_rows(cfg, ctx.seed, where)),
-        processing_class=tokenizer,
-        callbacks=[callback],
-        **peft_config(cfg, model=model),
-    )
+    grpo = cfg.algorithm == "grpo"
+    with sharded_reference(grpo_trainer if grpo else rloo_trainer, source, args):
+        return (grpo_trainer.GRPOTrainer if grpo else rloo_trainer.RLOOTrainer)(
+            model=model,
+            reward_funcs=funcs,
+            args=args,
+            train_dataset=dataset(prompt_rows(cfg, ctx.seed, where)),
+            processing_class=tokenizer,
+            callbacks=[callback],
+            **peft_config(cfg, model=model),
+        )

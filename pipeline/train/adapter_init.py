@@ -9,6 +9,10 @@ with a = sqrt(5)), lora_B zeros (so the adapted model starts as its base), and f
 adapters lora_embedding_A zeros and lora_embedding_B standard normal. A rank holding a shard
 (an FSDP2 DTensor) draws the whole weight and keeps its part; one process, DDP, FSDP2 and ZeRO-3
 (before deepspeed.initialize partitions the adapter) start from the same adapter.
+
+A reward model's score head, which no causal LM's files hold, is drawn the same way by
+`seed_head` (transformers' init: normal with the config's initializer_range, bias zero), keyed by
+its name in the bare model: peft's trained copy and the original it keeps start equal.
 """
 
 from __future__ import annotations
@@ -39,6 +43,38 @@ def seed_adapter(model: Any, seed: int) -> int:
     return drawn
 
 
+def seed_head(model: Any, seed: int, head: str = "score") -> int:
+    """Draw the weights of `model`'s `head` module (a peft model or not; under ZeRO-3 partitioned
+    or not) as the module docstring says; the number of tensors drawn."""
+    import torch
+
+    config = getattr(model, "config", None)
+    std = getattr(config, "initializer_range", 0.02)
+    drawn = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            bare = _bare_name(name)
+            if bare.split(".")[0] != head:
+                continue
+            generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{bare}".encode()))
+            shape = tuple(getattr(param, "ds_shape", param.shape))
+            whole = torch.zeros(shape)
+            if bare.endswith(".weight"):
+                whole = torch.randn(shape, generator=generator) * std
+            _keep_part(param, whole)
+            drawn += 1
+    return drawn
+
+
+def _bare_name(name: str) -> str:
+    """A parameter's name in the model peft wraps: `score.weight` for
+    `base_model.model.score.modules_to_save.default.weight`."""
+    name = name.removeprefix("base_model.model.")
+    for wrapper in (".original_module.", ".modules_to_save.default."):
+        name = name.replace(wrapper, ".")
+    return name
+
+
 def _draw(kind: str, shape: tuple[int, ...], generator: Any) -> Any:
     import torch
 
@@ -51,10 +87,16 @@ def _draw(kind: str, shape: tuple[int, ...], generator: Any) -> Any:
 
 
 def _keep_part(param: Any, whole: Any) -> None:
-    """Copy `whole` into `param`, or this rank's part of it into an FSDP2 shard."""
+    """Copy `whole` into `param`, or this rank's part of it into an FSDP2 shard or a ZeRO-3
+    partition (gathered: every rank drew the same whole)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    if isinstance(param, DTensor):
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            param.data.copy_(whole.to(param.device, param.dtype))
+    elif isinstance(param, DTensor):
         local = param.to_local()
         # every rank drew the same whole: its own part, without communication
         whole = whole.to(local.device, local.dtype)

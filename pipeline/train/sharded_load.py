@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import json
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,14 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.engine.errors import PipelineError
 from pipeline.train.distributed import engine_layout, hf_zero3_off
+from pipeline.train.weight_files import Source, read_tensor, weight_files
 
 # torch, transformers, safetensors, deepspeed: imported where used (seconds to import).
 if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
-
-INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
-Source = tuple[Path, str]  # where a model tensor's weights are: (file, name in it)
 
 
 def load_sharded(
@@ -66,13 +63,16 @@ def load_sharded(
 
 
 def load_zero3(
-    model_dir: Path, ds_config: dict[str, Any], build: Callable[[], torch.nn.Module] | None = None
+    model_dir: Path,
+    ds_config: dict[str, Any],
+    build: Callable[[], torch.nn.Module] | None = None,
+    file_name: Callable[[str], str | None] = lambda name: name,
 ) -> torch.nn.Module:
     """`build()` (default: model_dir's causal LM) partitioned by ZeRO-3 as `ds_config` trains
-    it, holding model_dir's weights."""
+    it, holding model_dir's weights (`file_name`: as for `fill`)."""
     with _zero3_construction(ds_config):
         model = (build or (lambda: causal_lm_from_config(model_dir)))()
-    fill(_tied(model), model_dir, _fill_zero3)
+    fill(_tied(model), model_dir, _fill_zero3, file_name)
     return model
 
 
@@ -83,36 +83,6 @@ def causal_lm_from_config(model_dir: Path) -> torch.nn.Module:
 
     config = transformers.AutoConfig.from_pretrained(model_dir)
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-
-
-def weight_files(model_dir: Path) -> dict[str, Path]:
-    """Which safetensors file holds each tensor: the index's weight map, or the single file."""
-    index = model_dir / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return {name: model_dir / file for name, file in weight_map.items()}
-    single = model_dir / SINGLE_FILE
-    if not single.is_file():
-        raise PipelineError(
-            f"model.path {model_dir}: neither {SINGLE_FILE} nor {INDEX_FILE}; loading at scale "
-            f"reads safetensors weights (save the model with save_pretrained)"
-        )
-    from safetensors import safe_open
-
-    with safe_open(single, framework="pt") as handle:
-        return dict.fromkeys(handle.keys(), single)
-
-
-def read_tensor(source: Source, start: int | None = None, end: int | None = None) -> torch.Tensor:
-    """Rows [start, end) of a source's tensor (all of it without start), through a mapping of
-    its own (see the module docstring): only the rows read become resident, while they live."""
-    from safetensors import safe_open
-
-    path, name = source
-    with safe_open(path, framework="pt") as handle:
-        if start is None:
-            return handle.get_tensor(name)
-        return handle.get_slice(name)[start:end]
 
 
 def on_meta(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
