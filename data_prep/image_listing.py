@@ -90,6 +90,14 @@ def cache_path(root: Path) -> Path:
 def folder_signature(root: Path, cache: Path | None = None, rescan: bool = False) -> Listing:
     """Count and sha256 of every file's (path, size, mtime_ns) under `root` (module docstring);
     `rescan` lists and stats everything, ignoring the cache, and stores what it found."""
+    return list_folder(root, cache, rescan)[0]
+
+
+def list_folder(
+    root: Path, cache: Path | None = None, rescan: bool = False
+) -> tuple[Listing, list[str]]:
+    """`folder_signature` and the relative POSIX path ('a/b.png') of every file it covers, so
+    a caller that needs the names (the caption pairing) lists nothing a second time."""
     root_text = str(Path(root).absolute())
     cache = cache or cache_path(root)
     cached = {} if rescan else _load(cache, root_text)
@@ -107,13 +115,15 @@ def folder_signature(root: Path, cache: Path | None = None, rescan: bool = False
         ) from None
 
 
-def _signature(root: str, cached: Dirs, cache: Path) -> Listing:
-    """The signature from `cached` where still valid and fresh listings elsewhere; saves it."""
+def _signature(root: str, cached: Dirs, cache: Path) -> tuple[Listing, list[str]]:
+    """The signature from `cached` where still valid and fresh listings elsewhere (saved), and
+    the files' relative paths."""
     dirs, listed, statted = _refresh(root, cached)
     count, digest = _digest(dirs)
     if dirs != cached:
         _save(cache, root, dirs)
-    return Listing(count, digest, listed, statted)
+    files = [f"{rel}/{name}" if rel else name for rel in sorted(dirs) for name in dirs[rel][1]]
+    return Listing(count, digest, listed, statted), files
 
 
 def _refresh(root: str, cached: Dirs) -> tuple[Dirs, int, int]:

@@ -1,7 +1,10 @@
-"""Stage kind `images`: an image dataset -> normalised uint8 shards with labels, train/val split.
+"""Stage kind `images`: an image dataset -> normalised uint8 shards with labels (and captions),
+train/val split.
 
-Sources: `builtin:digits` (scikit-learn's bundled 8x8 digits), an image folder with one
-subfolder per class, or a local Hugging Face dataset directory (`datasets.save_to_disk`).
+Sources: `builtin:digits` (scikit-learn's bundled 8x8 digits), `builtin:shapes` (captioned
+scenes of data_prep/shapes.py; val is the generator's compositional test split), an image folder
+with one subfolder per class or with captions (x.txt sidecars or a metadata.jsonl), or a local
+Hugging Face dataset directory (`datasets.save_to_disk`), optionally with a caption column.
 
 Shard format (the contract with the vae, diffusion and image_eval stages and the baselines):
 
@@ -12,13 +15,16 @@ Shard format (the contract with the vae, diffusion and image_eval stages and the
     export/train_images.npy    uint8 [N, C, H, W] (C = 1 grey or 3 RGB)
     export/train_labels.npy    int64 [N], class index into "classes"
     export/val_images.npy      export/val_labels.npy
+    export/train_captions.jsonl  {"text": caption} per image, in image order (captioned sources;
+                               "captions_sha256" in the split's entry), read by `read_captions`
+    export/train_scenes.jsonl  builtin:shapes: each image's scene (ground truth, "scenes_sha256")
 
 index.json is an `ImageIndex` (data_prep/images_meta.py). Read with
 `ImageShards(export_dir, "train")`, which memory-maps the arrays (`np.load(mmap_mode="r")`) and
 returns float32 images in [-1, 1]. The vae stage writes latent shards in the same format with
 dtype float32, normalisation "identity" and a "scaling_factor". Which split an image lands in
-is a hash of (seed, image index); batches are a pure function of (seed, step, rank), so resume is
-exact without loader state.
+is a hash of (seed, image index) (builtin:shapes: the generator's split); batches are a pure
+function of (seed, step, rank), so resume is exact without loader state.
 
 Writing streams: each image is converted and appended to its split's files as it is read
 (`NpyWriter`), so memory holds one image whatever the dataset's size, and the files are byte for
@@ -36,10 +42,18 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
-from data_prep.image_listing import folder_signature
-from data_prep.image_sources import DIGITS, ImageSourceConfig, read_source, to_array
+from data_prep.image_captions import CAPTIONS, SCENES, JsonlWriter, read_captions, split_file
+from data_prep.image_sources import (
+    DIGITS,
+    SHAPES,
+    ImageSourceConfig,
+    Item,
+    read_items,
+    source_signature,
+    to_array,
+)
 from data_prep.images_meta import UINT8_NORMALISATION, ImageIndex, ImageSplit
 from data_prep.shards import SampleOrder
 from pipeline.engine.config import StageConfig
@@ -50,6 +64,7 @@ from pipeline.engine.inputs import StageSpec
 from pipeline.engine.manifest import sha256_file
 
 SPLITS = ("train", "val")
+VAL_FRACTION = 0.1
 HASH_CHUNK_BYTES = 1 << 16  # re-reading a written shard holds two chunks at once
 
 
@@ -59,29 +74,47 @@ class Config(StageConfig):
     kind: Literal["images"] = "images"
     source: ImageSourceConfig
     image_size: int | None = Field(
-        None, ge=4, description="resize (centre crop to square, then resize); default: keep"
+        None,
+        ge=4,
+        description="resize (centre crop to square, then resize); default: keep "
+        "(builtin:shapes renders at this size, default 32)",
     )
     channels: Literal[1, 3] | None = Field(
         None, description="1 grey or 3 RGB; default 1 for builtin:digits, else 3"
     )
-    val_fraction: float = Field(0.1, ge=0, lt=1)
+    val_fraction: float = Field(
+        VAL_FRACTION,
+        ge=0,
+        lt=1,
+        description="share of images held out as val (a hash of seed and image index); not "
+        "for builtin:shapes, whose val is the generator's test split (source.val_images)",
+    )
     num_classes: int | None = Field(
         None, ge=1, description="expected number of classes; the data must agree"
     )
 
+    @field_validator("val_fraction")
+    @classmethod
+    def _not_for_shapes(cls, value: float, info: ValidationInfo) -> float:
+        source = info.data.get("source")  # the default is accepted: resolved recipes list it
+        if source is not None and source.uri == SHAPES and value != VAL_FRACTION:
+            raise ValueError(
+                "builtin:shapes holds out the generator's test split; set source.val_images"
+            )
+        return value
+
     def data_signature(self) -> dict[str, Any]:
-        """A folder's file count and listing digest (data_prep/image_listing.py), or the uri;
-        every file is stat'ed only under `rescan()` (`--rescan`, or a plan that runs a stage)."""
-        path = Path(self.source.uri)
-        if self.source.uri == DIGITS or not path.is_dir():
-            return {"uri": self.source.uri}
-        listing = folder_signature(path, rescan=rescanning())
-        return {"files": listing.files, "listing_sha256": listing.sha256}
+        """A folder's listing digest, caption files included, and its metadata.jsonl's sha256
+        (image_sources.source_signature), or the uri; every file is stat'ed only under
+        `rescan()` (`--rescan`, or a plan that runs a stage)."""
+        return source_signature(self.source, rescan=rescanning())
 
     def check_inputs(self) -> None:
-        """The source exists, holds images and its first image decodes (one image is read)."""
+        """The source exists and holds images, a captioned folder's captions pair with its
+        images (from its listing, every metadata.jsonl line parsed), and its first image and
+        caption decode (one image is read or rendered)."""
         if self.source.uri != DIGITS:
-            next(read_source(self.source)[1], None)
+            next(read_items(self.source, self.image_size).items, None)
 
 
 def run(ctx: StageContext) -> None:
@@ -91,8 +124,8 @@ def run(ctx: StageContext) -> None:
     index = prepare_images(cfg, ctx.export_dir, seed=ctx.seed)
     train, val = index.splits["train"].count, index.splits["val"].count
     ctx.log.info(
-        "%d train + %d val images of shape %s, %d classes",
-        train, val, index.shape, len(index.classes),
+        "%d train + %d val images of shape %s, %d classes%s",
+        train, val, index.shape, len(index.classes), ", with captions" * index.captioned,
     )  # fmt: skip
     ctx.write_summary(
         {"train_images": train, "val_images": val, "classes": len(index.classes)},
@@ -103,7 +136,8 @@ def run(ctx: StageContext) -> None:
 def prepare_images(cfg: Config, export_dir: Path, seed: int) -> ImageIndex:
     """Read the source, split it, and stream uint8 shards image by image; returns the index."""
     channels = cfg.channels or (1 if cfg.source.uri == DIGITS else 3)
-    classes, items = read_source(cfg.source)
+    source = read_items(cfg.source, cfg.image_size, seed)
+    classes = source.classes
     if cfg.num_classes is not None and cfg.num_classes != len(classes):
         raise PipelineError(
             f"source {cfg.source.uri}: has {len(classes)} classes, num_classes says "
@@ -111,17 +145,21 @@ def prepare_images(cfg: Config, export_dir: Path, seed: int) -> ImageIndex:
         )
     writers: dict[str, SplitWriter] = {}
     try:
-        for index, (image, label, where) in enumerate(items):
-            array = to_array(image, channels, cfg.image_size, where)
+        for index, item in enumerate(source.items):
+            array = to_array(item.image, channels, cfg.image_size, item.where)
             if not writers:
-                writers = {split: SplitWriter(export_dir, split, array.shape) for split in SPLITS}
+                kinds = (source.captioned, source.scenes)  # which .jsonl files go beside
+                writers = {
+                    split: SplitWriter(export_dir, split, array.shape, *kinds) for split in SPLITS
+                }
             elif array.shape != writers["train"].shape:
                 raise PipelineError(
-                    f"{where}: size {array.shape[1:]} differs from the first image's "
+                    f"{item.where}: size {array.shape[1:]} differs from the first image's "
                     f"{writers['train'].shape[1:]}; set image_size to resize every image"
                 )
-            split = "val" if is_val_image(index, seed, cfg.val_fraction) else "train"
-            writers[split].append(array, label)
+            held_out = is_val_image(index, seed, cfg.val_fraction)
+            split = item.split or ("val" if held_out else "train")
+            writers[split].append(array, item)
         if not writers:
             raise PipelineError(f"source {cfg.source.uri}: holds no images; add images")
         splits = {split: writers[split].close() for split in SPLITS}
@@ -142,10 +180,6 @@ def is_val_image(index: int, seed: int, val_fraction: float) -> bool:
     """Whether image `index` is held out: a hash of (seed, index) below val_fraction."""
     digest = hashlib.blake2b(f"{seed}:image:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") < val_fraction * 2**64
-
-
-# ---------------------------------------------------------------------------------------------
-# Sources: (class names, iterator of (image, label, where)); an image is a PIL image or an array
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,27 +247,44 @@ class NpyWriter:
 
 
 class SplitWriter:
-    """`<split>_images.npy` and `<split>_labels.npy`, streamed one image at a time."""
+    """`<split>_images.npy` and `<split>_labels.npy`, and `<split>_captions.jsonl` and
+    `<split>_scenes.jsonl` when the source has them, streamed one image at a time."""
 
-    def __init__(self, export_dir: Path, split: str, shape: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        export_dir: Path,
+        split: str,
+        shape: tuple[int, ...],
+        captions: bool = False,
+        scenes: bool = False,
+    ) -> None:
         self.shape = shape
         self.images = NpyWriter(export_dir / f"{split}_images.npy", "uint8", shape)
         self.labels = NpyWriter(export_dir / f"{split}_labels.npy", "<i8", ())
+        kinds = [kind for kind, wanted in ((CAPTIONS, captions), (SCENES, scenes)) if wanted]
+        self.rows = {kind: JsonlWriter(split_file(export_dir, split, kind)) for kind in kinds}
 
-    def append(self, image: np.ndarray, label: int) -> None:
+    def append(self, image: np.ndarray, item: Item) -> None:
         self.images.append(image)
-        self.labels.append(np.asarray(label))
+        self.labels.append(np.asarray(item.label))
+        if CAPTIONS in self.rows:
+            self.rows[CAPTIONS].append({"text": item.caption})
+        if SCENES in self.rows:
+            self.rows[SCENES].append(item.scene)
 
     def close(self) -> ImageSplit:
-        """Finish both files; returns the split's index entry."""
-        count = self.images.rows
+        """Finish every file; returns the split's index entry."""
+        rows = {f"{kind}_sha256": writer.close() for kind, writer in self.rows.items()}
         return ImageSplit(
-            count=count, images_sha256=self.images.close(), labels_sha256=self.labels.close()
+            count=self.images.rows,
+            images_sha256=self.images.close(),
+            labels_sha256=self.labels.close(),
+            **rows,
         )
 
     def abort(self) -> None:
-        self.images.abort()
-        self.labels.abort()
+        for writer in (self.images, self.labels, *self.rows.values()):
+            writer.abort()
 
 
 class ImageShards:
@@ -243,7 +294,7 @@ class ImageShards:
     as the stage to rerun."""
 
     def __init__(self, export_dir: Path, split: str = "train", writer: str = "images") -> None:
-        self.export_dir = Path(export_dir)
+        self.export_dir, self.writer = Path(export_dir), writer
         self.index = ImageIndex.read(self.export_dir, writer)
         if split not in self.index.splits:
             raise PipelineError(f"{self.export_dir}: no split {split!r}; rerun the {writer} stage")
@@ -275,12 +326,22 @@ class ImageShards:
         return len(self.images)
 
     def verify(self) -> None:
-        """Recompute the checksums; PipelineError when a file was modified."""
+        """Recompute the checksums (captions and scenes too, where written); PipelineError when
+        a file was modified."""
         meta = self.index.splits[self.split]
-        for kind, sha256 in (("images", meta.images_sha256), ("labels", meta.labels_sha256)):
-            path = self.export_dir / f"{self.split}_{kind}.npy"
-            if sha256_file(path) != sha256:
+        files = [
+            (self.export_dir / f"{self.split}_images.npy", meta.images_sha256),
+            (self.export_dir / f"{self.split}_labels.npy", meta.labels_sha256),
+            (split_file(self.export_dir, self.split, CAPTIONS), meta.captions_sha256),
+            (split_file(self.export_dir, self.split, SCENES), meta.scenes_sha256),
+        ]
+        for path, sha256 in files:
+            if sha256 is not None and sha256_file(path) != sha256:
                 raise PipelineError(f"{path}: checksum mismatch; rerun the stage that wrote it")
+
+    def captions(self) -> list[str]:
+        """This split's captions in image order (data_prep/image_captions.py: read_captions)."""
+        return read_captions(self.export_dir, self.split, self.writer)
 
     def to_float(self, raw: np.ndarray) -> np.ndarray:
         """float32 model inputs: uint8 pixels to [-1, 1]; latents as stored."""

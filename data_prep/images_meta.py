@@ -24,11 +24,14 @@ IDENTITY = "identity"
 
 
 class ImageSplit(BaseModel):
-    """One split's image count and the checksums of its two arrays."""
+    """One split's image count and the checksums of its two arrays, and of its captions and
+    scenes where the source has them (data_prep/image_captions.py; absent otherwise)."""
 
     count: int
     images_sha256: str
     labels_sha256: str
+    captions_sha256: str | None = None  # <split>_captions.jsonl
+    scenes_sha256: str | None = None  # <split>_scenes.jsonl (builtin:shapes)
 
 
 class ImageIndex(BaseModel):
@@ -45,10 +48,15 @@ class ImageIndex(BaseModel):
     scaling_factor: float | None = None  # latents: 1 / their std on the train split
     source: str  # the images stage's source uri, or the export the latents encode
 
+    @property
+    def captioned(self) -> bool:
+        """Whether every split has captions (read them with image_captions.read_captions)."""
+        return all(split.captions_sha256 is not None for split in self.splits.values())
+
     def write(self, export_dir: Path) -> None:
-        """Write export_dir/index.json (atomically); scaling_factor left out when unset."""
-        exclude = {"scaling_factor"} if self.scaling_factor is None else set()
-        atomic_write_json(Path(export_dir) / INDEX_FILE, self.model_dump(exclude=exclude))
+        """Write export_dir/index.json (atomically); fields left unset (scaling_factor, the
+        caption and scene checksums) are left out, so the index reads as it did before them."""
+        atomic_write_json(Path(export_dir) / INDEX_FILE, self.model_dump(exclude_none=True))
 
     @classmethod
     def read(cls, export_dir: Path, writer: str = "images") -> ImageIndex:
