@@ -14,8 +14,12 @@ shards it with FSDP2. Target: <= 0.6x the model's fp32 bytes per rank under FSDP
 The TRL stages (sft, rlhf) make their TrainingArguments first and then load the policy with
 `pipeline.stages.base_model.load_causal_lm`: `trl-zero3`, `trl-fsdp` and `trl-fsdp-lora` (a
 rank-16 adapter on q_proj and v_proj) pass the arguments (a ZeRO-3 or FSDP2 launch of 2 ranks:
-sharded, streamed load, pipeline.train.trl_load), `trl-naive` does not (`from_pretrained` whole on every rank, as these stages did before). Their reference models (GRPO/RLOO/DPO with beta > 0 and no
-adapter) are loaded by TRL itself, through transformers' own ZeRO-3 loading: not measured here.
+sharded, streamed load, pipeline.train.trl_load), `trl-naive` does not (`from_pretrained` whole
+on every rank, as these stages did before). The reference model of GRPO/RLOO/DPO (beta > 0, no
+adapter) is loaded by the same function as the policy (trl_load.load_for_trainer), so these
+modes measure it too. `trl-reward-*`: the reward stage's sequence classifier
+(`pipeline.stages.reward.training_reward_model`), naive (whole on every rank, as that stage did
+before), under ZeRO-3 and under FSDP2.
 
     .venv/bin/python bench/load_memory.py [--hidden 768 --layers 12 --vocab 8192] [--modes ...]
 """
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
     from accelerate import Accelerator
     from transformers import LlamaConfig, TrainingArguments
 
@@ -46,6 +51,9 @@ MODES = {
     "trl-zero3": {"nproc": 2, "engine": "deepspeed", "zero_stage": 3},
     "trl-fsdp": {"nproc": 2, "engine": "fsdp"},
     "trl-fsdp-lora": {"nproc": 2, "engine": "fsdp"},  # peft wraps the meta base, then FSDP2
+    "trl-reward-naive": {"nproc": 2, "engine": "deepspeed", "zero_stage": 3},
+    "trl-reward-zero3": {"nproc": 2, "engine": "deepspeed", "zero_stage": 3},
+    "trl-reward-fsdp": {"nproc": 2, "engine": "fsdp"},
 }
 
 
@@ -77,21 +85,30 @@ def load(mode: str, model_dir: Path, accelerator: Accelerator | TrainingArgument
     from pipeline.stages.base_model import AdapterConfig, load_causal_lm
     from pipeline.train.sharded_load import load_sharded
 
-    if mode.startswith("trl-"):  # what the sft and rlhf stages do, with or without the args
+    if mode.startswith("trl-reward-"):  # what the reward stage does
+        from pipeline.stages.reward import training_reward_model
+
+        model = training_reward_model(model_dir, None if "naive" in mode else accelerator, None)
+        touch(model)
+    elif mode.startswith("trl-"):  # what the sft and rlhf stages do, with or without the args
         source = Resolved("model", "bench", location=Location(path=str(model_dir)))
         adapter = (
             AdapterConfig(r=16, target_modules=["q_proj", "v_proj"]) if "lora" in mode else None
         )
         arguments = None if mode == "trl-naive" else accelerator
-        model = load_causal_lm(source, "bench", adapter, arguments)
-        for param in model.parameters():  # read every weight, as training will: mapped file
-            local = getattr(param, "ds_tensor", param)  # pages count once touched
-            float((local.to_local() if hasattr(local, "to_local") else local).sum())
+        touch(load_causal_lm(source, "bench", adapter, arguments))
     elif mode == "naive":
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         accelerator.prepare(model)
     else:
         load_sharded(model_dir, accelerator)
+
+
+def touch(model: torch.nn.Module) -> None:
+    """Read every weight, as training will: mapped file pages count once touched."""
+    for param in model.parameters():
+        local = getattr(param, "ds_tensor", param)
+        float((local.to_local() if hasattr(local, "to_local") else local).sum())
 
 
 def worker(mode: str, model_dir: Path, tiny_dir: Path, out: Path) -> None:
@@ -180,9 +197,10 @@ def main() -> None:
         shown = "  ".join(
             f"rank {r}: {mib:7.1f} MiB = {mib / model_mib:.3f}x" for r, mib in enumerate(ranks)
         )
-        naive = peaks.get("trl-naive" if mode.startswith("trl-") else "naive")
+        family = next(f for f in ("trl-reward-", "trl-", "") if mode.startswith(f))
+        naive = peaks.get(f"{family}naive")
         versus = f"   worst rank / naive {max(ranks) / max(naive):.3f}" if naive else ""
-        print(f"{mode:>9}: {shown}{versus}")
+        print(f"{mode:>16}: {shown}{versus}")
     print("target: every sharded mode <= 0.6x the model's fp32 bytes on every rank")
 
 
