@@ -339,6 +339,15 @@ class ImageShards:
             if sha256 is not None and sha256_file(path) != sha256:
                 raise PipelineError(f"{path}: checksum mismatch; rerun the stage that wrote it")
 
+    def relabel(self, labels: np.ndarray) -> None:
+        """Batches carry `labels` (one per image: a text model's caption rows) for the classes."""
+        if len(labels) != len(self.images):
+            raise PipelineError(
+                f"{self.export_dir}: {len(labels)} labels for {len(self.images)} {self.split} "
+                f"images; rerun the stage that made the labels"
+            )
+        self.labels = labels
+
     def captions(self) -> list[str]:
         """This split's captions in image order (data_prep/image_captions.py: read_captions)."""
         return read_captions(self.export_dir, self.split, self.writer)

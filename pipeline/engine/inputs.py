@@ -32,6 +32,7 @@ OutputType = Literal[
     "preferences",  # chosen/rejected pairs with their provenance (pipeline.stages.preferences)
     "images",  # image shards
     "vae",  # an autoencoder for latent diffusion
+    "text_embeddings",  # caption embeddings of an images export (pipeline.stages.text_encode)
     "diffusion",  # a diffusers pipeline directory
     "evaluation",  # scores of other stages' outputs
     "table",  # rows of a comparison, a fit or a baseline
@@ -46,6 +47,8 @@ class Input:
     `field` is the dotted config field that may name it (a stage name, or a `{path: DIR}` location
     when `location` is set; '*' walks a list). Left unset, the input is the nearest upstream stage
     whose output is one of `accepts` (when `nearest`), else absent (an error when `required`).
+    A value in `builtins` (`builtin:bag-of-words`) is neither: the stage provides it itself, and
+    the input is absent.
     """
 
     name: str
@@ -55,6 +58,7 @@ class Input:
     required: bool = True
     nearest: bool = True
     many: bool = False
+    builtins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -164,11 +168,12 @@ def _resolve_one(
     recipe: Recipe, graph: Graph, name: str, cfg: StageConfig, spec: Input, run_dir: Path
 ) -> tuple[list[Resolved], list[str]]:
     base = f"stages.{name}"
-    named = (
-        [(w, v) for w, v in values_at(cfg, spec.field.split("."), base) if v is not None]
-        if spec.field
-        else []
-    )
+    values = [
+        (w, v) for w, v in values_at(cfg, spec.field.split("."), base) if v is not None
+    ] if spec.field else []  # fmt: skip
+    named = [(w, v) for w, v in values if v not in spec.builtins]
+    if values and not named:  # only builtins: the stage provides the input itself
+        return [], []
     found: list[Resolved] = []
     problems: list[str] = []
     for where, value in named:

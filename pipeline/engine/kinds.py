@@ -24,6 +24,7 @@ KINDS: dict[str, str] = {
     "images": "data_prep.images",
     "diffusion": "pipeline.stages.diffusion",
     "vae": "pipeline.stages.vae",
+    "text_encode": "pipeline.stages.text_encode",
     "image_eval": "eval.images",
     "baseline": "pipeline.baselines.stage",
     "compare": "eval.compare",

@@ -26,9 +26,11 @@ class DenoiserSpec:
 
     # (cfg, channels, sample_size, num_classes, where) -> a module taking (sample, timestep,
     # class_labels) and returning `.sample` of the input's shape
-    build: Callable[[DiffusionModelConfig, int, int, int, str], torch.nn.Module]
+    # None for the text-conditioned arches: pipeline.models.text_denoisers builds those
+    build: Callable[[DiffusionModelConfig, int, int, int, str], torch.nn.Module] | None
     fields: tuple[str, ...]
     wrap_classes: tuple[str, ...]  # module class names FSDP wraps as units
+    text: bool = False  # conditioned on caption embeddings (a text_encode stage), not classes
 
 
 def build_dit(
@@ -89,10 +91,11 @@ def build_unet(
     )
 
 
+TRANSFORMER_FIELDS = ("patch_size", "hidden_size", "num_layers", "num_heads")
 DENOISERS: dict[str, DenoiserSpec] = {
     "dit": DenoiserSpec(
         build_dit,
-        fields=("patch_size", "hidden_size", "num_layers", "num_heads"),
+        fields=TRANSFORMER_FIELDS,
         # Not DiT's BasicTransformerBlock: DiT's forward reuses block 0's label embedder after
         # the blocks ran, when a wrapped block's parameters are resharded.
         wrap_classes=("Attention", "FeedForward"),
@@ -108,22 +111,28 @@ DENOISERS: dict[str, DenoiserSpec] = {
             "UNetMidBlock2D",
         ),
     ),
+    # PixArt-alpha: self-attention, cross-attention to the caption, adaLN-single (timestep)
+    "pixart": DenoiserSpec(None, TRANSFORMER_FIELDS, ("BasicTransformerBlock",), text=True),
+    # SD3's MMDiT: one joint sequence of patches and caption tokens, pooled caption + timestep
+    "mmdit": DenoiserSpec(None, TRANSFORMER_FIELDS, ("JointTransformerBlock",), text=True),
 }
 # FSDP units per arch, as the diffusion stage reads them; DENOISERS[arch].wrap_classes is the spec.
 
 
 class DiffusionModelConfig(Strict):
-    """The denoiser: a DiT (DiTTransformer2DModel) or a UNet (UNet2DModel)."""
+    """The denoiser: class-conditional, a DiT (DiTTransformer2DModel) or a UNet (UNet2DModel);
+    or conditioned on captions, pixart (PixArtTransformer2DModel) or mmdit
+    (SD3Transformer2DModel), which read a text_encode stage's embeddings."""
 
     arch: Literal[tuple(DENOISERS)] = "dit"
     num_classes: int | None = Field(
         None, ge=1, description="default: the data's class count; if set, the data must agree"
     )
-    # dit
-    patch_size: int = Field(2, ge=1, description="dit: pixels (or latents) per patch side")
-    hidden_size: int = Field(128, ge=8, description="dit: width (num_heads x head dim)")
-    num_layers: int = Field(4, ge=1, description="dit: transformer blocks")
-    num_heads: int = Field(4, ge=1, description="dit: attention heads")
+    # transformers: dit, pixart, mmdit
+    patch_size: int = Field(2, ge=1, description="transformers: pixels (or latents) per patch side")
+    hidden_size: int = Field(128, ge=8, description="transformers: width (num_heads x head dim)")
+    num_layers: int = Field(4, ge=1, description="transformers: blocks")
+    num_heads: int = Field(4, ge=1, description="transformers: attention heads")
     # unet
     block_out_channels: list[int] = Field(
         [32, 64], min_length=1, description="unet: channels per resolution level"
@@ -150,12 +159,13 @@ class DiffusionModelConfig(Strict):
                 f"block_out_channels {bad} must be divisible by norm_num_groups "
                 f"{self.norm_num_groups}"
             )
+        own = DENOISERS[self.arch].fields
         for arch, spec in DENOISERS.items():
             # Compare with defaults: the resolved recipe.yaml spells out every default.
             stray = [
                 n
                 for n in spec.fields
-                if arch != self.arch and getattr(self, n) != type(self).model_fields[n].default
+                if n not in own and getattr(self, n) != type(self).model_fields[n].default
             ]
             if stray:
                 raise ValueError(
@@ -205,7 +215,9 @@ def build_denoiser(
     Both take (sample, timestep, class_labels) with labels in 0..num_classes (num_classes =
     null label) and return `.sample` of the input's shape.
     """
-    return DENOISERS[cfg.arch].build(cfg, channels, sample_size, num_classes, where)
+    build = DENOISERS[cfg.arch].build
+    assert build is not None, f"{cfg.arch} is text-conditioned: text_denoisers builds it"
+    return build(cfg, channels, sample_size, num_classes, where)
 
 
 def build_vae(cfg: VAEModelConfig, channels: int, sample_size: int, where: str) -> torch.nn.Module:

@@ -1,4 +1,5 @@
-"""Stage kind `diffusion`: train a class-conditional DiT or UNet and export a diffusers pipeline.
+"""Stage kind `diffusion`: train a class-conditional DiT or UNet, or a text-conditioned PixArt or
+MMDiT transformer (pipeline/stages/diffusion_text.py), and export a diffusers pipeline.
 
 Pixel space reads the images stage's shards; latent space reads the vae stage's cached latents and
 ships its VAE in the export. The objective is DDPM (epsilon or v prediction) or flow matching
@@ -9,7 +10,6 @@ ships its VAE in the export. The objective is DDPM (epsilon or v prediction) or 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,14 +17,19 @@ from pydantic import Field
 
 from pipeline.diffusion.objectives import ObjectiveConfig
 from pipeline.diffusion.training import ImageTrainingConfig
-from pipeline.engine import faults
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.inputs import Input, PlanView, StageSpec
 from pipeline.models.diffusion import DiffusionModelConfig
+from pipeline.stages.diffusion_text import (
+    TEXT_INPUT,
+    caption_table,
+    export_text_pipeline,
+    is_text_arch,
+    save_pipeline,
+    text_problems,
+)
 from pipeline.stages.vae import LATENTS_DIR, VAE_DIR
-
-PIPELINE_FILE = "class_conditional_pipeline.py"  # the pipeline's source, shipped in the export
 
 
 class Config(ImageTrainingConfig):
@@ -37,7 +42,11 @@ class Config(ImageTrainingConfig):
         "pixel", description="latent: train on the upstream vae stage's latents"
     )
     label_dropout: float = Field(
-        0.1, ge=0, lt=1, description="probability a label becomes the null label (for CFG)"
+        0.1,
+        ge=0,
+        lt=1,
+        description="probability a label becomes the null label, or a caption the empty one "
+        "(text arches), for classifier-free guidance",
     )
     ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA of the weights; the export's")
 
@@ -73,7 +82,7 @@ def run(ctx: StageContext) -> None:
     from data_prep.images import ImageShards
     from pipeline.diffusion.objectives import DiffusionObjective
     from pipeline.diffusion.training import train_images
-    from pipeline.models.diffusion import DENOISERS, build_denoiser, resolve_num_classes
+    from pipeline.models.diffusion import DENOISERS
     from pipeline.train.runtime import torch_threads
 
     cfg = ctx.config
@@ -87,12 +96,10 @@ def run(ctx: StageContext) -> None:
             f"stages.{ctx.name}: inputs are {height}x{width}; the models need square inputs, "
             f"set image_size in the images stage"
         )
-    where = f"stages.{ctx.name}"
-    num_classes = resolve_num_classes(cfg.model, splits[0].num_classes, where)
     torch.manual_seed(ctx.seed)
-    model = build_denoiser(cfg.model, channels, height, num_classes, where)
+    model, null_label = build_model(ctx, cfg, splits, channels, height)
     objective = DiffusionObjective(
-        cfg.objective, null_label=num_classes, label_dropout=cfg.label_dropout,
+        cfg.objective, null_label=null_label, label_dropout=cfg.label_dropout,
         clip_sample=cfg.space == "pixel",
     )  # fmt: skip
     with torch_threads(cfg.cpu_threads):
@@ -108,13 +115,35 @@ def run(ctx: StageContext) -> None:
         state = trained.ema_state_dict()
         if trained.accelerator.is_main_process:
             denoiser = trained.accelerator.unwrap_model(trained.model, keep_torch_compile=False)
-            export_pipeline(
-                ctx.export_dir, denoiser, state, objective.scheduler(), vae_dir,
-                classes=splits[0].classes, objective=cfg.objective.kind,
-                config=cfg.model_dump(mode="json"),
-            )  # fmt: skip
+            common = {"objective": cfg.objective.kind, "config": cfg.model_dump(mode="json")}
+            if is_text_arch(cfg.model.arch):
+                export_text_pipeline(
+                    ctx.export_dir, denoiser, state, objective.scheduler(), vae_dir,
+                    ctx.input("text").path, **common,
+                )  # fmt: skip
+            else:
+                export_pipeline(
+                    ctx.export_dir, denoiser, state, objective.scheduler(), vae_dir,
+                    classes=splits[0].classes, **common,
+                )  # fmt: skip
         trained.accelerator.wait_for_everyone()
     ctx.write_summary(trained.summary, headline="val_ema_loss")
+
+
+def build_model(
+    ctx: StageContext, cfg: Config, splits: tuple[Any, Any], channels: int, size: int
+) -> tuple[Any, int]:
+    """(the denoiser, its null label): class-conditional on the data's classes, or on the
+    cached captions (whose last row, the empty caption, is the null label)."""
+    from pipeline.models.diffusion import build_denoiser, resolve_num_classes
+    from pipeline.models.text_denoisers import build_text_denoiser
+
+    where = f"stages.{ctx.name}"
+    if is_text_arch(cfg.model.arch):
+        table = caption_table(ctx, ctx.input("images").path, splits)
+        return build_text_denoiser(cfg.model, channels, size, table, where), table.null_row
+    num_classes = resolve_num_classes(cfg.model, splits[0].num_classes, where)
+    return build_denoiser(cfg.model, channels, size, num_classes, where), num_classes
 
 
 def export_pipeline(
@@ -137,8 +166,6 @@ def export_pipeline(
 
     from pipeline.diffusion import class_conditional_pipeline as diffusion_pipeline
     from pipeline.diffusion.class_conditional_pipeline import ClassConditionalPipeline
-    from pipeline.train.export import writing_export
-    from pipeline.train.provenance import write_provenance
 
     model = type(denoiser).from_config(denoiser.config)
     model.load_state_dict(state_dict)
@@ -152,22 +179,13 @@ def export_pipeline(
         objective=objective,
         **{role: model},
     )
-    tmp = export_dir.parent / f".{export_dir.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    faults.point(export_dir.parent.name, "export_start")
-    with writing_export(export_dir, tmp):  # a full disk: one line, the checkpoints kept
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        shutil.copyfile(diffusion_pipeline.__file__, tmp / PIPELINE_FILE)
-        write_provenance(tmp, config)
-    faults.point(export_dir.parent.name, "export_write")
-    shutil.rmtree(export_dir, ignore_errors=True)
-    tmp.rename(export_dir)
+    save_pipeline(export_dir, pipe, Path(diffusion_pipeline.__file__), config)
 
 
 SPEC = StageSpec(
     Config,
     run,
     output="diffusion",
-    inputs=(Input("images", ("images",)), Input("vae", ("vae",), required=False)),
-    plan_check=input_problems,
+    inputs=(Input("images", ("images",)), Input("vae", ("vae",), required=False), TEXT_INPUT),
+    plan_check=lambda view: input_problems(view) + text_problems(view),
 )
