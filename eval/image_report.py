@@ -15,8 +15,11 @@ def write_outputs(
     grids: list[str],
     classes: list[str],
     summary: dict[str, Any],
+    sections: list[dict[str, Any]] | None = None,
 ) -> None:
-    """metrics.json, report sections, tracker summary and the stage summary."""
+    """metrics.json, report sections, tracker summary and the stage summary. `classes`: one
+    name per grid row; a text-to-image evaluation passes its numbered prompts and `sections`
+    (its compositional scores), and its headline is the shapes score where there is one."""
     from eval.report import write_sections
 
     keys = ("fd", "kid", "precision", "recall", "class_accuracy", "nn_ratio", "images_per_second")
@@ -41,17 +44,21 @@ def write_outputs(
              "columns": ["samples", "steps", "images", *keys], "rows": table},
             *(
                 {"title": f"Samples: {_sampler_title(grid)}",
-                 "note": f"One row per class, top to bottom: {', '.join(classes)}.",
+                 "note": (f"Prompts, left to right and top to bottom: {'; '.join(classes)}."
+                          if sections is not None else
+                          f"One row per class, top to bottom: {', '.join(classes)}."),
                  "images": [grid]}
                 for grid in grids
             ),
+            *(sections or []),
             {"title": "Nearest training images", "images": ["nearest.png"],
              "note": "Top: one sample per class; bottom: its nearest training image (pixels)."},
         ],
     )  # fmt: skip
     with ctx.tracker() as tracker:
         tracker.summary(summary)
-    ctx.write_summary(summary, headline="class_accuracy")
+    text = sections is not None and "shapes/overall" in summary
+    ctx.write_summary(summary, headline="shapes/overall" if text else "class_accuracy")
 
 
 def _sampler_title(grid: str) -> str:

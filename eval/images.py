@@ -1,4 +1,6 @@
-"""Image evaluation: the `image_eval` stage and the metric functions it shares with the baselines.
+"""Image evaluation: the `image_eval` stage's class-conditional evaluation (the stage itself is
+eval/image_eval.py) and the metric functions it shares with text-to-image evaluation
+(eval/images_text.py) and the baselines.
 
 Features come from a small CNN classifier trained on the real training split (no downloaded
 Inception weights), so the scores are comparable only within this project, and only between
@@ -25,7 +27,7 @@ from pydantic import Field
 from pipeline.engine.config import StageConfig, Strict
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
-from pipeline.engine.inputs import Input, PlanView, StageSpec
+from pipeline.engine.inputs import PlanView
 
 if TYPE_CHECKING:
     import torch
@@ -59,6 +61,9 @@ class Config(StageConfig):
         None, ge=1, description="torch threads on a CPU (1 suits small models on shared CPUs)"
     )
     grid_columns: int = Field(8, ge=1, description="samples per class in the grid PNGs")
+    text_prompts: int = Field(
+        300, ge=1, description="text-to-image models: held-out captions, one sample each"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,26 +270,13 @@ def generate(
     return np.concatenate(out).astype(np.float32), time.perf_counter() - started
 
 
-def run(ctx: StageContext) -> None:
-    """Sample with each sampler, score against the real images, write grids and tables."""
-    from pipeline.train.runtime import torch_threads
-
-    cfg = ctx.config
-    assert isinstance(cfg, Config)
-    with torch_threads(cfg.cpu_threads):
-        evaluate(ctx, cfg)
-
-
 def evaluate(ctx: StageContext, cfg: Config) -> None:
-    """The stage's work (see run)."""
+    """The stage's work for a class-conditional export (eval/image_eval.py runs it)."""
     import torch
 
     from data_prep.images import ImageShards
     from eval.image_report import write_outputs
-    from pipeline.diffusion.class_conditional_pipeline import (
-        OBJECTIVE_SAMPLERS,
-        ClassConditionalPipeline,
-    )
+    from pipeline.diffusion.class_conditional_pipeline import ClassConditionalPipeline
 
     export, images_dir = ctx.input("diffusion").path, ctx.input("images").path
     from diffusers.utils import logging as diffusers_logging
@@ -293,16 +285,7 @@ def evaluate(ctx: StageContext, cfg: Config) -> None:
     pipe = ClassConditionalPipeline.from_pretrained(export)
     pipe.to("cuda" if torch.cuda.is_available() else "cpu")
     pipe.set_progress_bar_config(disable=True)
-    objective = pipe.config.objective
-    specs = cfg.samplers or [
-        SamplerSpec(sampler=s, steps=n) for s, n in DEFAULT_SAMPLERS[objective]
-    ]
-    for i, spec in enumerate(specs):
-        if spec.sampler not in OBJECTIVE_SAMPLERS[objective]:
-            raise PipelineError(
-                f"stages.{ctx.name}.samplers.{i}: sampler {spec.sampler} does not fit a "
-                f"{objective} model; use {' or '.join(OBJECTIVE_SAMPLERS[objective])}"
-            )
+    specs = sampler_specs(ctx, cfg, pipe.config.objective)
     train, val = ImageShards(images_dir, "train"), ImageShards(images_dir, "val")
     if train.num_classes != pipe.config.num_classes:
         raise PipelineError(
@@ -332,6 +315,22 @@ def evaluate(ctx: StageContext, cfg: Config) -> None:
         sections_images.append(f"grid_{name}.png")
         ctx.log.info("%s: %s", name, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     write_outputs(ctx, cfg.guidance_scale, rows, sections_images, train.classes, summary)
+
+
+def sampler_specs(ctx: StageContext, cfg: Config, objective: str) -> list[SamplerSpec]:
+    """The stage's samplers (default: the objective's), each one that fits the objective."""
+    from pipeline.diffusion.class_conditional_pipeline import OBJECTIVE_SAMPLERS
+
+    specs = cfg.samplers or [
+        SamplerSpec(sampler=s, steps=n) for s, n in DEFAULT_SAMPLERS[objective]
+    ]
+    for i, spec in enumerate(specs):
+        if spec.sampler not in OBJECTIVE_SAMPLERS[objective]:
+            raise PipelineError(
+                f"stages.{ctx.name}.samplers.{i}: sampler {spec.sampler} does not fit a "
+                f"{objective} model; use {' or '.join(OBJECTIVE_SAMPLERS[objective])}"
+            )
+    return specs
 
 
 def subset(shards: Any, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -373,12 +372,3 @@ def sampler_problems(view: PlanView) -> list[str]:
         for i, spec in enumerate(view.config.samplers)
         if spec.sampler not in allowed
     ]
-
-
-SPEC = StageSpec(
-    Config,
-    run,
-    output="evaluation",
-    inputs=(Input("diffusion", ("diffusion",)), Input("images", ("images",))),
-    plan_check=sampler_problems,
-)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from eval import images as image_eval
+from eval import image_eval
 from pipeline.engine.config import validate_recipe
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError

@@ -25,7 +25,7 @@ KINDS: dict[str, str] = {
     "diffusion": "pipeline.stages.diffusion",
     "vae": "pipeline.stages.vae",
     "text_encode": "pipeline.stages.text_encode",
-    "image_eval": "eval.images",
+    "image_eval": "eval.image_eval",
     "baseline": "pipeline.baselines.stage",
     "compare": "eval.compare",
     "scaling": "eval.scaling",
