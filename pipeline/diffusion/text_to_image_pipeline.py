@@ -1,16 +1,18 @@
 """A text-to-image pipeline for diffusers: what the diffusion stage exports for a text-conditioned
 transformer (PixArt-style cross-attention or SD3-style MMDiT).
 
-It samples from caption embeddings: the text_encode stage's cached ones for the captions it
-encoded (the export's `captions/` folder: every train and held-out caption and the empty one), or
-embeddings the caller passes (`prompt_embeds=(states, mask, pooled)`), with classifier-free
-guidance against the empty caption:
+It samples from caption embeddings with classifier-free guidance against the empty caption. A
+prompt the text_encode stage encoded (every train and held-out caption: the export's `captions/`
+folder) reads its cached embedding, exactly what training saw; any other prompt is encoded by
+the export's own text encoder (`text_encoder` + `tokenizer`, the model the text_encode stage
+used, or the hashed bag of words, `config.encoder`) with the functions at the end of this file,
+which the text_encode stage encodes with too, rounded to the cache's dtype. Or pass
+`prompt_embeds=(states, mask, pooled)`:
 
     pipe = TextToImagePipeline.from_pretrained("runs/shapes-text/diffusion/export")
     images = pipe(prompt=["a red circle left of a blue square"], guidance_scale=3.0).images
 
-A prompt that is not among the cached captions is refused with a ValueError: this export holds
-no text encoder yet. The export holds a copy of this file, which needs only torch, numpy,
+The export holds a copy of this file, which needs only torch, numpy,
 safetensors and diffusers, so without this project: `DiffusionPipeline.from_pretrained(
 export_dir, custom_pipeline="text_to_image_pipeline", trust_remote_code=True)`. (diffusers scans
 this file's import lines for the packages it needs; keep examples in prose free of import lines.)
@@ -20,8 +22,10 @@ flow matching models (`pipe.use_sampler(name)`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -39,21 +43,40 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 OBJECTIVE_SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpm++"), "flow": ("euler", "heun")}
 CAPTIONS_DIR = "captions"  # captions.json + embeddings.safetensors (states, mask, pooled)
+WORD = re.compile(r"\w+")
+BAG_OF_WORDS_DIM = 64
 
 
 class TextToImagePipeline(DiffusionPipeline):
     """Sample images for captions from a text-conditioned transformer, with guidance:
     uncond + guidance_scale * (cond - uncond), uncond being the empty caption."""
 
-    model_cpu_offload_seq = "transformer->vae"
-    _optional_components = ["vae"]
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer"]
 
-    def __init__(self, transformer: Any, scheduler: Any, vae: Any = None, objective: str = "flow"):
+    def __init__(
+        self,
+        transformer: Any,
+        scheduler: Any,
+        vae: Any = None,
+        text_encoder: Any = None,
+        tokenizer: Any = None,
+        objective: str = "flow",
+        encoder: dict[str, Any] | None = None,
+    ):
         super().__init__()
         if objective not in OBJECTIVE_SAMPLERS:
             raise ValueError(f"objective {objective!r}: expected one of {list(OBJECTIVE_SAMPLERS)}")
-        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
-        self.register_to_config(objective=objective)
+        self.register_modules(
+            transformer=transformer,
+            vae=vae,
+            scheduler=scheduler,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+        )
+        # encoder: {kind: model | bag-of-words | none, max_length, layer, pooled_output, dim,
+        # dtype (of the cache, which new prompts are rounded to)}
+        self.register_to_config(objective=objective, encoder=encoder or {"kind": "none"})
         self._captions: tuple[dict[str, int], dict[str, torch.Tensor]] | None = None
 
     def use_sampler(self, name: str) -> None:
@@ -83,16 +106,38 @@ class TextToImagePipeline(DiffusionPipeline):
         return self._captions
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
-        """(states, mask, pooled) of cached captions, float32; a ValueError for others."""
+        """(states, mask, pooled) of the prompts, float32: cached, else encoded (module
+        docstring); a ValueError where the export has no encoder."""
         rows, table = self.cached_captions()
-        missing = [p for p in prompts if p not in rows]
-        if missing:
+        out = [
+            table[k][[rows.get(p, 0) for p in prompts]].float()
+            for k in ("states", "mask", "pooled")
+        ]
+        new = [i for i, p in enumerate(prompts) if p not in rows]
+        if new:
+            fresh = self.encode_new([prompts[i] for i in new])
+            for tensor, values in zip(out, fresh, strict=True):
+                tensor[new] = values
+        return tuple(out)
+
+    def encode_new(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
+        """(states, mask, pooled) of prompts the cache lacks, by the export's encoder."""
+        spec = self.config.encoder
+        if spec["kind"] == "bag-of-words":
+            arrays = bag_of_words(prompts, spec["max_length"], spec["dim"])[:3]
+        elif spec["kind"] == "model" and self.text_encoder is not None:
+            arrays = encode_with_model(
+                self.text_encoder, self.tokenizer, prompts, spec["max_length"], spec.get("layer"),
+                spec.get("pooled_output"),
+            )[:3]  # fmt: skip
+        else:
             raise ValueError(
-                f"prompt {missing[0]!r} is not among the {len(rows)} cached captions and this "
-                f"export has no text encoder; pass prompt_embeds=(states, mask, pooled)"
+                f"prompt {prompts[0]!r} is not among the cached captions and this export has no "
+                f"text encoder; pass prompt_embeds=(states, mask, pooled)"
             )
-        index = torch.tensor([rows[p] for p in prompts])
-        return tuple(table[k][index].float() for k in ("states", "mask", "pooled"))
+        dtype = getattr(np, spec.get("dtype", "float32"))
+        states, mask, pooled = (a.astype(dtype).astype(np.float32) for a in arrays)
+        return torch.from_numpy(states), torch.from_numpy(mask), torch.from_numpy(pooled)
 
     @torch.no_grad()
     def __call__(
@@ -177,3 +222,84 @@ def call_text_denoiser(
 def _to_numpy(images: torch.Tensor) -> np.ndarray:
     """[B, C, H, W] tensor -> [B, H, W, C] float numpy."""
     return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Caption encoding: the text_encode stage encodes with these functions, and so does this
+# pipeline for a prompt it has not cached, so the two agree by construction.
+
+
+def masked_mean(states: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[B, D]: the mean of states [B, L, D] over positions where mask [B, L]; zeros for none."""
+    counts = np.maximum(mask.sum(axis=1, keepdims=True), 1).astype(np.float32)
+    return (states * mask[..., None]).sum(axis=1) / counts
+
+
+def word_vector(word: str, dim: int = BAG_OF_WORDS_DIM) -> np.ndarray:
+    """float32 [dim]: a word's fixed random vector, seeded by its SHA-256 (the same everywhere)."""
+    seed = int.from_bytes(hashlib.sha256(word.encode("utf-8")).digest()[:8], "big")
+    return (np.random.default_rng(seed).standard_normal(dim) / np.sqrt(dim)).astype(np.float32)
+
+
+def bag_of_words(
+    texts: list[str], max_length: int, dim: int = BAG_OF_WORDS_DIM
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(states [B, L, D], mask [B, L], pooled [B, D], truncated [B]) of lowercase words."""
+    states = np.zeros((len(texts), max_length, dim), np.float32)
+    mask = np.zeros((len(texts), max_length), bool)
+    truncated = np.zeros(len(texts), bool)
+    vectors: dict[str, np.ndarray] = {}
+    for row, text in enumerate(texts):
+        words = WORD.findall(text.lower())
+        truncated[row] = len(words) > max_length
+        for position, word in enumerate(words[:max_length]):
+            if word not in vectors:
+                vectors[word] = word_vector(word, dim)
+            states[row, position], mask[row, position] = vectors[word], True
+    return states, mask, masked_mean(states, mask), truncated
+
+
+def encode_with_model(
+    model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    max_length: int,
+    layer: int | None = None,
+    pooled_output: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(states, mask, pooled, truncated) from a frozen text encoder: captions padded on the
+    right to max_length and cut there; states of `layer` (None: the final output); pooled the
+    model's `pooled_output` or the masked mean. A caption with no token runs with one position
+    unmasked (no attention row is empty) and is zeroed. ValueError for a layer out of range."""
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
+    batch = tokenizer(
+        texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    mask = batch["attention_mask"].bool()
+    empty = ~mask.any(dim=1)
+    attention = mask.clone()
+    attention[empty, 0] = True
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        out = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=attention.long().to(device),
+            output_hidden_states=layer is not None,
+        )
+    if layer is None:
+        hidden = out.last_hidden_state
+    elif -len(out.hidden_states) <= layer < len(out.hidden_states):
+        hidden = out.hidden_states[layer]
+    else:
+        raise ValueError(
+            f"{layer}, but the model has hidden states 0..{len(out.hidden_states) - 1} "
+            f"(0: embeddings; -1: the last block)"
+        )
+    states = hidden.float().cpu().numpy().copy()
+    mask_np = mask.numpy()
+    if pooled_output is None:
+        pooled = masked_mean(states, mask_np)
+    else:
+        pooled = getattr(out, pooled_output).float().cpu().numpy().copy()
+    states[empty.numpy()], pooled[empty.numpy()] = 0.0, 0.0
+    return states, mask_np, pooled, np.asarray(lengths) > max_length

@@ -119,7 +119,7 @@ def run(ctx: StageContext) -> None:
             if is_text_arch(cfg.model.arch):
                 export_text_pipeline(
                     ctx.export_dir, denoiser, state, objective.scheduler(), vae_dir,
-                    ctx.input("text").path, **common,
+                    ctx.input("text"), **common,
                 )  # fmt: skip
             else:
                 export_pipeline(

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.engine import faults
-from pipeline.engine.inputs import Input, PlanView
+from pipeline.engine.inputs import Input, PlanView, Resolved
+from pipeline.engine.rundir import EXPORT_DIR
 
 if TYPE_CHECKING:
     from data_prep.images import ImageShards
@@ -86,12 +87,13 @@ def export_text_pipeline(
     state_dict: dict[str, Any],
     scheduler: Any,
     vae_dir: Path | None,
-    text_dir: Path,
+    text: Resolved,
     objective: str,
     config: dict[str, Any] | None = None,
 ) -> None:
-    """Save a TextToImagePipeline with `state_dict` (the EMA weights of the wrapped transformer)
-    and the cached captions into export_dir, through a temporary directory renamed into place."""
+    """Save a TextToImagePipeline with `state_dict` (the EMA weights of the wrapped transformer),
+    the text encoder of the text_encode stage `text` and its cached captions into export_dir,
+    through a temporary directory renamed into place."""
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
 
@@ -102,13 +104,17 @@ def export_text_pipeline(
     model = type(transformer).from_config(transformer.config)
     model.load_state_dict({k.removeprefix("transformer."): v for k, v in state_dict.items()})
     model.eval()
+    text_encoder, tokenizer, encoder = encoder_parts(text)
     pipe = text_to_image_pipeline.TextToImagePipeline(
         transformer=model,
         scheduler=scheduler,
         vae=AutoencoderKL.from_pretrained(vae_dir) if vae_dir is not None else None,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
         objective=objective,
+        encoder=encoder,
     )
-    cached = TextEmbeddings(text_dir)
+    cached = TextEmbeddings(text.path)
 
     def add_captions(tmp: Path) -> None:
         folder = tmp / text_to_image_pipeline.CAPTIONS_DIR
@@ -119,6 +125,37 @@ def export_text_pipeline(
         save_file({k: np_to_torch(v) for k, v in arrays.items()}, folder / "embeddings.safetensors")
 
     save_pipeline(export_dir, pipe, Path(text_to_image_pipeline.__file__), config, add_captions)
+
+
+def encoder_parts(text: Resolved) -> tuple[Any, Any, dict[str, Any]]:
+    """(text encoder, tokenizer, the pipeline's `encoder` config) of the text_encode stage
+    `text`: the model it encoded with, loaded as it loaded it, or none for the bag of words."""
+    from data_prep.text_embeddings_meta import TextEmbeddings
+    from pipeline.engine.locations import Location
+    from pipeline.stages.text_encode_models import load_model, load_tokenizer
+
+    cfg = text.config
+    meta = TextEmbeddings(text.path).meta
+    spec = {"max_length": cfg.max_length, "layer": cfg.layer, "dtype": cfg.dtype}
+    if cfg.bag_of_words:
+        return None, None, spec | {"kind": "bag-of-words", "dim": meta.dim}
+    if isinstance(cfg.encoder, Location):
+        path = cfg.encoder.resolved()
+    else:  # an upstream language-model stage's export
+        assert text.run_dir is not None
+        path = text.run_dir / str(cfg.encoder) / EXPORT_DIR
+    where = f"stages.{text.stage}"
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    model, pooled = load_model(path, config, where)
+    return (
+        model,
+        load_tokenizer(path, meta.encoder.name, where),
+        spec
+        | {
+            "kind": "model",
+            "pooled_output": pooled,
+        },
+    )
 
 
 def save_pipeline(

@@ -23,9 +23,7 @@ zeroed).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,6 @@ from data_prep.text_embeddings_meta import EncoderIdentity
 from pipeline.engine.errors import PipelineError
 
 BAG_OF_WORDS_DIM = 64
-WORD = re.compile(r"\w+")
 # model_type -> the class of an encoder-decoder's encoder alone (others load whole, then split)
 ENCODER_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
 CLIP_TYPES = ("clip", "clip_text_model")
@@ -53,43 +50,28 @@ class Encoded:
 
 
 class BagOfWords:
-    """Hashed bag-of-words: word -> a unit-scale random vector seeded by the word's SHA-256."""
+    """Hashed bag-of-words: word -> a unit-scale random vector seeded by the word's SHA-256
+    (text_to_image_pipeline.bag_of_words, which the export encodes new prompts with)."""
 
     def __init__(self, max_length: int, dim: int = BAG_OF_WORDS_DIM) -> None:
         self.max_length, self.dim = max_length, dim
         self.identity = EncoderIdentity(kind="bag-of-words", name="bag-of-words")
-        self._vectors: dict[str, np.ndarray] = {}
 
     def vector(self, word: str) -> np.ndarray:
         """float32 [dim], the same for a word in every run and recipe."""
-        if word not in self._vectors:
-            seed = int.from_bytes(hashlib.sha256(word.encode("utf-8")).digest()[:8], "big")
-            draw = np.random.default_rng(seed).standard_normal(self.dim) / np.sqrt(self.dim)
-            self._vectors[word] = draw.astype(np.float32)
-        return self._vectors[word]
+        from pipeline.diffusion.text_to_image_pipeline import word_vector
+
+        return word_vector(word, self.dim)
 
     def encode(self, texts: list[str]) -> Encoded:
-        count, length = len(texts), self.max_length
-        states = np.zeros((count, length, self.dim), np.float32)
-        mask = np.zeros((count, length), bool)
-        truncated = np.zeros(count, bool)
-        for row, text in enumerate(texts):
-            words = WORD.findall(text.lower())
-            truncated[row] = len(words) > length
-            for position, word in enumerate(words[:length]):
-                states[row, position] = self.vector(word)
-                mask[row, position] = True
-        return Encoded(states, mask, masked_mean(states, mask), truncated)
+        from pipeline.diffusion.text_to_image_pipeline import bag_of_words
 
-
-def masked_mean(states: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """[B, D]: the mean of states [B, L, D] over positions where mask [B, L]; zeros for none."""
-    counts = np.maximum(mask.sum(axis=1, keepdims=True), 1).astype(np.float32)
-    return (states * mask[..., None]).sum(axis=1) / counts
+        return Encoded(*bag_of_words(texts, self.max_length, self.dim))
 
 
 class HFTextEncoder:
-    """A Hugging Face model directory's text encoder and tokenizer (see the module docstring)."""
+    """A Hugging Face model directory's text encoder and tokenizer (see the module docstring);
+    it encodes with text_to_image_pipeline.encode_with_model, as the export does."""
 
     def __init__(
         self, path: Path, identity: EncoderIdentity, max_length: int, layer: int | None, where: str
@@ -111,42 +93,14 @@ class HFTextEncoder:
         )
 
     def encode(self, texts: list[str]) -> Encoded:
-        import torch
+        from pipeline.diffusion.text_to_image_pipeline import encode_with_model
 
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
-        batch = self.tokenizer(
-            texts, padding="max_length", truncation=True, max_length=self.max_length,
-            return_tensors="pt",
-        )  # fmt: skip
-        mask = batch["attention_mask"].bool()
-        empty = ~mask.any(dim=1)
-        attention = mask.clone()
-        attention[empty, 0] = True  # a caption with no token: one position, zeroed below
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=batch["input_ids"].to(self.device),
-                attention_mask=attention.long().to(self.device),
-                output_hidden_states=self.layer is not None,
-            )
-        states = (out.last_hidden_state if self.layer is None else self._layer(out)).float().cpu()
-        if self.pooled_output is None:
-            pooled = masked_mean(states.numpy(), mask.numpy())
-        else:
-            pooled = getattr(out, self.pooled_output).float().cpu().numpy()
-        states_np = states.numpy().copy()
-        states_np[empty.numpy()] = 0.0
-        pooled[empty.numpy()] = 0.0
-        truncated = np.asarray(lengths) > self.max_length
-        return Encoded(states_np, mask.numpy(), pooled, truncated)
-
-    def _layer(self, out: Any) -> Any:
-        hidden = out.hidden_states  # (embeddings, block 1, ..., block n)
-        if not -len(hidden) <= self.layer < len(hidden):  # type: ignore[operator]
-            raise PipelineError(
-                f"{self.where}.layer: {self.layer}, but {self.identity.name} has hidden states "
-                f"0..{len(hidden) - 1} (0: embeddings; -1: the last block); pick one of them"
-            )
-        return hidden[self.layer]
+        args = (self.model, self.tokenizer, texts, self.max_length, self.layer, self.pooled_output)
+        try:
+            return Encoded(*encode_with_model(*args))
+        except ValueError as exc:
+            named = str(exc).replace("the model", self.identity.name)
+            raise PipelineError(f"{self.where}.layer: {named}; pick one of them") from None
 
 
 def load_model(path: Path, config: dict[str, Any], where: str) -> tuple[Any, str | None]:
