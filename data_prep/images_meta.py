@@ -8,14 +8,12 @@ says which stage to rerun.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from pipeline.engine.errors import PipelineError
-from pipeline.engine.manifest import atomic_write_json
+from pipeline.engine.manifest import atomic_write_json, read_record
 
 FORMAT = "image-shards/1"
 INDEX_FILE = "index.json"
@@ -61,20 +59,4 @@ class ImageIndex(BaseModel):
     @classmethod
     def read(cls, export_dir: Path, writer: str = "images") -> ImageIndex:
         """The index.json of shards written by a `writer` stage, or a one-line error."""
-        path = Path(export_dir) / INDEX_FILE
-        if not path.is_file():
-            raise PipelineError(f"{path}: missing; run the {writer} stage first")
-        try:
-            return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError) as exc:
-            detail = _first_error(exc) if isinstance(exc, ValidationError) else str(exc)
-            raise PipelineError(
-                f"{path}: unreadable ({detail}); rerun the {writer} stage"
-            ) from None
-
-
-def _first_error(exc: ValidationError) -> str:
-    """'splits.train.count: Field required' (the first of a validation error's problems)."""
-    error = exc.errors()[0]
-    where = ".".join(str(part) for part in error["loc"])
-    return f"{where}: {error['msg']}" if where else error["msg"]
+        return read_record(cls, Path(export_dir) / INDEX_FILE, writer)

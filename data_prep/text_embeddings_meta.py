@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from data_prep.images_meta import ImageIndex
 from pipeline.engine.errors import PipelineError
-from pipeline.engine.manifest import atomic_write_json, sha256_file
+from pipeline.engine.manifest import atomic_write_json, read_record, sha256_file
 
 FORMAT = "text-embeddings/1"
 META_FILE = "meta.json"
@@ -87,23 +87,7 @@ class TextEmbeddingsMeta(BaseModel):
     @classmethod
     def read(cls, export_dir: Path, writer: str = WRITER) -> TextEmbeddingsMeta:
         """The meta.json of embeddings written by a `writer` stage, or a one-line error."""
-        path = Path(export_dir) / META_FILE
-        if not path.is_file():
-            raise PipelineError(f"{path}: missing; run the {writer} stage first")
-        try:
-            return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError) as exc:
-            detail = _first_error(exc) if isinstance(exc, ValidationError) else str(exc)
-            raise PipelineError(
-                f"{path}: unreadable ({detail}); rerun the {writer} stage"
-            ) from None
-
-
-def _first_error(exc: ValidationError) -> str:
-    """'dim: Field required' (the first of a validation error's problems)."""
-    error = exc.errors()[0]
-    where = ".".join(str(part) for part in error["loc"])
-    return f"{where}: {error['msg']}" if where else error["msg"]
+        return read_record(cls, Path(export_dir) / META_FILE, writer)
 
 
 class TextEmbeddings:

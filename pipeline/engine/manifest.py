@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from pipeline.engine import faults
 from pipeline.engine.errors import PipelineError
@@ -112,12 +112,19 @@ def update_manifest(stage_dir: Path, **fields: Any) -> dict[str, Any]:
 
 def read_record(model: type[R], path: Path, writer: str) -> R:
     """A stage's JSON hand-off record as its pydantic `model`, or a one-line error naming the
-    file and the `writer` stage kind to rerun."""
+    file, its first problem ('splits.train.count: Field required') and the `writer` stage kind
+    to run or rerun."""
+    if not path.is_file():
+        raise PipelineError(f"{path}: missing; run the {writer} stage first")
     try:
         return model.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        detail = f"{where}: {error['msg']}" if where else error["msg"]
     except (OSError, ValueError) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(f"{path}: unreadable ({detail}); rerun the {writer} stage") from None
+    raise PipelineError(f"{path}: unreadable ({detail}); rerun the {writer} stage")
 
 
 class StageRecord(BaseModel):
