@@ -4,7 +4,8 @@ The prompts are the first `text_prompts` captions of the images stage's val spli
 builtin:shapes, the generator's compositional test split, categories interleaved). Each sampler's
 images are scored against the real training images like class-conditional samples (FD, KID,
 precision/recall, nearest-neighbour ratio, on the features of the CNN trained on the train
-split's labels), and, where the images stage kept each scene's ground truth (builtin:shapes),
+split's labels), by FD against the held-out images of the same captions (`fd_heldout`), and,
+where the images stage kept each scene's ground truth (builtin:shapes),
 by the GenEval-style analytic scorer (eval/shapes_score.py): per category, with a 95% Wilson
 interval, scenes with a held-out (shape, colour) combination reported apart ("<category>/unseen").
 The grid shows the first prompts' samples, one per cell, captions listed in the report.
@@ -32,6 +33,8 @@ def evaluate_text(ctx: StageContext, cfg: Config, export: Path, images_dir: Path
     from eval.image_report import write_outputs
     from eval.images import (
         Scorer,
+        features,
+        frechet_distance,
         nearest_figure,
         reference_rows,
         sampler_specs,
@@ -59,6 +62,10 @@ def evaluate_text(ctx: StageContext, cfg: Config, export: Path, images_dir: Path
     for spec in specs:
         images, seconds = generate_text(pipe, spec, captions, cfg, ctx.seed)
         metrics = {**scorer.score(images, val_labels), "images_per_second": count / seconds}
+        # FD against the held-out scenes the prompts describe (the headline FD is against train)
+        metrics["fd_heldout"] = frechet_distance(
+            features(scorer.classifier, val_images), features(scorer.classifier, images)
+        )
         name = f"{spec.sampler}_{spec.steps}"
         if scenes:
             shapes = shapes_scores(scenes, images)

@@ -117,7 +117,7 @@ def test_eval_scores_held_out_captions_by_category(text_run: Path) -> None:
     assert summary["detector_real_overall"] == 1.0
     assert 0.0 <= summary["shapes/overall"] < 0.5
     metrics = json.loads((text_run / "eval" / "export" / "metrics.json").read_text())
-    assert metrics["euler_2"]["images"] == 24
+    assert metrics["euler_2"]["images"] == 24 and metrics["euler_2"]["fd_heldout"] > 0
     assert {"shapes/single", "shapes/position", "shapes/counting"} <= set(metrics["euler_2"])
     sections = (text_run / "eval" / "export").glob("*.json")
     assert any("Compositional accuracy" in p.read_text() for p in sections)
