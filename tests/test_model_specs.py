@@ -10,6 +10,7 @@ import typing
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -21,12 +22,15 @@ from pipeline.engine.errors import RecipeError
 from pipeline.models import build_model
 from pipeline.models.diffusion import DENOISERS, DiffusionModelConfig, build_denoiser
 from pipeline.models.families import FAMILIES, ModelConfig
+from pipeline.models.text_denoisers import build_text_denoiser, text_table
 from tests.helpers import tiny_recipe
 
 VOCAB, SEQ_LEN = 120, 32
 TINY_DENOISERS = {
     "dit": {"hidden_size": 32, "num_layers": 2, "num_heads": 2},
     "unet": {"block_out_channels": [8, 16], "norm_num_groups": 4},
+    "pixart": {"hidden_size": 32, "num_layers": 2, "num_heads": 2},
+    "mmdit": {"hidden_size": 32, "num_layers": 2, "num_heads": 2},
 }
 
 
@@ -117,9 +121,21 @@ def test_qwen2_is_llama_with_attention_biases_and_round_trips(tmp_path: Path) ->
 
 @pytest.mark.parametrize("arch", list(DENOISERS))
 def test_denoiser_spec_builds_a_model_with_its_fsdp_units(arch: str) -> None:
+    """Each arch builds (the text ones on a table of 11 caption embeddings, the last the empty
+    caption, so label 10 is the null label as for 10 classes), takes the objective's call and
+    holds the module classes FSDP wraps."""
     cfg = DiffusionModelConfig(arch=arch, **TINY_DENOISERS[arch])
     torch.manual_seed(0)
-    model = build_denoiser(cfg, 1, 8, 10, "stages.diffusion")
+    if DENOISERS[arch].text:
+        generator = np.random.default_rng(0)
+        table = text_table(
+            generator.standard_normal((11, 4, 6)).astype(np.float32),
+            np.ones((11, 4), bool),
+            generator.standard_normal((11, 5)).astype(np.float32),
+        )
+        model = build_text_denoiser(cfg, 1, 8, table, "stages.diffusion")
+    else:
+        model = build_denoiser(cfg, 1, 8, 10, "stages.diffusion")
     sample = model(
         torch.zeros(2, 1, 8, 8), torch.tensor([0, 5]), class_labels=torch.tensor([0, 10])
     )
