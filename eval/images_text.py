@@ -54,6 +54,7 @@ def evaluate_text(ctx: StageContext, cfg: Config, export: Path, images_dir: Path
     val_images, val_labels = val.take(np.arange(count))
     scorer = Scorer(subset(train, cfg.max_real_images, ctx.seed), val_images, cfg, ctx.seed)
     rows = reference_rows(scorer, val_images, val_labels, ctx.seed)
+    heldout_features = features(scorer.classifier, val_images)  # once, for every sampler
     summary: dict[str, Any] = {"classifier_val_accuracy": rows[0][1]["class_accuracy"]}
     grids, sections = [], []
     if scenes:  # the detector on real held-out scenes: the scorer's own accuracy
@@ -64,7 +65,7 @@ def evaluate_text(ctx: StageContext, cfg: Config, export: Path, images_dir: Path
         metrics = {**scorer.score(images, val_labels), "images_per_second": count / seconds}
         # FD against the held-out scenes the prompts describe (the headline FD is against train)
         metrics["fd_heldout"] = frechet_distance(
-            features(scorer.classifier, val_images), features(scorer.classifier, images)
+            heldout_features, features(scorer.classifier, images)
         )
         name = f"{spec.sampler}_{spec.steps}"
         if scenes:

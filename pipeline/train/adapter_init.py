@@ -53,7 +53,7 @@ def seed_head(model: Any, seed: int, head: str = "score") -> int:
     drawn = 0
     with torch.no_grad():
         for name, param in model.named_parameters():
-            bare = _bare_name(name)
+            bare = bare_name(name)
             if bare.split(".")[0] != head:
                 continue
             generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{bare}".encode()))
@@ -66,11 +66,12 @@ def seed_head(model: Any, seed: int, head: str = "score") -> int:
     return drawn
 
 
-def _bare_name(name: str) -> str:
+def bare_name(name: str) -> str:
     """A parameter's name in the model peft wraps: `score.weight` for
-    `base_model.model.score.modules_to_save.default.weight`."""
+    `base_model.model.score.modules_to_save.default.weight`, `q_proj.weight` for
+    `q_proj.base_layer.weight` (the copies peft keeps are named as the module they copy)."""
     name = name.removeprefix("base_model.model.")
-    for wrapper in (".original_module.", ".modules_to_save.default."):
+    for wrapper in (".base_layer.", ".original_module.", ".modules_to_save.default."):
         name = name.replace(wrapper, ".")
     return name
 

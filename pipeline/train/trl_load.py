@@ -32,6 +32,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+from pipeline.train.adapter_init import bare_name
 from pipeline.train.distributed import trainer_fsdp_plugin
 from pipeline.train.sharded_load import (
     causal_lm_from_config,
@@ -165,11 +166,8 @@ def load_fsdp2(
 
 
 def _file_name(name: str) -> str | None:
-    """The files' name of a model tensor, peft-wrapped or not (`.base_layer.`, and the copies
-    peft keeps of `modules_to_save`, named as the module they copy); None for what a causal
-    LM's files do not hold: an adapter weight, a reward model's score head."""
+    """The files' name of a model tensor, peft-wrapped or not (adapter_init.bare_name); None
+    for what a causal LM's files do not hold: an adapter weight, a reward model's score head."""
     if ".lora_" in name or name.split(".")[0] == "score":
         return None
-    for wrapper in (".base_layer.", ".original_module.", ".modules_to_save.default."):
-        name = name.replace(wrapper, ".")
-    return name
+    return bare_name(name)
