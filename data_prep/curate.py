@@ -118,6 +118,7 @@ class Config(SourceStageConfig):
 
 def run(ctx: StageContext) -> None:
     """Analyse every part, decide, and write the curated documents to `ctx.export_dir`."""
+    from data_prep import curate_report
     from data_prep.curate_decide import decide
     from data_prep.curate_write import write_documents
 
@@ -140,6 +141,7 @@ def run(ctx: StageContext) -> None:
     )
     meta.decontaminated_against = items
     meta.write(staging)
+    sections = curate_report.write(meta, staging)
     shutil.rmtree(ctx.export_dir, ignore_errors=True)
     os.replace(staging, ctx.export_dir)
     shutil.rmtree(work)
@@ -150,6 +152,8 @@ def run(ctx: StageContext) -> None:
         for example in step.examples[:2]:
             ctx.log.info("  %s", example)
     ctx.log.info("kept %d of %d documents", stats["kept_documents"], stats["read_documents"])
+    with ctx.tracker(resume_step=-1) as tracker:  # one row, step 0: a rerun replaces it
+        curate_report.track(tracker, stats, sections, ctx.export_dir)
     ctx.write_summary(stats, headline="kept_fraction")
 
 
