@@ -117,10 +117,11 @@ def run(ctx: StageContext) -> None:
             denoiser = trained.accelerator.unwrap_model(trained.model, keep_torch_compile=False)
             common = {"objective": cfg.objective.kind, "config": cfg.model_dump(mode="json")}
             if is_text_arch(cfg.model.arch):
-                export_text_pipeline(
+                loads = export_text_pipeline(
                     ctx.export_dir, denoiser, state, objective.scheduler(), vae_dir,
                     ctx.input("text"), **common,
                 )  # fmt: skip
+                ctx.log.info(loads)
             else:
                 export_pipeline(
                     ctx.export_dir, denoiser, state, objective.scheduler(), vae_dir,

@@ -7,7 +7,9 @@ drops captions to "" for classifier-free guidance with no other change to the lo
 batches, EMA, engines or exact resume. The text_encode stage must have encoded the captions of
 the same images stage (checked by the captions' checksums). The export is a
 `TextToImagePipeline` (pipeline/diffusion/text_to_image_pipeline.py) with the cached captions
-beside the weights.
+beside the weights; its model_index.json names diffusers' `PixArtAlphaPipeline` instead where
+that class samples the same images (pipeline/diffusion/plain_pipeline.py), so a plain
+`DiffusionPipeline.from_pretrained(export)` loads it.
 """
 
 from __future__ import annotations
@@ -90,10 +92,11 @@ def export_text_pipeline(
     text: Resolved,
     objective: str,
     config: dict[str, Any] | None = None,
-) -> None:
+) -> str:
     """Save a TextToImagePipeline with `state_dict` (the EMA weights of the wrapped transformer),
     the text encoder of the text_encode stage `text` and its cached captions into export_dir,
-    through a temporary directory renamed into place."""
+    through a temporary directory renamed into place, named PixArtAlphaPipeline where that
+    class samples as it does; returns the log line saying how the export loads."""
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
 
@@ -115,6 +118,7 @@ def export_text_pipeline(
         encoder=encoder,
     )
     cached = TextEmbeddings(text.path)
+    loads: list[str] = []
 
     def add_captions(tmp: Path) -> None:
         folder = tmp / text_to_image_pipeline.CAPTIONS_DIR
@@ -123,8 +127,44 @@ def export_text_pipeline(
         (folder / "captions.json").write_text(json.dumps(captions), encoding="utf-8")
         arrays = dict(zip(("states", "mask", "pooled"), table_with_empty(cached), strict=True))
         save_file({k: np_to_torch(v) for k, v in arrays.items()}, folder / "embeddings.safetensors")
+        loads.append(offer_plain_class(tmp, pipe, cached, text.config.dtype))
 
     save_pipeline(export_dir, pipe, Path(text_to_image_pipeline.__file__), config, add_captions)
+    return loads[0]
+
+
+def offer_plain_class(folder: Path, pipe: Any, cached: Any, dtype: str) -> str:
+    """Name PixArtAlphaPipeline in the export's model_index.json where it samples as `pipe`
+    does (pipeline.diffusion.plain_pipeline says when); the line saying how the export loads."""
+    import numpy as np
+
+    from pipeline.diffusion import plain_pipeline as plain
+
+    problem = plain.structural_problem(pipe)
+    max_length = cached.meta.max_length
+    if problem is None:
+        from transformers import AutoTokenizer
+
+        captions = cached.captions()
+        rows = plain.probe_captions(captions)
+        states, mask, _ = cached.states(np.asarray(rows, dtype=np.int64))
+        empty = cached.empty()
+        probe = (np.concatenate([states, empty[0]]), np.concatenate([mask, empty[1]]))
+        texts = [captions[i] for i in rows] + [""]
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")  # as the user loads it
+        problem = plain.encoding_problem(pipe, tokenizer, texts, probe, max_length, dtype)
+    ours = "TextToImagePipeline.from_pretrained(export)"
+    if problem is not None:
+        return (
+            f"export: load it with {ours} or DiffusionPipeline.from_pretrained(export, "
+            f'custom_pipeline="text_to_image_pipeline", trust_remote_code=True); a plain '
+            f"DiffusionPipeline.from_pretrained(export) does not load it because {problem}"
+        )
+    plain.name_plain_class(folder)
+    return (
+        f"export: DiffusionPipeline.from_pretrained(export) loads a {plain.PLAIN_CLASS}, which "
+        f"samples as {ours} does when called with {plain.plain_call(pipe, max_length)}"
+    )
 
 
 def encoder_parts(text: Resolved) -> tuple[Any, Any, dict[str, Any]]:
