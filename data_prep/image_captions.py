@@ -66,6 +66,25 @@ def folder_mode(requested: str, images: list[str], files: list[str]) -> str:
     return "sidecar" if any(_stem(image) in stems for image in images) else "none"
 
 
+def refuse_stray_captions(root: Path, images: list[str], files: list[str]) -> None:
+    """A one-line error for a flat folder (no image in a subfolder, so no class folders) whose
+    caption files pair with no image: `auto` found no sidecar pair and would read it as class
+    folders, which it cannot be; name the stray caption file instead."""
+    stray = sorted(name for name in files if _is_caption_file(name) and visible(name))
+    if not stray or any("/" in image for image in images):
+        return
+    fix = (
+        f"no image has a caption file either: give each image one with its name "
+        f"({_stem(images[0])}{CAPTION_SUFFIX} beside {images[0]}) and remove the rest"
+        if images
+        else f"nor any image: add {_stem(stray[0])}.png (or another image suffix) beside it, or "
+        f"fix the path"
+    )
+    raise PipelineError(
+        f"source {root}: caption file {stray[0]} has no image beside it{_more(stray)}; {fix}"
+    )
+
+
 def pair_captions(root: Path, mode: str, images: list[str], files: list[str]) -> Pairing:
     """Each image's caption by `mode` (sidecar or metadata); a one-line error for an image
     without a caption, a caption without an image, or a malformed metadata.jsonl."""

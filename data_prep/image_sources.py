@@ -27,6 +27,7 @@ from data_prep.image_captions import (
     caption_signature,
     folder_mode,
     pair_captions,
+    refuse_stray_captions,
     visible,
 )
 from data_prep.image_listing import list_folder
@@ -221,6 +222,8 @@ def _folder(path: Path, source: ImageSourceConfig) -> Source:
     images = folder_images(files)
     mode = folder_mode(source.captions, images, files)
     if mode == "none":
+        if source.captions == "auto":
+            refuse_stray_captions(path, images, files)
         return _class_folders(path)
     if not images:
         raise PipelineError(

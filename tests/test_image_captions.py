@@ -142,6 +142,15 @@ BAD_FOLDERS = {
     "extra-sidecar": (
         _write("a/orphan.txt", b"x"), {}, "caption file a/orphan.txt has no image beside it"
     ),
+    "orphan-sidecar-flat": (
+        lambda f: (_png(f / "a.png", 1), (f / "x.txt").write_text("x")), {},
+        "caption file x.txt has no image beside it; no image has a caption file either: give "
+        "each image one with its name (a.txt beside a.png)",
+    ),
+    "orphan-sidecar-alone": (
+        lambda f: (f.mkdir(parents=True), (f / "x.txt").write_text("x")), {},
+        "caption file x.txt has no image beside it; nor any image: add x.png",
+    ),
     "shared-sidecar": (
         lambda f: (_sidecars(f), _png(f / "b.jpg", 1)), {}, "images b.jpg and b.png share the "
         "caption file b.txt",
