@@ -4,8 +4,8 @@ The parts' records (data_prep.curate_passes) are read in order, so document ids 
 part k's first document comes after every document of parts 0..k-1, whatever the number of
 parts, and every decision below is a function of those ids alone. That is what makes the output
 of N parts byte-identical to one. Each step sees only the documents the steps before it kept:
-exact duplicates keep the earliest copy, near-duplicate clusters their earliest member, and a
-line is boilerplate when enough kept documents hold it.
+exact duplicates keep the earliest copy, a near duplicate goes when it is confirmed against a
+document kept before it, and a line is boilerplate when enough kept documents hold it.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def _exact(decisions: Decisions, keys: np.ndarray, alive: np.ndarray, position: 
 def _near(
     decisions: Decisions, phase: _Phase, options: Any, alive: np.ndarray, position: int
 ) -> None:
-    """Clusters of confirmed near-duplicate pairs among the kept documents; the earliest stays."""
+    """Near duplicates among the kept documents: each confirmed against an earlier one kept."""
     dups = phase.folder / "dups"
     chains = curate_minhash.candidate_pairs(options, phase.folder / MINHASH_DIR, dups)
     groups = [

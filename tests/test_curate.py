@@ -152,6 +152,20 @@ def test_curate_clusters_link_past_a_candidate_the_signatures_reject() -> None:
     assert removed_docs == {2: (0, pytest.approx(106 / 112))} and sizes == {2: 1}
 
 
+def test_curate_near_duplicates_do_not_chain_through_a_removed_document() -> None:
+    """0 ~ 1 and 1 ~ 2 but 2 is far from 0: 1 goes naming 0, and 2 stays (joining every
+    confirmed pair would remove 2 too, naming 0 at an estimated Jaccard of 0.6)."""
+    first = np.arange(112, dtype=np.uint64)
+    middle, last = first.copy(), first.copy()
+    middle[:22] += 1000
+    last[:45] += 1000
+    signatures = [first, middle, last]
+    removed_docs, sizes = clusters(
+        [np.array([0, 1, 2])], np.ones(3, bool), lambda i: signatures[i], 0.75
+    )
+    assert removed_docs == {1: (0, pytest.approx(90 / 112))} and sizes == {2: 1}
+
+
 def test_curate_decontamination_removes_every_planted_problem_and_nothing_else(
     curated: dict[str, Any],
 ) -> None:
