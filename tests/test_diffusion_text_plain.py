@@ -33,10 +33,10 @@ def diffusion(text: str, objective: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def plain_run(tmp_path_factory: pytest.TempPathFactory, qwen2_dir: Path) -> Path:
+def plain_run(tmp_path_factory: pytest.TempPathFactory, qwen2_dir: Path, llama_dir: Path) -> Path:
     """shapes (32 px) -> a tiny VAE (8x8x4 latents) -> a T5 text_encode in float32 and in
-    float16 -> pixart DDPM on each, and pixart flow on the float32 one; pixart DDPM on a Qwen2
-    (no BOS: the empty caption has no token)."""
+    float16 -> pixart DDPM on each, and pixart flow on the float32 one; pixart DDPM on a Llama
+    (a causal LM whose tokenizer adds BOS) and on a Qwen2 (no BOS: "" has no token)."""
     tmp = tmp_path_factory.mktemp("plain")
     t5 = build_t5(tmp / "t5")
     recipe = {
@@ -58,6 +58,10 @@ def plain_run(tmp_path_factory: pytest.TempPathFactory, qwen2_dir: Path) -> Path
                       "max_length": 16},
             "qwen": {"kind": "text_encode", "after": ["images"],
                      "encoder": {"path": str(qwen2_dir)}, "max_length": 16},
+            "llama": {"kind": "text_encode", "after": ["images"],
+                      "encoder": {"path": str(llama_dir)}, "dtype": "float32",
+                      "max_length": 16},
+            "ddpm_llama": diffusion("llama", {"kind": "ddpm", "prediction": "epsilon"}),
             "ddpm": diffusion("t5", {"kind": "ddpm", "prediction": "epsilon"}),
             "ddpm_qwen": diffusion("qwen", {"kind": "ddpm", "prediction": "epsilon"}),
             "ddpm_16": diffusion("t5_16", {"kind": "ddpm", "prediction": "v_prediction"}),
@@ -96,16 +100,21 @@ def sample_both(
 
 
 @pytest.mark.parametrize(
-    ("sampler", "steps", "scale"), [("ddpm", 4, 3.0), ("ddim", 3, 1.0), ("dpm++", 4, 2.0)]
-)
+    ("stage", "sampler", "steps", "scale"),
+    [("ddpm", "ddpm", 4, 3.0), ("ddpm", "ddim", 3, 1.0), ("ddpm", "dpm++", 4, 2.0),
+     ("ddpm_llama", "ddim", 3, 3.0)],
+)  # fmt: skip
 def test_a_plain_load_samples_what_text_to_image_pipeline_samples(
-    plain_run: Path, sampler: str, steps: int, scale: float
+    plain_run: Path, stage: str, sampler: str, steps: int, scale: float
 ) -> None:
     """Cached and new prompts, with and without guidance against the empty caption: the same
-    images from both classes (float32 caption cache); a different seed would differ."""
+    images from both classes (float32 caption cache); a different seed would differ. The
+    custom_pipeline load still gives TextToImagePipeline."""
+    from diffusers import DiffusionPipeline
+
     from data_prep.image_captions import read_captions
 
-    export = plain_run / "ddpm" / "export"
+    export = plain_run / stage / "export"
     assert json.loads((export / "model_index.json").read_text())["_class_name"] == (
         "PixArtAlphaPipeline"
     )
@@ -117,7 +126,11 @@ def test_a_plain_load_samples_what_text_to_image_pipeline_samples(
         np.testing.assert_allclose(theirs, mine, atol=1e-5, err_msg=prompt)
     other, _, _ = sample_both(export, caption, steps, scale, sampler, seed=6)
     assert np.abs(other - theirs).max() > 1e-2  # the tolerance is far below a seed's change
-    log = (plain_run / "ddpm" / "stage.log").read_text()
+    custom = DiffusionPipeline.from_pretrained(
+        export, custom_pipeline="text_to_image_pipeline", trust_remote_code=True
+    )
+    assert type(custom).__name__ == "TextToImagePipeline"
+    log = (plain_run / stage / "stage.log").read_text()
     assert "DiffusionPipeline.from_pretrained(export) loads a PixArtAlphaPipeline" in log
     assert "use_resolution_binning=False" in log and "max_sequence_length=16" in log
 
@@ -166,3 +179,19 @@ def test_the_probe_covers_captions_that_lowercasing_changes() -> None:
 
     captions = [f"a red circle {i}" for i in range(20)] + ["A Red Circle", " a circle"]
     assert probe_captions(captions) == [*range(PROBE_CAPTIONS), 20, 21]
+
+
+def test_the_exported_tokenizer_pads_on_the_right_as_the_stage_encoded(plain_run: Path) -> None:
+    """A Llama tokenizer loads padding on the left unless its config says right: the export
+    says so, and TextToImagePipeline encodes a caption as the cache holds it."""
+    import torch
+
+    from pipeline.diffusion.text_to_image_pipeline import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(plain_run / "ddpm_llama" / "export")
+    assert pipe.tokenizer.padding_side == "right"
+    rows, table = pipe.cached_captions()
+    caption = next(iter(rows))
+    states, mask, _ = pipe.encode_new([caption])
+    assert torch.equal(mask[0], table["mask"][rows[caption]].float())
+    torch.testing.assert_close(states[0], table["states"][rows[caption]].float())

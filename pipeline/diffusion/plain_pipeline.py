@@ -24,10 +24,13 @@ TextToImagePipeline still loads the same directory (`TextToImagePipeline.from_pr
   strips prompts (captions with capitals, for a cased tokenizer), and encodes "" through the
   model even where the tokenizer gives it no token (we store zeros for that caption).
 
-The plain call must pass `max_sequence_length` (the text_encode stage's max_length; its default
-120 pads and cuts elsewhere) and `use_resolution_binning=False` unless the latents are 32, 64 or
-128 wide and the VAE downsamples 8x (the binning otherwise changes the size or raises);
-`clean_caption=False` matters only where bs4 and ftfy are installed. With a float16 caption
+The plain call should pass `max_sequence_length` (the text_encode stage's max_length: its
+default 120 keeps tokens training cut, and overruns an encoder with fewer positions; padding is
+masked, so a shorter prompt samples the same either way) and must pass
+`use_resolution_binning=False` unless the latents are 32, 64 or 128 wide and the VAE downsamples
+8x (the binning otherwise raises "Invalid sample size" or changes the size);
+`clean_caption=False` matters only where bs4 and ftfy are installed. diffusers warns on the
+plain load that it ignores `objective` and `encoder` (TextToImagePipeline's settings). With a float16 caption
 cache, the plain class's states are the encoder's float32 output and TextToImagePipeline's are
 rounded to float16: equal images up to that rounding.
 """

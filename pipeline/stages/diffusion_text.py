@@ -127,10 +127,20 @@ def export_text_pipeline(
         (folder / "captions.json").write_text(json.dumps(captions), encoding="utf-8")
         arrays = dict(zip(("states", "mask", "pooled"), table_with_empty(cached), strict=True))
         save_file({k: np_to_torch(v) for k, v in arrays.items()}, folder / "embeddings.safetensors")
+        pad_right_when_loaded(tmp / "tokenizer" / "tokenizer_config.json")
         loads.append(offer_plain_class(tmp, pipe, cached, text.config.dtype))
 
     save_pipeline(export_dir, pipe, Path(text_to_image_pipeline.__file__), config, add_captions)
     return loads[0]
+
+
+def pad_right_when_loaded(path: Path) -> None:
+    """Save the tokenizer's padding side (right, as the stage encoded) in its config: transformers
+    does not, and a Llama tokenizer loads padding on the left."""
+    if path.exists():
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["padding_side"] = "right"
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def offer_plain_class(folder: Path, pipe: Any, cached: Any, dtype: str) -> str:
@@ -151,8 +161,12 @@ def offer_plain_class(folder: Path, pipe: Any, cached: Any, dtype: str) -> str:
         empty = cached.empty()
         probe = (np.concatenate([states, empty[0]]), np.concatenate([mask, empty[1]]))
         texts = [captions[i] for i in rows] + [""]
-        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")  # as the user loads it
-        problem = plain.encoding_problem(pipe, tokenizer, texts, probe, max_length, dtype)
+        try:  # the tokenizer as the user loads it
+            tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+            problem = plain.encoding_problem(pipe, tokenizer, texts, probe, max_length, dtype)
+        except (OSError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            problem = f"PixArtAlphaPipeline cannot encode prompts with this encoder ({first})"
     ours = "TextToImagePipeline.from_pretrained(export)"
     if problem is not None:
         return (
