@@ -29,10 +29,11 @@ default 120 keeps tokens training cut, and overruns an encoder with fewer positi
 masked, so a shorter prompt samples the same either way) and must pass
 `use_resolution_binning=False` unless the latents are 32, 64 or 128 wide and the VAE downsamples
 8x (the binning otherwise raises "Invalid sample size" or changes the size);
-`clean_caption=False` matters only where bs4 and ftfy are installed. diffusers warns on the
-plain load that it ignores `objective` and `encoder` (TextToImagePipeline's settings). With a float16 caption
-cache, the plain class's states are the encoder's float32 output and TextToImagePipeline's are
-rounded to float16: equal images up to that rounding.
+`clean_caption=False` matters only where bs4 and ftfy are installed (its cleaning rewrites
+punctuation, URLs and more; without them it falls back to lowercasing and stripping).
+diffusers warns on the plain load that it ignores `objective` and `encoder` (our settings).
+With a float16 caption cache, the plain class's states are the encoder's float32 output and
+TextToImagePipeline's are rounded to float16: equal images up to that rounding.
 """
 
 from __future__ import annotations
@@ -126,12 +127,25 @@ def encoding_problem(
             theirs[row][where], cached[0][row][where].astype(np.float32), rtol=tolerance,
             atol=tolerance,
         )  # fmt: skip
-        if not np.array_equal(ours[row], real[row]) or not close:
+        same_mask = np.array_equal(ours[row], real[row])
+        if not same_mask or not close:
             return (
                 f"PixArtAlphaPipeline encodes the caption {text!r} differently from the cache "
-                f'(it lowercases prompts and encodes "" even with no token)'
+                f"({_why(text, same_mask, bool(real[row].any()))})"
             )
     return None
+
+
+def _why(text: str, same_mask: bool, has_token: bool) -> str:
+    """The likeliest reason PixArtAlphaPipeline's encoding of `text` is not the cached one."""
+    if not has_token:
+        return (
+            "the tokenizer gives it no token: the cache holds zeros, the plain class would "
+            "encode it"
+        )
+    if text.lower().strip() != text:
+        return "the plain class lowercases and strips prompts"
+    return "its tokenizer pads or cuts it differently" if not same_mask else "other states"
 
 
 def plain_call(pipe: Any, max_length: int) -> str:
@@ -139,9 +153,8 @@ def plain_call(pipe: Any, max_length: int) -> str:
     size = pipe.transformer.config.sample_size
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     binned = size in BINNED_SIZES and factor == 8
-    return f"max_sequence_length={max_length}" + (
-        "" if binned else ", use_resolution_binning=False"
-    )
+    binning = "" if binned else ", use_resolution_binning=False"
+    return f"max_sequence_length={max_length}{binning}, clean_caption=False"
 
 
 def name_plain_class(export: Path) -> None:
