@@ -80,7 +80,9 @@ class FileTexts(Sequence[str]):
         return self.paths[index].read_text(encoding="utf-8")
 
 
-def original_files(roots: list[Path], num_bytes: float) -> list[Path]:
+def original_files(
+    roots: list[Path], num_bytes: float, suffixes: tuple[str, ...] = SUFFIXES
+) -> list[Path]:
     """Sorted text files under each root in turn, distinct after whitespace normalisation, of at
     least MIN_WORDS words, until they hold `num_bytes` bytes."""
     seen: set[bytes] = set()
@@ -88,7 +90,7 @@ def original_files(roots: list[Path], num_bytes: float) -> list[Path]:
     total = 0
     for root in roots:
         for path in sorted(root.rglob("*")):
-            if path.suffix not in SUFFIXES or not path.is_file():
+            if path.suffix not in suffixes or not path.is_file():
                 continue
             if not 0 < path.stat().st_size <= MAX_FILE_BYTES:
                 continue
@@ -110,13 +112,14 @@ def original_files(roots: list[Path], num_bytes: float) -> list[Path]:
     )
 
 
-def plant(path: Path, roots: list[Path], megabytes: float, problems: int, seed: int) -> Truth:
+def plant(args: argparse.Namespace, path: Path) -> Truth:
     """Write the planted corpus; its truth."""
     copies = sum(SHARES.values())
-    originals = FileTexts(original_files(roots, megabytes * 1e6 / (1 + copies)))
-    rng = random.Random(seed)
+    suffixes = tuple(args.suffixes)
+    originals = FileTexts(original_files(args.roots, args.megabytes * 1e6 / (1 + copies), suffixes))
+    rng = random.Random(args.seed)
     counts = {kind: round(share * len(originals)) for kind, share in SHARES.items()}
-    held_out = task_problems(ArithmeticTask(), "test", problems, 0)
+    held_out = task_problems(ArithmeticTask(), "test", args.problems, 0)
     extras = [("problem", format_problem(p)) for p in held_out]
     return write_planted(path, originals, rng, vocabulary(rng), counts, extras)
 
@@ -290,7 +293,7 @@ def planted_corpus(args: argparse.Namespace, work: Path) -> tuple[Path, Truth]:
     work.mkdir(parents=True, exist_ok=True)
     saved.unlink(missing_ok=True)
     started = time.perf_counter()
-    truth = plant(corpus, args.roots, args.megabytes, args.problems, args.seed)
+    truth = plant(args, corpus)
     data = {"key": key, "kinds": truth.kinds, "source_of": truth.source_of,
             "num_bytes": truth.num_bytes}  # fmt: skip
     saved.write_text(json.dumps(data))
@@ -298,7 +301,7 @@ def planted_corpus(args: argparse.Namespace, work: Path) -> tuple[Path, Truth]:
     return corpus, truth
 
 
-PLANTING = ("megabytes", "problems", "seed", "roots")
+PLANTING = ("megabytes", "problems", "seed", "roots", "suffixes")
 
 
 def main() -> None:
@@ -313,6 +316,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the run and the corpus")
     parser.add_argument("--roots", nargs="+", type=Path, default=DEFAULT_ROOTS,
                         help="folders whose text files are the originals, read in this order")  # fmt: skip
+    parser.add_argument("--suffixes", nargs="+", default=list(SUFFIXES),
+                        help="the file name endings read as text")  # fmt: skip
     args = parser.parse_args()
     work = args.work or Path(f"/tmp/curate_acc/{args.megabytes:g}mb")
     corpus, truth = planted_corpus(args, work)

@@ -141,7 +141,7 @@ def run(ctx: StageContext) -> None:
     )
     meta.decontaminated_against = items
     meta.write(staging)
-    sections = curate_report.write(meta, staging)
+    sections = curate_report.write(meta, staging, _locator(work, cfg))
     shutil.rmtree(ctx.export_dir, ignore_errors=True)
     os.replace(staging, ctx.export_dir)
     shutil.rmtree(work)
@@ -165,6 +165,14 @@ def run_part(ctx: StageContext, index: int) -> None:
     work = ctx.stage_dir / WORK_DIR
     _contamination(ctx, work)
     _analyze(ctx, 0, work / "phase0", items_path(work, cfg), only=index)
+
+
+def _locator(work: Path, cfg: Config) -> Any:
+    """Where a decontaminated text holds its item (for the report's examples), or None."""
+    from data_prep.curate_steps import Contamination
+
+    path = items_path(work, cfg)
+    return Contamination.load(str(path)).where if path is not None else None
 
 
 def items_path(work: Path, cfg: Config) -> Path | None:

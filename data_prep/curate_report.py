@@ -14,9 +14,9 @@ import gzip
 import io
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import zstandard
 
@@ -24,6 +24,7 @@ from data_prep.documents_meta import REMOVED_DIR, Counts, DocumentsMeta
 from eval.report import write_sections
 from pipeline.engine.tracking import Tracker
 
+Locate: TypeAlias = Callable[[str], "tuple[int, int] | None"]
 CLUSTERS_PNG = "near_clusters.png"
 COUNTS_TITLE = "Curation: kept and removed"
 CLUSTERS_TITLE = "Near-duplicate clusters"
@@ -38,19 +39,23 @@ EXAMPLE_COLUMNS = ["step", "reason", "id", "source", "kept id", "text"]
 ONE_REASON = {"exact": "exact duplicate", "near": "near duplicate", "lines": "only boilerplate"}
 
 
-def write(meta: DocumentsMeta, export_dir: Path) -> list[dict[str, Any]]:
-    """Write the curation sections (and the cluster PNG) into `export_dir`; the sections."""
+def write(
+    meta: DocumentsMeta, export_dir: Path, locate: Locate | None = None
+) -> list[dict[str, Any]]:
+    """Write the curation sections (and the cluster PNG) into `export_dir`; the sections.
+    `locate` finds the evaluation item in a decontaminated text (Contamination.where)."""
     sections = [counts_section(meta)]
     if any(step.step == "near" for step in meta.steps):
         sections.append(clusters_section(meta.cluster_sizes, export_dir))
-    examples = example_rows(meta, export_dir)
+    examples = example_rows(meta, export_dir, locate)
     if examples:
         sections.append(
             {
                 "title": EXAMPLES_TITLE,
                 "note": f"Up to {EXAMPLES_PER_REASON} removed documents of each reason, in "
-                f"document order, their text cut at {EXAMPLE_CHARS} characters; every removed "
-                f"document is in {REMOVED_DIR}/<step>/ with its reason.",
+                f"document order, their text cut at {EXAMPLE_CHARS} characters (a "
+                f"decontaminated one around the item it holds); every removed document is in "
+                f"{REMOVED_DIR}/<step>/ with its reason.",
                 "columns": EXAMPLE_COLUMNS,
                 "rows": examples,
             }
@@ -139,7 +144,9 @@ def plot_clusters(cluster_sizes: dict[int, int], path: Path) -> None:
     figure.savefig(path, format="png", metadata={"Software": None})
 
 
-def example_rows(meta: DocumentsMeta, export_dir: Path) -> list[list[Any]]:
+def example_rows(
+    meta: DocumentsMeta, export_dir: Path, locate: Locate | None = None
+) -> list[list[Any]]:
     """The first EXAMPLES_PER_REASON removed documents of each reason, per step in order."""
     rows = []
     for step in meta.steps:
@@ -148,7 +155,7 @@ def example_rows(meta: DocumentsMeta, export_dir: Path) -> list[list[Any]]:
             reason = ONE_REASON.get(step.step, record["reason"])
             if found[reason] < EXAMPLES_PER_REASON:
                 found[reason] += 1
-                rows.append(_example(step.step, reason, record))
+                rows.append(_example(step.step, reason, record, locate))
             elif step.step in ONE_REASON:
                 break  # the step's one reason has its examples: read no further
     return rows
@@ -159,9 +166,14 @@ def _step_records(meta: DocumentsMeta, export_dir: Path, step: str) -> Iterator[
         yield from records(export_dir / shard)
 
 
-def _example(step: str, reason: str, record: dict[str, Any]) -> list[Any]:
+def _example(step: str, reason: str, record: dict[str, Any], locate: Locate | None) -> list[Any]:
     text = record["text"]
-    cut = text[:EXAMPLE_CHARS] + (" [...]" if len(text) > EXAMPLE_CHARS else "")
+    span = locate(text) if locate is not None and step == "decontaminate" else None
+    start = max(0, span[0] - EXAMPLE_CHARS // 3) if span is not None else 0
+    cut = text[start : start + EXAMPLE_CHARS]
+    cut = (
+        ("[...] " if start else "") + cut + (" [...]" if start + EXAMPLE_CHARS < len(text) else "")
+    )
     kept = record.get("kept_id")  # None: the report shows "-"
     detail = record["reason"] if step in ONE_REASON else reason
     return [step, detail, record["id"], record["source"], kept, cut]

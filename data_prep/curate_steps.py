@@ -171,6 +171,24 @@ class Contamination:
                 first = found if first < 0 else min(first, found)
         return first
 
+    def where(self, text: str) -> tuple[int, int] | None:
+        """Character offsets (start, end) of the earliest n-gram of an item the text holds, or
+        None (offsets in the lower-cased text: the same as the text's but for a few letters)."""
+        spans = [m.span() for m in WORD.finditer(text.lower())]
+        hashes = word_hashes([text.lower()[a:b] for a, b in spans])
+        found: tuple[int, int] | None = None
+        for length, (table, _) in self.tables.items():
+            windows = window_hashes(hashes, length)
+            if not len(windows):
+                continue
+            at = np.minimum(np.searchsorted(table, windows), len(table) - 1)
+            hits = np.flatnonzero(table[at] == windows)
+            if len(hits):
+                first = int(hits[0])
+                span = (spans[first][0], spans[first + length - 1][1])
+                found = span if found is None or span < found else found
+        return found
+
     def save(self, path: str) -> None:
         arrays = {f"h{n}": t for n, (t, _) in self.tables.items()}
         arrays |= {f"o{n}": o for n, (_, o) in self.tables.items()}
