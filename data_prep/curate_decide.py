@@ -11,15 +11,18 @@ document kept before it, and a line is boilerplate when enough kept documents ho
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data_prep import curate_minhash
+from data_prep import curate_confirm, curate_minhash
 from data_prep.curate_options import Step
 from data_prep.curate_passes import MINHASH_DIR, phases, read_part
+from data_prep.curate_read import source_documents
+from data_prep.curate_steps import strip_boilerplate
 
 
 @dataclass
@@ -101,7 +104,7 @@ def decide(
         if step == "exact":
             _exact(decisions, phase.arrays["exact"].reshape(-1, 2), alive, position)
         elif step == "near":
-            _near(decisions, phase, config.near, alive, position)
+            _near(decisions, phase, config, alive, position, phase_of["near"] == 1)
         elif step == "lines":
             decisions.boilerplate = _boilerplate(phase.arrays, alive, config.lines.min_documents)
         elif step == "quality":
@@ -138,9 +141,17 @@ def _exact(decisions: Decisions, keys: np.ndarray, alive: np.ndarray, position: 
 
 
 def _near(
-    decisions: Decisions, phase: _Phase, options: Any, alive: np.ndarray, position: int
+    decisions: Decisions,
+    phase: _Phase,
+    config: Any,
+    alive: np.ndarray,
+    position: int,
+    stripped: bool,
 ) -> None:
-    """Near duplicates among the kept documents: each confirmed against an earlier one kept."""
+    """Near duplicates among the kept documents: each confirmed against an earlier one kept, by
+    its signature's estimate and by its shingles (data_prep.curate_confirm). `stripped`: the
+    step saw the texts without their boilerplate lines."""
+    options = config.near
     dups = phase.folder / "dups"
     chains = curate_minhash.candidate_pairs(options, phase.folder / MINHASH_DIR, dups)
     groups = [
@@ -148,13 +159,31 @@ def _near(
         for chain in chains
         for group in curate_minhash.band_groups(curate_minhash.global_pairs(chain, phase.offsets))
     ]
+    wanted = [group[alive[group]] for group in groups]
+    wanted = np.unique(np.concatenate([np.empty(0, np.int64), *[w for w in wanted if len(w) > 1]]))
+    shingles = curate_confirm.gather(
+        _texts(config, decisions, stripped), wanted, options, phase.folder / "shingles.bin"
+    )
     signature = curate_minhash.signature_reader(phase.part_dirs, phase.offsets)
-    removed, sizes = curate_minhash.clusters(groups, alive, signature, options.threshold)
+    removed, sizes = curate_minhash.clusters(
+        groups, alive, signature, options.threshold, shingles.jaccard
+    )
     for index, (kept, similarity) in removed.items():
         decisions.fate[index] = position
         decisions.kept[index] = kept
         decisions.score[index] = similarity
     decisions.cluster_sizes = sizes
+
+
+def _texts(config: Any, decisions: Decisions, stripped: bool) -> Iterator[str]:
+    """Every document's text as the near step saw it, in order."""
+    boilerplate = set(decisions.boilerplate.tolist())
+    for doc in source_documents(config.source):
+        yield (
+            strip_boilerplate(doc.text, boilerplate, config.lines.min_chars)
+            if stripped
+            else doc.text
+        )
 
 
 def _boilerplate(

@@ -11,9 +11,10 @@ of the cost.
 The clustering is ours. datatrove's MinhashDedupCluster keeps whichever document union by size
 leaves at the root, keeps every pair the bands propose (about 5% of pairs at Jaccard 0.5 with 14
 bands of 8), and says nothing of which document was kept. Here each candidate pair is confirmed
-by the Jaccard similarity its full signatures estimate (num_hashes hashes: about +-0.04), and a
-document is removed only when it is confirmed against a document kept before it, which it names
-with the similarity to it. Joining every confirmed pair into one cluster instead (union-find, as
+by the Jaccard similarity its full signatures estimate (num_hashes hashes: about +-0.04) and
+then by the true similarity of its shingle sets (data_prep.curate_confirm), and a document is
+removed only when it is confirmed against a document kept before it, which it names with the
+estimated similarity to it. Joining every confirmed pair into one cluster instead (union-find, as
 datatrove does) chains documents through others: in real text (versions of one module, vendored
 copies) 4% of the removed documents were then below the threshold with the kept document they
 named, some at Jaccard 0.36, and their text was lost from the corpus.
@@ -48,7 +49,7 @@ SIGNATURES_FILE = "signatures.npy"
 NO_SIGNATURE = np.iinfo(np.uint64).max  # a document shorter than one shingle
 
 
-class _SpaceWords(WordTokenizer):
+class SpaceWords(WordTokenizer):
     """Words of text datatrove's simplify_text already normalised: split on spaces."""
 
     def word_tokenize(self, text: str) -> list[str]:
@@ -76,7 +77,7 @@ def sign(
 ) -> None:
     """Run datatrove's signature stage over one part's documents (all of them, in order)."""
     block = MinhashDedupSignature(output_folder=str(folder), config=minhash_config(options))
-    block.word_tokenizer = _SpaceWords()
+    block.word_tokenizer = SpaceWords()
     block.run(documents, rank=part, world_size=1)
 
 
@@ -130,12 +131,14 @@ def clusters(
     alive: np.ndarray,
     signature: Callable[[int], np.ndarray],
     threshold: float,
+    confirm: Callable[[int, int], float] | None = None,
 ) -> tuple[dict[int, tuple[int, float]], Counter[int]]:
     """{removed document: (kept document, estimated Jaccard)} and the cluster-size histogram.
 
     `groups` are the global ids of documents some band matches; removed documents are left out.
     Documents are taken in order: one whose signature confirms (>= threshold) a document of its
-    groups kept before it is removed, naming the most similar such document; any other is kept.
+    groups kept before it, and whose true similarity to it (`confirm`, when given) does too, is
+    removed, naming the most similar such document; any other is kept.
     """
     member_of: dict[int, list[int]] = {}
     for index, group in enumerate(groups):
@@ -147,7 +150,7 @@ def clusters(
     removed: dict[int, tuple[int, float]] = {}
     for doc in sorted(member_of):
         candidates = sorted({kept for g in member_of[doc] for kept in kept_in[g]})
-        found = _most_similar(signature(doc), candidates, signature, threshold)
+        found = _most_similar(doc, candidates, signature, threshold, confirm)
         if found is not None:
             removed[doc] = found
             continue
@@ -158,15 +161,24 @@ def clusters(
 
 
 def _most_similar(
-    row: np.ndarray, candidates: list[int], signature: Callable[[int], np.ndarray], at: float
+    doc: int,
+    candidates: list[int],
+    signature: Callable[[int], np.ndarray],
+    at: float,
+    confirm: Callable[[int, int], float] | None,
 ) -> tuple[int, float] | None:
-    """The candidate whose signature is most similar to `row` (the earliest of equals) and the
-    similarity, when it reaches `at`; else None."""
+    """The candidate whose signature is most similar to the document's (the earliest of equals)
+    among those confirmed at `at`, with the estimated similarity; None when none is."""
     if not candidates:
         return None
+    row = signature(doc)
     similarities = (np.stack([signature(c) for c in candidates]) == row).mean(axis=1)
-    best = int(np.argmax(similarities))
-    return (candidates[best], float(similarities[best])) if similarities[best] >= at else None
+    for best in np.argsort(-similarities, kind="stable").tolist():
+        if similarities[best] < at:
+            return None
+        if confirm is None or confirm(doc, candidates[best]) >= at:
+            return candidates[best], float(similarities[best])
+    return None
 
 
 def signature_reader(folders: list[Path], offsets: list[int]) -> Callable[[int], np.ndarray]:

@@ -15,7 +15,9 @@ import pytest
 import zstandard
 
 from bench.curate_planting import edited, jaccard, vocabulary, write_planted
+from data_prep import curate_confirm
 from data_prep.curate_minhash import clusters
+from data_prep.curate_options import NearOptions
 from data_prep.curate_read import source_documents
 from data_prep.documents_meta import DocumentsMeta
 from data_prep.sources import SourceConfig, tagged_documents
@@ -164,6 +166,29 @@ def test_curate_near_duplicates_do_not_chain_through_a_removed_document() -> Non
         [np.array([0, 1, 2])], np.ones(3, bool), lambda i: signatures[i], 0.75
     )
     assert removed_docs == {1: (0, pytest.approx(90 / 112))} and sizes == {2: 1}
+
+
+def test_curate_near_pair_the_estimate_passes_but_the_true_jaccard_does_not_stays(
+    tmp_path: Path,
+) -> None:
+    """The shingles gathered for confirmation give the true Jaccard similarity (as the planting
+    measures it), and a pair whose signatures agree but whose shingles do not is kept."""
+    rng = random.Random(7)
+    words = vocabulary(rng)
+    first = " ".join(rng.choice(words) for _ in range(300))
+    near, far = edited(rng, first, words, 0.85, 0.95), edited(rng, first, words, 0.55, 0.65)
+    shingles = curate_confirm.gather(
+        iter([first, "other", near, far]), np.array([0, 2, 3]), NearOptions(), tmp_path / "s.bin"
+    )
+    assert shingles.jaccard(0, 2) == pytest.approx(jaccard(first, near))
+    assert (
+        shingles.jaccard(0, 3) == pytest.approx(jaccard(first, far)) and jaccard(first, far) < 0.7
+    )
+    same = np.arange(112, dtype=np.uint64)  # signatures that agree on every hash
+    removed_docs, _ = clusters(
+        [np.array([0, 2, 3])], np.ones(4, bool), lambda i: same, 0.75, shingles.jaccard
+    )
+    assert removed_docs == {2: (0, 1.0)}
 
 
 def test_curate_decontamination_removes_every_planted_problem_and_nothing_else(
