@@ -2,7 +2,7 @@
 and per source, the sizes of the near-duplicate clusters (a table and a PNG), and a few removed
 documents of each reason with the start of their text.
 
-The sections go to `export/report.json` through eval.report.write_sections, so the report stage
+The sections go to `export/report.json` through pipeline.engine.sections.write_sections, so the report stage
 shows them as it shows any stage's; the same numbers go to metrics.jsonl and W&B. Everything here
 is read from the export (documents.json and the removed/ shards), so the figures are those of
 the files a user can open, and the same bytes for any number of parts.
@@ -21,7 +21,7 @@ from typing import Any, TypeAlias
 import zstandard
 
 from data_prep.documents_meta import REMOVED_DIR, Counts, DocumentsMeta
-from eval.report import write_sections
+from pipeline.engine.sections import write_sections
 from pipeline.engine.tracking import Tracker
 
 Locate: TypeAlias = Callable[[str], "tuple[int, int] | None"]

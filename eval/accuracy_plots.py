@@ -3,7 +3,7 @@ averages with intervals), accuracy against samples k (maj@k, pass@k), answer len
 out-of-distribution accuracy.
 
 Each section function draws its PNGs into the export directory and returns a section in the
-form of `eval.report.write_sections`.
+form of `pipeline.engine.sections.write_sections`.
 """
 
 from __future__ import annotations

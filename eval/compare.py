@@ -175,7 +175,7 @@ def plot_curves(rows: list[Row], key: str, path: Path) -> bool:
 
 def run(ctx: StageContext) -> None:
     """Write comparison.json and a report section (table + curve plot) for the upstream stages."""
-    from eval.report import write_sections
+    from pipeline.engine.sections import write_sections
 
     config = ctx.config
     assert isinstance(config, Config)

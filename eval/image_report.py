@@ -20,7 +20,7 @@ def write_outputs(
     """metrics.json, report sections, tracker summary and the stage summary. `classes`: one
     name per grid row; a text-to-image evaluation passes its numbered prompts and `sections`
     (its compositional scores), and its headline is the shapes score where there is one."""
-    from eval.report import write_sections
+    from pipeline.engine.sections import write_sections
 
     keys = ("fd", "kid", "precision", "recall", "class_accuracy", "nn_ratio", "images_per_second")
     table = [

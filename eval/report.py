@@ -24,10 +24,10 @@ from pipeline.engine.errors import PipelineError, RecipeError
 from pipeline.engine.inputs import StageSpec
 from pipeline.engine.manifest import StageRecord, atomic_write_text, stage_record
 from pipeline.engine.rundir import EXPORT_DIR, MANIFEST_FILE, RECIPE_FILE
+from pipeline.engine.sections import SECTIONS_FILE
 from pipeline.engine.tracking import read_metrics
 
 REPORT_DIR = "report"
-SECTIONS_FILE = "report.json"  # tables and figures a stage hands to the report (write_sections)
 EVAL_COLUMNS = ("val_loss", "perplexity", "bits_per_byte", "unigram_loss", "loss_vs_unigram")
 # Headline metrics of the masked (bert) and span-corruption (t5) families; shown when present.
 FAMILY_COLUMNS = ("mlm_loss", "masked_token_accuracy", "span_loss", "span_accuracy")
@@ -292,24 +292,6 @@ def eval_results(run_dir: Path, manifests: dict[str, StageRecord]) -> str:
             *samples,
         ]
     return "\n".join(parts)
-
-
-def write_sections(export_dir: Path, sections: list[dict[str, Any]]) -> None:
-    """Give the report tables and figures of a stage: `export_dir/report.json`.
-
-    Each section is `{"title": str, "note": str?, "columns": [str], "rows": [[cell]],
-    "images": [path relative to export_dir]}`; every key but `title` is optional. The report
-    stage shows the sections of every finished stage, in recipe order, with its images copied
-    beside the page.
-    """
-    for section in sections:
-        if "title" not in section:
-            raise ValueError(f"report section without a title: {section!r}")
-        for image in section.get("images", []):
-            if not (export_dir / image).is_file():
-                raise ValueError(f"report section {section['title']!r}: no image {image}")
-    export_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(export_dir / SECTIONS_FILE, json.dumps({"sections": sections}, indent=1))
 
 
 def stage_sections(

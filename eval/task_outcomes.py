@@ -24,8 +24,8 @@ def task_report(
     if not outcomes:
         return {}, {}
     from eval.accuracy_plots import accuracy_section, compute_section, lengths_section
-    from eval.report import write_sections
     from eval.tasks import macro_paired_tests, paired_tests
+    from pipeline.engine.sections import write_sections
 
     correct = {name: [o["correct"] for o in rows] for name, rows in outcomes.items()}
     first = next(iter(outcomes.values()))

@@ -2,7 +2,7 @@
 of guarded RL runs (eval.accuracy_plots has the eval stage's accuracy sections).
 
 Each section function draws PNGs into a directory and returns a section in the form of
-`eval.report.write_sections`.
+`pipeline.engine.sections.write_sections`.
 """
 
 from __future__ import annotations

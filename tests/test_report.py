@@ -14,6 +14,7 @@ import yaml
 
 from eval import report
 from eval.task_plots import GuardRun
+from pipeline.engine import sections
 from pipeline.engine.config import Recipe, TrackingConfig
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
@@ -178,7 +179,7 @@ def test_report_shows_stage_sections_with_tables_and_images(tmp_path: Path) -> N
     export = run_dir / "pretrain" / "export"
     export.mkdir()
     (export / "grid.png").write_bytes(b"\x89PNG fake")
-    report.write_sections(
+    sections.write_sections(
         export,
         [
             {
@@ -191,7 +192,7 @@ def test_report_shows_stage_sections_with_tables_and_images(tmp_path: Path) -> N
         ],
     )
     with pytest.raises(ValueError, match="no image"):
-        report.write_sections(export, [{"title": "x", "images": ["missing.png"]}])
+        sections.write_sections(export, [{"title": "x", "images": ["missing.png"]}])
 
     page = report.write_report(run_dir).read_text(encoding="utf-8")
 

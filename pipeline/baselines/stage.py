@@ -20,7 +20,6 @@ __all__ = ["SPEC", "Config", "run"]
 
 def run(ctx: StageContext) -> None:
     """Evaluate every model of the task on one dataset and write the comparison table."""
-    from eval.report import write_sections
     from pipeline.baselines.core import (
         Job,
         best_model,
@@ -32,6 +31,7 @@ def run(ctx: StageContext) -> None:
         summary_metrics,
         write_results,
     )
+    from pipeline.engine.sections import write_sections
 
     cfg: Config = ctx.config  # type: ignore[assignment]
     task = get_task(cfg.task)

@@ -282,8 +282,8 @@ def run(ctx: StageContext) -> None:
     }
     fit(ctx, tokenizer, build, SUMMARY_KEYS, **evaluation)
     if ctx.is_main and cfg.algorithm != "dpo":
-        from eval.report import write_sections
         from eval.task_plots import rl_section
+        from pipeline.engine.sections import write_sections
         from pipeline.engine.tracking import read_metrics
 
         rows = read_metrics(ctx.stage_dir)

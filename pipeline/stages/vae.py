@@ -96,7 +96,7 @@ def export_vae(
     from data_prep.images import save_split
     from data_prep.images_meta import IDENTITY, ImageIndex
     from eval.images import save_grid_png
-    from eval.report import write_sections
+    from pipeline.engine.sections import write_sections
 
     train_latents = encode(vae, splits[0])
     scaling = float(1.0 / train_latents.std())
