@@ -45,6 +45,7 @@ from data_prep.curate_passes import PartJob, analyze_part, part_done, phases
 from data_prep.sources import ARITHMETIC, TASK, SourceConfig, SourceStageConfig
 from data_prep.tasks import TaskBase
 from pipeline.engine import faults
+from pipeline.engine.config import Recipe
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.inputs import StageSpec
@@ -109,6 +110,12 @@ class Config(SourceStageConfig):
                     file.check()
                 except PipelineError as exc:
                     raise PipelineError(f"decontaminate.files.{index}: {exc}") from None
+
+    def recipe_signature(self, recipe: Recipe) -> dict[str, Any]:
+        """The tasks other stages name, which decontamination removes (a changed one reruns)."""
+        if not self.decontaminate.recipe_tasks:
+            return {}
+        return {"tasks": sorted(t.model_dump_json() for t in recipe_tasks(recipe))}
 
     def data_signature(self) -> dict[str, Any]:
         files = [Path(f.path) for f in self.decontaminate.files if Path(f.path).is_file()]
@@ -251,7 +258,7 @@ def _contamination(ctx: StageContext, work: Path) -> tuple[list[str], dict[str, 
     from data_prep.curate_steps import Contamination
 
     path = work / CONTAMINATION_FILE
-    tasks = recipe_tasks(ctx) if cfg.decontaminate.recipe_tasks else []
+    tasks = recipe_tasks(ctx.recipe) if cfg.decontaminate.recipe_tasks else []
     tasks = _unique([*tasks, *cfg.decontaminate.tasks])
     index, items = Contamination.build(cfg.decontaminate, tasks)
     if not index.tables:
@@ -265,10 +272,10 @@ def _contamination(ctx: StageContext, work: Path) -> tuple[list[str], dict[str, 
     return index.origins, items
 
 
-def recipe_tasks(ctx: StageContext) -> list[TaskBase]:
+def recipe_tasks(recipe: Recipe) -> list[TaskBase]:
     """Every task a stage of the recipe names: `task:` fields, eval tasks, builtin:task sources."""
     found: list[TaskBase] = []
-    for cfg in ctx.recipe.stages.values():
+    for cfg in recipe.stages.values():
         found += _tasks_in(cfg)
     return _unique(found)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -35,7 +34,7 @@ def corpus(tmp_path: Path) -> Path:
 
 def test_curate_searches_for_the_tasks_other_stages_name(corpus: Path) -> None:
     for task in ("sort", "arithmetic"):
-        found = recipe_tasks(SimpleNamespace(recipe=recipe(corpus, task)))  # type: ignore[arg-type]
+        found = recipe_tasks(recipe(corpus, task))
         assert [task_label(t) for t in found] == [f"task {task}"]
 
 
@@ -45,11 +44,6 @@ def test_curate_fingerprint_follows_its_own_tasks(corpus: Path) -> None:
     assert fingerprints(recipe(corpus, "sort", own))["curate"] != before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 25: a stage's fingerprint hashes its own config; the tasks curate collects "
-    "from other stages need a recipe-level signature from the engine (pipeline/engine/graph.py)",
-)
 def test_curate_fingerprint_follows_a_task_another_stage_names(corpus: Path) -> None:
     sort, arithmetic = recipe(corpus, "sort"), recipe(corpus, "arithmetic")
     assert fingerprints(sort)["curate"] != fingerprints(arithmetic)["curate"]

@@ -142,6 +142,11 @@ class StageConfig(Strict):
         """Extra inputs to the fingerprint that are not in the config (e.g. source file stats)."""
         return {}
 
+    def recipe_signature(self, recipe: Recipe) -> dict[str, Any]:
+        """What this stage reads from other stages' configs (not their outputs), for its
+        fingerprint: e.g. the tasks a curate stage decontaminates against. Empty by default."""
+        return {}
+
     def check_inputs(self) -> None:
         """Cheap checks of the inputs this stage reads (files exist, first records parse), made
         before anything runs; raise PipelineError naming the input, the problem and the fix."""

@@ -64,6 +64,8 @@ def fingerprints(recipe: Recipe) -> dict[str, str]:
         }
         if external := external_signatures(recipe, name):  # model or tokenizer directories
             payload["external"] = external
+        if from_recipe := cfg.recipe_signature(recipe):  # other stages' settings it reads
+            payload["recipe"] = from_recipe
         if cfg.distributed and launch.deepspeed_config:
             payload["deepspeed_config"] = Path(launch.deepspeed_config).read_text(errors="replace")
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
