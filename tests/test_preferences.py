@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.engine.errors import PipelineError
 from pipeline.stages.dpo_losses import DpoLoss, dpo_losses
-from pipeline.stages.preferences import best_and_worst, label_rows
+from pipeline.stages.preferences import best_and_each, best_and_worst, label_rows, with_prior
 from pipeline.stages.reward_models import combine, reward_scores
 from tests.helpers import run_in_process, write_recipe
 
@@ -20,6 +20,28 @@ def test_the_best_is_paired_with_the_worst_and_ties_give_no_pair() -> None:
     assert best_and_worst(["a", "b", "c"], [(0.0, 0.5), (1.0, 1.0), (0.0, 0.2)]) == (1, 2)
     assert best_and_worst(["a", "b"], [(1.0, 1.0), (1.0, 1.0)]) is None
     assert best_and_worst(["a", "b", "c"], [(1.0,), (0.0,), (1.0,)]) == (0, 1)  # first of equals
+
+
+def test_best_vs_each_pairs_the_best_with_every_distinct_lower_text_worst_first() -> None:
+    texts = ["x", "y", "x", "z", "y", "w"]
+    scores = [(0.0, 0.5), (1.0, 1.0), (0.0, 0.5), (0.0, 0.9), (1.0, 1.0), (0.0, 0.1)]
+    assert best_and_each(texts, scores) == [(1, 5), (1, 0), (1, 3)]  # one pair per distinct text
+    assert best_and_each(["a", "a"], [(1.0,), (1.0,)]) == []
+    one = best_and_worst(texts, scores)
+    assert best_and_each(texts, scores)[0] == one  # its first pair is best_vs_worst's
+
+
+def test_the_prior_lets_the_answer_the_policy_gives_most_win_what_the_reward_cannot_split() -> None:
+    import math
+
+    texts = [" 12", " 12", " 12", " 21", " 11", " 12"]
+    rewards = [1.0, 1.2, 0.8, 1.3, -2.0, 1.0]  # copies of one text score a little apart
+    assert with_prior(rewards, texts, None) == [(r,) for r in rewards]
+    scored = with_prior(rewards, texts, 1.0)
+    assert scored[0] == pytest.approx((1.0 + math.log(4 / 6), 1.0))  # mean of its 4 copies
+    assert scored[3] == pytest.approx((1.3 + math.log(1 / 6), 1.3))
+    assert best_and_worst(texts, scored) == (0, 4)  # the reward alone picks " 21"
+    assert best_and_worst(texts, with_prior(rewards, texts, 0.1)) == (3, 4)  # small beta: reward
 
 
 def write_rows(path: Path, rows: list[Any]) -> str:
@@ -93,6 +115,7 @@ def recipe(tmp_path: Path, stage: dict[str, Any]) -> Path:
         ({"judge": "labels", "labels": "/nonexistent/pairs.jsonl"}, "/nonexistent/pairs.jsonl"),
         ({"judge": "task", "labels": "x.jsonl", "model": {"path": "/x"}}, "stages.prefs"),
         ({"judge": "reward_model", "reward_model": "prefs"}, "stages.prefs"),
+        ({"judge": "task", "beta": 1.0, "model": {"path": "/x"}}, "stages.prefs"),
     ],
 )
 def test_dry_run_refuses_in_one_line(
@@ -141,3 +164,33 @@ def test_dpo_loss_is_refused_for_grpo(tmp_path: Path, capsys: pytest.CaptureFixt
     })  # fmt: skip
     code, err = run_in_process(["run", "--dry-run", str(path)], capsys)
     assert code == 2 and "dpo_loss" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_judge_ensemble_scores_as_its_members_combined(gpt2_dir: Path, tmp_path: Path) -> None:
+    """The preferences judge (and the rlhf reward) with two saved reward models equals each
+    member's scores combined by hand; one member gives exactly that member's scores."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    from pipeline.stages.reward_models import ensemble_reward
+
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
+    dirs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2,
+                            num_labels=1, pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+        dirs.append(tmp_path / f"rm{seed}")
+        GPT2ForSequenceClassification(config).save_pretrained(dirs[-1])
+        tokenizer.save_pretrained(dirs[-1])
+    prompts, completions = ["Sort 31:", "Sort 31:", "Sort 502:"], [" 13", " 31", " 025"]
+    texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+    members = []
+    for path in dirs:
+        model = GPT2ForSequenceClassification.from_pretrained(path).eval()
+        members.append(reward_scores(model, tokenizer, texts))
+    assert members[0] != members[1]
+    for how in ("mean", "min", "mean_minus_std"):
+        got = ensemble_reward(dirs, how, 0.5, "cpu")(prompts, completions)
+        assert got == pytest.approx(combine(members, how, 0.5), abs=1e-6)
+    assert ensemble_reward(dirs[:1], "mean", 1.0, "cpu")(prompts, completions) == members[0]

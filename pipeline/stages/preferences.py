@@ -17,10 +17,11 @@ the r-th block of `num_prompts` train problems, so each round sees fresh prompts
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from data_prep.task_base import task_file_signature
 from data_prep.tasks import ArithmeticTask, TaskConfig
@@ -31,6 +32,7 @@ from pipeline.engine.inputs import Input, PlanView, StageSpec
 from pipeline.engine.locations import Location
 from pipeline.engine.manifest import atomic_write_json, atomic_write_text, read_record
 from pipeline.engine.schema_errors import PathText
+from pipeline.stages.reward_models import Ensemble
 
 PAIRS_FILE = "pairs.jsonl"
 META_FILE = "preferences.json"
@@ -47,8 +49,21 @@ class Config(StageConfig):
         "upstream language-model stage",
     )
     judge: Judge = Field("task", description="task | reward_model | labels (the user's pairs)")
-    reward_model: str | Location | None = Field(
-        None, description="judge: reward_model: a reward stage, or {path: DIR}"
+    reward_model: list[str | Location] = Field(
+        [],
+        description="judge: reward_model: a reward stage or {path: DIR}; several are an ensemble "
+        "combined by `ensemble`",
+    )
+    ensemble: Ensemble = Field(
+        "mean", description="mean | min | mean_minus_std (mean - ensemble_lambda x std)"
+    )
+    ensemble_lambda: float = Field(1.0, ge=0, description="weight of the members' std")
+    beta: float | None = Field(
+        None,
+        gt=0,
+        description="judge: reward_model: score a completion by its reward + beta x log of its "
+        "text's share of the samples, the most likely answer of the KL-regularised optimum "
+        "pi0 exp(r / beta); unset: the reward alone",
     )
     labels: PathText | None = Field(
         None, description="judge: labels: a JSONL of prompt/chosen/rejected (text or messages)"
@@ -60,6 +75,12 @@ class Config(StageConfig):
     )
     samples: int = Field(4, ge=2, description="completions sampled per prompt")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    pairing: Literal["best_vs_worst", "best_vs_each"] = Field(
+        "best_vs_worst",
+        description="best_vs_worst: one pair per prompt; best_vs_each: the best against every "
+        "distinct completion that scores lower (the policy's near misses too: harder pairs, more "
+        "of them, for training a reward model)",
+    )
     right_vs_wrong: bool = Field(
         False,
         description="judge: task: pair only prompts with a right completion (chosen) and a wrong "
@@ -83,18 +104,25 @@ class Config(StageConfig):
         if self.labels is not None:
             label_rows(self.labels, "labels")
 
+    @field_validator("reward_model", mode="before")
+    @classmethod
+    def _as_list(cls, value: Any) -> Any:
+        return [] if value is None else value if isinstance(value, list) else [value]
+
     @model_validator(mode="after")
     def _judge_has_what_it_needs(self) -> Config:
-        if self.judge == "reward_model" and self.reward_model is None:
+        if self.judge == "reward_model" and not self.reward_model:
             raise ValueError("judge: reward_model needs reward_model: STAGE or {path: DIR}")
         if self.judge == "labels" and self.labels is None:
             raise ValueError("judge: labels needs labels: FILE (a JSONL of prompt/chosen/rejected)")
-        if self.judge != "reward_model" and self.reward_model is not None:
+        if self.judge != "reward_model" and self.reward_model:
             raise ValueError(
                 f"reward_model is only read by judge: reward_model (judge is {self.judge})"
             )
         if self.right_vs_wrong and self.judge != "task":
             raise ValueError(f"right_vs_wrong needs judge: task (judge is {self.judge})")
+        if self.beta is not None and self.judge != "reward_model":
+            raise ValueError(f"beta is only read by judge: reward_model (judge is {self.judge})")
         if self.judge != "labels" and self.labels is not None:
             raise ValueError(f"labels is only read by judge: labels (judge is {self.judge})")
         return self
@@ -177,6 +205,38 @@ def best_and_worst(
     return best, worst
 
 
+def best_and_each(completions: list[str], scores: list[tuple[float, ...]]) -> list[tuple[int, int]]:
+    """The best completion (first of equals) against the first copy of every distinct text that
+    scores lower, worst first; empty when every completion scores the same."""
+    picked = best_and_worst(completions, scores)
+    if picked is None:
+        return []
+    best = picked[0]
+    firsts = {text: i for i, text in reversed(list(enumerate(completions)))}
+    lower = [i for i in sorted(firsts.values()) if scores[i] < scores[best]]
+    return [(best, i) for i in sorted(lower, key=lambda i: scores[i])]
+
+
+def with_prior(
+    rewards: list[float], completions: list[str], beta: float | None
+) -> list[tuple[float, ...]]:
+    """Each completion's judge score: its reward, or with `beta` the reward (the mean over the
+    copies of its text) plus beta x log of its text's share of the samples, then the reward.
+
+    pi0(y) exp(r(y) / beta) is the optimum of reward - beta KL(pi || pi0), so the best pair
+    member is that optimum's most likely sample, with pi0 estimated by the samples themselves:
+    where the reward model cannot tell two answers apart, the one the policy says more often wins.
+    """
+    if beta is None:
+        return [(r,) for r in rewards]
+    by_text: dict[str, list[float]] = {}
+    for text, r in zip(completions, rewards, strict=True):
+        by_text.setdefault(text, []).append(r)
+    mean = {t: sum(rs) / len(rs) for t, rs in by_text.items()}
+    share = {t: len(rs) / len(completions) for t, rs in by_text.items()}
+    return [(mean[t] + beta * math.log(share[t]), mean[t]) for t in completions]
+
+
 def run(ctx: StageContext) -> None:
     """Sample, judge and pair (or check and copy the user's labels); write pairs + record."""
     cfg: Config = ctx.config  # type: ignore[assignment]
@@ -233,29 +293,40 @@ def sampled_pairs(ctx: StageContext, cfg: Config) -> tuple[list[dict[str, Any]],
             for completions, p in zip(drawn, problems, strict=True)
         ]
     else:
-        from pipeline.stages.reward_models import load_judge, reward_scores
+        from pipeline.stages.reward_models import ensemble_reward
 
-        judge = ctx.input("reward_model")
-        judge_label = judge.label
-        rm, rm_tokenizer = load_judge(judge.path, device)
-        flat = [p["prompt"] + c for cs, p in zip(drawn, problems, strict=True) for c in cs]
-        values = reward_scores(rm, rm_tokenizer, flat)
+        judges = ctx.inputs("reward_model")
+        judge_label = "+".join(j.label for j in judges)
+        how = cfg.ensemble if len(judges) > 1 else "mean"
+        reward = ensemble_reward([j.path for j in judges], how, cfg.ensemble_lambda, device)
+        values = reward(
+            [p["prompt"] for cs, p in zip(drawn, problems, strict=True) for _ in cs],
+            [c for cs in drawn for c in cs],
+        )
         k = cfg.samples
-        scores = [[(values[i * k + j],) for j in range(k)] for i in range(len(problems))]
+        scores = [
+            with_prior([values[i * k + j] for j in range(k)], completions, cfg.beta)
+            for i, completions in enumerate(drawn)
+        ]
     pairs: list[dict[str, Any]] = []
+    ties = 0
     for completions, p, s in zip(drawn, problems, scores, strict=True):
-        picked = best_and_worst(completions, s)
-        if picked is None or (cfg.right_vs_wrong and s[picked[0]][0] != 1.0):
+        if cfg.pairing == "best_vs_each":
+            picked = best_and_each(completions, s)
+        else:
+            one = best_and_worst(completions, s)
+            picked = [one] if one else []
+        if not picked or (cfg.right_vs_wrong and s[picked[0][0]][0] != 1.0):
+            ties += 1
             continue
-        best, worst = picked
-        pairs.append({
+        pairs += [{
             "prompt": p["prompt"], "chosen": completions[best], "rejected": completions[worst],
             "chosen_score": list(s[best]), "rejected_score": list(s[worst]),
             "answer": p["answer"], "model": source.label, "judge": judge_label or cfg.judge,
-        })  # fmt: skip
+        } for best, worst in picked]  # fmt: skip
     meta = PreferencesMeta(
         judge=cfg.judge, model=source.label, reward_model=judge_label, task=cfg.task.FAMILY,
-        round=cfg.round, prompts=len(problems), pairs=len(pairs), ties=len(problems) - len(pairs),
+        round=cfg.round, prompts=len(problems), pairs=len(pairs), ties=ties,
         samples=cfg.samples, temperature=cfg.temperature,
     )  # fmt: skip
     return pairs, meta
@@ -278,8 +349,8 @@ SPEC = StageSpec(
     output="preferences",
     inputs=(
         Input("model", ("lm",), field="model", location="model", required=False),
-        Input("reward_model", ("reward_model",), field="reward_model", location="model",
-              required=False, nearest=False),
+        Input("reward_model", ("reward_model",), field="reward_model.*", location="model",
+              required=False, nearest=False, many=True),
     ),
     plan_check=plan_problems,
 )  # fmt: skip
