@@ -233,3 +233,19 @@ def runs_on_first_use(
         return run
 
     return get
+
+
+REWARD_STEPS_ENV = "PIPELINE_TEST_REWARD_STEPS"
+
+
+def wrong_answer_reward_by_rank(
+    prompts: list[Any], completions: list[Any], answer: list[Any], **kwargs: Any
+) -> list[float]:
+    """wrong_answer_reward that also appends the step it scores (TRL's trainer_state) to
+    `$PIPELINE_TEST_REWARD_STEPS/rank{RANK}.txt`: the steps each rank of a run trained."""
+    folder = os.environ.get(REWARD_STEPS_ENV)
+    if folder:
+        path = Path(folder) / f"rank{os.environ.get('RANK', '0')}.txt"
+        with path.open("a", encoding="utf-8") as f:
+            f.write(f"{kwargs['trainer_state'].global_step}\n")
+    return wrong_answer_reward(prompts, completions, answer)

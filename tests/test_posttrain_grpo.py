@@ -1,17 +1,25 @@
 """GRPO learns: from an SFT model that half-solves a task, a short GRPO run with verifiable rewards
-raises the mean reward and held-out greedy accuracy (fixed seed, one process, ~1.5 min)."""
+raises the mean reward and held-out greedy accuracy (fixed seed, one process, ~1.5 min). From the
+same SFT model: the guard against reward hacking (one process and two), online DPO's rounds, and
+a round killed with kill -9 that resumes to the uninterrupted one."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import TypeAdapter
 
+from pipeline.engine.faults import ENV
+from pipeline.engine.manifest import read_manifest
 from pipeline.engine.tracking import read_metrics
-from tests.helpers import cli, write_recipe
+from pipeline.stages.preferences import PAIRS_FILE
+from tests.helpers import REWARD_STEPS_ENV, cli, start_run, wait_for, write_recipe
 
 pytestmark = pytest.mark.e2e  # every test here runs `pipeline` in a subprocess
 
@@ -153,3 +161,108 @@ def test_online_dpo_round_samples_the_current_policy_reproducibly(
     again = cli("run", str(recipe_path), "--only", "prefs1", "--force")
     assert again.returncode == 0, again.stderr[-3000:]
     assert (sft_run / "prefs1" / "export" / "pairs.jsonl").read_text() == first
+
+
+# Files that name the run, not the model: git's dirty flag, TRL's absolute checkpoint path.
+NOT_THE_MODEL = ("provenance.json", "training_args.bin")
+
+
+def copy_up_to_sft(sft_run: Path, run_dir: Path) -> Path:
+    """A copy of `sft_run`'s stages up to sft (done, so a run there skips them)."""
+    for stage in ("tokenizer", "tokenize", "pretrain", "sft"):
+        shutil.copytree(sft_run / stage, run_dir / stage)
+    return run_dir
+
+
+def export_bytes(export: Path) -> dict[str, bytes]:
+    """Every file of an export but those that name the run, and its bytes."""
+    return {
+        str(p.relative_to(export)): p.read_bytes()
+        for p in sorted(export.rglob("*"))
+        if p.is_file() and p.name not in NOT_THE_MODEL
+    }
+
+
+@pytest.mark.slow
+def test_online_dpo_round_killed_with_kill_9_resumes_to_the_uninterrupted_round(
+    sft_run: Path, tmp_path: Path
+) -> None:
+    """One round (preferences -> dpo) killed by SIGKILL three times: in preferences while it
+    samples, then (pipeline/engine/faults.py) once its pairs are written but before it is marked
+    done, then in dpo between backward and update. No kill leaves it done; each rerun ends with
+    the uninterrupted round's pairs and the same DPO export, byte for byte."""
+    stages = {
+        "prefs": {"kind": "preferences", "after": ["sft"], "task": TASK, "num_prompts": 48,
+                  "samples": 4},
+        "dpo": {"kind": "rlhf", "after": ["sft", "prefs"], "model": "sft", "algorithm": "dpo",
+                "pairs": "prefs", "task": TASK, "max_steps": 4, "micro_batch_size": 8,
+                "optim": {"lr": 1e-4}, "checkpoint_every": 2, "eval_problems": 0},
+    }  # fmt: skip
+    reference, killed = (copy_up_to_sft(sft_run, tmp_path / name) for name in ("ref", "killed"))
+    result = cli("run", str(write_recipe(tmp_path / "ref.yaml", with_stages(reference, stages))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = write_recipe(tmp_path / "killed.yaml", with_stages(killed, stages))
+    pairs, left = (run / "prefs" / "export" / PAIRS_FILE for run in (reference, killed))
+
+    def left_running(stage: str) -> None:
+        manifest = read_manifest(killed / stage)
+        assert manifest["status"] == "running" and manifest["outputs"] == {}
+
+    run = start_run(path)  # the stage makes its export folder, then loads the policy and samples
+    wait_for(killed / "prefs" / "export", run)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.communicate()
+    left_running("prefs")
+    for fault in ("prefs:manifest_write:2", "dpo:mid_step:3"):  # 2nd manifest write: "done"
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv(ENV, fault)
+            died = cli("run", str(path))
+        assert died.returncode == -9, (died.returncode, died.stderr[-3000:])
+        left_running(fault.split(":")[0])
+        assert left.read_bytes() == pairs.read_bytes()  # complete, yet not taken as done
+        if fault.startswith("prefs"):  # as if torn: the rerun must sample again, not reuse it
+            left.write_bytes(left.read_bytes()[: left.stat().st_size // 2])
+    assert not (killed / "dpo" / "export").exists()
+    rerun = cli("run", str(path))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert read_manifest(killed / "dpo")["status"] == "done"
+    assert "resuming from checkpoint-2" in (killed / "dpo" / "stage.log").read_text()
+    expected = export_bytes(reference / "dpo" / "export")
+    got = export_bytes(killed / "dpo" / "export")
+    assert "model.safetensors" in expected and expected.keys() == got.keys()
+    assert [name for name in expected if expected[name] != got[name]] == []
+    assert left.read_bytes() == pairs.read_bytes()
+
+
+@pytest.mark.slow
+def test_guard_under_ddp_stops_every_rank_at_once_and_exports_the_best_policy(
+    sft_run: Path, tmp_path: Path
+) -> None:
+    """The poisoned run of the guard test on 2 gloo processes (half the batch each): both ranks
+    train the same steps and stop together when gold falls, and the export holds the weights
+    the guard kept at its best measurement, not the last policy's."""
+    from safetensors.torch import load_file
+
+    poisoned = {"kind": "rlhf", "after": ["sft"], "task": TASK,
+                "rewards": ["tests.helpers:wrong_answer_reward_by_rank"], "num_examples": 500,
+                "max_steps": 40, "micro_batch_size": 32, "num_generations": 8,
+                "max_completion_length": 7, "temperature": 1.0, "optim": {"lr": 2e-3},
+                "guard": GUARD, "eval_problems": 0, "log_every": 5,
+                "launch": {"nproc": 2}}  # fmt: skip
+    run_dir = copy_up_to_sft(sft_run, tmp_path / "run")
+    path = write_recipe(tmp_path / "recipe.yaml", with_stages(run_dir, {"poisoned": poisoned}))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(REWARD_STEPS_ENV, str(tmp_path))
+        result = cli("run", str(path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    stage = run_dir / "poisoned"
+    summary = json.loads((stage / "summary.json").read_text())["metrics"]
+    stopped, best = summary["guard_last_step"], summary["guard_best_step"]
+    assert stopped < 40 and f"stopped at step {stopped}" in summary["guard_reason"]
+    assert best < stopped and summary["guard_last_gold"] < summary["guard_best_gold"]
+    # Each rank scored its half of every step's samples, up to the same last step.
+    trained = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert trained[0] == trained[1] == [str(step) for step in range(stopped)]
+    kept = load_file(str(stage / "guard" / f"best-{best}.safetensors"))
+    exported = load_file(str(stage / "export" / "model.safetensors"))
+    assert kept.keys() <= exported.keys() and all(exported[k].equal(v) for k, v in kept.items())
