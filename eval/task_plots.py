@@ -207,7 +207,9 @@ def plot_overoptimisation(run: GuardRun, path: Path) -> None:
     d, gold = zip(*points, strict=True)
     left.plot(d, gold, "o-", color="#e45756", label="gold (held-apart accuracy)")
     fit = run.fit()
-    if fit is not None:
+    if fit is not None and fit[1] <= 0:  # no peak: not the over-optimisation shape, not drawn
+        left.plot([], [], " ", label=f"fit: alpha {fit[0]:.3g}, beta {fit[1]:.3g} (no peak)")
+    elif fit is not None:
         grid = np.linspace(1e-6, max(d) * 1.05, 200)
         fitted = 100 * (run.gold[0] + grid * (fit[0] - fit[1] * np.log(grid)))
         left.plot(grid, fitted, "--", color="#e45756", alpha=0.7,
