@@ -1,5 +1,6 @@
-"""Stage kind `curate`: exact and near-duplicate removal, boilerplate lines, quality filters and
-decontamination of a stage's sources before the tokenizer and tokenize read them.
+"""Stage kind `curate`: exact and near-duplicate removal, boilerplate lines, quality filters,
+language identification and decontamination of a stage's sources before the tokenizer and
+tokenize read them.
 
 The steps run in the order `steps` declares, each on what the steps before it kept. The stage
 works in three moves. Analysis passes read the documents once per pass (one, or two when steps
@@ -11,7 +12,8 @@ and the removed ones per step with their reasons (data_prep.curate_write), so th
 same bytes for any number of parts. Parts are committed one by one: a killed stage redoes only
 the parts it had not finished, then decides and writes again.
 
-datatrove supplies the MinHash signature and bucket stages and the Gopher and C4 filters. The
+datatrove supplies the MinHash signature and bucket stages and the Gopher and C4 filters;
+py3langid identifies languages (data_prep.curate_steps says why not datatrove's filter). The
 rest is ours: exact deduplication is a 128-bit hash per document grouped with numpy, because it
 must keep the first copy and name it for every removed one, which datatrove's ExactDedup stages
 (per-rank hash files, a priority per document) do not report; boilerplate removal cuts a line
@@ -29,13 +31,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from data_prep import fanout
 from data_prep.curate_options import (
     STEPS,
     DecontaminateOptions,
     ExactOptions,
+    LanguageOptions,
     LinesOptions,
     NearOptions,
     QualityOptions,
@@ -61,13 +71,18 @@ class Config(SourceStageConfig):
     kind: Literal["curate"] = "curate"
     steps: list[Step] = Field(
         ["exact", "near", "decontaminate"],
-        description="the steps, in the order they run: exact, near, lines, quality, "
+        description="the steps, in the order they run: exact, near, lines, quality, language, "
         "decontaminate; each sees what the steps before it kept",
     )
     exact: ExactOptions = ExactOptions()
     near: NearOptions = NearOptions()
     lines: LinesOptions = LinesOptions()
     quality: QualityOptions = QualityOptions()
+    language: LanguageOptions = Field(
+        LanguageOptions(),
+        description="language identification (step `language`) with py3langid 0.4, whose model "
+        "is in its wheel: keep (languages), min_score (0-1), prefix_bytes (bytes scored)",
+    )
     decontaminate: DecontaminateOptions = DecontaminateOptions()
     compression: Literal["zstd", "gzip"] = "zstd"
     shard_bytes: int = Field(
@@ -80,6 +95,15 @@ class Config(SourceStageConfig):
         "then decide and write as one process would; needs a single file source without "
         "max_documents/max_bytes",
     )
+
+    @model_serializer(mode="wrap")
+    def _without_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The fields, less `language` at its defaults: it came after runs existed, and a
+        stage's fingerprint hashes its config, so curate stages without the step keep theirs."""
+        data = handler(self)
+        if "language" in data and self.language == type(self).model_fields["language"].default:
+            del data["language"]
+        return data
 
     @field_validator("steps")
     @classmethod

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from data_prep import curate_confirm, curate_minhash
-from data_prep.curate_options import Step
+from data_prep.curate_options import LanguageOptions, Step
 from data_prep.curate_passes import MINHASH_DIR, phases, read_part
 from data_prep.curate_read import source_documents
 from data_prep.curate_steps import strip_boilerplate
@@ -32,14 +32,27 @@ class Decisions:
     steps: list[Step]
     fate: np.ndarray  # int8: 0 kept, k: removed by steps[k - 1]
     kept: np.ndarray  # int64: the document kept in its place (duplicates), else -1
-    score: np.ndarray  # float32: estimated Jaccard with the kept document (near), else NaN
-    detail: np.ndarray  # int32: index into details (quality reason, contaminating origin), -1
+    score: np.ndarray  # float32: estimated Jaccard with the kept document (near), language
+    # score (language), else NaN
+    detail: np.ndarray  # int32: index into details (quality reason, language, contaminating
+    # origin), else -1
     details: list[str] = field(default_factory=list)
     boilerplate: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
     cluster_sizes: Counter[int] = field(default_factory=Counter)
+    language: LanguageOptions | None = None  # the language step's options, for its reasons
 
     def removed_by(self, step: Step) -> np.ndarray:
         return self.fate == self.steps.index(step) + 1
+
+    def fields(self, index: int) -> dict[str, Any]:
+        """What a removed document's record holds besides its reason: the id of the copy kept
+        (duplicates), or the language found and its score (language)."""
+        if self.kept[index] >= 0:
+            return {"kept_id": int(self.kept[index])}
+        if self.steps[self.fate[index] - 1] == "language":
+            language = self.details[self.detail[index]]
+            return {"language": language, "language_score": round(float(self.score[index]), 4)}
+        return {}
 
     def reason(self, index: int) -> str:
         """One line: why document `index` was removed."""
@@ -55,6 +68,15 @@ class Decisions:
             return "nothing left after removing boilerplate lines"
         if step == "quality":
             return self.details[self.detail[index]]
+        if step == "language":
+            language, score = self.details[self.detail[index]], self.score[index]
+            assert self.language is not None
+            why = (
+                f"below min_score {self.language.min_score}"
+                if language in self.language.keep
+                else f"not in keep [{', '.join(self.language.keep)}]"
+            )
+            return f"language {language} (score {score:.3f}): {why}"
         return f"contains an item of {self.details[self.detail[index]]}"
 
 
@@ -70,13 +92,20 @@ class _Phase:
         self.arrays = {
             name: np.concatenate([arrays[name] for _, arrays in records]) for name in records[0][1]
         }
-        reasons = [record["quality_reasons"] for record, _ in records]
-        self.quality_reasons: list[str] = sorted({r for part in reasons for r in part})
-        codes = []  # each part's reason codes as indexes into quality_reasons (+1; 0 passes)
-        for (_, arrays), part in zip(records, reasons, strict=True):
-            table = np.array([0] + [self.quality_reasons.index(r) + 1 for r in part], np.int32)
-            codes.append(table[arrays["quality"]] if len(arrays["quality"]) else arrays["quality"])
-        self.arrays["quality"] = np.concatenate(codes)
+        self.quality_reasons = self._recode(records, "quality", "quality_reasons")
+        self.languages = self._recode(records, "language", "languages")
+
+    def _recode(self, records: list[Any], column: str, key: str) -> list[str]:
+        """One sorted table of what every part's `key` lists, and `column` recoded to index it
+        (+1; 0: none): each part coded by the order it met them."""
+        tables = [record.get(key, []) for record, _ in records]
+        merged = sorted({value for table in tables for value in table})
+        codes = []
+        for (_, arrays), part in zip(records, tables, strict=True):
+            table = np.array([0] + [merged.index(value) + 1 for value in part], np.int32)
+            codes.append(table[arrays[column]] if len(arrays[column]) else arrays[column])
+        self.arrays[column] = np.concatenate(codes)
+        return merged
 
 
 def decide(
@@ -114,6 +143,8 @@ def decide(
             decisions.details += phase.quality_reasons
             decisions.detail[hit] = base + codes[hit] - 1
             _remove(decisions, hit, position)
+        elif step == "language":
+            _language(decisions, phase, config.language, alive, position)
         else:
             found = phase.arrays["contamination"]
             hit = alive & (found >= 0)
@@ -122,6 +153,22 @@ def decide(
             decisions.detail[hit] = base + found[hit]
             _remove(decisions, hit, position)
     return decisions
+
+
+def _language(
+    decisions: Decisions, phase: _Phase, options: LanguageOptions, alive: np.ndarray, position: int
+) -> None:
+    """Among the kept documents, those whose language is not kept or scores below min_score
+    (a document with no text to score stays)."""
+    codes, scores = phase.arrays["language"], phase.arrays["language_score"]
+    kept = np.array([0] + [lang in options.keep for lang in phase.languages], bool)
+    hit = alive & (codes > 0) & (~kept[codes] | (scores < options.min_score))
+    base = len(decisions.details)
+    decisions.details += phase.languages
+    decisions.detail[hit] = base + codes[hit] - 1
+    decisions.score[hit] = scores[hit]
+    decisions.language = options
+    _remove(decisions, hit, position)
 
 
 def _remove(decisions: Decisions, mask: np.ndarray, position: int) -> None:

@@ -8,8 +8,10 @@ their documentation applies unchanged.
 
 from __future__ import annotations
 
+import difflib
+from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -18,8 +20,8 @@ from data_prep.text_files import Separator, file_format
 from pipeline.engine.config import Strict
 from pipeline.engine.errors import PipelineError
 
-Step = Literal["exact", "near", "lines", "quality", "decontaminate"]
-STEPS: tuple[Step, ...] = ("exact", "near", "lines", "quality", "decontaminate")
+Step = Literal["exact", "near", "lines", "quality", "language", "decontaminate"]
+STEPS: tuple[Step, ...] = ("exact", "near", "lines", "quality", "language", "decontaminate")
 # A pair at the threshold must be a candidate of the LSH bands at least this often.
 MIN_CANDIDATE_PROBABILITY = 0.5
 
@@ -136,6 +138,60 @@ class QualityOptions(Strict):
     gopher_repetition: GopherRepetition | None = GopherRepetition()
     gopher_quality: GopherQuality | None = GopherQuality()
     c4: C4Quality | None = C4Quality()
+
+
+class LanguageOptions(Strict):
+    """Language identification with py3langid 0.4 (a numpy fork of langid.py: naive Bayes over
+    byte n-grams, 140 labels), whose model ships inside the wheel: nothing downloads."""
+
+    keep: list[str] = Field(
+        ["en"],
+        description="py3langid's codes of the languages to keep (ISO 639-1 where one exists: "
+        "en, de, fr, zh, ...; zxx: no language, e.g. much source code); a document detected "
+        "as any other is removed",
+    )
+    min_score: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="py3langid's probability of the detected language below which a document "
+        "is removed even in a kept language (text too short or too mixed to tell)",
+    )
+    prefix_bytes: int = Field(
+        4096,
+        ge=64,
+        description="score only this many bytes at the start of each document (the model "
+        "walks every byte in Python; a few KB identify a language as well as the whole text)",
+    )
+
+    @field_validator("keep")
+    @classmethod
+    def _known(cls, keep: list[str]) -> list[str]:
+        if not keep:
+            raise ValueError("empty: list at least one language to keep, e.g. [en]")
+        labels = language_labels()
+        for code in keep:
+            if code not in labels:
+                close = difflib.get_close_matches(code, labels, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(
+                    f"{code!r} is not a language py3langid identifies; {hint}use one of its "
+                    f"codes (ISO 639-1 where one exists): {', '.join(labels)}"
+                )
+        return keep
+
+
+@cache
+def language_identifier() -> Any:
+    """py3langid's bundled model, scoring probabilities (loaded once per process: ~2 s)."""
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+def language_labels() -> list[str]:
+    """The language codes py3langid's bundled model tells apart."""
+    return list(language_identifier().labels)
 
 
 class DecontaminationFile(Strict):

@@ -1,8 +1,9 @@
 """The curate stage's analysis passes: what every step needs to know of each document, per part.
 
 A pass reads one part's documents once and writes compact per-document records: its size and
-source, an exact-duplicate key, boilerplate line keys, a quality verdict, a decontamination match
-and (through datatrove's signature stage) its MinHash signature. Nothing is decided here, so
+source, an exact-duplicate key, boilerplate line keys, a quality verdict, its language and that
+language's score, a decontamination match and (through datatrove's signature stage) its MinHash
+signature. Nothing is decided here, so
 parts run in any order and in separate processes (or Slurm array tasks); data_prep.curate_decide
 reads every part's records and decides in the declared order of the steps.
 
@@ -79,6 +80,50 @@ def part_done(job: PartJob) -> bool:
         return False
 
 
+class _Verdicts:
+    """The filter steps' verdicts on each document: a quality reason, a language and its score,
+    a contaminating origin. Reasons and languages are coded by the order the part met them
+    (code k: the k-th, 0: none); data_prep.curate_decide maps every part's codes to one table."""
+
+    def __init__(self, cfg: Any, steps: list[Step], contamination: Path | None) -> None:
+        from data_prep import curate_steps
+
+        self.quality = curate_steps.Quality(cfg.quality) if "quality" in steps else None
+        self.language = cfg.language if "language" in steps else None
+        self.contamination = (
+            curate_steps.Contamination.load(str(contamination))
+            if "decontaminate" in steps and contamination is not None
+            else None
+        )
+        self.reasons: list[str] = []
+        self.languages: list[str] = []
+
+    def add(self, text: str, columns: dict[str, array.array]) -> None:
+        """Append the verdicts on one document (text "": removed by an earlier pass)."""
+        from data_prep import curate_steps
+
+        if self.quality is not None:
+            reason = self.quality.reason(text) if text else None
+            columns["quality"].append(_code(self.reasons, reason))
+        if self.language is not None:
+            found, score = (None, 0.0)
+            if text:
+                found, score = curate_steps.identify_language(text, self.language)
+            columns["language"].append(_code(self.languages, found))
+            columns["language_score"].append(score)
+        if self.contamination is not None:
+            columns["contamination"].append(self.contamination.match(text) if text else -1)
+
+
+def _code(table: list[str], value: str | None) -> int:
+    """value's 1-based index in table (added when new); 0 for None."""
+    if value is None:
+        return 0
+    if value not in table:
+        table.append(value)
+    return table.index(value) + 1
+
+
 def analyze_part(job: PartJob) -> None:
     """Read the part's documents once and write what the pass's steps need of each."""
     from data_prep import curate_minhash, curate_steps
@@ -87,12 +132,7 @@ def analyze_part(job: PartJob) -> None:
     steps = phases(cfg.steps)[job.phase]
     started = time.perf_counter()
     job.part_dir.mkdir(parents=True, exist_ok=True)
-    quality = curate_steps.Quality(cfg.quality) if "quality" in steps else None
-    contamination = (
-        curate_steps.Contamination.load(str(job.contamination))
-        if "decontaminate" in steps and job.contamination is not None
-        else None
-    )
+    verdicts = _Verdicts(cfg, steps, job.contamination)
     boilerplate: set[int] = set()
     removed = np.zeros(0, bool)
     if job.earlier is not None:
@@ -104,12 +144,13 @@ def analyze_part(job: PartJob) -> None:
         "sources": array.array("h"),
         "exact": array.array("Q"),
         "quality": array.array("h"),
+        "language": array.array("h"),
+        "language_score": array.array("f"),
         "contamination": array.array("i"),
         "line_counts": array.array("q"),
         "lines": array.array("Q"),
         "emptied": array.array("b"),
     }
-    reasons: list[str] = []
     min_chars = cfg.lines.min_chars
 
     def each() -> Iterator[Any]:
@@ -131,13 +172,7 @@ def analyze_part(job: PartJob) -> None:
                 keys = sorted(curate_steps.line_keys(text, min_chars))
                 columns["line_counts"].append(len(keys))
                 columns["lines"].extend(keys)
-            if quality is not None:
-                reason = quality.reason(text) if text else None
-                if reason is not None and reason not in reasons:
-                    reasons.append(reason)
-                columns["quality"].append(0 if reason is None else reasons.index(reason) + 1)
-            if contamination is not None:
-                columns["contamination"].append(contamination.match(text) if text else -1)
+            verdicts.add(text, columns)
             yield Document(text=text, id=str(index))
 
     minhash = job.folder / MINHASH_DIR
@@ -153,7 +188,12 @@ def analyze_part(job: PartJob) -> None:
     arrays = {name: np.frombuffer(column, column.typecode) for name, column in columns.items()}
     np.savez(job.part_dir / "records.npz", **arrays)
     elapsed = time.perf_counter() - started
-    record = {"key": job.key, "num_documents": num_documents, "quality_reasons": reasons}
+    record = {
+        "key": job.key,
+        "num_documents": num_documents,
+        "quality_reasons": verdicts.reasons,
+        "languages": verdicts.languages,
+    }
     atomic_write_json(
         job.part_dir / PART_FILE,
         {**record, "bytes": int(arrays["sizes"].sum()), "seconds": elapsed},

@@ -152,13 +152,21 @@ def example_rows(
     for step in meta.steps:
         found: Counter[str] = Counter()
         for record in _step_records(meta, export_dir, step.step):
-            reason = ONE_REASON.get(step.step, record["reason"])
+            reason = _group(step.step, record)
             if found[reason] < EXAMPLES_PER_REASON:
                 found[reason] += 1
                 rows.append(_example(step.step, reason, record, locate))
             elif step.step in ONE_REASON:
                 break  # the step's one reason has its examples: read no further
     return rows
+
+
+def _group(step: str, record: dict[str, Any]) -> str:
+    """The reason a removal's examples are grouped by: one per duplicate step, one per language
+    found (its reason also holds a score), else the reason itself."""
+    if step == "language":
+        return f"language {record['language']}"
+    return ONE_REASON.get(step, record["reason"])
 
 
 def _step_records(meta: DocumentsMeta, export_dir: Path, step: str) -> Iterator[dict[str, Any]]:
@@ -175,7 +183,7 @@ def _example(step: str, reason: str, record: dict[str, Any], locate: Locate | No
         ("[...] " if start else "") + cut + (" [...]" if start + EXAMPLE_CHARS < len(text) else "")
     )
     kept = record.get("kept_id")  # None: the report shows "-"
-    detail = record["reason"] if step in ONE_REASON else reason
+    detail = record["reason"] if step in ONE_REASON or step == "language" else reason
     return [step, detail, record["id"], record["source"], kept, cut]
 
 

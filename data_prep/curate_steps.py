@@ -1,5 +1,10 @@
 """What each curation step computes from one document's text: an exact-duplicate key, boilerplate
-line keys, a quality verdict (datatrove's Gopher and C4 filters) and a decontamination match.
+line keys, a quality verdict (datatrove's Gopher and C4 filters), its language (py3langid) and a
+decontamination match.
+
+Language identification is py3langid's, not datatrove's LanguageFilter, because that filter runs
+fastText's lid.176 (or GlotLID) model, which it downloads at run time; py3langid's model is in
+its wheel, so a stage runs where no network is, and the same installed version scores the same.
 
 Decontamination is ours, not datatrove's NGramsDecontFilter, for two reasons. That filter only
 matches n-grams of exactly n words, so an evaluation item shorter than n can never be found, and
@@ -26,7 +31,13 @@ from datatrove.data import Document as DatatroveDocument
 from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter, GopherRepetitionFilter
 from loguru import logger
 
-from data_prep.curate_options import DecontaminateOptions, ExactOptions, QualityOptions
+from data_prep.curate_options import (
+    DecontaminateOptions,
+    ExactOptions,
+    LanguageOptions,
+    QualityOptions,
+    language_identifier,
+)
 from data_prep.tasks import (
     ENUMERATE_LIMIT,
     TaskBase,
@@ -94,6 +105,14 @@ class Quality:
             if not passed:
                 return f"{name}:{why or 'rejected'}"
         return None
+
+
+def identify_language(text: str, options: LanguageOptions) -> tuple[str, float]:
+    """(language code, probability) of the start of the text: its first `prefix_bytes` bytes,
+    a character cut at the end dropped."""
+    head = text[: options.prefix_bytes].encode("utf-8")[: options.prefix_bytes]
+    language, score = language_identifier().classify(head.decode("utf-8", errors="ignore"))
+    return str(language), float(score)
 
 
 def words(text: str) -> list[str]:

@@ -141,9 +141,7 @@ def write_documents(
             continue
         step = steps[fate - 1]
         reason = decisions.reason(index)
-        out = {**record, "step": step, "reason": reason}
-        if decisions.kept[index] >= 0:
-            out["kept_id"] = int(decisions.kept[index])
+        out = {**record, "step": step, "reason": reason, **decisions.fields(index)}
         removed[step].add(out)
         _count(steps_out[step].removed[name], text)
         if len(steps_out[step].examples) < EXAMPLES:
