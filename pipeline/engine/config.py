@@ -135,16 +135,14 @@ class StageConfig(Strict):
     launch: LaunchOverride | None = None
     slurm: SlurmOverride | None = None
 
-    # Stages that never start more than one process (data prep, reports) set this to False.
-    distributed: ClassVar[bool] = False
+    distributed: ClassVar[bool] = False  # True: may start several processes (training stages)
 
     def data_signature(self) -> dict[str, Any]:
         """Extra inputs to the fingerprint that are not in the config (e.g. source file stats)."""
         return {}
 
     def recipe_signature(self, recipe: Recipe) -> dict[str, Any]:
-        """What this stage reads from other stages' configs (not their outputs), for its
-        fingerprint: e.g. the tasks a curate stage decontaminates against. Empty by default."""
+        """What it reads from other stages' configs, for its fingerprint (curate: their tasks)."""
         return {}
 
     def check_inputs(self) -> None:
@@ -198,9 +196,8 @@ def bundled_recipes() -> list[Path]:
     """The bundled recipe files; a file or folder whose name starts with `_` is a base for
     `extends:`, not a recipe of its own, and is left out."""
     root = bundled_recipes_dir()
-    paths = root.rglob("*.yaml")
     return sorted(
-        p for p in paths if not any(part.startswith("_") for part in p.relative_to(root).parts)
+        p for p in root.rglob("*.yaml") if "/_" not in f"/{p.relative_to(root).as_posix()}"
     )
 
 
