@@ -177,8 +177,22 @@ class Contamination:
 
     def match(self, text: str) -> int:
         """The origin index of an item the text contains, or -1."""
-        hashes = word_hashes(words(text))
-        first = -1
+        return min(
+            (origin for _, _, origin in self._first_hits(word_hashes(words(text)))), default=-1
+        )
+
+    def where(self, text: str) -> tuple[int, int] | None:
+        """Character offsets (start, end) of the earliest n-gram of an item the text holds, or
+        None (offsets in the lower-cased text: the same as the text's but for a few letters)."""
+        spans = [m.span() for m in WORD.finditer(text.lower())]
+        hashes = word_hashes([text.lower()[a:b] for a, b in spans])
+        return min(
+            ((spans[i][0], spans[i + n - 1][1]) for n, i, _ in self._first_hits(hashes)),
+            default=None,
+        )
+
+    def _first_hits(self, hashes: Any) -> Iterator[tuple[int, int, int]]:
+        """Per n-gram length: (length, index of the first window that is an item's, its origin)."""
         for length, (table, origin) in self.tables.items():
             windows = window_hashes(hashes, length)
             if not len(windows):
@@ -186,27 +200,7 @@ class Contamination:
             at = np.minimum(np.searchsorted(table, windows), len(table) - 1)
             hits = np.flatnonzero(table[at] == windows)
             if len(hits):
-                found = int(origin[at[hits[0]]])
-                first = found if first < 0 else min(first, found)
-        return first
-
-    def where(self, text: str) -> tuple[int, int] | None:
-        """Character offsets (start, end) of the earliest n-gram of an item the text holds, or
-        None (offsets in the lower-cased text: the same as the text's but for a few letters)."""
-        spans = [m.span() for m in WORD.finditer(text.lower())]
-        hashes = word_hashes([text.lower()[a:b] for a, b in spans])
-        found: tuple[int, int] | None = None
-        for length, (table, _) in self.tables.items():
-            windows = window_hashes(hashes, length)
-            if not len(windows):
-                continue
-            at = np.minimum(np.searchsorted(table, windows), len(table) - 1)
-            hits = np.flatnonzero(table[at] == windows)
-            if len(hits):
-                first = int(hits[0])
-                span = (spans[first][0], spans[first + length - 1][1])
-                found = span if found is None or span < found else found
-        return found
+                yield length, int(hits[0]), int(origin[at[hits[0]]])
 
     def save(self, path: str) -> None:
         arrays = {f"h{n}": t for n, (t, _) in self.tables.items()}
