@@ -162,7 +162,7 @@ def points(ctx: StageContext, config: Config) -> tuple[list[Row], np.ndarray, np
 
 def run(ctx: StageContext) -> None:
     """Fit the law, then write fit.json, the log-log PNG and the report table."""
-    from eval.report import write_sections
+    from pipeline.engine.sections import write_sections
 
     config = ctx.config
     assert isinstance(config, Config)
