@@ -297,8 +297,9 @@ def sampled_pairs(ctx: StageContext, cfg: Config) -> tuple[list[dict[str, Any]],
 
         judges = ctx.inputs("reward_model")
         judge_label = "+".join(j.label for j in judges)
-        how = cfg.ensemble if len(judges) > 1 else "mean"
-        reward = ensemble_reward([j.path for j in judges], how, cfg.ensemble_lambda, device)
+        reward = ensemble_reward(
+            [j.path for j in judges], cfg.ensemble, cfg.ensemble_lambda, device
+        )
         values = reward(
             [p["prompt"] for cs, p in zip(drawn, problems, strict=True) for _ in cs],
             [c for cs in drawn for c in cs],
