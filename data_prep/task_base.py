@@ -47,10 +47,14 @@ class TaskBase(Strict):
         """Number of problems in the space."""
         raise NotImplementedError
 
-    def sample_key(self, rng: random.Random) -> Key:
+    def sample_key(self, rng: random.Random, even: bool = False) -> Key:
         """One problem drawn uniformly from the space (or from a bound of it that `in_space`
-        narrows)."""
+        narrows); `even`: each subtask of a length-based family equally likely instead."""
         raise NotImplementedError
+
+    def balanced_rows(self) -> bool:
+        """Whether training rows are drawn evenly over subtasks (GeneratedTask.balance)."""
+        return False
 
     def in_space(self, key: Key) -> bool:
         """Whether a drawn key is a problem of the space: checked after the cheap split test, for
@@ -149,6 +153,19 @@ class GeneratedTask(TaskBase):
         "answer`, the answer read after </think> only",
     )
 
+    balance: bool | None = Field(
+        None,
+        description="draw training rows evenly over subtasks (operand lengths, how many "
+        "numbers) instead of uniformly over problems, where subtask sizes differ by orders of "
+        "magnitude; held-out splits stay uniform. Default: on for addition and countdown, off "
+        "for sort, reverse and arithmetic (their recipes' results are kept)",
+    )
+
+    BALANCE: ClassVar[bool] = False  # the family's default for `balance`
+
+    def balanced_rows(self) -> bool:
+        return self.BALANCE if self.balance is None else self.balance
+
     @model_serializer(mode="wrap")
     def _without_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         """The task's fields, less `format` and the `ood_*` options at their defaults: they came
@@ -156,7 +173,7 @@ class GeneratedTask(TaskBase):
         them keep their fingerprints (and skip what is up to date)."""
         data = handler(self)
         for name, field in type(self).model_fields.items():
-            new = name == "format" or name.startswith("ood_")
+            new = name in ("format", "balance") or name.startswith("ood_")
             if new and name in data and getattr(self, name) == field.default:
                 del data[name]
         return data

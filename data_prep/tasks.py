@@ -94,7 +94,7 @@ class ArithmeticTask(GeneratedTask):
     def size(self) -> int:
         return len(self.operators) * (self.max_operand - self.min_operand + 1) ** 2
 
-    def sample_key(self, rng: random.Random) -> Key:
+    def sample_key(self, rng: random.Random, even: bool = False) -> Key:
         lo, hi = self.min_operand, self.max_operand
         return (rng.randint(lo, hi), rng.choice(self.operators), rng.randint(lo, hi))
 
@@ -174,10 +174,11 @@ class DigitStringTask(GeneratedTask):
         base = len(self.digits)
         return sum(base**n for n in range(self.min_length, self.max_length + 1))
 
-    def sample_key(self, rng: random.Random) -> Key:
+    def sample_key(self, rng: random.Random, even: bool = False) -> Key:
         # Lengths weighted by how many strings they have, so every string is equally likely.
         lengths = range(self.min_length, self.max_length + 1)
-        length = rng.choices(lengths, weights=[len(self.digits) ** n for n in lengths])[0]
+        weights = [1 if even else len(self.digits) ** n for n in lengths]
+        length = rng.choices(lengths, weights=weights)[0]
         return ("".join(rng.choice(self.digits) for _ in range(length)),)
 
     def prompt(self, key: Key) -> str:
@@ -292,6 +293,8 @@ def problem_keys(task: TaskBase, split: str, num: int, seed: int) -> list[Key]:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = random.Random(seed)
     space, hashed = _space(task, split)
+    even = split == "train" and task.balanced_rows()  # rows even over subtasks, as far as
+    # each subtask's distinct problems allow (the small ones run out and the rest fill up)
     if space.size() <= ENUMERATE_LIMIT:
         pool = list(_split_pool(task, split))
         if num > len(pool):
@@ -305,7 +308,7 @@ def problem_keys(task: TaskBase, split: str, num: int, seed: int) -> list[Key]:
     for _ in range(SAMPLE_TRIES * num + ENUMERATE_LIMIT):
         if len(keys) == num:
             return list(keys)
-        key = space.sample_key(rng)
+        key = space.sample_key(rng, even)
         if key not in keys and task.split_of(key) == hashed and space.in_space(key):
             keys[key] = None
     if len(keys) == num:

@@ -32,6 +32,7 @@ class AdditionTask(GeneratedTask):
     subtask: that length. Cot: column by column with carries."""
 
     FAMILY = "addition"
+    BALANCE = True
     name: Literal["addition"] = "addition"
     min_digits: int = Field(1, ge=1, le=30, description="fewest digits of each operand")
     max_digits: int = Field(5, ge=1, le=30, description="most digits of each operand")
@@ -65,10 +66,11 @@ class AdditionTask(GeneratedTask):
     def size(self) -> int:
         return sum(len(operand_range(n)) ** 2 for n in self._lengths())
 
-    def sample_key(self, rng: random.Random) -> Key:
+    def sample_key(self, rng: random.Random, even: bool = False) -> Key:
         # Lengths weighted by how many problems they have, so every problem is equally likely.
         lengths = self._lengths()
-        digits = rng.choices(lengths, weights=[len(operand_range(n)) ** 2 for n in lengths])[0]
+        weights = [1 if even else len(operand_range(n)) ** 2 for n in lengths]
+        digits = rng.choices(lengths, weights=weights)[0]
         operands = operand_range(digits)
         return (rng.choice(operands), rng.choice(operands))
 
@@ -119,6 +121,7 @@ class CountdownTask(GeneratedTask):
     right (checked by data_prep.countdown, never run). Subtask: how many numbers."""
 
     FAMILY = "countdown"
+    BALANCE = True
     name: Literal["countdown"] = "countdown"
     min_numbers: int = Field(3, ge=2, le=4, description="fewest numbers given")
     max_numbers: int = Field(4, ge=2, le=4, description="most numbers given")
@@ -164,11 +167,12 @@ class CountdownTask(GeneratedTask):
         bound = self._bound()
         return bound if bound > ENUMERATE_LIMIT else sum(1 for _ in self.all_keys())
 
-    def sample_key(self, rng: random.Random) -> Key:
+    def sample_key(self, rng: random.Random, even: bool = False) -> Key:
         """Numbers and a target drawn uniformly from the bound (`in_space` keeps the reachable
         ones: uniform over the problems)."""
         counts = self._counts()
-        count = rng.choices(counts, weights=[self.max_number**n for n in counts])[0]
+        weights = [1 if even else self.max_number**n for n in counts]
+        count = rng.choices(counts, weights=weights)[0]
         numbers = tuple(rng.randint(1, self.max_number) for _ in range(count))
         return (numbers, rng.randint(1, self.max_target))
 

@@ -58,8 +58,13 @@ class Config(StageConfig):
         0, ge=0, description="held-out task problems answered greedily (pass@1); 0: off"
     )
     pass_k: int = Field(
-        8, ge=2, description="samples per problem (temperature 1), for pass@k and maj@k"
+        8, ge=2, description="samples per problem (at sample_temperature), for pass@k and maj@k"
     )
+    sample_temperature: float = Field(
+        1.0, gt=0, le=2, json_schema_extra={"fingerprint": "when_set"},
+        description="temperature of the pass@k and maj@k samples (self-consistency usually "
+        "samples below 1)",
+    )  # fmt: skip
     pass_k_problems: int = Field(
         0, ge=0, description="first task_problems sampled for pass@k and maj@k; 0: off"
     )
@@ -68,6 +73,11 @@ class Config(StageConfig):
         description="the k of pass@k and maj@k (self-consistency), each <= pass_k; default: 1, "
         "2, 4, 8, 16, 32 up to pass_k (pass_k itself is always scored)",
     )
+    few_shot: int = Field(
+        0, ge=0, le=32, json_schema_extra={"fingerprint": "when_set"},
+        description="k > 0: also score the first model with k solved training problems before "
+        "each prompt (k-shot in-context learning: the base model's baseline row, `NAME k-shot`)",
+    )  # fmt: skip
     ood_problems: int = Field(
         0,
         ge=0,
@@ -130,7 +140,8 @@ def score_causal(
     if config.task_problems:
         metrics = score_task(
             model, tokenizer, task, config.task_problems, config.pass_k, config.pass_k_problems,
-            k_values=config.k_values, ood_problems=config.ood_problems,
+            temperature=config.sample_temperature, k_values=config.k_values,
+            ood_problems=config.ood_problems,
         )  # fmt: skip
         samples += [{"model": stage.label, **e} for e in metrics.pop("examples")]
     if config.lm_eval_tasks:
@@ -217,6 +228,20 @@ def score_model(
     return metrics, samples, family
 
 
+def few_shot_row(config: Config, task: TaskBase, stage: Any, device: str) -> tuple[str, dict]:
+    """The first model's task metrics under a `few_shot`-shot prompt, and its row's label."""
+    from eval.families import load_model
+    from eval.tasks import few_shot_prefix, score_task
+
+    model, tokenizer = load_model(stage.path, device)
+    metrics = score_task(
+        model, tokenizer, task, config.task_problems, config.pass_k, config.pass_k_problems,
+        temperature=config.sample_temperature, k_values=config.k_values,
+        ood_problems=config.ood_problems, shots=few_shot_prefix(task, config.few_shot),
+    )  # fmt: skip
+    return f"{stage.label} {config.few_shot}-shot", metrics
+
+
 def run(ctx: StageContext) -> None:
     """Score each model stage on validation tokens, sample from it, write eval.json/samples.jsonl."""
     import torch
@@ -245,6 +270,12 @@ def run(ctx: StageContext) -> None:
                 outcomes[stage.label] = metrics.pop("outcomes")
             samples += rows
             results[stage.label] = metrics
+            if index == 0 and config.few_shot and config.task_problems:  # ICL baseline row
+                label, metrics = few_shot_row(config, task, stage, device)
+                outcomes[label], _ = metrics.pop("outcomes"), metrics.pop("examples")
+                results[label] = metrics
+                tracker.log({f"{label}/{k}": v for k, v in metrics.items()}, step=index)
+                summary.update({f"{label}/{k}": v for k, v in metrics.items()})
             if note := summary_note(stage.label, family, metrics):  # empty without token data
                 notes.append(note)
                 ctx.log.info("%s", note)

@@ -21,19 +21,26 @@ RL_CURVES_PNG = "rl_curves.png"
 def rl_section(export_dir: Path, rows: list[dict[str, Any]], algorithm: str) -> dict[str, Any]:
     """Reward mean (with its std band) and held-out accuracy against RL steps."""
     plot_rl_curves(rows, export_dir / RL_CURVES_PNG, algorithm)
-    accuracy = [(r["step"], r["eval/task_accuracy"]) for r in rows if "eval/task_accuracy" in r]
+    evals = [r for r in rows if "eval/task_accuracy" in r]
+    thinking = any("eval/task_thinking_chars" in r for r in evals)  # a cot task: R1's curves
     zero = [r["train/frac_reward_zero_std"] for r in rows if "train/frac_reward_zero_std" in r]
     return {
         "title": f"{algorithm} learning curves",
         "note": "Reward mean of the sampled groups (band: reward std) and greedy accuracy on "
-        "held-out problems every eval_every steps. "
+        "held-out problems every eval_every steps"
+        + (", with the mean thinking length (characters inside <think>)" if thinking else "")
+        + ". "
         + (
             f"Groups with zero reward variance: {zero[0]:.0%} at the start, {zero[-1]:.0%} at the end."
             if zero
             else ""
         ),  # fmt: skip
-        "columns": ["step", "held-out accuracy"],
-        "rows": [[step, value] for step, value in accuracy],
+        "columns": ["step", "held-out accuracy"] + (["thinking chars"] if thinking else []),
+        "rows": [
+            [r["step"], r["eval/task_accuracy"]]
+            + ([round(r.get("eval/task_thinking_chars", 0.0), 1)] if thinking else [])
+            for r in evals
+        ],
         "images": [RL_CURVES_PNG],
     }
 
@@ -48,8 +55,19 @@ def plot_rl_curves(rows: list[dict[str, Any]], path: Path, algorithm: str) -> No
     accuracy = [
         (r["step"], 100 * r["eval/task_accuracy"]) for r in rows if "eval/task_accuracy" in r
     ]
-    figure = Figure(figsize=(7, 3.5), dpi=100, layout="constrained")
-    left = figure.subplots()
+    thinking = [
+        (r["step"], r["eval/task_thinking_chars"]) for r in rows if "eval/task_thinking_chars" in r
+    ]
+    figure = Figure(figsize=(11 if thinking else 7, 3.5), dpi=100, layout="constrained")
+    if thinking:  # R1's second picture: how long the policy thinks as RL goes on
+        left, length = figure.subplots(1, 2, width_ratios=[3, 2])
+        length.plot(*zip(*thinking, strict=True), "o-", color="#54a24b")
+        length.set_xlabel(f"{algorithm} step")
+        length.set_ylabel("thinking length (chars)")
+        length.set_title("mean thinking length, held-out greedy")
+        length.grid(alpha=0.3)
+    else:
+        left = figure.subplots()
     if reward:
         steps, means, stds = zip(*reward, strict=True)
         left.plot(steps, means, "-", color="#4c78a8", label="reward mean")

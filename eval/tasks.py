@@ -31,6 +31,15 @@ EVAL_SEED = 0  # the same held-out problems whatever the recipe's seed
 IN_LOOP_METRICS = ("task_accuracy", "task_format_rate", "task_answer_rate", "task_partial_credit")
 
 
+def few_shot_prefix(task: TaskBase, shots: int) -> str:
+    """`shots` solved training problems (fixed by EVAL_SEED), one per line, each written as
+    pretraining and SFT rows are (cot ones with their worked steps): the in-context examples
+    of a k-shot prompt. Training problems, so never one that is scored."""
+    from data_prep.tasks import format_problem
+
+    return "".join(format_problem(p) + "\n" for p in task_problems(task, "train", shots, EVAL_SEED))
+
+
 def answer_tokens(problems: list[dict[str, Any]]) -> int:
     """Enough new tokens for the longest answer and an end-of-text token (a token >= 1 char)."""
     return max(len(p["completion"]) for p in problems) + 1
@@ -46,6 +55,7 @@ def score_task(
     temperature: float = 1.0,
     k_values: Sequence[int] | None = None,
     ood_problems: int = 0,
+    shots: str = "",
 ) -> dict[str, Any]:
     """Greedy accuracy (micro, with a 95% interval, and macro over subtasks), format rate,
     per-subtask accuracy, lengths, pass@k and maj@k for k of `k_values` (see
@@ -53,12 +63,13 @@ def score_task(
     accuracy on `ood_problems` out-of-distribution problems.
 
     Returns metrics plus `outcomes` (one row per problem with the completion and whether it was
-    right, for paired tests) and `examples` (the first five).
+    right, for paired tests) and `examples` (the first five). `shots` (see few_shot_prefix)
+    goes before every prompt the model sees; outcomes keep the plain prompts.
     """
     problems = task_problems(task, "test", num_problems, EVAL_SEED)
     was_training = model.training
     model.eval()
-    greedy = [c[0] for c in generate(model, tokenizer, [p["prompt"] for p in problems],
+    greedy = [c[0] for c in generate(model, tokenizer, [shots + p["prompt"] for p in problems],
                                      answer_tokens(problems))]  # fmt: skip
     metrics, correct = greedy_metrics(task, problems, greedy)
     if pass_k > 1 and pass_k_problems:
@@ -67,13 +78,13 @@ def score_task(
         torch.manual_seed(EVAL_SEED)  # the same samples for the same model, run after run
         sampled = problems[:pass_k_problems]
         drawn = generate(
-            model, tokenizer, [p["prompt"] for p in sampled], answer_tokens(problems),
+            model, tokenizer, [shots + p["prompt"] for p in sampled], answer_tokens(problems),
             samples=pass_k, temperature=temperature,
         )  # fmt: skip
         metrics |= sampled_metrics(task, sampled, drawn, k_list(pass_k, k_values))
     if ood_problems:
         far = task_problems(task, "ood", ood_problems, EVAL_SEED)
-        texts = [c[0] for c in generate(model, tokenizer, [p["prompt"] for p in far],
+        texts = [c[0] for c in generate(model, tokenizer, [shots + p["prompt"] for p in far],
                                         answer_tokens(far))]  # fmt: skip
         scored, _ = greedy_metrics(task, far, texts)
         metrics |= {k.replace("task_", "task_ood_", 1): v for k, v in scored.items()}

@@ -38,6 +38,16 @@ def test_nested_misspelt_key_suggests_within_its_block(tmp_path: Path) -> None:
     assert "stages.pretrain.optim.lrr: unknown key; did you mean 'lr'?" in msg
 
 
+def test_a_task_option_of_another_family_names_this_familys_options(tmp_path: Path) -> None:
+    """A task is a union tagged by `name`: the error lists the named family's own keys."""
+    msg = _error(
+        tmp_path,
+        lambda d: d["stages"]["pretrain"].update(eval_task={"name": "addition", "min_length": 3}),
+    )
+    assert "stages.pretrain.eval_task.addition.min_length: unknown key; did you mean " in msg
+    assert "'min_digits'? (allowed: balance, format, max_digits, min_digits, name," in msg
+
+
 def test_wrong_type_names_path_and_value(tmp_path: Path) -> None:
     msg = _error(tmp_path, lambda d: d["stages"]["pretrain"].update(max_steps="lots"))
     assert "stages.pretrain.max_steps: got 'lots'" in msg

@@ -8,6 +8,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from transformers import PreTrainedTokenizerBase
@@ -208,3 +209,88 @@ def test_eval_stage_reports_macro_averages_k_curves_lengths_and_ood(
         assert (export / image).stat().st_size > 5000
     note = json.loads((run_dir / "eval" / SUMMARY_FILE).read_text())["note"]
     assert "| macro" in note.splitlines()[-1]
+
+
+def test_rl_section_of_a_cot_task_adds_the_thinking_length_curve(tmp_path: Path) -> None:
+    """R1's two curves: held-out accuracy and mean thinking length against RL steps, read from
+    the periodic eval's rows; a direct task's section keeps its single panel and columns."""
+    from PIL import Image
+
+    from eval.task_plots import RL_CURVES_PNG, rl_section
+
+    rows = [{"step": 0, "train/reward": 0.1, "train/reward_std": 0.2}] + [
+        {"step": s, "eval/task_accuracy": a, "eval/task_thinking_chars": t}
+        for s, a, t in ((0, 0.2, 50.0), (10, 0.4, 61.25), (20, 0.5, 70.0))
+    ]
+    section = rl_section(tmp_path, rows, "grpo")
+    assert section["columns"] == ["step", "held-out accuracy", "thinking chars"]
+    assert section["rows"] == [[0, 0.2, 50.0], [10, 0.4, 61.2], [20, 0.5, 70.0]]
+    assert "thinking length" in section["note"]
+    wide = Image.open(tmp_path / RL_CURVES_PNG).size
+    direct = [{k: v for k, v in r.items() if k != "eval/task_thinking_chars"} for r in rows]
+    section = rl_section(tmp_path, direct, "grpo")
+    assert section["columns"] == ["step", "held-out accuracy"] and "thinking" not in section["note"]
+    assert Image.open(tmp_path / RL_CURVES_PNG).size[0] < wide[0]  # one panel, not two
+
+
+def test_sample_temperature_is_hashed_only_when_set() -> None:
+    """A field added after runs existed (`fingerprint: when_set`) leaves their eval fingerprints
+    as they were at its default, and a set value reruns the eval."""
+    from pipeline.engine.config import validate_recipe
+    from pipeline.engine.graph import _unhashed, fingerprints
+
+    def plan(**eval_options: Any) -> Any:
+        stages = {"eval": {"kind": "eval", "models": [{"path": "/nowhere"}], **eval_options}}
+        return validate_recipe({"name": "t", "stages": stages})
+
+    assert "sample_temperature" in _unhashed(plan().stages["eval"])
+    assert "sample_temperature" not in _unhashed(plan(sample_temperature=0.7).stages["eval"])
+    default = fingerprints(plan())["eval"]
+    assert fingerprints(plan(sample_temperature=1.0))["eval"] == default
+    assert fingerprints(plan(sample_temperature=0.7))["eval"] != default
+
+
+def test_few_shot_row_scores_the_first_model_with_solved_training_problems_before_each_prompt(
+    tokenizer: PreTrainedTokenizerBase,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from eval.families import load_model
+    from eval.generation import generate
+    from eval.lm import Config, run
+    from eval.tasks import EVAL_SEED, answer_tokens, few_shot_prefix
+    from pipeline.engine.config import Recipe, TrackingConfig
+    from pipeline.engine.context import StageContext
+    from pipeline.stages import pretrain
+
+    task = AdditionTask(min_digits=1, max_digits=2, format="cot")
+    prefix = few_shot_prefix(task, 3)
+    shots = prefix.splitlines()
+    test = {p["prompt"] for p in task_problems(task, "test", 200, EVAL_SEED)}
+    assert len(shots) == 3 and all(
+        "<think>" in s and s.split(":")[0] + ":" not in test for s in shots
+    )
+
+    run_dir = tmp_path / "run"
+    tiny_exports(run_dir, tokenizer)
+    evaluate = Config(
+        after=["small"], models=["small"], prompts=["1"], max_new_tokens=2,
+        task=task.model_dump(), task_problems=6, few_shot=3,
+    )  # fmt: skip
+    stages = {"small": pretrain.Config(kind="pretrain", seq_len=16), "eval": evaluate}
+    recipe = Recipe(
+        name="tiny", run_dir=str(run_dir), tracking=TrackingConfig(mode="disabled"), stages=stages
+    )
+    run(StageContext(run_dir=run_dir, name="eval", recipe=recipe))
+
+    export = run_dir / "eval" / "export"
+    assert list(json.loads((export / "eval.json").read_text())["models"]) == [
+        "small",
+        "small 3-shot",
+    ]
+    outcomes = [json.loads(line) for line in (export / "task_outcomes.jsonl").open()]
+    model, tok = load_model(run_dir / "small" / "export", "cpu")
+    problems = task_problems(task, "test", 6, EVAL_SEED)
+    expected = generate(
+        model, tok, [prefix + p["prompt"] for p in problems], answer_tokens(problems)
+    )
+    assert [r["small 3-shot"]["completion"] for r in outcomes] == [c[0] for c in expected]

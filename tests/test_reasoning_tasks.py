@@ -295,6 +295,28 @@ def test_direct_format_is_byte_identical_to_before() -> None:
     assert SortTask().problem(("3815",))["completion"] == " 1358"
 
 
+def test_balanced_training_rows_are_even_over_lengths_and_held_out_stays_uniform() -> None:
+    """Addition of 1..5 digits: uniform draws are 99% five-digit problems; balanced training rows
+    give each length a fifth, except where a length has fewer distinct problems (1 digit: 90
+    train problems), which then appears whole. The test split is drawn as before."""
+    from collections import Counter
+
+    balanced, uniform = (
+        AdditionTask(min_digits=1, max_digits=5),
+        AdditionTask(min_digits=1, max_digits=5, balance=False),
+    )
+    rows = Counter(p["subtask"] for p in task_problems(balanced, "train", 5000, 0))
+    assert rows["1 digits"] == split_size(balanced.model_copy(update={"max_digits": 1}), "train")
+    assert all(900 <= rows[f"{n} digits"] <= 1500 for n in (2, 3, 4, 5)), rows
+    assert (
+        Counter(p["subtask"] for p in task_problems(uniform, "train", 5000, 0))["5 digits"] > 4800
+    )
+    for split in ("test", "ood"):
+        assert task_problems(balanced, split, 300, 1) == task_problems(uniform, split, 300, 1)
+    assert "balance" not in balanced.model_dump()  # the default stays out of fingerprints
+    assert not SortTask().balanced_rows() and SortTask(balance=True).balanced_rows()
+
+
 def test_malformed_output_scores_zero_and_never_raises() -> None:
     rng = random.Random(0)
     pieces = ["<think>", "</think>", "625", "12", " ", "\n", "+", "-", "*", "/", "(", ")", "x", "é"]

@@ -75,13 +75,16 @@ def fingerprints(recipe: Recipe) -> dict[str, str]:
 
 def _unhashed(cfg: StageConfig) -> set[str]:
     """Fields that change how a stage runs, not what it computes (marked
-    `json_schema_extra={"fingerprint": False}`): switching them keeps the stage and its checkpoints."""
-    fields = type(cfg).model_fields.items()
-    return {
-        k
-        for k, f in fields
-        if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("fingerprint") is False
-    }
+    `json_schema_extra={"fingerprint": False}`): switching them keeps the stage and its
+    checkpoints; and fields added after runs existed (`{"fingerprint": "when_set"}`) while they
+    hold their default, so those runs keep their fingerprints."""
+    unhashed = set()
+    for name, field in type(cfg).model_fields.items():
+        mark = field.json_schema_extra.get("fingerprint") if isinstance(
+            field.json_schema_extra, dict) else None  # fmt: skip
+        if mark is False or (mark == "when_set" and getattr(cfg, name) == field.default):
+            unhashed.add(name)
+    return unhashed
 
 
 def _batch_shape(cfg: StageConfig, config: dict[str, Any], world_size: int) -> dict[str, int]:

@@ -53,10 +53,21 @@ def model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
             field = current.model_fields.get(part)
             if field is None:
                 return None
-            current = unwrap(field.annotation)
-        elif part.isdigit() or current is dict:
-            continue
+            current = tagged_members(field.annotation) or unwrap(field.annotation)
+        elif isinstance(current, dict):  # a tagged union: pydantic's error names the tag
+            current = current.get(part)
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def tagged_members(annotation: Any) -> dict[str, type[BaseModel]] | None:
+    """The models of a union tagged by a `name` literal (task families), by tag; None if none."""
+    found: dict[str, type[BaseModel]] = {}
+    for arg in typing.get_args(annotation):
+        if isinstance(arg, type) and issubclass(arg, BaseModel) and "name" in arg.model_fields:
+            found[str(arg.model_fields["name"].default)] = arg
+        elif typing.get_args(arg):
+            found |= tagged_members(arg) or {}
+    return found if len(found) > 1 else None
 
 
 def unwrap(annotation: Any) -> Any:

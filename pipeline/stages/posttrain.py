@@ -247,7 +247,8 @@ class PeriodicEval:
         from eval.tasks import score_task
 
         scored = score_task(model, self.tokenizer, self.task, self.num_problems)
-        return {k: v for k, v in scored.items() if k.startswith("task_accuracy")}
+        kept = ("task_accuracy", "task_macro_accuracy", "task_thinking_chars")
+        return {k: v for k, v in scored.items() if k.startswith(kept)}
 
 
 def train_and_export(
