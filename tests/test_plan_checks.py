@@ -86,6 +86,8 @@ CASES = {
     "tracking-project-with-slash": recipe("tracking.project", {"tracking.mode": "offline", "tracking.project": "team/pretrain"}),
     # settings that conflict with another setting, another stage or the launch
     "sft-num-examples-over-train-split": recipe("stages.sft.num_examples", {"stages.sft.task": TINY_SORT, "stages.sft.num_examples": 500, "stages.sft.eval_problems": 5}),
+    "sft-guard-problems-over-train-split": recipe("stages.sft.guard.problems", {"stages.sft.task": TINY_SORT, "stages.sft.num_examples": 50, "stages.sft.eval_problems": 5, "stages.sft.guard": {"problems": 60}}),
+    "sft-guard-on-jsonl-data": recipe("stages.sft", {"stages.sft.data": "rows.jsonl", "stages.sft.guard": {"every": 5}}),
     "sft-eval-problems-over-test-split": recipe("stages.sft.eval_problems", {"stages.sft.task": TINY_SORT, "stages.sft.num_examples": 50}),
     "reward-eval-pairs-over-test-split": recipe("stages.reward.eval_pairs", {"stages.reward.task": TINY_SORT, "stages.reward.num_examples": 50}),
     "grpo-generation-batch": recipe("stages.rlhf", {"stages.rlhf.micro_batch_size": 3, "stages.rlhf.num_generations": 2}),

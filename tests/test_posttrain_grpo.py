@@ -132,6 +132,38 @@ def test_guard_stops_a_hacked_run_and_exports_the_best_policy(
     )
 
 
+def test_sft_guard_stops_when_held_apart_accuracy_falls_and_exports_the_best_checkpoint(
+    sft_run: Path, tmp_path: Path
+) -> None:
+    """SFT's early stopping: a learning rate that wrecks the half-trained model makes gold fall,
+    so the guard stops the stage and exports the best measured weights (here the start's)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data_prep.tasks import TaskConfig
+    from pipeline.stages.rl_gold import gold_accuracy, gold_problems
+
+    guard = {"every": 5, "problems": 64, "patience": 2}
+    wreck = {"kind": "sft", "after": ["sft"], "task": TASK, "num_examples": 640, "max_steps": 40,
+             "micro_batch_size": 16, "optim": {"lr": 0.05}, "guard": guard, "eval_problems": 0,
+             "log_every": 5}  # fmt: skip
+    recipe = with_stages(sft_run, {"wreck": wreck})
+    result = cli("run", str(write_recipe(tmp_path / "recipe.yaml", recipe)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((sft_run / "wreck" / "summary.json").read_text())["metrics"]
+    assert summary["guard_last_step"] < 40 and "stopped at step" in summary["guard_reason"]
+    assert summary["guard_last_gold"] < summary["guard_best_gold"]
+    gold = {
+        r["step"]: r["guard/gold"] for r in read_metrics(sft_run / "wreck") if "guard/gold" in r
+    }
+    assert gold[0] >= 0.25 and list(gold)[:2] == [0, 5]
+    task = TypeAdapter(TaskConfig).validate_python(TASK)
+    problems = gold_problems(task, 640, guard["problems"], 0)
+    export = sft_run / "wreck" / "export"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    scored = gold_accuracy(model, AutoTokenizer.from_pretrained(export), task, problems)
+    assert scored == summary["guard_best_gold"] == max(gold.values())
+
+
 @pytest.mark.slow
 def test_online_dpo_round_samples_the_current_policy_reproducibly(
     sft_run: Path, tmp_path: Path

@@ -291,13 +291,14 @@ def guard_for(
     """The GuardCallback of an rlhf stage (its `guard` and `target_kl`), or None without either.
     `start` is the directory of the starting policy (the KL reference when no adapter is on);
     `log(metrics, step)` sends to the stage's tracker."""
-    if cfg.guard is None and cfg.target_kl is None:
+    if cfg.guard is None and getattr(cfg, "target_kl", None) is None:
         return None
     guard = Guard(cfg.guard, ctx.stage_dir / GUARD_DIR) if cfg.guard is not None else None
     measure = None
     if guard is not None:
         problems = gold_problems(cfg.task, cfg.num_examples, cfg.guard.problems, ctx.seed)
-        prompts = [p["prompt"] for p in problems[: cfg.guard.kl_prompts]]
+        sampled = hasattr(cfg, "max_completion_length")  # sft: no completion length, no KL
+        prompts = [p["prompt"] for p in problems[: cfg.guard.kl_prompts]] if sampled else []
         frozen: list[Any] = []
 
         def reference(model: Any) -> Callable[[], Any]:
@@ -319,11 +320,41 @@ def guard_for(
             return Measurement(step, gold, kl)
 
     control = None
-    if cfg.target_kl is not None:
+    if getattr(cfg, "target_kl", None) is not None:
         path = ctx.stage_dir / GUARD_DIR / KL_FILE
         control = KLControl(cfg.beta, cfg.target_kl, cfg.kl_horizon, path)
 
     return guard_callback(guard, measure, control, log, lambda: checkpoint_steps(ctx), ctx.is_main)
+
+
+def guarded_build(
+    ctx: StageContext,
+    cfg: Any,
+    tokenizer: Any,
+    start: Path,
+    evaluation: dict[str, Any],
+    make: Callable[[Any], Any],
+) -> Callable[[Any], Any]:
+    """`fit`'s build function for a stage that may have a guard (rlhf, sft): the trainer from
+    `make(callback)` with the guard's callback added; `evaluation` (fit's keyword arguments)
+    gets the guard's summary in its `evaluate`."""
+    guards: list[Any] = []
+
+    def build(callback: Any) -> Any:
+        trainer = make(callback)
+        guarded = guard_for(ctx, cfg, tokenizer, start, callback.log_metrics)
+        if guarded is not None:  # the guard and the adaptive KL coefficient
+            guarded.trainer = trainer
+            trainer.add_callback(guarded)
+            guards.append(guarded)
+        return trainer
+
+    scored = evaluation.get("evaluate")
+    evaluation["evaluate"] = lambda: {
+        **(scored() if scored else {}),
+        **(guards[0].summary() if guards else {}),
+    }
+    return build
 
 
 def checkpoint_steps(ctx: StageContext) -> set[int]:

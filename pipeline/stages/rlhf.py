@@ -233,8 +233,6 @@ def plan_problems(view: PlanView) -> list[str]:
     draws = task_stage_draws(cfg)
     if cfg.pairs is not None:
         del draws["num_examples"]  # the preferences stage's pairs, not the task's
-    if cfg.guard is not None:  # its gold problems come after the training prompts
-        draws["guard.problems"] = ("train", cfg.num_examples + cfg.guard.problems)
     return problems + draws_problems(cfg.task, draws, where)
 
 
@@ -247,7 +245,7 @@ def run(ctx: StageContext) -> None:
         load_tokenizer,
     )
     from pipeline.stages.posttrain import fit, task_evaluation
-    from pipeline.stages.rl_guard import guard_for
+    from pipeline.stages.rl_guard import guarded_build
     from pipeline.stages.rlhf_trainers import build_trainer, trainer_config
 
     cfg: Config = ctx.config  # type: ignore[assignment]
@@ -260,26 +258,14 @@ def run(ctx: StageContext) -> None:
         "%s%s from %s, %d steps", cfg.algorithm.upper(), " (LoRA)" if cfg.adapter else "",
         source.label, cfg.max_steps,
     )  # fmt: skip
-    guards: list[Any] = []
-
-    def build(callback: Any) -> Any:
-        trainer = build_trainer(ctx, cfg, model, tokenizer, callback, args)
-        guarded = guard_for(ctx, cfg, tokenizer, source.path, callback.log_metrics)
-        if guarded is not None:  # the guard and the adaptive KL coefficient (rl_guard)
-            guarded.trainer = trainer
-            trainer.add_callback(guarded)
-            guards.append(guarded)
-        return trainer
-
     evaluation = task_evaluation(ctx, cfg, tokenizer)
     # Without a held-out score, what the run optimised says more than its (policy-gradient) loss.
     fallback = "reward_margin" if cfg.algorithm == "dpo" else "reward_mean"
     evaluation.setdefault("headline", "guard_best_gold" if cfg.guard else fallback)
-    scored = evaluation.get("evaluate")
-    evaluation["evaluate"] = lambda: {
-        **(scored() if scored else {}),
-        **(guards[0].summary() if guards else {}),
-    }
+    build = guarded_build(
+        ctx, cfg, tokenizer, source.path, evaluation,
+        lambda callback: build_trainer(ctx, cfg, model, tokenizer, callback, args),
+    )  # fmt: skip
     fit(ctx, tokenizer, build, SUMMARY_KEYS, **evaluation)
     if ctx.is_main and cfg.algorithm != "dpo":
         from eval.task_plots import rl_section

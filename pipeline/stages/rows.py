@@ -82,6 +82,8 @@ def task_stage_draws(cfg: Any) -> dict[str, tuple[str, int]]:
         draws = {"num_examples": ("train", cfg.num_examples), **draws}
         if cfg.eval_every:
             draws["eval_every_problems"] = ("test", cfg.eval_every_problems)
+        if getattr(cfg, "guard", None) is not None:  # gold problems come after the training rows
+            draws["guard.problems"] = ("train", cfg.num_examples + cfg.guard.problems)
     return draws
 
 

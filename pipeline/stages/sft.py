@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.engine.context import StageContext
 from pipeline.engine.inputs import PlanView, StageSpec
 from pipeline.stages.base_model import MODEL_INPUT, model_problems
 from pipeline.stages.chat import template_problems
 from pipeline.stages.posttrain import BUILTIN_TASK, TaskStageConfig
+from pipeline.stages.rl_guard import GuardConfig
 from pipeline.stages.rows import draws_problems, task_stage_draws
 
 
@@ -27,6 +28,18 @@ class Config(TaskStageConfig):
     completion_only_loss: bool = Field(True, description="no loss on prompt/user tokens")
     packing: bool = Field(False, description="pack examples into max_length rows (BFD)")
     max_length: int = Field(128, ge=8, description="tokens per training row")
+    guard: GuardConfig | None = Field(
+        None, json_schema_extra={"fingerprint": "when_set"},
+        description="early stopping on held-out accuracy: score task problems held apart from "
+        "the training rows every N steps, stop when the score stops rising, export the best "
+        "checkpoint (pipeline.stages.rl_guard; kl_prompts is ignored: SFT samples nothing)",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _guard_needs_the_task(self) -> Config:
+        if self.guard is not None and self.data != BUILTIN_TASK:
+            raise ValueError("guard scores the task's problems, so it needs data: builtin:task")
+        return self
 
 
 def training_rows(cfg: Config, seed: int, where: str) -> list[dict]:
@@ -56,6 +69,7 @@ def run(ctx: StageContext) -> None:
     )
     from pipeline.stages.chat import assistant_masked_rows
     from pipeline.stages.posttrain import fit, task_evaluation, training_arguments
+    from pipeline.stages.rl_guard import guarded_build
     from pipeline.stages.rows import dataset
 
     cfg: Config = ctx.config  # type: ignore[assignment]
@@ -80,20 +94,18 @@ def run(ctx: StageContext) -> None:
         "SFT%s from %s on %d %s rows, %d steps", " (LoRA)" if cfg.adapter else "", source.label,
         len(rows), "chat" if conversational else "prompt/completion", cfg.max_steps,
     )  # fmt: skip
-    fit(
-        ctx,
-        tokenizer,
-        lambda callback: SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset(rows),
-            processing_class=tokenizer,
-            callbacks=[callback],
-            **peft_config(cfg, model=model),
-        ),
-        {"loss": "train_loss", "train_loss": "mean_train_loss"},
-        **task_evaluation(ctx, cfg, tokenizer),
+    evaluation = task_evaluation(ctx, cfg, tokenizer)
+    make = lambda callback: SFTTrainer(  # noqa: E731
+        model=model,
+        args=args,
+        train_dataset=dataset(rows),
+        processing_class=tokenizer,
+        callbacks=[callback],
+        **peft_config(cfg, model=model),
     )
+    if cfg.guard is not None:  # early stopping on held-apart problems, the best one exported
+        make = guarded_build(ctx, cfg, tokenizer, source.path, evaluation, make)
+    fit(ctx, tokenizer, make, {"loss": "train_loss", "train_loss": "mean_train_loss"}, **evaluation)
 
 
 def plan_problems(view: PlanView) -> list[str]:
