@@ -228,26 +228,13 @@ def score_model(
     return metrics, samples, family
 
 
-def few_shot_row(config: Config, task: TaskBase, stage: Any, device: str) -> tuple[str, dict]:
-    """The first model's task metrics under a `few_shot`-shot prompt, and its row's label."""
-    from eval.families import load_model
-    from eval.tasks import few_shot_prefix, score_task
-
-    model, tokenizer = load_model(stage.path, device)
-    metrics = score_task(
-        model, tokenizer, task, config.task_problems, config.pass_k, config.pass_k_problems,
-        temperature=config.sample_temperature, k_values=config.k_values,
-        ood_problems=config.ood_problems, shots=few_shot_prefix(task, config.few_shot),
-    )  # fmt: skip
-    return f"{stage.label} {config.few_shot}-shot", metrics
-
-
 def run(ctx: StageContext) -> None:
     """Score each model stage on validation tokens, sample from it, write eval.json/samples.jsonl."""
     import torch
 
     from eval.families import HEADLINES, summary_note
     from eval.task_outcomes import task_report
+    from eval.test_time import few_shot_row
 
     config = ctx.config
     assert isinstance(config, Config)
@@ -271,7 +258,7 @@ def run(ctx: StageContext) -> None:
             samples += rows
             results[stage.label] = metrics
             if index == 0 and config.few_shot and config.task_problems:  # ICL baseline row
-                label, metrics = few_shot_row(config, task, stage, device)
+                label, metrics = few_shot_row(ctx.name, config, task, stage, device)
                 outcomes[label], _ = metrics.pop("outcomes"), metrics.pop("examples")
                 results[label] = metrics
                 tracker.log({f"{label}/{k}": v for k, v in metrics.items()}, step=index)

@@ -294,3 +294,34 @@ def test_few_shot_row_scores_the_first_model_with_solved_training_problems_befor
         model, tok, [prefix + p["prompt"] for p in problems], answer_tokens(problems)
     )
     assert [r["small 3-shot"]["completion"] for r in outcomes] == [c[0] for c in expected]
+
+
+def test_few_shot_past_a_models_learned_positions_is_a_one_line_error(
+    tokenizer: PreTrainedTokenizerBase,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from eval.lm import Config, run
+    from pipeline.engine.config import Recipe, TrackingConfig
+    from pipeline.engine.context import StageContext
+    from pipeline.engine.errors import PipelineError
+    from pipeline.engine.manifest import write_manifest
+    from pipeline.stages import pretrain
+
+    run_dir = tmp_path / "run"
+    export = run_dir / "gpt" / "export"
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=1, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(export)
+    tokenizer.save_pretrained(export)
+    write_manifest(run_dir / "gpt", {"stage": "gpt", "status": "done"})
+    task = AdditionTask(min_digits=1, max_digits=2, format="cot").model_dump()
+    evaluate = Config(after=["gpt"], models=["gpt"], prompts=["1"], max_new_tokens=2, task=task,
+                      task_problems=6, few_shot=3)  # fmt: skip
+    stages = {"gpt": pretrain.Config(kind="pretrain", seq_len=16), "eval": evaluate}
+    recipe = Recipe(
+        name="tiny", run_dir=str(run_dir), tracking=TrackingConfig(mode="disabled"), stages=stages
+    )
+    with pytest.raises(PipelineError, match=r"stages\.eval\.few_shot: a 3-shot prompt takes \d+ "
+                       r"tokens, and gpt has 64 positions; lower few_shot"):  # fmt: skip
+        run(StageContext(run_dir=run_dir, name="eval", recipe=recipe))
