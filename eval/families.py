@@ -107,3 +107,13 @@ def family_metrics(
 def summary_note(name: str, family: Family, metrics: dict[str, Any]) -> str:
     """One clause of the eval summary note, in the terms of the model's family."""
     return SCORING[family].note(name, metrics)
+
+
+def learned_positions(config: dict[str, Any]) -> int | None:
+    """The size of a model's learned position table (GPT-2's n_positions, BERT's
+    max_position_embeddings), which a longer window indexes past; None for rotary, ALiBi and
+    relative positions, which have no such end. `config` is a model's config.json."""
+    if any(word in key for key in config for word in ("rope", "rotary", "alibi")):
+        return None
+    size = config.get("n_positions") or config.get("max_position_embeddings")
+    return int(size) if size else None

@@ -233,8 +233,8 @@ def run(ctx: StageContext) -> None:
     import torch
 
     from eval.families import HEADLINES, summary_note
+    from eval.few_shot import few_shot_row
     from eval.task_outcomes import task_report
-    from eval.test_time import few_shot_row
 
     config = ctx.config
     assert isinstance(config, Config)
@@ -300,19 +300,10 @@ def run(ctx: StageContext) -> None:
     ctx.write_summary(summary, headline=headline, note=note)
 
 
-def learned_positions(config: dict[str, Any]) -> int | None:
-    """The size of a model's learned position table (GPT-2's n_positions, BERT's
-    max_position_embeddings), which a longer window indexes past; None for rotary, ALiBi and
-    relative positions, which have no such end. `config` is a model's config.json."""
-    if any(word in key for key in config for word in ("rope", "rotary", "alibi")):
-        return None
-    size = config.get("n_positions") or config.get("max_position_embeddings")
-    return int(size) if size else None
-
-
 def position_limit(model: Resolved) -> int | None:
     """`learned_positions` of a model the plan knows the shape of: a directory (its config.json)
     or a pretrain stage (the transformers config its family builds for its seq_len)."""
+    from eval.families import learned_positions
     from pipeline.models.families import FAMILIES
 
     model_cfg = getattr(model.config, "model", None)

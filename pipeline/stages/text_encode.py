@@ -162,7 +162,8 @@ def directory_problems(encoder: Resolved, where: str) -> list[str]:
 
 def length_problem(cfg: Config, encoder: Resolved, where: str) -> str | None:
     """max_length past the encoder's learned position table (CLIP's 77, GPT-2's n_positions)."""
-    from eval.lm import learned_positions, position_limit
+    from eval.families import learned_positions
+    from eval.lm import position_limit
 
     if not encoder.external:
         limit = position_limit(encoder)  # a pretrain stage's family config, or its directory's
