@@ -22,9 +22,14 @@ def few_shot_row(
     model, tokenizer = load_model(stage.path, device)
     shots = few_shot_prefix(task, config.few_shot)
     limit = learned_positions(model.config.to_dict())
-    problems = task_problems(task, "test", config.task_problems, EVAL_SEED)
-    longest = max(len(tokenizer.encode(shots + p["prompt"])) for p in problems)
-    if limit is not None and longest + answer_tokens(problems) > limit:
+    splits = {"test": config.task_problems, "ood": config.ood_problems}  # what score_task answers
+    drawn = [task_problems(task, split, num, EVAL_SEED) for split, num in splits.items() if num]
+    need, longest = max(  # the prompt with the most tokens, counting its split's answer room
+        (len(ids) + answer_tokens(group), len(ids))
+        for group in drawn
+        for ids in (tokenizer.encode(shots + p["prompt"]) for p in group)
+    )
+    if limit is not None and need > limit:
         raise PipelineError(
             f"stages.{where}.few_shot: a {config.few_shot}-shot prompt takes {longest} tokens, "
             f"and {stage.label} has {limit} positions; lower few_shot"
