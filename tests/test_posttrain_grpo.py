@@ -102,34 +102,44 @@ def test_guard_stops_a_hacked_run_and_exports_the_best_policy(
 ) -> None:
     """A poisoned reward (wrong answers pay) makes gold fall: the guard stops the run and the
     export is the policy of the best measurement, gold for gold."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from data_prep.tasks import TaskConfig
-    from pipeline.stages.rl_gold import gold_accuracy, gold_problems
-
     poisoned = {"kind": "rlhf", "after": ["sft"], "task": TASK,
                 "rewards": ["tests.helpers:wrong_answer_reward"], "num_examples": 500,
                 "max_steps": 40, "micro_batch_size": 64, "num_generations": 8,
                 "max_completion_length": 7, "temperature": 1.0, "optim": {"lr": 2e-3},
                 "guard": GUARD, "eval_problems": 0, "log_every": 5}  # fmt: skip
-    recipe = with_stages(sft_run, {"poisoned": poisoned})
-    result = cli("run", str(write_recipe(tmp_path / "recipe.yaml", recipe)))
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((sft_run / "poisoned" / "summary.json").read_text())["metrics"]
-    assert summary["guard_last_step"] < 40 and "stopped at step" in summary["guard_reason"]
-    assert summary["guard_last_gold"] < summary["guard_best_gold"]
-    rows = read_metrics(sft_run / "poisoned")
+    summary, rows = run_guarded(sft_run, tmp_path, "poisoned", poisoned)
     gold = {r["step"]: r["guard/gold"] for r in rows if "guard/gold" in r}
     kl = [r["guard/kl"] for r in rows if "guard/kl" in r]
     assert gold[0] >= 0.25 and kl[0] == 0.0 and kl[-1] > 0.1  # it moved, away from gold
-    export = sft_run / "poisoned" / "export"
+    assert export_gold(sft_run / "poisoned", 500, GUARD["problems"]) == summary["guard_best_gold"]
+
+
+def run_guarded(
+    sft_run: Path, tmp_path: Path, name: str, stage: dict[str, Any]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run guarded `stage` after sft; check that its guard stopped it (40 steps asked) on a fall
+    of gold; its summary metrics and metrics.jsonl rows."""
+    recipe = with_stages(sft_run, {name: stage})
+    result = cli("run", str(write_recipe(tmp_path / "recipe.yaml", recipe)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((sft_run / name / "summary.json").read_text())["metrics"]
+    assert summary["guard_last_step"] < 40 and "stopped at step" in summary["guard_reason"]
+    assert summary["guard_last_gold"] < summary["guard_best_gold"]
+    return summary, read_metrics(sft_run / name)
+
+
+def export_gold(stage_dir: Path, num_examples: int, problems: int) -> float:
+    """The gold accuracy of a guarded stage's export, on the guard's own problems."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data_prep.tasks import TaskConfig
+    from pipeline.stages.rl_gold import gold_accuracy, gold_problems
+
     task = TypeAdapter(TaskConfig).validate_python(TASK)
-    problems = gold_problems(task, 500, GUARD["problems"], 0)
+    export = stage_dir / "export"
     model = AutoModelForCausalLM.from_pretrained(export)
-    assert (
-        gold_accuracy(model, AutoTokenizer.from_pretrained(export), task, problems)
-        == (summary["guard_best_gold"])
-    )
+    return gold_accuracy(model, AutoTokenizer.from_pretrained(export), task,
+                         gold_problems(task, num_examples, problems, 0))  # fmt: skip
 
 
 def test_sft_guard_stops_when_held_apart_accuracy_falls_and_exports_the_best_checkpoint(
@@ -137,30 +147,14 @@ def test_sft_guard_stops_when_held_apart_accuracy_falls_and_exports_the_best_che
 ) -> None:
     """SFT's early stopping: a learning rate that wrecks the half-trained model makes gold fall,
     so the guard stops the stage and exports the best measured weights (here the start's)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from data_prep.tasks import TaskConfig
-    from pipeline.stages.rl_gold import gold_accuracy, gold_problems
-
     guard = {"every": 5, "problems": 64, "patience": 2}
     wreck = {"kind": "sft", "after": ["sft"], "task": TASK, "num_examples": 640, "max_steps": 40,
              "micro_batch_size": 16, "optim": {"lr": 0.05}, "guard": guard, "eval_problems": 0,
              "log_every": 5}  # fmt: skip
-    recipe = with_stages(sft_run, {"wreck": wreck})
-    result = cli("run", str(write_recipe(tmp_path / "recipe.yaml", recipe)))
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((sft_run / "wreck" / "summary.json").read_text())["metrics"]
-    assert summary["guard_last_step"] < 40 and "stopped at step" in summary["guard_reason"]
-    assert summary["guard_last_gold"] < summary["guard_best_gold"]
-    gold = {
-        r["step"]: r["guard/gold"] for r in read_metrics(sft_run / "wreck") if "guard/gold" in r
-    }
+    summary, rows = run_guarded(sft_run, tmp_path, "wreck", wreck)
+    gold = {r["step"]: r["guard/gold"] for r in rows if "guard/gold" in r}
     assert gold[0] >= 0.25 and list(gold)[:2] == [0, 5]
-    task = TypeAdapter(TaskConfig).validate_python(TASK)
-    problems = gold_problems(task, 640, guard["problems"], 0)
-    export = sft_run / "wreck" / "export"
-    model = AutoModelForCausalLM.from_pretrained(export)
-    scored = gold_accuracy(model, AutoTokenizer.from_pretrained(export), task, problems)
+    scored = export_gold(sft_run / "wreck", 640, guard["problems"])
     assert scored == summary["guard_best_gold"] == max(gold.values())
 
 
