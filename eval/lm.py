@@ -189,10 +189,13 @@ def score_model(
         objective_for,
         objective_metrics,
     )
+    from eval.few_shot import check_positions
     from eval.mixture import window_sources
 
     model, tokenizer = load_model(stage.path, device)
     family = family_of(model.config.model_type)
+    if family == "causal" and config.task_problems:
+        check_positions(ctx.name, config, task, stage.label, model, tokenizer)
     if data is None:
         if family != "causal":
             raise PipelineError(

@@ -296,9 +296,21 @@ def test_few_shot_row_scores_the_first_model_with_solved_training_problems_befor
     assert [r["small 3-shot"]["completion"] for r in outcomes] == [c[0] for c in expected]
 
 
-def test_few_shot_past_a_models_learned_positions_is_a_one_line_error(
+@pytest.mark.parametrize(
+    ("few_shot", "positions", "error"),
+    [
+        (3, 64, r"stages\.eval\.few_shot: a 3-shot prompt takes \d+ tokens, and gpt has 64 "
+                r"positions; lower few_shot"),
+        (0, 24, r"stages\.eval\.task: a prompt of \d+ tokens and \d+ tokens of answer room need "
+                r"\d+ positions, and gpt has 24; use a task with shorter problems"),
+    ],
+)  # fmt: skip
+def test_task_prompts_past_a_models_learned_positions_are_a_one_line_error(
     tokenizer: PreTrainedTokenizerBase,  # noqa: F811
     tmp_path: Path,
+    few_shot: int,
+    positions: int,
+    error: str,
 ) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -311,17 +323,18 @@ def test_few_shot_past_a_models_learned_positions_is_a_one_line_error(
 
     run_dir = tmp_path / "run"
     export = run_dir / "gpt" / "export"
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=1, n_head=2)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=positions, n_embd=16, n_layer=1, n_head=2
+    )
     GPT2LMHeadModel(config).save_pretrained(export)
     tokenizer.save_pretrained(export)
     write_manifest(run_dir / "gpt", {"stage": "gpt", "status": "done"})
     task = AdditionTask(min_digits=1, max_digits=2, format="cot").model_dump()
     evaluate = Config(after=["gpt"], models=["gpt"], prompts=["1"], max_new_tokens=2, task=task,
-                      task_problems=6, few_shot=3)  # fmt: skip
+                      task_problems=6, few_shot=few_shot)  # fmt: skip
     stages = {"gpt": pretrain.Config(kind="pretrain", seq_len=16), "eval": evaluate}
     recipe = Recipe(
         name="tiny", run_dir=str(run_dir), tracking=TrackingConfig(mode="disabled"), stages=stages
     )
-    with pytest.raises(PipelineError, match=r"stages\.eval\.few_shot: a 3-shot prompt takes \d+ "
-                       r"tokens, and gpt has 64 positions; lower few_shot"):  # fmt: skip
+    with pytest.raises(PipelineError, match=error):
         run(StageContext(run_dir=run_dir, name="eval", recipe=recipe))
