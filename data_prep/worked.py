@@ -36,18 +36,29 @@ def subtraction_steps(a: int, b: int) -> str:
     return " ".join(steps)
 
 
+def digit_product_steps(a: int, d: int) -> str:
+    """a times one digit d, digit by digit from the right, each `x*d+carry=v`: `7*4+0=28 2*4+2=10`
+    for 27 * 4 = 108 (the product's digits are the steps' last digits, the final carry first)."""
+    steps, carry = [], 0
+    for x in map(int, reversed(str(a))):
+        value = x * d + carry
+        steps.append(f"{x}*{d}+{carry}={value}")
+        carry = value // 10
+    return " ".join(steps)
+
+
 def multiplication_steps(a: int, b: int) -> str:
-    """One partial product per digit of b from the right (`27*30=810`), then their running sum
-    (`108+810=918`): 27 * 34."""
-    partials = [a * int(d) * 10**power for power, d in enumerate(str(b)[::-1])]
-    steps = [
-        f"{a}*{int(d) * 10**power}={p}"
-        for power, (d, p) in enumerate(zip(str(b)[::-1], partials, strict=True))
-    ]
-    total = partials[0]
-    for partial in partials[1:]:
-        steps.append(f"{total}+{partial}={total + partial}")
-        total += partial
+    """Long multiplication in one-digit steps: for each digit of b from the right, a times it
+    digit by digit and the partial product shifted into place (`=810`); then each partial added
+    to the running sum column by column (addition's steps) with the sum written out (`=918`).
+    27 * 34: `7*4+0=28 2*4+2=10 =108 7*3+0=21 2*3+2=8 =810 8+0+0=8 0+1+0=1 1+8+0=9 =918`."""
+    steps, total = [], None
+    for power, d in enumerate(map(int, reversed(str(b)))):
+        partial = a * d * 10**power
+        steps += [digit_product_steps(a, d), f"={partial}"]
+        if total is not None:
+            steps += [addition_steps(total, partial), f"={total + partial}"]
+        total = partial if total is None else total + partial
     return " ".join(steps)
 
 

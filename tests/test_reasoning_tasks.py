@@ -176,17 +176,36 @@ def _check_subtraction(a: int, b: int, steps: list[str]) -> int:
     return -value if swapped else value
 
 
-def _check_product(a: int, b: int, steps: list[str]) -> int:
-    total = None
+def _check_digit_product(a: int, d: int, steps: list[str]) -> int:
+    """The product of a and one digit d that `x*d+carry=v` steps write, each step checked."""
+    carry, digits = 0, []
+    assert len(steps) == len(str(a))
     for index, step in enumerate(steps):
-        if index < len(str(b)):
-            x, factor, product = map(int, re.fullmatch(r"(\d+)\*(\d+)=(\d+)", step).groups())
-            assert (x, factor, product) == (a, _digit(str(b), index) * 10**index, a * factor)
-            total = product if total is None else total
-        else:
-            x, y, summed = map(int, re.fullmatch(r"(\d+)\+(\d+)=(\d+)", step).groups())
-            assert x == total and summed == x + y
-            total = summed
+        x, y, c, value = map(int, re.fullmatch(r"(\d)\*(\d)\+(\d)=(\d+)", step).groups())
+        assert (x, y, c, value) == (_digit(str(a), index), d, carry, x * d + c)
+        digits.append(value % 10)
+        carry = value // 10
+    return int(str(carry) + "".join(map(str, reversed(digits))))
+
+
+def _check_product(a: int, b: int, steps: list[str]) -> int:
+    """Long multiplication: per digit of b, its digit products and the shifted partial
+    (`=810`), then the column sum into the running total (`=918`), each step checked."""
+    total, at = None, 0
+    for power, d in enumerate(map(int, reversed(str(b)))):
+        product = _check_digit_product(a, d, steps[at : at + len(str(a))])
+        at += len(str(a))
+        partial = product * 10**power
+        assert steps[at] == f"={partial}"
+        at += 1
+        if total is None:
+            total = partial
+            continue
+        width = max(len(str(total)), len(str(partial)))
+        total = _check_columns(total, partial, steps[at : at + width])
+        assert steps[at + width] == f"={total}"
+        at += width + 1
+    assert at == len(steps)
     return total
 
 
