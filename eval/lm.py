@@ -24,6 +24,7 @@ from data_prep.tasks import ArithmeticTask, TaskBase, TaskConfig
 from eval.harness import SHIPPED, task_names_problem
 from eval.lm_metrics import evaluate_model, greedy_samples
 from eval.test_time import k_problems, ood_problem
+from eval.vllm_engine import GenerationConfig, engine_for, plan_problem
 from pipeline.engine.config import StageConfig
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
@@ -84,6 +85,10 @@ class Config(StageConfig):
         description="out-of-distribution problems answered greedily (generated tasks only: "
         "longer operands, more numbers); 0: off",
     )
+    generation: GenerationConfig = Field(
+        GenerationConfig(), json_schema_extra={"fingerprint": "when_set"},
+        description="the engine that generates task answers (hf, or vllm: eval.vllm_engine)",
+    )  # fmt: skip
     lm_eval_tasks: list[str] = Field(
         [], description="lm-eval tasks: task_gen, task_choice (over `task`) or installed names"
     )
@@ -138,11 +143,12 @@ def score_causal(
     ]
     metrics: dict[str, Any] = {}
     if config.task_problems:
-        metrics = score_task(
-            model, tokenizer, task, config.task_problems, config.pass_k, config.pass_k_problems,
-            temperature=config.sample_temperature, k_values=config.k_values,
-            ood_problems=config.ood_problems,
-        )  # fmt: skip
+        with engine_for(config.generation, stage.path, tokenizer) as engine:
+            metrics = score_task(
+                model, tokenizer, task, config.task_problems, config.pass_k,
+                config.pass_k_problems, temperature=config.sample_temperature,
+                k_values=config.k_values, ood_problems=config.ood_problems, generator=engine,
+            )  # fmt: skip
         samples += [{"model": stage.label, **e} for e in metrics.pop("examples")]
     if config.lm_eval_tasks:
         harness = run_harness(
@@ -344,6 +350,8 @@ def plan_problems(view: PlanView) -> list[str]:
     problems += k_problems(cfg.k_values, cfg.pass_k, cfg.pass_k_problems, f"{where}.k_values")
     if cfg.ood_problems:
         problems.append(ood_problem(task, cfg.ood_problems, f"{where}.ood_problems"))
+    if cfg.task_problems:
+        problems.append(plan_problem(cfg.generation, f"{where}.generation"))
     if any(name in SHIPPED for name in cfg.lm_eval_tasks):
         problems.append(draw_problem(task, "test", cfg.lm_eval_limit, f"{where}.lm_eval_limit"))
     if "task_choice" in cfg.lm_eval_tasks:

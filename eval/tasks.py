@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from data_prep.tasks import TaskBase, score, task_problems
-from eval.generation import generate
+from eval.generation import Generator, generate
 from eval.macro import macro_average, macro_paired_test, subtask_counts
 from eval.stats import mcnemar, wilson_interval
 from eval.test_time import PASS_KEY, k_list, length_metrics, sampled_metrics
@@ -56,6 +56,7 @@ def score_task(
     k_values: Sequence[int] | None = None,
     ood_problems: int = 0,
     shots: str = "",
+    generator: Generator | None = None,
 ) -> dict[str, Any]:
     """Greedy accuracy (micro, with a 95% interval, and macro over subtasks), format rate,
     per-subtask accuracy, lengths, pass@k and maj@k for k of `k_values` (see
@@ -64,28 +65,37 @@ def score_task(
 
     Returns metrics plus `outcomes` (one row per problem with the completion and whether it was
     right, for paired tests) and `examples` (the first five). `shots` (see few_shot_prefix)
-    goes before every prompt the model sees; outcomes keep the plain prompts.
+    goes before every prompt the model sees; outcomes keep the plain prompts. `generator`
+    (prompts, max_new_tokens, samples, temperature) -> completions replaces the model's own
+    generation (eval.vllm_engine).
     """
+    if generator is None:
+
+        def generator(
+            prompts: list[str], new: int, samples: int = 1, temperature: float = 1.0
+        ) -> list[list[str]]:
+            return generate(
+                model, tokenizer, prompts, new, samples=samples, temperature=temperature
+            )
+
     problems = task_problems(task, "test", num_problems, EVAL_SEED)
     was_training = model.training
     model.eval()
-    greedy = [c[0] for c in generate(model, tokenizer, [shots + p["prompt"] for p in problems],
-                                     answer_tokens(problems))]  # fmt: skip
+    greedy = [c[0] for c in generator([shots + p["prompt"] for p in problems],
+                                      answer_tokens(problems))]  # fmt: skip
     metrics, correct = greedy_metrics(task, problems, greedy)
     if pass_k > 1 and pass_k_problems:
         import torch
 
         torch.manual_seed(EVAL_SEED)  # the same samples for the same model, run after run
         sampled = problems[:pass_k_problems]
-        drawn = generate(
-            model, tokenizer, [shots + p["prompt"] for p in sampled], answer_tokens(problems),
-            samples=pass_k, temperature=temperature,
-        )  # fmt: skip
+        drawn = generator(
+            [shots + p["prompt"] for p in sampled], answer_tokens(problems), pass_k, temperature
+        )
         metrics |= sampled_metrics(task, sampled, drawn, k_list(pass_k, k_values))
     if ood_problems:
         far = task_problems(task, "ood", ood_problems, EVAL_SEED)
-        texts = [c[0] for c in generate(model, tokenizer, [shots + p["prompt"] for p in far],
-                                        answer_tokens(far))]  # fmt: skip
+        texts = [c[0] for c in generator([shots + p["prompt"] for p in far], answer_tokens(far))]
         scored, _ = greedy_metrics(task, far, texts)
         metrics |= {k.replace("task_", "task_ood_", 1): v for k, v in scored.items()}
     model.train(was_training)

@@ -113,8 +113,9 @@ def corpus(seed: int = SEED) -> list[str]:
     return documents
 
 
-def build_qwen2(path: Path) -> Path:
-    """A Qwen2.5-style dir: tied bf16 weights, byte-level BPE, ChatML, no BOS; returns `path`."""
+def build_qwen2(path: Path, **shape: int) -> Path:
+    """A Qwen2.5-style dir: tied bf16 weights, byte-level BPE, ChatML, no BOS; returns `path`.
+    `shape` overrides SHAPE's entries."""
     # Qwen's own normalizer and pre-tokenizer: AutoTokenizer loads a qwen2 dir as Qwen2Tokenizer,
     # which keeps only the vocab and merges of tokenizer.json and rebuilds the rest as these.
     backend = _byte_level_bpe(
@@ -142,7 +143,7 @@ def build_qwen2(path: Path) -> Path:
     endoftext, im_end = backend.token_to_id(ENDOFTEXT), backend.token_to_id(IM_END)
     multiple = QWEN2_EMBEDDING_MULTIPLE
     config = Qwen2Config(
-        **SHAPE,
+        **SHAPE | shape,
         vocab_size=-(-backend.get_vocab_size() // multiple) * multiple,
         tie_word_embeddings=True,
         rope_theta=1_000_000.0,
@@ -155,8 +156,9 @@ def build_qwen2(path: Path) -> Path:
     return _save(path, Qwen2ForCausalLM, config, generation, tokenizer, torch.bfloat16)
 
 
-def build_llama(path: Path) -> Path:
-    """A Llama-2-style dir: untied fp32 weights, SentencePiece BPE adding BOS, no pad token."""
+def build_llama(path: Path, **shape: int) -> Path:
+    """A Llama-2-style dir: untied fp32 weights, SentencePiece BPE adding BOS, no pad token;
+    `shape` overrides SHAPE's entries."""
     model_file = path / "tokenizer.model"
     path.mkdir(parents=True, exist_ok=True)
     model_file.write_bytes(_sentencepiece_bpe(vocab_size=600))
@@ -165,7 +167,7 @@ def build_llama(path: Path) -> Path:
     native = LlamaTokenizer.convert_to_native_format(vocab_file=str(model_file))
     native.pop("additional_special_tokens", None)
     tokenizer = LlamaTokenizer(**native, add_bos_token=True)
-    config = LlamaConfig(**SHAPE, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(**SHAPE | shape, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2)
     generation = GenerationConfig(bos_token_id=1, eos_token_id=2)
     return _save(path, LlamaForCausalLM, config, generation, tokenizer, torch.float32)
 

