@@ -113,6 +113,11 @@ class ArithmeticTask(GeneratedTask):
     def steps(self, key: Key) -> str:
         return arithmetic_steps(*key)
 
+    def signature(self) -> dict[str, Any]:
+        """The version of the worked steps, for fingerprints: 2 since `*` is long multiplication
+        in one-digit steps (runs made with the one-step partial products rerun)."""
+        return {"cot_steps": 2} if self.format == "cot" else {}
+
     def subtask(self, key: Key) -> str:
         return key[1]
 

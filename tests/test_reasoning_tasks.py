@@ -314,6 +314,17 @@ def test_direct_format_is_byte_identical_to_before() -> None:
     assert SortTask().problem(("3815",))["completion"] == " 1358"
 
 
+def test_arithmetic_cot_steps_version_is_in_the_fingerprint_and_direct_keeps_its_own() -> None:
+    """`*`'s worked steps changed (long multiplication), so an arithmetic cot stage's data
+    signature (hashed into its fingerprint) changes with them; direct arithmetic's and the other
+    families' stay empty, as they were."""
+    from data_prep.task_base import task_file_signature
+
+    assert task_file_signature(ArithmeticTask(format="cot")) != {}
+    for task in (ArithmeticTask(), AdditionTask(format="cot"), SortTask(format="cot")):
+        assert task_file_signature(task) == {}
+
+
 def test_balanced_training_rows_are_even_over_lengths_and_held_out_stays_uniform() -> None:
     """Addition of 1..5 digits: uniform draws are 99% five-digit problems; balanced training rows
     give each length a fifth, except where a length has fewer distinct problems (1 digit: 90
