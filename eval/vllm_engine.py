@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -112,13 +113,14 @@ class VllmEngine:
         return float(reply["seconds"]), reply["token_ids"]
 
     def generate(
-        self, prompts: list[str], max_new_tokens: int, samples: int = 1, temperature: float = 1.0
-    ) -> list[list[str]]:
+        self, prompts: list[str], max_new_tokens: int, samples: int = 1, temperature: float = 1.0,
+        seed: int = 0,
+    ) -> list[list[str]]:  # fmt: skip
         """Completions as eval.generation.generate returns them: the prompts encoded without
         special tokens, the new tokens decoded skipping them."""
         encoded = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         eos = self.tokenizer.eos_token_id
-        _, drawn = self.token_ids(encoded, max_new_tokens, samples, temperature, eos)
+        _, drawn = self.token_ids(encoded, max_new_tokens, samples, temperature, eos, seed)
         decode = self.tokenizer.batch_decode
         return [decode(samples_ids, skip_special_tokens=True) for samples_ids in drawn]
 
@@ -140,11 +142,13 @@ class VllmEngine:
 
 
 @contextlib.contextmanager
-def engine_for(config: GenerationConfig, model_dir: Path, tokenizer: Any) -> Iterator[Any]:
-    """The generator score_task uses for one model: None (the model's own generation) for hf, a
-    started vLLM engine's `generate` for vllm (stopped on the way out)."""
+def engine_for(
+    config: GenerationConfig, model_dir: Path, tokenizer: Any, seed: int = 0
+) -> Iterator[Any]:
+    """The generator for one model: None (the model's own generation) for hf, a started vLLM
+    engine's `generate` sampling with `seed` for vllm (stopped on the way out)."""
     if config.engine != "vllm":
         yield None
         return
     with VllmEngine(config.python or sys.executable, model_dir, tokenizer) as engine:
-        yield engine.generate
+        yield partial(engine.generate, seed=seed)

@@ -95,6 +95,49 @@ def test_an_eval_stage_with_engine_vllm_gives_the_hf_stages_greedy_outcomes(
     assert len(outcomes["vllm"]) == 300 and outcomes["vllm"] == outcomes["hf"]
 
 
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_preferences_sampled_by_vllm_pair_the_engines_own_seeded_samples(
+    vllm_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """A preferences stage with engine: vllm pairs completions that vLLM itself samples for the
+    stage's seed: each pair's chosen and rejected are among a fresh engine's samples."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from data_prep.tasks import SortTask, task_problems
+    from eval.families import load_model
+    from eval.vllm_engine import VllmEngine
+    from pipeline.stages.preferences import read_pairs
+
+    model = vllm_dirs["llama"]
+    _, tokenizer = load_model(model, "cpu")
+    judge = tmp_path / "judge"  # a random reward model: distinct samples score apart, so pair
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2,
+                        num_labels=1, pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+    GPT2ForSequenceClassification(config).save_pretrained(judge)
+    tokenizer.save_pretrained(judge)
+    task = {"name": "sort", "min_length": 3, "max_length": 4}
+    stage = {
+        "kind": "preferences", "model": {"path": str(model)}, "task": task, "num_prompts": 40,
+        "samples": 6, "temperature": 1.5, "max_completion_length": 6, "judge": "reward_model",
+        "reward_model": [{"path": str(judge)}],
+        "generation": {"engine": "vllm", "python": str(VLLM_PYTHON)},
+    }  # fmt: skip
+    data = {"name": "prefs", "seed": 3, "run_dir": str(tmp_path / "run"),
+            "tracking": {"mode": "disabled"}, "stages": {"prefs": stage}}  # fmt: skip
+    result = cli("run", str(write_recipe(tmp_path / "prefs.yaml", data)))
+    assert result.returncode == 0, result.stderr
+    pairs = read_pairs(tmp_path / "run" / "prefs" / "export")
+    problems = task_problems(SortTask(min_length=3, max_length=4), "train", 40, 3)
+    with VllmEngine(str(VLLM_PYTHON), model, tokenizer) as engine:
+        drawn = engine.generate([p["prompt"] for p in problems], 6, 6, 1.5, seed=3 + 1)
+    samples = {p["prompt"]: d for p, d in zip(problems, drawn, strict=True)}
+    assert pairs and all(
+        {pair["chosen"], pair["rejected"]} <= set(samples[pair["prompt"]]) for pair in pairs
+    )
+
+
 @pytest.mark.e2e
 def test_engine_vllm_with_a_python_that_lacks_vllm_is_refused_by_the_dry_run(
     llama_dir: Path, tmp_path: Path

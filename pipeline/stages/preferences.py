@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from data_prep.task_base import task_file_signature
 from data_prep.tasks import ArithmeticTask, TaskConfig
+from eval.vllm_engine import GenerationConfig, engine_for, plan_problem
 from pipeline.engine.config import StageConfig
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
@@ -89,6 +90,11 @@ class Config(StageConfig):
     max_completion_length: int | None = Field(
         None, ge=1, description="tokens per completion; default: the task's longest answer + 1"
     )
+    generation: GenerationConfig = Field(
+        GenerationConfig(), json_schema_extra={"fingerprint": "when_set"},
+        description="the engine that samples the policy (hf, or vllm: eval.vllm_engine; its "
+        "samples are seeded by vLLM, not the hf engine's)",
+    )  # fmt: skip
 
     def data_signature(self) -> dict[str, Any]:
         """A labels file by size and mtime, a JSONL task's file: a change reruns the stage."""
@@ -283,8 +289,14 @@ def sampled_pairs(ctx: StageContext, cfg: Config) -> tuple[list[dict[str, Any]],
     problems = task_problems(cfg.task, "train", skip + cfg.num_prompts, ctx.seed)[skip:]
     tokens = cfg.max_completion_length or answer_tokens(problems)
     torch.manual_seed(ctx.seed + cfg.round)
-    drawn = generate(model, tokenizer, [p["prompt"] for p in problems], tokens,
-                     samples=cfg.samples, temperature=cfg.temperature)  # fmt: skip
+    seed = ctx.seed + cfg.round
+    prompts = [p["prompt"] for p in problems]
+    with engine_for(cfg.generation, source.path, tokenizer, seed) as engine:
+        if engine is None:
+            drawn = generate(model, tokenizer, prompts, tokens, samples=cfg.samples,
+                             temperature=cfg.temperature)  # fmt: skip
+        else:
+            drawn = engine(prompts, tokens, cfg.samples, cfg.temperature)
     del model
     judge_label = None
     if cfg.judge == "task":
@@ -334,14 +346,18 @@ def sampled_pairs(ctx: StageContext, cfg: Config) -> tuple[list[dict[str, Any]],
 
 
 def plan_problems(view: PlanView) -> list[str]:
-    """Sampling needs a policy: a model stage upstream or `model:`."""
+    """Sampling needs a policy (a model stage upstream or `model:`) and, with engine: vllm, a
+    Python that has vLLM."""
     cfg: Config = view.config
-    if cfg.judge == "labels" or view.first("model") is not None:
+    if cfg.judge == "labels":
         return []
-    return [
-        f"stages.{view.name}.model: judge: {cfg.judge} samples a policy, and none is given or "
-        f"upstream; set model: STAGE or {{path: DIR}}, or add a model stage to `after`"
-    ]
+    if view.first("model") is None:
+        return [
+            f"stages.{view.name}.model: judge: {cfg.judge} samples a policy, and none is given "
+            f"or upstream; set model: STAGE or {{path: DIR}}, or add a model stage to `after`"
+        ]
+    engine = plan_problem(cfg.generation, f"stages.{view.name}.generation")
+    return [engine] if engine else []
 
 
 SPEC = StageSpec(
