@@ -158,3 +158,32 @@ def test_engine_vllm_with_a_python_that_lacks_vllm_is_refused_by_the_dry_run(
     result = cli("run", str(missing), "--dry-run")
     assert result.returncode == 2 and "generation.python" in result.stderr
     assert not (tmp_path / "run-vllm" / "eval" / "stage.json").exists()
+
+
+def test_rlhf_vllm_rollouts_are_trls_own_arguments_and_need_cuda() -> None:
+    """rollouts: {engine: vllm} becomes TRL's use_vllm/vllm_mode (GRPO and RLOO take them); the
+    plan refuses it without CUDA (TRL's server mode syncs weights over NCCL, and its colocate
+    mode needs vLLM beside our transformers) and refuses server mode without a URL. No GPU here:
+    the CUDA branch is checked by passing cuda=True."""
+    from types import SimpleNamespace
+
+    from trl import GRPOConfig, RLOOConfig
+
+    from pipeline.stages.rlhf_trainers import RolloutConfig, rollout_problem, rollout_settings
+
+    server = RolloutConfig(engine="vllm", mode="server", server_base_url="http://gen:8000")
+    for trainer in (GRPOConfig, RLOOConfig):
+        args = trainer(output_dir="unused", use_cpu=True, bf16=False, **rollout_settings(server))
+        assert (args.use_vllm, args.vllm_mode, args.vllm_server_base_url) == (
+            True, "server", "http://gen:8000",
+        )  # fmt: skip
+    assert rollout_settings(RolloutConfig()) == {}
+    assert rollout_settings(RolloutConfig(engine="vllm")) == {
+        "use_vllm": True, "vllm_mode": "colocate",
+    }  # fmt: skip
+    stage = SimpleNamespace(rollouts=server)
+    assert "need a CUDA GPU" in rollout_problem(stage, "stages.rlhf", cuda=False)
+    assert rollout_problem(stage, "stages.rlhf", cuda=True) is None
+    stage.rollouts = RolloutConfig(engine="vllm", mode="server")
+    assert "server_base_url" in rollout_problem(stage, "stages.rlhf", cuda=True)
+    assert rollout_problem(SimpleNamespace(rollouts=RolloutConfig()), "x", cuda=False) is None

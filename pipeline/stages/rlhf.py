@@ -23,7 +23,11 @@ from pipeline.stages.posttrain import BUILTIN_TASK, TaskStageConfig
 from pipeline.stages.reward_models import Ensemble
 from pipeline.stages.rewards import RewardName, reward_columns
 from pipeline.stages.rl_guard import GuardConfig
-from pipeline.stages.rlhf_trainers import generation_batch_problem
+from pipeline.stages.rlhf_trainers import (
+    RolloutConfig,
+    generation_batch_problem,
+    rollout_problem,
+)
 from pipeline.stages.rows import draws_problems, pairs_problem, task_stage_draws
 
 # Fields only one algorithm reads (the others would ignore them), and the values that are off.
@@ -37,6 +41,7 @@ ONLY_FOR = {
     "num_iterations": (("grpo",), 1),
     "dpo_sft_weight": (("dpo",), 0.0),
     "dpo_loss": (("dpo",), "sigmoid"),
+    "rollouts": (("grpo", "rloo"), RolloutConfig()),
 }
 
 # Trainer log keys (GRPO/RLOO/DPO) recorded in the stage summary under our names.
@@ -77,6 +82,10 @@ class Config(TaskStageConfig):
     pairs: str | None = Field(
         None, description="dpo: a preferences stage whose pairs to train on, instead of `data`"
     )
+    rollouts: RolloutConfig = Field(
+        RolloutConfig(), json_schema_extra={"fingerprint": "when_set"},
+        description="the engine of GRPO/RLOO rollouts: hf, or vllm through TRL (CUDA)",
+    )  # fmt: skip
     guard: GuardConfig | None = Field(
         None,
         description="measure gold (held-apart task problems) and KL to the start every N steps, "
@@ -224,6 +233,7 @@ def plan_problems(view: PlanView) -> list[str]:
     for problem in (
         generation_batch_problem(cfg, view.world_size, where),
         reference_problem(cfg, where),
+        rollout_problem(cfg, where),
     ):
         if problem:
             problems.append(problem)

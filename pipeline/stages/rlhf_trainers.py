@@ -4,14 +4,63 @@ launch loads it partitioned), their data and their rewards. `cfg` is the rlhf st
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import Field
+
+from pipeline.engine.config import Strict
 from pipeline.engine.errors import PipelineError
 from pipeline.stages.dpo_losses import dpo_losses
 from pipeline.stages.posttrain import BUILTIN_TASK
 
 if TYPE_CHECKING:
     from pipeline.engine.context import StageContext
+
+
+class RolloutConfig(Strict):
+    """Which engine generates GRPO/RLOO rollouts: TRL's own (`use_vllm`, `vllm_mode`)."""
+
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: the policy's own generate; vllm: TRL's vLLM generation (CUDA)"
+    )
+    mode: Literal["colocate", "server"] = Field(
+        "colocate",
+        description="colocate: vLLM inside each training process; server: a `trl vllm-serve` "
+        "server at server_base_url (weights sent after each optimiser step)",
+    )
+    server_base_url: str | None = Field(
+        None, description="mode server: the server's URL, e.g. http://gen-node:8000"
+    )
+
+
+def rollout_settings(rollouts: RolloutConfig) -> dict[str, Any]:
+    """The GRPOConfig/RLOOConfig arguments of `rollouts` (none for hf)."""
+    if rollouts.engine != "vllm":
+        return {}
+    server = {"vllm_server_base_url": rollouts.server_base_url} if rollouts.mode == "server" else {}
+    return {"use_vllm": True, "vllm_mode": rollouts.mode, **server}
+
+
+def rollout_problem(cfg: Any, where: str, cuda: bool | None = None) -> str | None:
+    """vLLM rollouts run where TRL can run them: on CUDA (its server mode sends weights over
+    NCCL; its colocate mode imports vLLM beside our transformers, which vLLM's CPU build pins
+    below ours), with a server URL in server mode (ONLY_FOR keeps it to GRPO/RLOO)."""
+    rollouts = cfg.rollouts
+    if rollouts.engine != "vllm":
+        return None
+    if rollouts.mode == "server" and not rollouts.server_base_url:
+        return f"{where}.rollouts.server_base_url: mode server needs the server's URL; set it"
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        return (
+            f"{where}.rollouts: TRL's vLLM rollouts need a CUDA GPU (server mode syncs weights "
+            f"over NCCL; colocate mode needs vLLM beside this transformers, which vLLM's CPU build "
+            f"refuses); use engine: hf here"
+        )
+    return None
 
 
 def generation_batch_problem(cfg: Any, world_size: int, where: str) -> str | None:
@@ -54,7 +103,10 @@ def trainer_config(ctx: StageContext, cfg: Any, twin: Any) -> Any:
         return DPOConfig(**common, **ref, **beta, **dpo_losses(cfg), max_length=cfg.max_length)
     if problem := generation_batch_problem(cfg, ctx.world_size, f"stages.{ctx.name}"):
         raise PipelineError(problem)
+    if problem := rollout_problem(cfg, f"stages.{ctx.name}"):
+        raise PipelineError(problem)
     sampling = {
+        **rollout_settings(cfg.rollouts),
         "num_generations": cfg.num_generations,
         "max_completion_length": cfg.max_completion_length,
         "temperature": cfg.temperature,
