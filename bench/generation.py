@@ -153,10 +153,10 @@ def main() -> None:
                 same[name] = f"{sum(a == c for a, c in zip(today, new, strict=True))}/{len(new)}"
             for engine, (runner, row_names) in engines.items():
                 if name in row_names:
-                    engine_s, theirs = runner.generate(batch_prompts, max_new)
+                    engine_s, theirs = runner.timed_generate(batch_prompts, max_new)
                     if round_index:
                         others.setdefault((name, engine), []).append(engine_s)
-                    agree = sum(a == c[0] for a, c in zip(theirs, new, strict=True))
+                    agree = sum(a == c for a, c in zip(theirs, new, strict=True))
                     same[f"{name} {engine}"] = f"{agree}/{len(new)}"
     longest = max(len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts)
     print(

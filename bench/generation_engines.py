@@ -11,29 +11,6 @@ from pathlib import Path
 from typing import Any
 
 
-class VllmTimed:
-    """eval.vllm_engine's engine for `export_dir`, in `python`'s environment; generate() gives
-    the seconds timed inside the engine's process (no pipe or decoding)."""
-
-    def __init__(self, python: str, export_dir: Path, tokenizer: Any) -> None:
-        from eval.vllm_engine import VllmEngine
-
-        self.engine = VllmEngine(python, export_dir, tokenizer)
-        self.tokenizer = tokenizer
-        self.start_s = self.engine.start_s
-
-    def generate(self, prompts: list[str], max_new_tokens: int) -> tuple[float, list[str]]:
-        """(seconds, greedy completions) of one batch."""
-        encoded = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-        eos = self.tokenizer.eos_token_id
-        seconds, drawn = self.engine.token_ids(encoded, max_new_tokens, 1, 0.0, eos)
-        decode = self.tokenizer.decode
-        return seconds, [decode(ids[0], skip_special_tokens=True) for ids in drawn]
-
-    def close(self) -> None:
-        self.engine.close()
-
-
 class LlamaCppEngine:
     """llama.cpp on the export converted to GGUF (f32), one stream, greedy, all cores."""
 
@@ -49,9 +26,11 @@ class LlamaCppEngine:
         )
         self.start_s = time.perf_counter() - start
 
-    def generate(self, prompts: list[str], max_new_tokens: int) -> tuple[float, list[str]]:
-        """(seconds, greedy completions), prompts one after another (llama-cpp-python's `Llama`
-        holds one sequence)."""
+    def timed_generate(
+        self, prompts: list[str], max_new_tokens: int
+    ) -> tuple[float, list[list[str]]]:
+        """(seconds, greedy completions as eval.generation.generate returns them), prompts one
+        after another (llama-cpp-python's `Llama` holds one sequence)."""
         start = time.perf_counter()
         completions = []
         for prompt in prompts:
@@ -64,7 +43,8 @@ class LlamaCppEngine:
                 new.append(token)
                 if len(new) == max_new_tokens:
                     break
-            completions.append(self.llm.detokenize(new, prev_tokens=ids).decode("utf-8", "replace"))
+            text = self.llm.detokenize(new, prev_tokens=ids).decode("utf-8", "replace")
+            completions.append([text])
         return time.perf_counter() - start, completions
 
 
@@ -77,8 +57,10 @@ def start_engines(args: Any, n_ctx: int, tokenizer: Any) -> dict[str, tuple[Any,
             ("greedy b=1", "eval greedy"),
         )
     if args.vllm_python:
+        from eval.vllm_engine import VllmEngine  # timed inside its process: no pipe, no decoding
+
         engines["vllm"] = (
-            VllmTimed(args.vllm_python, args.export_dir, tokenizer),
+            VllmEngine(args.vllm_python, args.export_dir, tokenizer),
             ("eval greedy",),
         )
     return engines

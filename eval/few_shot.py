@@ -48,6 +48,22 @@ def check_positions(
     )
 
 
+def stage_task_metrics(
+    config: Any, task: TaskBase, stage: Any, model: Any, tokenizer: Any, shots: str = ""
+) -> dict[str, Any]:
+    """score_task with an eval stage's settings (config) on one of its models, generating with
+    the stage's engine (`generation`)."""
+    from eval.tasks import score_task
+    from eval.vllm_engine import engine_for
+
+    with engine_for(config.generation, stage.path, model, tokenizer) as generator:
+        return score_task(
+            model, tokenizer, task, config.task_problems, config.pass_k, config.pass_k_problems,
+            temperature=config.sample_temperature, k_values=config.k_values,
+            ood_problems=config.ood_problems, shots=shots, generator=generator,
+        )  # fmt: skip
+
+
 def few_shot_row(
     where: str, config: Any, task: TaskBase, stage: Any, device: str
 ) -> tuple[str, dict[str, Any]]:
@@ -55,16 +71,10 @@ def few_shot_row(
     eval stage's), and the row's label. A model with learned positions that a k-shot prompt
     would run past is a one-line error, not an index error mid-generation."""
     from eval.families import load_model
-    from eval.tasks import few_shot_prefix, score_task
-    from eval.vllm_engine import engine_for
+    from eval.tasks import few_shot_prefix
 
     model, tokenizer = load_model(stage.path, device)
     shots = few_shot_prefix(task, config.few_shot)
     check_positions(where, config, task, stage.label, model, tokenizer, shots)
-    with engine_for(config.generation, stage.path, tokenizer) as engine:
-        metrics = score_task(
-            model, tokenizer, task, config.task_problems, config.pass_k, config.pass_k_problems,
-            temperature=config.sample_temperature, k_values=config.k_values,
-            ood_problems=config.ood_problems, shots=shots, generator=engine,
-        )  # fmt: skip
+    metrics = stage_task_metrics(config, task, stage, model, tokenizer, shots)
     return f"{stage.label} {config.few_shot}-shot", metrics

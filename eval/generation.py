@@ -158,6 +158,19 @@ def generate(
     return completions
 
 
+def hf_generator(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Generator:
+    """`generate` on this model as a Generator (the default engine)."""
+
+    def generator(
+        prompts: list[str], max_new_tokens: int, samples: int = 1, temperature: float = 1.0
+    ) -> list[list[str]]:
+        return generate(
+            model, tokenizer, prompts, max_new_tokens, samples=samples, temperature=temperature
+        )
+
+    return generator
+
+
 def generate_batch(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

@@ -24,7 +24,7 @@ from data_prep.tasks import ArithmeticTask, TaskBase, TaskConfig
 from eval.harness import SHIPPED, task_names_problem
 from eval.lm_metrics import evaluate_model, greedy_samples
 from eval.test_time import k_problems, ood_problem
-from eval.vllm_engine import GenerationConfig, engine_for, plan_problem
+from eval.vllm_engine import GenerationConfig, plan_problem
 from pipeline.engine.config import StageConfig
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
@@ -133,8 +133,8 @@ def score_causal(
     ctx: StageContext, config: Config, task: TaskBase, model: Any, tokenizer: Any, stage: Any
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Samples, task accuracy and lm-eval metrics of one causal LM; (metrics, sample rows)."""
+    from eval.few_shot import stage_task_metrics
     from eval.harness import run_harness
-    from eval.tasks import score_task
 
     completions = greedy_samples(model, tokenizer, config.prompts, config.max_new_tokens)
     samples = [
@@ -143,12 +143,7 @@ def score_causal(
     ]
     metrics: dict[str, Any] = {}
     if config.task_problems:
-        with engine_for(config.generation, stage.path, tokenizer) as engine:
-            metrics = score_task(
-                model, tokenizer, task, config.task_problems, config.pass_k,
-                config.pass_k_problems, temperature=config.sample_temperature,
-                k_values=config.k_values, ood_problems=config.ood_problems, generator=engine,
-            )  # fmt: skip
+        metrics = stage_task_metrics(config, task, stage, model, tokenizer)
         samples += [{"model": stage.label, **e} for e in metrics.pop("examples")]
     if config.lm_eval_tasks:
         harness = run_harness(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from data_prep.tasks import TaskBase, score, task_problems
-from eval.generation import Generator, generate
+from eval.generation import Generator, generate, hf_generator  # noqa: F401 (generate: re-exported)
 from eval.macro import macro_average, macro_paired_test, subtask_counts
 from eval.stats import mcnemar, wilson_interval
 from eval.test_time import PASS_KEY, k_list, length_metrics, sampled_metrics
@@ -69,15 +69,7 @@ def score_task(
     (prompts, max_new_tokens, samples, temperature) -> completions replaces the model's own
     generation (eval.vllm_engine).
     """
-    if generator is None:
-
-        def generator(
-            prompts: list[str], new: int, samples: int = 1, temperature: float = 1.0
-        ) -> list[list[str]]:
-            return generate(
-                model, tokenizer, prompts, new, samples=samples, temperature=temperature
-            )
-
+    generator = generator or hf_generator(model, tokenizer)
     problems = task_problems(task, "test", num_problems, EVAL_SEED)
     was_training = model.training
     model.eval()

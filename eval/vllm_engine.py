@@ -28,6 +28,7 @@ from typing import IO, Any, Literal
 
 from pydantic import Field
 
+from eval.generation import Generator, hf_generator
 from pipeline.engine.config import Strict
 from pipeline.engine.errors import PipelineError
 
@@ -112,17 +113,25 @@ class VllmEngine:
         reply = self._reply()
         return float(reply["seconds"]), reply["token_ids"]
 
+    def timed_generate(
+        self, prompts: list[str], max_new_tokens: int, samples: int = 1, temperature: float = 1.0,
+        seed: int = 0,
+    ) -> tuple[float, list[list[str]]]:  # fmt: skip
+        """(seconds timed inside the engine's process, completions as
+        eval.generation.generate returns them: the prompts encoded without special tokens, the
+        new tokens decoded skipping them)."""
+        encoded = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        eos = self.tokenizer.eos_token_id
+        seconds, drawn = self.token_ids(encoded, max_new_tokens, samples, temperature, eos, seed)
+        decode = self.tokenizer.batch_decode
+        return seconds, [decode(samples_ids, skip_special_tokens=True) for samples_ids in drawn]
+
     def generate(
         self, prompts: list[str], max_new_tokens: int, samples: int = 1, temperature: float = 1.0,
         seed: int = 0,
     ) -> list[list[str]]:  # fmt: skip
-        """Completions as eval.generation.generate returns them: the prompts encoded without
-        special tokens, the new tokens decoded skipping them."""
-        encoded = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-        eos = self.tokenizer.eos_token_id
-        _, drawn = self.token_ids(encoded, max_new_tokens, samples, temperature, eos, seed)
-        decode = self.tokenizer.batch_decode
-        return [decode(samples_ids, skip_special_tokens=True) for samples_ids in drawn]
+        """The completions of timed_generate (a Generator)."""
+        return self.timed_generate(prompts, max_new_tokens, samples, temperature, seed)[1]
 
     def close(self) -> None:
         if self.proc.stdin is not None:
@@ -143,12 +152,13 @@ class VllmEngine:
 
 @contextlib.contextmanager
 def engine_for(
-    config: GenerationConfig, model_dir: Path, tokenizer: Any, seed: int = 0
-) -> Iterator[Any]:
-    """The generator for one model: None (the model's own generation) for hf, a started vLLM
-    engine's `generate` sampling with `seed` for vllm (stopped on the way out)."""
+    config: GenerationConfig, model_dir: Path, model: Any, tokenizer: Any, seed: int = 0
+) -> Iterator[Generator]:
+    """The Generator for one model (loaded from `model_dir`): its own `generate` for hf (which
+    samples from the torch RNG), a started vLLM engine's sampling with `seed` for vllm (stopped
+    on the way out)."""
     if config.engine != "vllm":
-        yield None
+        yield hf_generator(model, tokenizer)
         return
     with VllmEngine(config.python or sys.executable, model_dir, tokenizer) as engine:
         yield partial(engine.generate, seed=seed)

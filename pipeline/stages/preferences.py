@@ -280,7 +280,7 @@ def sampled_pairs(ctx: StageContext, cfg: Config) -> tuple[list[dict[str, Any]],
 
     from data_prep.tasks import score, task_problems
     from eval.families import load_model
-    from eval.tasks import answer_tokens, generate
+    from eval.tasks import answer_tokens
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     source = ctx.input("model")
@@ -291,12 +291,8 @@ def sampled_pairs(ctx: StageContext, cfg: Config) -> tuple[list[dict[str, Any]],
     torch.manual_seed(ctx.seed + cfg.round)
     seed = ctx.seed + cfg.round
     prompts = [p["prompt"] for p in problems]
-    with engine_for(cfg.generation, source.path, tokenizer, seed) as engine:
-        if engine is None:
-            drawn = generate(model, tokenizer, prompts, tokens, samples=cfg.samples,
-                             temperature=cfg.temperature)  # fmt: skip
-        else:
-            drawn = engine(prompts, tokens, cfg.samples, cfg.temperature)
+    with engine_for(cfg.generation, source.path, model, tokenizer, seed) as generator:
+        drawn = generator(prompts, tokens, cfg.samples, cfg.temperature)
     del model
     judge_label = None
     if cfg.judge == "task":
