@@ -158,15 +158,16 @@ def generate(
     return completions
 
 
-def hf_generator(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Generator:
-    """`generate` on this model as a Generator (the default engine)."""
+def hf_generator(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int | None = None
+) -> Generator:
+    """`generate` on this model as a Generator (the default engine); `batch_size` prompts per
+    batch, default: by free memory."""
 
     def generator(
         prompts: list[str], max_new_tokens: int, samples: int = 1, temperature: float = 1.0
     ) -> list[list[str]]:
-        return generate(
-            model, tokenizer, prompts, max_new_tokens, samples=samples, temperature=temperature
-        )
+        return generate(model, tokenizer, prompts, max_new_tokens, batch_size, samples, temperature)
 
     return generator
 
@@ -179,7 +180,8 @@ def generate_batch(
     samples: int,
     sampler: SeededSampler | None,
 ) -> list[str]:
-    """Completions of one left-padded batch, `samples` rows per prompt (adjacent)."""
+    """Completions of one left-padded batch, `samples` rows per prompt (adjacent). Samples of a
+    prompt share its prefill: the cache of its tokens is computed once and repeated."""
     import torch
     from transformers import LogitsProcessorList
 
@@ -187,14 +189,15 @@ def generate_batch(
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     width = max(map(len, encoded))
-    rows = [[pad_id] * (width - len(e)) + e for e in encoded for _ in range(samples)]
-    ids = torch.tensor(rows, device=model.device)
-    starts = torch.tensor([width - len(e) for e in encoded for _ in range(samples)])
+    ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], device=model.device)
+    starts = torch.tensor([width - len(e) for e in encoded])
     mask = (torch.arange(width) >= starts[:, None]).long().to(model.device)
     with torch.inference_mode():
+        cache = shared_prefill(model, ids, mask, samples)
         output = model.generate(
-            ids,
-            attention_mask=mask,
+            ids.repeat_interleave(samples, dim=0),
+            attention_mask=mask.repeat_interleave(samples, dim=0),
+            cache=cache,
             max_new_tokens=max_new_tokens,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=pad_id,
@@ -202,3 +205,27 @@ def generate_batch(
             logits_processor=LogitsProcessorList([sampler] if sampler else []),
         )
     return tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+
+
+def shared_prefill(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, samples: int):
+    """The KV cache of every prompt token but the last, computed once per prompt and repeated
+    `samples` times, for `generate` to continue from (it runs the last token itself). None, so
+    `generate` prefills every row, for one sample (nothing to share), one-token prompts, or a
+    model whose cache cannot be repeated. Positions count from each row's first real token, as
+    `generate`'s own do, so the cache is the one `generate` would have built."""
+    import inspect
+
+    if samples == 1 or ids.shape[1] < 2:
+        return None
+    kwargs = {}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1  # the logits are not needed, only the cache
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = model(
+        ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True,
+        **kwargs,
+    ).past_key_values  # fmt: skip
+    if not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(samples)
+    return cache

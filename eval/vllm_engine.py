@@ -38,7 +38,9 @@ KV_CACHE_GIB = "2"
 
 
 class GenerationConfig(Strict):
-    """Which engine generates an eval's task answers."""
+    """Which engine generates task answers: an eval's, preference sampling's, and the in-loop
+    evaluations' (pretrain's eval_task, a task stage's periodic and final held-out accuracy,
+    the RL guard's gold)."""
 
     engine: Literal["hf", "vllm"] = Field(
         "hf", description="hf: Hugging Face generate (eval.generation); vllm: a vLLM engine"
@@ -48,12 +50,21 @@ class GenerationConfig(Strict):
         description="the Python of an environment with vLLM (CPU: `make vllm` builds "
         ".venv-vllm/bin/python); default: the pipeline's own",
     )
+    batch_size: int | None = Field(
+        None, ge=1, description="hf: prompts per batch; default: as many as fit in free memory"
+    )
 
 
-def plan_problem(config: GenerationConfig, where: str) -> str | None:
-    """What the plan can know: the vLLM environment's Python exists and has vLLM."""
+def plan_problem(config: GenerationConfig, where: str, live_processes: int = 0) -> str | None:
+    """What the plan can know: the vLLM environment's Python exists and has vLLM; a model being
+    trained by `live_processes` > 1 processes is not snapshotted for vLLM (live_engine)."""
     if config.engine != "vllm":
         return None
+    if live_processes > 1:
+        return (
+            f"{where}: engine vllm evaluates a model in training from one process, this launch "
+            f"has {live_processes}; use launch.nproc: 1, or engine: hf"
+        )
     python = config.python or sys.executable
     if not Path(python).is_file():
         return f"{where}.python: {python} does not exist; give an environment's bin/python"
@@ -158,7 +169,35 @@ def engine_for(
     samples from the torch RNG), a started vLLM engine's sampling with `seed` for vllm (stopped
     on the way out)."""
     if config.engine != "vllm":
-        yield hf_generator(model, tokenizer)
+        yield hf_generator(model, tokenizer, config.batch_size)
         return
     with VllmEngine(config.python or sys.executable, model_dir, tokenizer) as engine:
         yield partial(engine.generate, seed=seed)
+
+
+@contextlib.contextmanager
+def live_engine(
+    config: GenerationConfig | None, model: Any, tokenizer: Any, seed: int = 0
+) -> Iterator[Generator]:
+    """The Generator for a model in training: hf on its live weights; vllm on a snapshot of
+    them (an adapter merged in) saved with the tokenizer to a temporary directory, so the
+    engine answers with the weights of this step; the engine starts and stops per call."""
+    config = config or GenerationConfig()
+    if config.engine != "vllm":
+        yield hf_generator(model, tokenizer, config.batch_size)
+        return
+    with tempfile.TemporaryDirectory(prefix="live-model-") as snapshot:
+        save_snapshot(model, tokenizer, Path(snapshot))
+        with engine_for(config, Path(snapshot), model, tokenizer, seed) as generator:
+            yield generator
+
+
+def save_snapshot(model: Any, tokenizer: Any, directory: Path) -> None:
+    """The model's full weights (a LoRA adapter merged into a copy) and tokenizer, loadable by
+    vLLM as a model directory."""
+    import copy
+
+    if hasattr(model, "merge_and_unload"):  # peft: vLLM loads whole models
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)

@@ -82,6 +82,30 @@ def test_sampling_is_reproducible_from_the_seed_whatever_the_batch_size(llama: t
     assert len({c for cs in first for c in cs}) > len(PROMPTS)  # samples of a prompt differ
 
 
+def test_samples_share_their_prompts_prefill(llama: tuple, monkeypatch) -> None:
+    """The prompt's tokens run once per prompt, not once per sample, and the samples are the
+    ones a prefill of every row gives (what `generate` does without the shared cache)."""
+    import eval.generation as generation
+
+    model, tokenizer = llama
+    rows: list[tuple[int, int]] = []
+    hook = model.model.register_forward_hook(
+        lambda _m, _a, kwargs, _o: rows.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True,
+    )
+    try:
+        torch.manual_seed(3)
+        shared = generate(model, tokenizer, PROMPTS, 6, batch_size=8, samples=4)
+    finally:
+        hook.remove()
+    width = max(len(tokenizer.encode(p, add_special_tokens=False)) for p in PROMPTS)
+    assert rows[0] == (len(PROMPTS), width - 1)  # the prompts once, all but their last token
+    assert rows[1] == (4 * len(PROMPTS), 1) and all(r[1] == 1 for r in rows[1:])
+    monkeypatch.setattr(generation, "shared_prefill", lambda *_args: None)
+    torch.manual_seed(3)
+    assert generate(model, tokenizer, PROMPTS, 6, batch_size=8, samples=4) == shared
+
+
 def test_seeded_sampler_draws_from_the_softmax_at_the_temperature() -> None:
     """Argmax of the processed logits picks each token as often as softmax(logits / T) says."""
     logits = torch.log(torch.tensor([[1.0, 2.0, 5.0]]))

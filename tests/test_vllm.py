@@ -138,6 +138,37 @@ def test_preferences_sampled_by_vllm_pair_the_engines_own_seeded_samples(
     )
 
 
+@needs_vllm
+@pytest.mark.slow
+def test_in_loop_vllm_answers_with_the_weights_of_this_step(vllm_dirs: dict[str, Path]) -> None:
+    """The engine of the in-loop evaluations (pretrain's eval_task, a task stage's periodic and
+    held-out accuracy, the guard's gold) snapshots the live weights: with a LoRA adapter that
+    changes the model's answers, vLLM's greedy answers are the adapted model's, not the
+    directory's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from eval.families import load_model
+    from eval.generation import generate
+    from eval.vllm_engine import GenerationConfig, live_engine
+
+    model_dir = vllm_dirs["llama"]
+    model, tokenizer = load_model(model_dir, "cpu")
+    prompts = [f"Sort {n}:" for n in range(100, 400, 7)]
+    on_disk = [c[0] for c in generate(model, tokenizer, prompts, 10)]
+    lora = LoraConfig(
+        r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    torch.manual_seed(0)
+    live = get_peft_model(model, lora).eval()
+    trained = [c[0] for c in generate(live, tokenizer, prompts, 10)]
+    assert sum(a != b for a, b in zip(trained, on_disk, strict=True)) > len(prompts) // 4
+    config = GenerationConfig(engine="vllm", python=str(VLLM_PYTHON))
+    with live_engine(config, live, tokenizer) as generator:
+        assert [c[0] for c in generator(prompts, 10, 1, 1.0)] == trained
+    assert hasattr(live, "disable_adapter")  # the live model is left as it was (not merged)
+
+
 @pytest.mark.e2e
 def test_engine_vllm_with_a_python_that_lacks_vllm_is_refused_by_the_dry_run(
     llama_dir: Path, tmp_path: Path

@@ -17,6 +17,7 @@ from pydantic import Field, field_validator, model_validator
 
 from data_prep.task_base import task_file_signature
 from data_prep.tasks import ArithmeticTask, TaskBase, TaskConfig
+from eval.vllm_engine import GenerationConfig, plan_problem
 from pipeline.engine.config import StageConfig
 from pipeline.engine.context import StageContext
 from pipeline.engine.locations import Location
@@ -140,6 +141,19 @@ class TaskStageConfig(TrainerStageConfig):
         0, ge=0, description="score held-out problems every N steps (and at step 0); 0: off"
     )
     eval_every_problems: int = Field(100, ge=1, description="held-out problems per periodic eval")
+    generation: GenerationConfig = Field(
+        GenerationConfig(), json_schema_extra={"fingerprint": "when_set"},
+        description="the engine that answers the held-out problems (eval_problems, eval_every, "
+        "the guard's gold): hf, or vllm on a snapshot of the weights (eval.vllm_engine)",
+    )  # fmt: skip
+
+
+def generation_problems(cfg: TaskStageConfig, world_size: int, where: str) -> list[str]:
+    """The plan's check of a task stage's `generation`: vLLM exists where named, and evaluates
+    a model in training (eval_every, the guard) from one process only."""
+    live = bool(cfg.eval_every or getattr(cfg, "guard", None))
+    problem = plan_problem(cfg.generation, f"{where}.generation", world_size if live else 0)
+    return [problem] if problem else []
 
 
 def task_evaluation(
@@ -147,14 +161,16 @@ def task_evaluation(
 ) -> dict[str, Any]:
     """`fit` keyword arguments for the held-out evaluation of a task stage."""
     periodic = (
-        PeriodicEval(tokenizer, cfg.task, cfg.eval_every_problems, cfg.eval_every)
+        PeriodicEval(tokenizer, cfg.task, cfg.eval_every_problems, cfg.eval_every, cfg.generation)
         if cfg.eval_every and cfg.data == BUILTIN_TASK
         else None
     )
     if not cfg.eval_problems:
         return {"periodic": periodic}
     return {
-        "evaluate": lambda: held_out_accuracy(ctx, tokenizer, cfg.task, cfg.eval_problems),
+        "evaluate": lambda: held_out_accuracy(
+            ctx, tokenizer, cfg.task, cfg.eval_problems, cfg.generation
+        ),
         "headline": "task_accuracy",
         "periodic": periodic,
     }
@@ -238,15 +254,23 @@ def tracker_callback(tracker: Tracker, periodic: PeriodicEval | None = None) -> 
 class PeriodicEval:
     """Greedy held-out accuracy of the policy being trained, every `every` steps."""
 
-    def __init__(self, tokenizer: Any, task: TaskBase, num_problems: int, every: int) -> None:
+    def __init__(
+        self, tokenizer: Any, task: TaskBase, num_problems: int, every: int,
+        generation: GenerationConfig | None = None,
+    ) -> None:  # fmt: skip
         self.tokenizer, self.task, self.num_problems, self.every = (
             tokenizer, task, num_problems, every
         )  # fmt: skip
+        self.generation = generation
 
     def evaluate(self, model: Any) -> dict[str, float]:
         from eval.tasks import score_task
+        from eval.vllm_engine import live_engine
 
-        scored = score_task(model, self.tokenizer, self.task, self.num_problems)
+        with live_engine(self.generation, model, self.tokenizer) as generator:
+            scored = score_task(
+                model, self.tokenizer, self.task, self.num_problems, generator=generator
+            )
         kept = ("task_accuracy", "task_macro_accuracy", "task_thinking_chars")
         return {k: v for k, v in scored.items() if k.startswith(kept)}
 
@@ -325,16 +349,19 @@ def fit(
 
 
 def held_out_accuracy(
-    ctx: StageContext, tokenizer: PreTrainedTokenizerBase, task: TaskBase, num: int
-) -> dict[str, Any]:
+    ctx: StageContext, tokenizer: PreTrainedTokenizerBase, task: TaskBase, num: int,
+    generation: GenerationConfig | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Greedy accuracy (with its 95% interval) of the exported model on held-out problems."""
     import torch
 
     from eval.families import load_model
     from eval.tasks import score_task
+    from eval.vllm_engine import engine_for
 
     model, _ = load_model(ctx.export_dir, "cuda" if torch.cuda.is_available() else "cpu")
-    scored = score_task(model, tokenizer, task, num)
+    with engine_for(generation or GenerationConfig(), ctx.export_dir, model, tokenizer) as gen:
+        scored = score_task(model, tokenizer, task, num, generator=gen)
     ctx.log.info(
         "held-out %s accuracy %.1f%% [%.1f, %.1f] of %d", task.FAMILY,
         100 * scored["task_accuracy"], 100 * scored["task_accuracy_low"],

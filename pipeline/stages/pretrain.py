@@ -18,6 +18,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from data_prep.task_base import task_file_signature
 from data_prep.tasks import TaskConfig
 from data_prep.tokens_meta import TokensMeta
+from eval.vllm_engine import GenerationConfig, plan_problem
 from pipeline.engine.config import StageConfig, Strict
 from pipeline.engine.context import StageContext
 from pipeline.engine.errors import PipelineError
@@ -66,6 +67,11 @@ class Config(LoopConfig, StageConfig):
     eval_task_problems: int = Field(
         32, ge=1, description="problems of eval_task per validation: a fixed test-split subset"
     )
+    eval_generation: GenerationConfig = Field(
+        GenerationConfig(), json_schema_extra={"fingerprint": "when_set"},
+        description="the engine that answers eval_task (hf, or vllm on a snapshot of the live "
+        "weights: eval.vllm_engine)",
+    )  # fmt: skip
     eval_lm_eval_tasks: list[str] = Field(
         [],
         description="lm-eval tasks scored at every validation on the live model (one process): "
@@ -261,7 +267,11 @@ def task_evaluators(ctx: StageContext, cfg: Config) -> list[Any]:
     if cfg.eval_task is not None:
         from eval.tasks import task_evaluator
 
-        evaluators.append(task_evaluator(cfg.eval_task, tokenizer_dir, cfg.eval_task_problems))
+        evaluators.append(
+            task_evaluator(
+                cfg.eval_task, tokenizer_dir, cfg.eval_task_problems, cfg.eval_generation
+            )
+        )
     if cfg.eval_lm_eval_tasks:
         if ctx.world_size > 1:  # lm-eval splits its requests over ranks; untested with our engines
             raise PipelineError(
@@ -348,6 +358,9 @@ def in_loop_eval_problems(view: PlanView) -> list[str]:
             draw_problem(
                 cfg.eval_task, "test", cfg.eval_task_problems, f"{where}.eval_task_problems"
             )
+        )
+        problems.append(
+            plan_problem(cfg.eval_generation, f"{where}.eval_generation", view.world_size)
         )
     tokens = view.first("tokens")
     if tokens is not None and getattr(tokens.config, "val_fraction", None) == 0:

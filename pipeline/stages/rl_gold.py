@@ -19,15 +19,20 @@ def gold_problems(task: TaskBase, num_prompts: int, num: int, seed: int) -> list
     return task_problems(task, "train", num_prompts + num, seed)[num_prompts:]
 
 
-def gold_accuracy(model: Any, tokenizer: Any, task: TaskBase, problems: list[dict]) -> float:
-    """Greedy exact accuracy on `problems` (the task's scorer)."""
+def gold_accuracy(
+    model: Any, tokenizer: Any, task: TaskBase, problems: list[dict], generation: Any = None
+) -> float:
+    """Greedy exact accuracy on `problems` (the task's scorer), answered by the engine
+    `generation` names (eval.vllm_engine.GenerationConfig; default hf)."""
     from data_prep.tasks import score
-    from eval.tasks import answer_tokens, generate
+    from eval.tasks import answer_tokens
+    from eval.vllm_engine import live_engine
 
     was_training = model.training
     model.eval()
     prompts = [p["prompt"] for p in problems]
-    greedy = [c[0] for c in generate(model, tokenizer, prompts, answer_tokens(problems))]
+    with live_engine(generation, model, tokenizer) as generator:
+        greedy = [c[0] for c in generator(prompts, answer_tokens(problems), 1, 1.0)]
     model.train(was_training)
     right = [
         score(task, c, p["answer"], p)[0] == 1.0 for c, p in zip(greedy, problems, strict=True)

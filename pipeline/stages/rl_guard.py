@@ -311,7 +311,7 @@ def guard_for(
             return lambda: contextlib.nullcontext(frozen[0])
 
         def measure(model: Any, step: int) -> Measurement:
-            gold = gold_accuracy(model, tokenizer, cfg.task, problems)
+            gold = gold_accuracy(model, tokenizer, cfg.task, problems, cfg.generation)
             kl = None
             if prompts:
                 kl = sequence_kl(

@@ -19,7 +19,7 @@ from pipeline.engine.locations import Location
 from pipeline.stages.base_model import MODEL_INPUT, model_problems
 from pipeline.stages.chat import template_problems
 from pipeline.stages.dpo_losses import DpoLoss
-from pipeline.stages.posttrain import BUILTIN_TASK, TaskStageConfig
+from pipeline.stages.posttrain import BUILTIN_TASK, TaskStageConfig, generation_problems
 from pipeline.stages.reward_models import Ensemble
 from pipeline.stages.rewards import RewardName, reward_columns
 from pipeline.stages.rl_guard import GuardConfig
@@ -230,6 +230,7 @@ def plan_problems(view: PlanView) -> list[str]:
     cfg: Config = view.config
     where = f"stages.{view.name}"
     problems = model_problems(view) + template_problems(cfg.chat_template, f"{where}.chat_template")
+    problems += generation_problems(cfg, view.world_size, where)
     for problem in (
         generation_batch_problem(cfg, view.world_size, where),
         reference_problem(cfg, where),

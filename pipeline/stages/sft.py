@@ -15,7 +15,7 @@ from pipeline.engine.context import StageContext
 from pipeline.engine.inputs import PlanView, StageSpec
 from pipeline.stages.base_model import MODEL_INPUT, model_problems
 from pipeline.stages.chat import template_problems
-from pipeline.stages.posttrain import BUILTIN_TASK, TaskStageConfig
+from pipeline.stages.posttrain import BUILTIN_TASK, TaskStageConfig, generation_problems
 from pipeline.stages.rl_guard import GuardConfig
 from pipeline.stages.rows import draws_problems, task_stage_draws
 
@@ -113,6 +113,7 @@ def plan_problems(view: PlanView) -> list[str]:
     cfg: Config = view.config
     where = f"stages.{view.name}"
     problems = model_problems(view) + template_problems(cfg.chat_template, f"{where}.chat_template")
+    problems += generation_problems(cfg, view.world_size, where)
     return problems + draws_problems(cfg.task, task_stage_draws(cfg), where)
 
 
