@@ -230,6 +230,11 @@ class DecontaminateOptions(Strict):
         "rlhf, pretrain's eval_task, builtin:task sources)",
     )
     tasks: list[TaskConfig] = Field([], description="more tasks whose held-out problems to use")
+    ood: bool = Field(
+        True,
+        description="also the out-of-distribution problems of those tasks (longer operands, more "
+        "numbers: what an eval's ood_problems scores)",
+    )
     task_problems: int = Field(
         20_000,
         ge=1,

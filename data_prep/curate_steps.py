@@ -219,6 +219,8 @@ def _items(options: DecontaminateOptions, tasks: list[TaskBase]) -> Iterator[tup
     """(origin, texts) of every task's held-out problems and every listed file's documents."""
     for task in tasks:
         yield task_label(task), _held_out(task, options.task_problems)
+        if options.ood and has_ood(task):  # what eval's ood_problems draws
+            yield f"{task_label(task)} ood", _held_out(task, options.task_problems, "ood")
     for index, file in enumerate(options.files):
         try:
             file.check()
@@ -233,9 +235,20 @@ def task_label(task: TaskBase) -> str:
     return f"task {task.FAMILY}" + (f" {json.dumps(options, sort_keys=True)}" if options else "")
 
 
-def _held_out(task: TaskBase, limit: int) -> Iterator[str]:
-    """The task's held-out problems as training text (prompt and completion): all of them, or
-    the first `limit` eval would draw when the split is too large to list."""
-    num = split_size(task, "test") if task.size() <= ENUMERATE_LIMIT else limit
-    for problem in task_problems(task, "test", num, EVAL_SEED):
+def has_ood(task: TaskBase) -> bool:
+    """Whether the task has an out-of-distribution split (generated tasks do, JSONL ones not)."""
+    try:
+        task.ood_task()
+    except PipelineError:
+        return False
+    return True
+
+
+def _held_out(task: TaskBase, limit: int, split: str = "test") -> Iterator[str]:
+    """The problems of a held-out split ("test", or "ood") as training text (prompt and
+    completion): all of them, or the first `limit` eval would draw when the split is too large
+    to list."""
+    space = task.ood_task() if split == "ood" else task
+    num = split_size(task, split) if space.size() <= ENUMERATE_LIMIT else limit
+    for problem in task_problems(task, split, num, EVAL_SEED):
         yield format_problem(problem)

@@ -200,6 +200,40 @@ def test_curate_decontamination_removes_every_planted_problem_and_nothing_else(
     assert all("task arithmetic" in r["reason"] for r in gone.values())
 
 
+@pytest.mark.parametrize("ood", [True, False])
+def test_curate_decontamination_covers_the_out_of_distribution_problems_eval_scores(
+    tmp_path: Path, ood: bool
+) -> None:
+    """Documents holding a problem of the task's out-of-distribution split (what an eval's
+    ood_problems scores) go too, named as such; `decontaminate: {ood: false}` keeps them."""
+    rng = random.Random(1)
+    words = vocabulary(rng)
+    task = ArithmeticTask()
+    held_out = [format_problem(p) for p in task_problems(task, "test", 3, 0)]
+    out_of_range = [format_problem(p) for p in task_problems(task, "ood", 3, 0)]
+    docs = [" ".join(rng.choice(words) for _ in range(80)) for _ in range(12)]
+    for i, item in enumerate(held_out + out_of_range):
+        docs[2 * i] = f"{docs[2 * i]} {item} end."
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    stages = {
+        "curate": {
+            "kind": "curate", "source": str(corpus), "steps": ["decontaminate"],
+            "decontaminate": {"ood": ood},
+        },
+        "tokenizer": {"kind": "tokenizer", "after": ["curate"],
+                      "source": {"uri": "builtin:task", "task": {"name": "arithmetic"}}},
+    }  # fmt: skip
+    from pipeline.cli import main
+
+    assert main(["run", str(recipe(tmp_path, stages)), "--only", "curate"]) == 0
+    gone = removed(tmp_path / "runs" / "cur" / "curate" / "export", "decontaminate")
+    assert {i for i in gone if i < 6} == {0, 2, 4} and all(i % 2 == 0 for i in gone)
+    assert {i for i in gone if i >= 6} == ({6, 8, 10} if ood else set())
+    for i in gone:
+        assert ("task arithmetic ood" in gone[i]["reason"]) == (i >= 6)
+
+
 def test_curate_kept_documents_carry_provenance_and_counts_add_up(curated: dict[str, Any]) -> None:
     export, truth = curated["export"], curated["truth"]
     kept = read_shards(export / "kept" / "corpus")
