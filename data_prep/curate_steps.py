@@ -43,6 +43,7 @@ from data_prep.tasks import (
     TaskBase,
     format_problem,
     split_size,
+    split_space,
     task_problems,
 )
 from data_prep.text_files import file_documents
@@ -248,7 +249,7 @@ def _held_out(task: TaskBase, limit: int, split: str = "test") -> Iterator[str]:
     """The problems of a held-out split ("test", or "ood") as training text (prompt and
     completion): all of them, or the first `limit` eval would draw when the split is too large
     to list."""
-    space = task.ood_task() if split == "ood" else task
+    space, _ = split_space(task, split)
     num = split_size(task, split) if space.size() <= ENUMERATE_LIMIT else limit
     for problem in task_problems(task, split, num, EVAL_SEED):
         yield format_problem(problem)

@@ -267,7 +267,7 @@ TaskConfig = Annotated[
 ]
 
 
-def _space(task: TaskBase, split: str) -> tuple[TaskBase, str]:
+def split_space(task: TaskBase, split: str) -> tuple[TaskBase, str]:
     """The space a split's problems come from and the hash split they belong to there: the
     task's own, or for "ood" the test split of its out-of-distribution space."""
     return (task.ood_task(), "test") if split == "ood" else (task, split)
@@ -278,7 +278,7 @@ def _pool(task_json: str, signature_json: str, split: str) -> tuple[Key, ...]:
     """Every problem key of a split of an enumerable task (cached per task options and, for a
     task read from a file, per version of the file)."""
     task = _from_json(task_json)
-    space, hashed = _space(task, split)
+    space, hashed = split_space(task, split)
     return tuple(key for key in space.all_keys() if task.split_of(key) == hashed)
 
 
@@ -297,7 +297,7 @@ def problem_keys(task: TaskBase, split: str, num: int, seed: int) -> list[Key]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = random.Random(seed)
-    space, hashed = _space(task, split)
+    space, hashed = split_space(task, split)
     even = split == "train" and task.balanced_rows()  # rows even over subtasks, as far as
     # each subtask's distinct problems allow (the small ones run out and the rest fill up)
     if space.size() <= ENUMERATE_LIMIT:
@@ -332,7 +332,7 @@ def task_problems(task: TaskBase, split: str, num: int, seed: int) -> list[dict[
 
 def split_size(task: TaskBase, split: str) -> int:
     """Problems in a split (estimated from the hash share for spaces too large to list)."""
-    space, hashed = _space(task, split)
+    space, hashed = split_space(task, split)
     if space.size() <= ENUMERATE_LIMIT:
         return len(_split_pool(task, split))
     share = task.test_percent / 100
