@@ -81,20 +81,32 @@ def write_recipe(path: Path, data: dict[str, Any]) -> Path:
 
 
 def cli(
-    *args: str, cwd: Path | None = None, timeout: float = 600, **popen: Any
+    *args: str,
+    cwd: Path | None = None,
+    timeout: float = 600,
+    extra_env: dict[str, str] | None = None,
+    **popen: Any,
 ) -> subprocess.CompletedProcess:
-    """Run `pipeline ARGS` as a user would, in a fresh process."""
+    """Run `pipeline ARGS` as a user would, in a fresh process (`extra_env` added to its
+    environment)."""
     _require_e2e_marker()
-    env = {**os.environ, "WANDB_SILENT": "true"}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        cwd=cwd or ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **popen,
-    )
+    env = {**os.environ, "WANDB_SILENT": "true", **(extra_env or {})}
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            cwd=cwd or ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **popen,
+        )
+    except subprocess.TimeoutExpired as exc:  # say where it hung, not only that it did
+        said = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
+        raise AssertionError(
+            f"`pipeline {' '.join(args)}` ran past {timeout:.0f} s; its stderr ends:\n"
+            f"{(said or '')[-3000:]}"
+        ) from None
 
 
 def kill_then_resume(tmp_path: Path, recipe: dict[str, Any], kill_when: str) -> tuple[Path, Path]:
@@ -137,6 +149,21 @@ def run_until(path: Path, run_dir: Path, kill_when: str | list[str]) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     stage = paths[0].split("/")[0]
+    assert read_manifest(run_dir / stage)["status"] == "running"
+    assert not (run_dir / stage / "export").exists()
+
+
+def run_killed_at(path: Path, run_dir: Path, fault: str) -> None:
+    """`pipeline run path` killed with SIGKILL (the whole run) at `fault`, a PIPELINE_FAULT spec
+    (pipeline/engine/faults.py: `<stage>:<point>[:<n>]`); checks that the stage was left
+    running, without an export. Unlike a kill from outside, the moment does not depend on how
+    fast this process notices a file on a busy machine."""
+    from pipeline.engine.faults import ENV
+    from pipeline.engine.manifest import read_manifest
+
+    result = cli("run", str(path), extra_env={ENV: fault})
+    assert result.returncode != 0, "the run finished: the fault point was never reached"
+    stage = fault.split(":")[0]
     assert read_manifest(run_dir / stage)["status"] == "running"
     assert not (run_dir / stage / "export").exists()
 

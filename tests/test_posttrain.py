@@ -271,3 +271,51 @@ def test_a_checkpoint_is_complete_only_when_every_rank_marked_it(tmp_path: Path)
     assert checkpoint_complete(checkpoint, marked=True)
     (checkpoint / "saved-rank1-of4").write_text("")  # markers of two saves disagree
     assert not checkpoint_complete(checkpoint, marked=True)
+
+
+def test_other_ranks_never_see_a_checkpoint_half_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every rank picks its resume checkpoint while rank 0 removes the incomplete ones. Rank 0
+    deleting an incomplete checkpoint-4 in place (RNG files gone, trainer_state.json not yet)
+    made it look like a one-process checkpoint to rank 1, which resumed from it while rank 0
+    resumed from checkpoint-2 (a failed load, "Connection reset by peer", in CI). Here rank 1
+    judges in the middle of rank 0's delete and still picks checkpoint-2."""
+    import logging
+    import shutil
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.stages import trl_checkpoints
+
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (root / trl_checkpoints.FINGERPRINT_FILE).write_text("f")
+    (root / trl_checkpoints.MARKERS_FILE).write_text("")
+    for step, ranks in ((2, (0, 1)), (4, (0,))):  # the kill came before rank 1 marked step 4
+        checkpoint = root / f"checkpoint-{step}"
+        checkpoint.mkdir()
+        (checkpoint / "trainer_state.json").write_text("{}")
+        for rank in (0, 1):
+            torch.save({}, checkpoint / f"rng_state_{rank}.pth")
+        for rank in ranks:
+            (checkpoint / f"saved-rank{rank}-of2").write_text("")
+
+    def ctx(main: bool) -> SimpleNamespace:
+        return SimpleNamespace(checkpoint_dir=root, is_main=main, fingerprint="f",
+                               log=logging.getLogger("test"))  # fmt: skip
+
+    picked: list[str | None] = []
+    rmtree = shutil.rmtree
+
+    def slow_rmtree(path: Path, **kwargs: Any) -> None:  # the first files go, then rank 1 looks
+        for name in ("rng_state_0.pth", "rng_state_1.pth", "saved-rank0-of2"):
+            (Path(path) / name).unlink()
+        picked.append(trl_checkpoints.prepare_checkpoints(ctx(main=False)))
+        rmtree(path, **kwargs)
+
+    monkeypatch.setattr(trl_checkpoints.shutil, "rmtree", slow_rmtree)
+    assert trl_checkpoints.prepare_checkpoints(ctx(main=True)) == str(root / "checkpoint-2")
+    assert picked == [str(root / "checkpoint-2")]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["checkpoint-2"]

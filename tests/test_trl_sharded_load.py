@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import cli, run_until, runs_on_first_use, write_recipe
+from tests.helpers import cli, run_killed_at, runs_on_first_use, write_recipe
 from tests.test_lora_launch import series, stage_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # 2-process runs: about 4 min for the module
@@ -122,10 +122,9 @@ def test_sharded_full_sft_resumes_exactly_after_kill(
     recipe = {**reference, "run_dir": str(tmp_path / "run")}
     recipe["stages"] = {"sft": reference["stages"]["sft"]}
     path = write_recipe(tmp_path / "killed.yaml", recipe)
-    # Both ranks' markers: a kill while rank 1 still saves would leave checkpoint-2 incomplete
-    # (removed on rerun, not resumed from: test_posttrain covers that).
-    saved = [f"sft/checkpoints/checkpoint-2/saved-rank{r}-of2" for r in range(2)]
-    run_until(path, tmp_path / "run", saved)
+    # Killed in step 3 (after its backward): both ranks finished saving checkpoint-2 (step 3's
+    # collectives wait for them) and none began checkpoint-4.
+    run_killed_at(path, tmp_path / "run", "sft:mid_step:3")
     result = cli("run", str(path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from checkpoint-2" in (stage_dir(recipe, "sft") / "stage.log").read_text()

@@ -12,6 +12,7 @@ before markers, are judged as before: trainer_state.json present and every RNG f
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 from pathlib import Path
@@ -28,32 +29,49 @@ def prepare_checkpoints(ctx: StageContext) -> str | None:
     """The newest complete TRL checkpoint of this configuration to resume from.
 
     Checkpoints of another configuration are removed, and so are incomplete ones (a kill during
-    a save).
+    a save). Every rank judges for itself while rank 0 removes, so rank 0 first renames what it
+    removes out of the `checkpoint-*` pattern (atomically): another rank sees a checkpoint whole,
+    as the kill left it, or not at all, never half deleted (rank 0 removing an incomplete
+    checkpoint-4 could otherwise look like a complete one to rank 1, which would then resume
+    from it while rank 0 resumed from checkpoint-2). Each rank reads the fingerprint before it
+    looks for checkpoints, so it never pairs checkpoints of another configuration with the
+    fingerprint rank 0 has just written.
     """
     marker = ctx.checkpoint_dir / FINGERPRINT_FILE
-    complete: list[Path] = []
+    stale = marker.is_file() and marker.read_text() != ctx.fingerprint
     found: list[Path] = []
-    if ctx.checkpoint_dir.is_dir():
+    if ctx.checkpoint_dir.is_dir() and not stale:
         found = [p for p in ctx.checkpoint_dir.glob("checkpoint-*") if p.name[11:].isdigit()]
-        marked = (ctx.checkpoint_dir / MARKERS_FILE).is_file()
-        complete = [p for p in found if checkpoint_complete(p, marked)]
-        if ctx.is_main:
-            for partial in set(found) - set(complete):
-                ctx.log.warning("removing incomplete checkpoint %s", partial.name)
-                shutil.rmtree(partial, ignore_errors=True)
+    marked = (ctx.checkpoint_dir / MARKERS_FILE).is_file()
+    complete = [p for p in found if checkpoint_complete(p, marked)]
     if ctx.is_main:
-        if marker.is_file() and marker.read_text() != ctx.fingerprint:
+        for trash in ctx.checkpoint_dir.parent.glob(f".removed-{ctx.checkpoint_dir.name}-*"):
+            shutil.rmtree(trash, ignore_errors=True)  # a removal a kill cut short
+        for trash in ctx.checkpoint_dir.glob(".removed-*"):
+            shutil.rmtree(trash, ignore_errors=True)
+        if stale:
             ctx.log.info("removing the checkpoints of another configuration")
-            shutil.rmtree(ctx.checkpoint_dir)
-            complete = found = []
+            discard(ctx.checkpoint_dir)
+        for partial in set(found) - set(complete):
+            ctx.log.warning("removing incomplete checkpoint %s", partial.name)
+            discard(partial)
         ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         marker.write_text(ctx.fingerprint)
-        if not found:  # checkpoints made from now on carry markers
+        if stale or not found:  # checkpoints made from now on carry markers
             (ctx.checkpoint_dir / MARKERS_FILE).write_text("every rank marks its saves\n")
-    elif marker.is_file() and marker.read_text() != ctx.fingerprint:
-        complete = []
     newest = max(complete, key=lambda p: int(p.name[11:]), default=None)
     return str(newest) if newest else None
+
+
+def discard(path: Path) -> None:
+    """Remove a directory that other ranks may be reading: renamed first (atomic on one
+    filesystem) so that it vanishes at once, then deleted."""
+    trash = path.with_name(f".removed-{path.name}-{os.getpid()}")
+    try:
+        path.rename(trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def checkpoint_complete(checkpoint: Path, marked: bool) -> bool:
