@@ -319,3 +319,4 @@ def test_other_ranks_never_see_a_checkpoint_half_removed(
     assert trl_checkpoints.prepare_checkpoints(ctx(main=True)) == str(root / "checkpoint-2")
     assert picked == [str(root / "checkpoint-2")]
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["checkpoint-2"]
+    assert not list(tmp_path.glob(".removed-*"))  # deleted after the rename

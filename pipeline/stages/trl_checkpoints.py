@@ -23,6 +23,7 @@ from pipeline.engine.context import StageContext
 FINGERPRINT_FILE = "fingerprint.txt"
 MARKERS_FILE = "saved-markers.txt"  # in a checkpoint directory whose checkpoints have markers
 SAVED = re.compile(r"saved-rank(\d+)-of(\d+)")
+TRASH_PREFIX = ".removed-"  # in the stage directory: what rank 0 renamed away to delete
 
 
 def prepare_checkpoints(ctx: StageContext) -> str | None:
@@ -45,16 +46,15 @@ def prepare_checkpoints(ctx: StageContext) -> str | None:
     marked = (ctx.checkpoint_dir / MARKERS_FILE).is_file()
     complete = [p for p in found if checkpoint_complete(p, marked)]
     if ctx.is_main:
-        for trash in ctx.checkpoint_dir.parent.glob(f".removed-{ctx.checkpoint_dir.name}-*"):
-            shutil.rmtree(trash, ignore_errors=True)  # a removal a kill cut short
-        for trash in ctx.checkpoint_dir.glob(".removed-*"):
-            shutil.rmtree(trash, ignore_errors=True)
+        trash = ctx.checkpoint_dir.parent  # the stage directory
+        for leftover in trash.glob(f"{TRASH_PREFIX}*"):  # a removal a kill cut short
+            shutil.rmtree(leftover, ignore_errors=True)
         if stale:
             ctx.log.info("removing the checkpoints of another configuration")
-            discard(ctx.checkpoint_dir)
+            discard(ctx.checkpoint_dir, trash)
         for partial in set(found) - set(complete):
             ctx.log.warning("removing incomplete checkpoint %s", partial.name)
-            discard(partial)
+            discard(partial, trash)
         ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         marker.write_text(ctx.fingerprint)
         if stale or not found:  # checkpoints made from now on carry markers
@@ -63,10 +63,10 @@ def prepare_checkpoints(ctx: StageContext) -> str | None:
     return str(newest) if newest else None
 
 
-def discard(path: Path) -> None:
-    """Remove a directory that other ranks may be reading: renamed first (atomic on one
-    filesystem) so that it vanishes at once, then deleted."""
-    trash = path.with_name(f".removed-{path.name}-{os.getpid()}")
+def discard(path: Path, trash_dir: Path) -> None:
+    """Remove a directory that other ranks may be reading: renamed into `trash_dir` first (atomic
+    on one filesystem) so that it vanishes at once, then deleted."""
+    trash = trash_dir / f"{TRASH_PREFIX}{path.name}-{os.getpid()}"
     try:
         path.rename(trash)
     except FileNotFoundError:
