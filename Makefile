@@ -54,8 +54,12 @@ vllm: $(VLLM_VENV)/.installed
 demo: $(STAMP)
 	$(BIN)/pipeline run recipes/demo.yaml
 
+# Two pytest-xdist workers, a test module per worker at a time (its module fixtures built once):
+# the suite's multi-process runs leave a core idle about half the time. TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) $(CONVERTER)
-	$(BIN)/pytest -q --durations=30
+	$(BIN)/pytest -q --durations=30 -n $(TEST_WORKERS) --dist loadfile
 
 # In-process tests only: no `pipeline run` subprocesses (those are marked e2e).
 test-fast: $(STAMP)

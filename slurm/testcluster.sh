@@ -29,6 +29,9 @@ start() {
         --pid-file="$dir/munge/munged.pid" --log-file="$dir/munge/munged.log" \
         --seed-file="$dir/munge/munged.seed"
     local base=$(( ${SLURM_TESTCLUSTER_PORT:-$(( 16000 + RANDOM % 4000 ))} ))
+    # Job ids (and so the rendezvous ports of multi-node jobs, pipeline.engine.slurm_job) start
+    # here: two clusters on one machine (parallel test workers) give theirs apart.
+    local first_job=$(( ${SLURM_TESTCLUSTER_FIRST_JOB_ID:-1} ))
     local cpus
     cpus=$(nproc)
     cat >"$dir/slurm.conf" <<CONF
@@ -61,6 +64,7 @@ ReturnToService=2
 SlurmdParameters=config_overrides
 JobRequeue=1
 MinJobAge=3600
+FirstJobId=$first_job
 KillWait=10
 InactiveLimit=0
 NodeName=node1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$(( base + 2 )) CPUs=$cpus RealMemory=1000 State=UNKNOWN

@@ -30,8 +30,9 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         )
     directory = tmp_path_factory.mktemp("slurm")
     started = subprocess.run(
-        [str(SCRIPT), "start", str(directory)], capture_output=True, text=True, timeout=120
-    )
+        [str(SCRIPT), "start", str(directory)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **cluster_apart()},
+    )  # fmt: skip
     try:
         if started.returncode != 0:
             pytest.skip(f"the test cluster did not start: {started.stderr.strip()[-300:]}")
@@ -45,6 +46,21 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             os.environ["SLURM_CONF"] = previous
     finally:
         subprocess.run([str(SCRIPT), "stop", str(directory)], capture_output=True, timeout=120)
+
+
+def cluster_apart() -> dict[str, str]:
+    """Under pytest-xdist (make test runs 2 workers) each worker that runs Slurm tests starts its
+    own cluster: worker N takes ports 16000 + 500 N .. + 499 and job ids from 1 + 250 N, so two
+    clusters never share a daemon port or a multi-node job's rendezvous port (29500 + job id
+    modulo 2000, pipeline.engine.slurm_job.rendezvous_port)."""
+    import random
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    n = int(worker) % 8 if worker.isdigit() else 0
+    return {
+        "SLURM_TESTCLUSTER_PORT": str(16000 + 500 * n + random.randrange(0, 496)),
+        "SLURM_TESTCLUSTER_FIRST_JOB_ID": str(1 + 250 * n),
+    }
 
 
 def kill_node(conf: Path, node: str, reason: str) -> None:
