@@ -163,7 +163,7 @@ class VllmEngine:
 
 @contextlib.contextmanager
 def engine_for(
-    config: GenerationConfig, model_dir: Path, model: Any, tokenizer: Any, seed: int = 0
+    config: GenerationConfig, model_dir: Path | None, model: Any, tokenizer: Any, seed: int = 0
 ) -> Iterator[Generator]:
     """The Generator for one model (loaded from `model_dir`): its own `generate` for hf (which
     samples from the torch RNG), a started vLLM engine's sampling with `seed` for vllm (stopped
@@ -171,6 +171,7 @@ def engine_for(
     if config.engine != "vllm":
         yield hf_generator(model, tokenizer, config.batch_size)
         return
+    assert model_dir is not None, "a vLLM engine loads its model from a directory"
     with VllmEngine(config.python or sys.executable, model_dir, tokenizer) as engine:
         yield partial(engine.generate, seed=seed)
 
@@ -183,13 +184,12 @@ def live_engine(
     them (an adapter merged in) saved with the tokenizer to a temporary directory, so the
     engine answers with the weights of this step; the engine starts and stops per call."""
     config = config or GenerationConfig()
-    if config.engine != "vllm":
-        yield hf_generator(model, tokenizer, config.batch_size)
-        return
-    with tempfile.TemporaryDirectory(prefix="live-model-") as snapshot:
-        save_snapshot(model, tokenizer, Path(snapshot))
-        with engine_for(config, Path(snapshot), model, tokenizer, seed) as generator:
-            yield generator
+    with contextlib.ExitStack() as stack:
+        snapshot = None  # hf generates with the live model itself
+        if config.engine == "vllm":
+            snapshot = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="live-model-")))
+            save_snapshot(model, tokenizer, snapshot)
+        yield stack.enter_context(engine_for(config, snapshot, model, tokenizer, seed))
 
 
 def save_snapshot(model: Any, tokenizer: Any, directory: Path) -> None:
