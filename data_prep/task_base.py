@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
-from data_prep.thinking import after_think, cot_completion, well_formed_answer
+from data_prep.thinking import after_think, cot_completion, think_text, well_formed_answer
 from pipeline.engine.config import Strict
 from pipeline.engine.errors import PipelineError
 
@@ -54,6 +54,10 @@ class TaskBase(Strict):
 
     def balanced_rows(self) -> bool:
         """Whether training rows are drawn evenly over subtasks (GeneratedTask.balance)."""
+        return False
+
+    def even_held_out(self) -> bool:
+        """Whether held-out problems are drawn evenly over subtasks (GeneratedTask.held_out)."""
         return False
 
     def in_space(self, key: Key) -> bool:
@@ -161,26 +165,54 @@ class GeneratedTask(TaskBase):
         "for sort, reverse and arithmetic (their recipes' results are kept)",
     )
 
+    held_out: Literal["uniform", "even"] = Field(
+        "uniform",
+        description="how the test and ood problems that eval scores are drawn: uniform over "
+        "problems, or even over subtasks (each subtask the same share, so each one's accuracy and "
+        "the macro average are measured on as many problems as the micro average)",
+    )
+
     BALANCE: ClassVar[bool] = False  # the family's default for `balance`
 
     def balanced_rows(self) -> bool:
         return self.BALANCE if self.balance is None else self.balance
 
+    def even_held_out(self) -> bool:
+        return self.held_out == "even"
+
     @model_serializer(mode="wrap")
     def _without_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """The task's fields, less `format` and the `ood_*` options at their defaults: they came
-        after runs existed, and a stage's fingerprint hashes its config, so runs made before
-        them keep their fingerprints (and skip what is up to date)."""
+        """The task's fields, less `format`, `balance`, `held_out` and the `ood_*` options at
+        their defaults: they came after runs existed, and a stage's fingerprint hashes its config,
+        so runs made before them keep their fingerprints (and skip what is up to date)."""
         data = handler(self)
         for name, field in type(self).model_fields.items():
-            new = name in ("format", "balance") or name.startswith("ood_")
+            new = name in ("format", "balance", "held_out") or name.startswith("ood_")
             if new and name in data and getattr(self, name) == field.default:
                 del data[name]
         return data
 
+    UNIQUE_STEPS: ClassVar[bool] = True  # one right worked solution per problem (not countdown)
+
     def steps(self, key: Key) -> str:
         """The worked solution of problem `key` (what the think block holds)."""
         raise NotImplementedError
+
+    def step_credit(self, prompt: str, completion: Any) -> float:
+        """The share of the worked solution's steps (space-separated) that the completion's one
+        think block writes, in order, before its first wrong one; 0 without a think block or
+        for a prompt of another family."""
+        key = self.key_of(prompt)
+        think = think_text(completion_text(completion) or "")
+        if key is None or think is None:
+            return 0.0
+        reference = self.steps(key).split()
+        right = 0
+        for got, want in zip(think.split(), reference, strict=False):
+            if got != want:
+                break
+            right += 1
+        return right / len(reference)
 
     def key_of(self, prompt: str) -> Key | None:
         """The problem whose prompt `prompt` is, or None when it is no prompt of this family."""

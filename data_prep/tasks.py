@@ -22,7 +22,7 @@ import itertools
 import json
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cache
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -298,8 +298,9 @@ def problem_keys(task: TaskBase, split: str, num: int, seed: int) -> list[Key]:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = random.Random(seed)
     space, hashed = split_space(task, split)
-    even = split == "train" and task.balanced_rows()  # rows even over subtasks, as far as
-    # each subtask's distinct problems allow (the small ones run out and the rest fill up)
+    # Even over subtasks (training rows with `balance`, held-out ones with `held_out: even`), as
+    # far as each subtask's distinct problems allow (the small ones run out, the rest fill up).
+    even = task.balanced_rows() if split == "train" else task.even_held_out()
     if space.size() <= ENUMERATE_LIMIT:
         pool = list(_split_pool(task, split))
         if num > len(pool):
@@ -308,7 +309,7 @@ def problem_keys(task: TaskBase, split: str, num: int, seed: int) -> list[Key]:
                 f"{num}; ask for fewer or {task.GROW}"
             )
         rng.shuffle(pool)
-        return pool[:num]
+        return (round_robin(pool, space.subtask) if even else pool)[:num]
     keys: dict[Key, None] = {}
     for _ in range(SAMPLE_TRIES * num + ENUMERATE_LIMIT):
         if len(keys) == num:
@@ -323,6 +324,16 @@ def problem_keys(task: TaskBase, split: str, num: int, seed: int) -> list[Key]:
         f"{SAMPLE_TRIES * num + ENUMERATE_LIMIT} draws, cannot draw {num}; ask for fewer or "
         f"{task.GROW}"
     )
+
+
+def round_robin(keys: list[Key], subtask: Callable[[Key], str]) -> list[Key]:
+    """`keys` reordered to take one of each subtask in turn (each subtask's keys in their order),
+    so any prefix is as even over subtasks as their sizes allow."""
+    groups: dict[str, list[Key]] = {}
+    for key in keys:
+        groups.setdefault(subtask(key), []).append(key)
+    turns = itertools.zip_longest(*groups.values())
+    return [key for turn in turns for key in turn if key is not None]
 
 
 def task_problems(task: TaskBase, split: str, num: int, seed: int) -> list[dict[str, Any]]:

@@ -122,6 +122,7 @@ class CountdownTask(GeneratedTask):
 
     FAMILY = "countdown"
     BALANCE = True
+    UNIQUE_STEPS = False  # many expressions reach a target; the reference is one of them
     name: Literal["countdown"] = "countdown"
     min_numbers: int = Field(3, ge=2, le=4, description="fewest numbers given")
     max_numbers: int = Field(4, ge=2, le=4, description="most numbers given")

@@ -25,6 +25,15 @@ def after_think(text: str) -> str | None:
     return text.partition(CLOSE)[2]
 
 
+def think_text(text: str) -> str | None:
+    """The steps inside a completion's one think block (one `<think>`, before the one
+    `</think>`), or None."""
+    if text.count(OPEN) != 1 or text.count(CLOSE) != 1:
+        return None
+    head, opened, steps = text.partition(CLOSE)[0].partition(OPEN)
+    return steps if opened else None
+
+
 def well_formed_answer(text: str) -> str | None:
     """The text after the think block when the completion is one think block with non-blank
     steps and no tags inside, then the rest (blank space before the block allowed); else None."""

@@ -45,7 +45,7 @@ def test_a_task_option_of_another_family_names_this_familys_options(tmp_path: Pa
         lambda d: d["stages"]["pretrain"].update(eval_task={"name": "addition", "min_length": 3}),
     )
     assert "stages.pretrain.eval_task.addition.min_length: unknown key; did you mean " in msg
-    assert "'min_digits'? (allowed: balance, format, max_digits, min_digits, name," in msg
+    assert "'min_digits'? (allowed: balance, format, held_out, max_digits, min_digits, name," in msg
 
 
 def test_wrong_type_names_path_and_value(tmp_path: Path) -> None:

@@ -130,6 +130,37 @@ def test_countdown_checker_accepts_any_right_expression_and_runs_nothing(
     assert task.grade(" 3+25*2-7+0", "25*2-7+3") == (0.0, 0.0)
 
 
+def test_steps_reward_credits_the_worked_steps_up_to_the_first_wrong_one() -> None:
+    """`steps`: the share of the reference's steps written in order before the first wrong one,
+    inside the one think block; what follows a wrong step never counts. Refused for countdown
+    (many right expressions) and for direct answers."""
+    from pipeline.stages.rlhf import Config as RlhfConfig
+
+    (steps,) = reward_functions(["steps"], AdditionTask(format="cot"), "stages.rlhf")
+    cases = {
+        RIGHT: 1.0,
+        " <think>7+8+0=15 5+6+1=12 4+1+1=7</think> 626": 2 / 3,
+        " <think>7+8+0=15 5+6+1=13 4+1+1=6</think> 625": 1 / 3,  # the later step right again
+        " <think>7+8+0=15 5+6+1=12 4+1+1=6 6+0+0=6</think> 6625": 1.0,  # the answer: exact's
+        " <think>7+8+0=15 5+6+1=12": 0.0,  # never closed
+        "7+8+0=15</think> 625": 0.0,  # no opening tag
+        " <think>7+8+0=15</think> <think>5+6+1=12</think>": 0.0,  # two blocks
+        " 625": 0.0,
+        "": 0.0,
+        None: 0.0,
+    }
+    completions = [*cases, [{"role": "assistant", "content": RIGHT}]]
+    scores = steps([ADD] * len(completions), completions, answer=["625"] * len(completions))
+    assert scores == pytest.approx([*cases.values(), 1.0])
+    assert steps(["Sort 321:"], [RIGHT]) == [0.0]  # a prompt of another family
+    for task, message in (
+        ({"name": "countdown", "format": "cot"}, "not countdown; use exact or partial"),
+        ({"name": "arithmetic"}, "set the task's format: cot"),
+    ):
+        with pytest.raises(ValidationError, match=message):
+            RlhfConfig(kind="rlhf", task=task, rewards=["exact", "steps"])
+
+
 def test_countdown_rewards_in_cot_format() -> None:
     task = CountdownTask(format="cot")
     prompt = "Make 46 from 3 7 25 2:"
@@ -345,6 +376,34 @@ def test_balanced_training_rows_are_even_over_lengths_and_held_out_stays_uniform
         assert task_problems(balanced, split, 300, 1) == task_problems(uniform, split, 300, 1)
     assert "balance" not in balanced.model_dump()  # the default stays out of fingerprints
     assert not SortTask().balanced_rows() and SortTask(balance=True).balanced_rows()
+
+
+def test_held_out_even_draws_each_subtask_alike_and_leaves_training_rows() -> None:
+    """Reverse of 4..6 digits: a uniform test draw is 90% six-digit strings; `held_out: even`
+    gives each length a third, of the test split still (and the ood lengths a half each). Where
+    the space is listed (sort of 2..4 digits), the two-digit strings run out and the rest share
+    what is left evenly. Training rows are those of the uniform task."""
+    from collections import Counter
+
+    def lengths(task: Any, split: str, num: int) -> Counter[str]:
+        return Counter(p["subtask"] for p in task_problems(task, split, num, 0))
+
+    even = ReverseTask(min_length=4, max_length=6, held_out="even")
+    uniform = even.model_copy(update={"held_out": "uniform"})
+    assert lengths(uniform, "test", 999)["length 6"] > 850
+    for split, subtasks in (("test", (4, 5, 6)), ("ood", (7, 8))):
+        counts = lengths(even, split, 999)  # each length equally likely: 999/3 +- 3 sd (15)
+        assert sorted(counts) == [f"length {n}" for n in subtasks], counts
+        assert all(abs(n - 999 / len(subtasks)) < 45 for n in counts.values()), counts
+    drawn = task_problems(even, "test", 999, 0)
+    assert all(even.split_of(even.key_of(p["prompt"])) == "test" for p in drawn)
+    assert task_problems(even, "train", 300, 0) == task_problems(uniform, "train", 300, 0)
+    listed = SortTask(min_length=2, max_length=4, held_out="even")
+    twos = split_size(listed.model_copy(update={"max_length": 2}), "test")
+    counts = lengths(listed, "test", 150)
+    assert counts["length 2"] == twos < 30 and abs(counts["length 3"] - counts["length 4"]) <= 1
+    assert lengths(SortTask(min_length=2, max_length=4), "test", 150)["length 4"] > 120
+    assert "held_out" not in uniform.model_dump()  # the default stays out of fingerprints
 
 
 def test_malformed_output_scores_zero_and_never_raises() -> None:

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator
 
-from data_prep.tasks import TaskBase, completion_text, score
+from data_prep.tasks import GeneratedTask, TaskBase, completion_text, score
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.schema_errors import suggest
 from pipeline.train.user_code import (
@@ -33,7 +33,7 @@ from pipeline.train.user_code import (
 )
 
 RewardFunc = Callable[..., list[float]]
-NAMES = ("exact", "partial", "format", "overlong")
+NAMES = ("exact", "partial", "format", "overlong", "steps")
 RENAMED = {"arithmetic_exact": "exact", "arithmetic_close": "partial", "answer_format": "format"}
 
 log = logging.getLogger("pipeline.rewards")
@@ -99,11 +99,44 @@ def overlong_reward(task: TaskBase) -> RewardFunc:
     return overlong
 
 
+def steps_reward(task: TaskBase) -> RewardFunc:
+    """Process credit from the worked solution, for cot tasks with one right solution per problem
+    (sort, reverse, arithmetic, addition): the share of its steps the think block writes, in
+    order, before its first wrong one (GeneratedTask.step_credit).
+
+    Dense where the answer reward is flat: of 8 samples that all miss the answer, the one that
+    errs late in a long multiplication scores above the one that errs at its first digit.
+    """
+
+    if problem := steps_problem(task):
+        raise PipelineError(problem)
+    worked: GeneratedTask = task  # type: ignore[assignment]
+
+    def steps(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
+        pairs = zip(prompts, completions, strict=True)
+        return [worked.step_credit(completion_text(p), c) for p, c in pairs]
+
+    return steps
+
+
+def steps_problem(task: TaskBase) -> str | None:
+    """Why reward `steps` cannot score `task`, or None."""
+    if not isinstance(task, GeneratedTask) or not task.UNIQUE_STEPS:
+        return (
+            f"reward steps needs a task with one worked solution per problem (sort, reverse, "
+            f"arithmetic or addition), not {task.FAMILY}; use exact or partial"
+        )
+    if task.format != "cot":
+        return "reward steps scores worked steps; set the task's format: cot"
+    return None
+
+
 BUILDERS: dict[str, Callable[[TaskBase], RewardFunc]] = {
     "exact": exact_reward,
     "partial": partial_reward,
     "format": format_reward,
     "overlong": overlong_reward,
+    "steps": steps_reward,
 }
 
 

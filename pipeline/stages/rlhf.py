@@ -21,7 +21,7 @@ from pipeline.stages.chat import template_problems
 from pipeline.stages.dpo_losses import DpoLoss
 from pipeline.stages.posttrain import BUILTIN_TASK, TaskStageConfig, generation_problems
 from pipeline.stages.reward_models import Ensemble
-from pipeline.stages.rewards import RewardName, reward_columns
+from pipeline.stages.rewards import RewardName, reward_columns, steps_problem
 from pipeline.stages.rl_guard import GuardConfig
 from pipeline.stages.rlhf_trainers import (
     RolloutConfig,
@@ -165,6 +165,8 @@ class Config(TaskStageConfig):
     def _check_rewards(self) -> Config:
         if self.algorithm != "dpo" and not self.rewards and not self.reward_model:
             raise ValueError("grpo/rloo need `rewards` names or a `reward_model` stage")
+        if "steps" in self.rewards and (problem := steps_problem(self.task)):
+            raise ValueError(problem)
         count = len(self.rewards) + bool(self.reward_model)  # an ensemble is one reward
         if self.reward_weights is not None and len(self.reward_weights) != count:
             raise ValueError(
