@@ -48,6 +48,17 @@ def test_a_task_option_of_another_family_names_this_familys_options(tmp_path: Pa
     assert "'min_digits'? (allowed: balance, format, held_out, max_digits, min_digits, name," in msg
 
 
+def test_a_check_across_keys_names_its_stage_and_the_fix_in_one_line() -> None:
+    """A stage's model validator (keys that do not fit together) reads `stages.NAME: message`,
+    without pydantic's "Value error" or the stage's mapping."""
+    with pytest.raises(RecipeError) as info:
+        load_recipe("demo", ["stages.rlhf.rewards=[exact,steps]", "stages.rlhf.task.format=direct"])
+    (line,) = str(info.value).splitlines()
+    assert line.endswith(
+        ": stages.rlhf: reward steps scores worked steps; set the task's format: cot"
+    )
+
+
 def test_wrong_type_names_path_and_value(tmp_path: Path) -> None:
     msg = _error(tmp_path, lambda d: d["stages"]["pretrain"].update(max_steps="lots"))
     assert "stages.pretrain.max_steps: got 'lots'" in msg

@@ -27,6 +27,9 @@ def format_errors(
             lines.append(f"{path}: unknown key{hint} (allowed: {', '.join(allowed)})")
         elif err["type"] == "missing":
             lines.append(f"{path}: required key is missing")
+        elif err["type"] == "value_error" and isinstance(err.get("input"), dict):
+            # A check across keys (a model validator): its message names them and the fix.
+            lines.append(f"{path}: {err['msg'].removeprefix('Value error, ')}")
         else:
             value = err.get("input")
             shown = repr(value) if not isinstance(value, dict) else "a mapping"
