@@ -30,7 +30,7 @@ def think_text(text: str) -> str | None:
     `</think>`), or None."""
     if text.count(OPEN) != 1 or text.count(CLOSE) != 1:
         return None
-    head, opened, steps = text.partition(CLOSE)[0].partition(OPEN)
+    _, opened, steps = text.partition(CLOSE)[0].partition(OPEN)
     return steps if opened else None
 
 
