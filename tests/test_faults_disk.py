@@ -159,3 +159,32 @@ def test_fault_enospc_in_tokenize_resumes_to_the_same_shards(
     files = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(export) for p in export.rglob("*") if p.is_file())
     assert all((export / f).read_bytes() == (reference / f).read_bytes() for f in files)
+
+
+def test_launcher_removes_a_save_a_slower_rank_made_again_after_the_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race two busy test workers showed: rank 0 removes the unfinished save on ENOSPC, a
+    slower rank's `save_state` makes the directory again and fails too. Once every rank has
+    exited, the launcher removes what is left; complete checkpoints stay."""
+    import sys
+
+    from pipeline.engine import launch
+    from pipeline.engine.config import LaunchConfig
+    from pipeline.engine.errors import StageFailed
+
+    checkpoints = tmp_path / "pretrain" / "checkpoints"
+    (checkpoints / "step_00000002").mkdir(parents=True)
+    (checkpoints / "step_00000002" / "meta.json").write_text("{}")
+    late_rank = (  # the slow rank: makes the save's directory, writes a shard, then fails
+        "import pathlib, sys; d = pathlib.Path(sys.argv[1]) / '.tmp_step_00000004'; "
+        "d.mkdir(); (d / 'shard_1.bin').write_bytes(b'0'); sys.exit(1)"
+    )
+    monkeypatch.setattr(
+        launch, "torchrun_command",
+        lambda *args, **kwargs: [sys.executable, "-c", late_rank, str(checkpoints)],
+    )  # fmt: skip
+    with pytest.raises(StageFailed, match="exited with code 1"):
+        launch.run_torchrun(tmp_path, "pretrain", LaunchConfig(nproc=2))
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002"]
+    assert (checkpoints / "step_00000002" / "meta.json").read_text() == "{}"

@@ -23,7 +23,13 @@ from pathlib import Path
 from pipeline.engine import diskfull, preempt
 from pipeline.engine.config import LaunchConfig
 from pipeline.engine.errors import PipelineError, Preempted, StageFailed
-from pipeline.engine.rundir import ERRORS_DIR, LOG_FILE, STOP_FILE
+from pipeline.engine.rundir import (
+    CHECKPOINTS_DIR,
+    ERRORS_DIR,
+    LOG_FILE,
+    PARTIAL_CHECKPOINT_PREFIX,
+    STOP_FILE,
+)
 from pipeline.engine.worker import execute_stage, fallback_errors_dir
 
 
@@ -114,7 +120,19 @@ def run_torchrun(
     if returncode == Preempted.exit_code:
         raise Preempted(f"stage {stage}: preempted; checkpoint saved, a rerun resumes from it")
     if returncode != 0:
+        remove_partial_checkpoints(run_dir / stage)
         raise StageFailed(first_rank_error(errors, stage, returncode))
+
+
+def remove_partial_checkpoints(stage_dir: Path) -> None:
+    """Remove the checkpoint saves a failed stage left unfinished, now that its ranks have exited.
+
+    A rank that fails mid-save removes its own temporary directory, but another rank may still
+    be writing into it (`save_state` makes the directory again) and stops later: only here, with
+    every rank gone, is nothing left to write. A save in progress is never loaded either way.
+    """
+    for partial in (stage_dir / CHECKPOINTS_DIR).glob(f"{PARTIAL_CHECKPOINT_PREFIX}*"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _kill_session(proc: subprocess.Popen) -> None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.engine import diskfull, faults
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.manifest import atomic_write_json, checksum_tree, sha256_file
+from pipeline.engine.rundir import PARTIAL_CHECKPOINT_PREFIX
 from pipeline.train.distributed import (
     DEEPSPEED_TAG,
     FSDP_MODEL_DIR,
@@ -64,7 +65,7 @@ def save_checkpoint(
     global _pending
     wait_for_checkpoint()
     final = step_dir(root, step)
-    tmp = root / f".tmp_{final.name}"
+    tmp = root / f"{PARTIAL_CHECKPOINT_PREFIX}{final.name}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True, exist_ok=True)
