@@ -249,6 +249,23 @@ def test_a_checkpoint_with_a_cut_short_rng_state_is_not_resumed_from(tmp_path: P
     assert not rng_whole(tmp_path)
 
 
+def test_a_checkpoint_whose_trainer_state_was_cut_short_is_not_resumed_from(
+    tmp_path: Path,
+) -> None:
+    """One process writes trainer_state.json last and in place: a kill mid-write leaves it empty
+    or cut short, and resuming from it crashed with a JSONDecodeError (seen under a loaded CI)."""
+    import torch
+
+    from pipeline.stages.trl_checkpoints import checkpoint_complete
+
+    torch.save({}, tmp_path / "rng_state.pth")
+    for cut in ("", '{"global_step": 2, "log_hist'):
+        (tmp_path / "trainer_state.json").write_text(cut)
+        assert not checkpoint_complete(tmp_path, marked=False)
+    (tmp_path / "trainer_state.json").write_text('{"global_step": 2}')
+    assert checkpoint_complete(tmp_path, marked=False)
+
+
 def test_a_checkpoint_is_complete_only_when_every_rank_marked_it(tmp_path: Path) -> None:
     """A kill can land after rank 0 wrote trainer_state.json and before rank 1 even opened its
     RNG file: with markers, such a checkpoint is incomplete; one from before markers is judged
@@ -271,6 +288,48 @@ def test_a_checkpoint_is_complete_only_when_every_rank_marked_it(tmp_path: Path)
     assert checkpoint_complete(checkpoint, marked=True)
     (checkpoint / "saved-rank1-of4").write_text("")  # markers of two saves disagree
     assert not checkpoint_complete(checkpoint, marked=True)
+
+
+def test_every_rank_resumes_from_the_same_checkpoint_while_rank_0_prepares(
+    tmp_path: Path,
+) -> None:
+    """Rank 0 rewrote the configuration's fingerprint in place on every start: a rank that read
+    it in that moment found it empty, took checkpoint-2 for another configuration's and started
+    from step 0 while rank 0 resumed from it (FSDP hung; seen in a loaded CI run). Here rank 1
+    judges again and again while rank 0 prepares again and again."""
+    import logging
+    import threading
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.stages import trl_checkpoints
+
+    root = tmp_path / "checkpoints"
+    checkpoint = root / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    torch.save({}, checkpoint / "rng_state.pth")
+
+    def ctx(main: bool) -> SimpleNamespace:
+        return SimpleNamespace(checkpoint_dir=root, is_main=main, fingerprint="f" * 16,
+                               log=logging.getLogger("test"))  # fmt: skip
+
+    trl_checkpoints.prepare_checkpoints(ctx(True))  # the first start writes the fingerprint
+    done = threading.Event()
+
+    def rank_0() -> None:
+        for _ in range(2000):
+            trl_checkpoints.prepare_checkpoints(ctx(True))
+        done.set()
+
+    thread = threading.Thread(target=rank_0)
+    thread.start()
+    picked = set()
+    while not done.is_set():
+        picked.add(trl_checkpoints.prepare_checkpoints(ctx(False)))
+    thread.join()
+    assert picked == {str(checkpoint)}
 
 
 def test_other_ranks_never_see_a_checkpoint_half_removed(

@@ -74,9 +74,14 @@ def _wait(condition: Callable[[], Any], what: str, timeout_s: float = 300) -> No
 
 
 def _queue() -> str:
-    return subprocess.run(
-        ["squeue", "-h", "-o", "%i %T %r"], capture_output=True, text=True
-    ).stdout.strip()
+    """squeue's jobs, one line each. A failed squeue (a busy controller times out) is asked again,
+    never read as an empty queue: that ended a wait for the job while it still ran."""
+    for _ in range(100):
+        shown = subprocess.run(["squeue", "-h", "-o", "%i %T %r"], capture_output=True, text=True)
+        if shown.returncode == 0:
+            return shown.stdout.strip()
+        time.sleep(0.5)
+    raise AssertionError(f"squeue kept failing: {shown.stderr.strip()}")
 
 
 def _job_field(job_id: str, field: str) -> str:

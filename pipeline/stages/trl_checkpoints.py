@@ -6,7 +6,8 @@ can leave a checkpoint that looks whole on rank 0 while another rank had not yet
 part. Every rank therefore leaves a marker `saved-rank{r}-of{world}` once its save is done (a
 callback's on_save), and a checkpoint of several ranks in a directory that began with markers
 (MARKERS_FILE) is complete only with all of them. One process's checkpoints, and those from
-before markers, are judged as before: trainer_state.json present and every RNG file whole.
+before markers, are judged as before: trainer_state.json whole (it parses) and every RNG file
+whole.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.engine.context import StageContext
+from pipeline.engine.manifest import atomic_write_text
 
 FINGERPRINT_FILE = "fingerprint.txt"
 MARKERS_FILE = "saved-markers.txt"  # in a checkpoint directory whose checkpoints have markers
@@ -36,7 +38,9 @@ def prepare_checkpoints(ctx: StageContext) -> str | None:
     checkpoint-4 could otherwise look like a complete one to rank 1, which would then resume
     from it while rank 0 resumed from checkpoint-2). Each rank reads the fingerprint before it
     looks for checkpoints, so it never pairs checkpoints of another configuration with the
-    fingerprint rank 0 has just written.
+    fingerprint rank 0 has just written; rank 0 replaces that file atomically (rewritten in
+    place, it was empty for a moment, and a rank reading it then took every checkpoint for
+    another configuration's and started from step 0 while rank 0 resumed: a hang).
     """
     marker = ctx.checkpoint_dir / FINGERPRINT_FILE
     stale = marker.is_file() and marker.read_text() != ctx.fingerprint
@@ -56,7 +60,8 @@ def prepare_checkpoints(ctx: StageContext) -> str | None:
             ctx.log.warning("removing incomplete checkpoint %s", partial.name)
             discard(partial, trash)
         ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        marker.write_text(ctx.fingerprint)
+        if stale or not marker.is_file():  # atomic: never empty while another rank reads it
+            atomic_write_text(marker, ctx.fingerprint)
         if stale or not found:  # checkpoints made from now on carry markers
             (ctx.checkpoint_dir / MARKERS_FILE).write_text("every rank marks its saves\n")
     newest = max(complete, key=lambda p: int(p.name[11:]), default=None)
@@ -77,13 +82,25 @@ def discard(path: Path, trash_dir: Path) -> None:
 def checkpoint_complete(checkpoint: Path, marked: bool) -> bool:
     """Whether every rank finished saving `checkpoint`: all its ranks' markers (`marked`, for a
     save by several ranks: their RNG files are rng_state_{rank}.pth); for one process, or a
-    checkpoint from before markers, trainer_state.json (written last) and whole RNG files."""
+    checkpoint from before markers, a whole trainer_state.json (written last) and RNG files."""
     if marked and any(checkpoint.glob("rng_state_*.pth")):
         saved = [SAVED.fullmatch(p.name) for p in checkpoint.glob("saved-rank*-of*")]
         ranks = {int(m[1]) for m in saved if m}
         worlds = {int(m[2]) for m in saved if m}
         return len(worlds) == 1 and ranks == set(range(worlds.pop()))
-    return (checkpoint / "trainer_state.json").is_file() and rng_whole(checkpoint)
+    return state_whole(checkpoint) and rng_whole(checkpoint)
+
+
+def state_whole(checkpoint: Path) -> bool:
+    """Whether trainer_state.json is there and whole: the Trainer writes it in place, so a kill
+    mid-write leaves a file that exists but is empty or cut short."""
+    import json
+
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def rng_whole(checkpoint: Path) -> bool:
