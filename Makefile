@@ -60,7 +60,7 @@ demo: $(STAMP)
 # races the serial suite has not, four of them so far (a checkpoint's temporary directory left
 # after a full disk, a cut-short trainer_state.json resumed from, a rank reading the fingerprint of
 # TRL checkpoints while rank 0 rewrote it, a failed squeue read as an empty queue), each fixed,
-# and a clean run on an idle machine since their fixes is still to come.
+# and one clean run on an idle machine since their fixes (1189 passed, 26 min): one more first.
 TEST_WORKERS ?= 0
 
 test: $(STAMP) $(CONVERTER)
