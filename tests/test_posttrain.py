@@ -332,6 +332,25 @@ def test_every_rank_resumes_from_the_same_checkpoint_while_rank_0_prepares(
     assert picked == {str(checkpoint)}
 
 
+def test_checkpoints_of_another_configuration_are_removed_and_the_new_one_recorded(
+    tmp_path: Path,
+) -> None:
+    import logging
+    from types import SimpleNamespace
+
+    from pipeline.stages import trl_checkpoints
+
+    root = tmp_path / "checkpoints"
+    (root / "checkpoint-2").mkdir(parents=True)
+    (root / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (root / trl_checkpoints.FINGERPRINT_FILE).write_text("old")
+    ctx = SimpleNamespace(checkpoint_dir=root, is_main=True, fingerprint="new",
+                          log=logging.getLogger("test"))  # fmt: skip
+    assert trl_checkpoints.prepare_checkpoints(ctx) is None
+    assert not (root / "checkpoint-2").exists()
+    assert (root / trl_checkpoints.FINGERPRINT_FILE).read_text() == "new"
+
+
 def test_other_ranks_never_see_a_checkpoint_half_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -60,8 +60,8 @@ def prepare_checkpoints(ctx: StageContext) -> str | None:
             ctx.log.warning("removing incomplete checkpoint %s", partial.name)
             discard(partial, trash)
         ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        if stale or not marker.is_file():  # atomic: never empty while another rank reads it
-            atomic_write_text(marker, ctx.fingerprint)
+        if not marker.is_file():  # new, or gone with the stale checkpoints; written atomically:
+            atomic_write_text(marker, ctx.fingerprint)  # never empty while another rank reads it
         if stale or not found:  # checkpoints made from now on carry markers
             (ctx.checkpoint_dir / MARKERS_FILE).write_text("every rank marks its saves\n")
     newest = max(complete, key=lambda p: int(p.name[11:]), default=None)
