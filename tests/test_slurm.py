@@ -244,3 +244,39 @@ def test_submit_tokenize_parts_as_slurm_job_array_equals_local_run(
     assert sorted(got) == sorted(expected)
     for name in expected:
         assert got[name] == expected[name], name
+
+
+def test_a_controller_that_does_not_answer_is_not_taken_for_a_job_that_ended(
+    tmp_path: Path,
+    slurm_cluster: Path,  # noqa: F811
+) -> None:
+    """A stage recorded as queued, and Slurm's controller cannot be reached: `submit` and `run`
+    refuse in one line instead of queueing (or running) the stage a second time beside a job that
+    may still run it; `status` shows the recorded state and says Slurm did not answer. A job id
+    the (reachable) controller never knew is not refused: that is a job that is gone."""
+    import re
+
+    from pipeline.engine.manifest import update_manifest
+
+    run_dir = tmp_path / "runs" / "tiny"
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(run_dir))
+    update_manifest(run_dir / "pretrain", slurm={"job_id": "987654", "state": "submitted"})
+    unreachable = tmp_path / "unreachable.conf"  # the live cluster's file, a port nobody serves
+    unreachable.write_text(
+        re.sub(r"(?m)^SlurmctldPort=\d+$", "SlurmctldPort=1", slurm_cluster.read_text())
+    )
+    away = {"SLURM_CONF": str(unreachable)}
+    for command in (["submit", str(recipe)], ["run", str(recipe), "--only", "tokenizer"]):
+        refused = cli(*command, extra_env=away)
+        assert refused.returncode != 0, refused.stdout
+        assert "Traceback" not in refused.stderr
+        message = refused.stderr.strip()
+        assert len(message.splitlines()) == 1, message
+        assert "job 987654" in message and "did not say whether it is still queued" in message
+    assert read_manifest(run_dir / "tokenizer").get("status") != "done"  # nothing ran
+    shown = cli("status", str(recipe), extra_env=away)
+    assert shown.returncode == 0, shown.stderr
+    assert "987654 submitted (Slurm not answering)" in shown.stdout
+    gone = cli("run", str(recipe), "--only", "tokenizer")  # the live cluster: an unknown id
+    assert gone.returncode == 0, gone.stdout + gone.stderr
+    assert read_manifest(run_dir / "tokenizer")["status"] == "done"

@@ -103,20 +103,42 @@ def render(recipe: Recipe, stage: str, parts: int = 0) -> str:
     )
 
 
+class SlurmToolMissing(PipelineError):
+    """A Slurm client command is not on PATH (a run directory read away from its cluster)."""
+
+
+class SlurmCommandFailed(PipelineError):
+    """A Slurm client command exited non-zero; `detail` is the last line it wrote."""
+
+    def __init__(self, message: str, detail: str) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+class SlurmUnanswered(PipelineError):
+    """The controller could not be asked about a job (down, or too busy to answer in time)."""
+
+
+# scontrol's words for a job the controller no longer (or never) knew.
+UNKNOWN_JOB = "Invalid job id"
+
+
 def slurm_command(*args: str) -> str:
     """Run a Slurm client command and return its stdout; a missing tool is a user error."""
     try:
         proc = subprocess.run(args, capture_output=True, text=True, check=False)
     except FileNotFoundError:
-        raise PipelineError(
+        raise SlurmToolMissing(
             f"{args[0]}: not found; `pipeline submit` needs Slurm's client tools on PATH "
             f"(for the test cluster: slurm/testcluster.sh start DIR; export SLURM_CONF=...)"
         ) from None
     if proc.returncode != 0:
-        message = (proc.stderr or proc.stdout).strip().splitlines()
-        raise PipelineError(
-            f"{' '.join(args[:2])}: failed ({message[-1] if message else proc.returncode}); "
-            f"check the cluster with sinfo and the recipe's slurm section"
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        detail = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise SlurmCommandFailed(
+            f"{' '.join(args[:2])}: failed ({detail}); "
+            f"check the cluster with sinfo and the recipe's slurm section",
+            detail,
         )
     return proc.stdout
 
@@ -132,9 +154,21 @@ class JobInfo:
 
 
 def job_state(job_id: str) -> JobInfo | None:
-    """A job's state from scontrol, else sacct; None when Slurm does not know it."""
+    """A job's state from scontrol, else (a job the controller has forgotten) sacct; None when
+    Slurm does not know the job or its tools are not here. A controller that does not answer
+    raises SlurmUnanswered: a busy controller is not a job that ended, and reading it as one
+    would let `pipeline submit` queue a stage that is still running."""
     try:
         shown = slurm_command("scontrol", "show", "job", "--oneliner", job_id)
+    except SlurmToolMissing:
+        return None
+    except SlurmCommandFailed as error:
+        if UNKNOWN_JOB not in error.detail:
+            raise SlurmUnanswered(
+                f"job {job_id}: Slurm did not say whether it is still queued ({error.detail}); "
+                f"try again when the controller answers (scontrol ping)"
+            ) from None
+    else:
         fields = dict(re.findall(r"(\w+)=(\S*)", shown))
         reason = fields.get("Reason", "None")
         return JobInfo(
@@ -143,11 +177,9 @@ def job_state(job_id: str) -> JobInfo | None:
             int(fields.get("Restarts", "0")),
             "" if fields.get("NodeList") in (None, "(null)") else fields["NodeList"],
         )
-    except PipelineError:
-        pass
     try:
         rows = slurm_command("sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id).split()
-    except PipelineError:
+    except PipelineError:  # no accounting storage: the job is gone from the controller too
         return None
     return JobInfo(rows[0].split()[0]) if rows else None
 
@@ -195,7 +227,10 @@ def queue_column(manifest: dict) -> str:
     job_id = slurm.get("job_id")
     if not job_id:
         return "-"
-    job = job_state(str(job_id))
+    try:
+        job = job_state(str(job_id))
+    except SlurmUnanswered:
+        return f"{job_id} {slurm.get('state', '?')} (Slurm not answering)"
     if job is None:
         return f"{job_id} {slurm.get('state', '?')}"
     notes = [job.reason] if job.reason else []
