@@ -76,9 +76,22 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path / "runs" / "tiny"
     data = _pretrain_recipe(run_dir)
     data["tracking"] = {"mode": "offline", "project": "pipeline-tests"}
-    result = cli("run", str(write_recipe(tmp_path / "r.yaml", data)))
+    data["launch"] = {"nproc": 2}
+    temp = tmp_path / "temp"  # the run's temporary folder, for the test below
+    temp.mkdir()
+    result = cli(
+        "run", str(write_recipe(tmp_path / "r.yaml", data)), extra_env={"TMPDIR": str(temp)}
+    )
     assert result.returncode == 0, result.stderr
     return run_dir
+
+
+def test_a_run_leaves_nothing_in_the_temporary_folder(offline_run: Path) -> None:
+    """Two ranks under torchrun, W&B offline: torchrun's log folders and W&B's media and artifact
+    folders (made on import, removed by finalizers a rank's fast exit skips) are all gone."""
+    temp = offline_run.parent.parent / "temp"
+    left = sorted(p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_"))
+    assert left == [], left  # torchinductor_<user>: the compiler's cache, kept on purpose
 
 
 def test_export_loads_in_transformers_and_generates(offline_run: Path) -> None:

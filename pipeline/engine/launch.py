@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,11 +187,14 @@ def quiet_torchrun(argv: list[str]) -> int:
     signal.signal(preempt.SIGNAL, signal.SIG_IGN)
     preempt.watch_launcher()
     args = get_args_parser().parse_args(argv)
-    try:
-        run(args)
-    except ChildFailedError as exc:
-        codes = {failure.exitcode for failure in exc.failures.values()}
-        return Preempted.exit_code if codes == {Preempted.exit_code} else 1
+    # The agent's per-rank log folders: torchrun makes a temporary one and leaves it behind.
+    with tempfile.TemporaryDirectory(prefix="torchelastic_") as log_dir:
+        args.log_dir = args.log_dir or log_dir
+        try:
+            run(args)
+        except ChildFailedError as exc:
+            codes = {failure.exitcode for failure in exc.failures.values()}
+            return Preempted.exit_code if codes == {Preempted.exit_code} else 1
     return 0
 
 

@@ -115,9 +115,28 @@ def shutdown(code: int) -> None:
     except Exception:  # noqa: BLE001 - a failed teardown must not change the stage's result
         pass
     logging.shutdown()
+    remove_wandb_temp_dirs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# W&B makes these temporary directories when it is imported and removes them at exit: an exit
+# that skips finalizers would leave two empty directories in the temp folder per process.
+WANDB_TEMP_DIRS = (
+    ("wandb.sdk.data_types._private", "MEDIA_TMP"),
+    ("wandb.sdk.artifacts.artifact", "Artifact._TMP_DIR"),
+)
+
+
+def remove_wandb_temp_dirs() -> None:
+    """Remove the temporary directories W&B made in this process (if it imported W&B)."""
+    for module_name, path in WANDB_TEMP_DIRS:
+        found: object = sys.modules.get(module_name)
+        for name in path.split(".") if found is not None else ():
+            found = getattr(found, name, None)
+        if isinstance(found, tempfile.TemporaryDirectory):
+            found.cleanup()
 
 
 if __name__ == "__main__":
