@@ -37,6 +37,7 @@ from pipeline.engine.errors import PipelineError
 DIGITS = "builtin:digits"
 SHAPES = "builtin:shapes"
 SHAPES_TRAIN_IMAGES, SHAPES_VAL_IMAGES, SHAPES_IMAGE_SIZE = 5000, 500, 32
+DIGITS_IMAGE_SIZE = 8  # scikit-learn's digits
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 HF_BATCH_ROWS = 64  # decoded images held at once
 HF_LABEL_BATCH_ROWS = 65536

@@ -47,7 +47,9 @@ from pydantic import Field, ValidationInfo, field_validator
 from data_prep.image_captions import CAPTIONS, SCENES, JsonlWriter, read_captions, split_file
 from data_prep.image_sources import (
     DIGITS,
+    DIGITS_IMAGE_SIZE,
     SHAPES,
+    SHAPES_IMAGE_SIZE,
     ImageSourceConfig,
     Item,
     read_items,
@@ -102,6 +104,20 @@ class Config(StageConfig):
                 "builtin:shapes holds out the generator's test split; set source.val_images"
             )
         return value
+
+    @property
+    def known_size(self) -> int | None:
+        """The side of the square images this stage writes, where the recipe fixes it (a
+        folder's or a dataset's own sizes are known only when it is read)."""
+        if self.image_size is not None:
+            return self.image_size
+        return {DIGITS: DIGITS_IMAGE_SIZE, SHAPES: SHAPES_IMAGE_SIZE}.get(self.source.uri)
+
+    def size_origin(self, stage: str) -> str:
+        """Where `known_size` comes from, for messages."""
+        if self.image_size is not None:
+            return f"the {stage} stage's image_size"
+        return f"the {stage} stage's {self.source.uri} images"
 
     def data_signature(self) -> dict[str, Any]:
         """A folder's listing digest, caption files included, and its metadata.jsonl's sha256

@@ -257,6 +257,47 @@ def test_latent_space_without_a_vae_is_refused_by_the_plan(tmp_path: Path) -> No
     ]
 
 
+VAE_STAGE = {"kind": "vae", "after": ["images"], "max_steps": 2, "schedule": {"warmup_steps": 1},
+             "model": {"block_out_channels": [8, 8, 8], "norm_num_groups": 4}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("images", "diffusion", "vae", "expected"),
+    [
+        ({}, {"model": {"arch": "dit", "patch_size": 3}}, None,
+         "stages.diffusion.model.patch_size: 3 does not divide the input size 8 (the images "
+         "stage's builtin:digits images); choose a divisor"),
+        ({"image_size": 12}, {"model": {"arch": "unet", "block_out_channels": [8, 8, 8, 8]}},
+         None, "stages.diffusion.model.block_out_channels: 4 levels halve the input 3 times, but "
+         "its size 12 (the images stage's image_size) is not divisible by 8; use fewer levels"),
+        ({"image_size": 16}, {"space": "latent", "model": {"arch": "dit", "patch_size": 3}},
+         VAE_STAGE, "stages.diffusion.model.patch_size: 3 does not divide the input size 4 (the "
+         "images stage's image_size 16 / the vae's 4x); choose a divisor"),
+        ({"image_size": 10}, {"space": "latent"}, VAE_STAGE,
+         "stages.vae.model.block_out_channels: 3 levels shrink images 4x, but the images are 10 "
+         "wide (the images stage's image_size), not divisible by 4; use fewer levels or an "
+         "image_size divisible by 4"),
+        ({"image_size": 16}, {"space": "latent", "model": {"arch": "dit", "patch_size": 2}},
+         VAE_STAGE, None),
+    ],
+)  # fmt: skip
+def test_a_model_that_cannot_take_the_size_of_its_inputs_is_refused_by_the_plan(
+    tmp_path: Path, images: dict, diffusion: dict, vae: dict | None, expected: str | None
+) -> None:
+    """Patch sizes, UNet levels and VAE levels against the size the images stage fixes (its
+    image_size, or a built-in source's own): known before anything runs."""
+    diffusion = dict(diffusion)  # the parameter is shared: leave it as it is
+    model = diffusion.pop("model", {"arch": "dit"})
+    if model["arch"] == "dit":
+        model = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, **model}
+    recipe = diffusion_recipe(tmp_path / "run", model=model, **diffusion)
+    recipe["stages"]["images"].update(images)
+    if vae is not None:
+        recipe["stages"]["vae"] = vae
+        recipe["stages"]["diffusion"]["after"] = ["vae"]
+    assert plan_problems(validate_recipe(recipe)) == ([expected] if expected else [])
+
+
 @pytest.mark.parametrize(
     ("space", "index", "problem", "fix"),
     [

@@ -33,15 +33,34 @@ class DenoiserSpec:
     text: bool = False  # conditioned on caption embeddings (a text_encode stage), not classes
 
 
+def size_problem(
+    cfg: DiffusionModelConfig, sample_size: int, where: str, origin: str = ""
+) -> str | None:
+    """Why `cfg`'s denoiser cannot take square inputs of `sample_size` (`origin`: where that
+    size comes from, for the message), or None."""
+    size = f"{sample_size}{f' ({origin})' if origin else ''}"
+    if cfg.arch == "unet":
+        levels = len(cfg.block_out_channels)
+        if sample_size % 2 ** (levels - 1):
+            return (
+                f"{where}.model.block_out_channels: {levels} levels halve the input {levels - 1} "
+                f"times, but its size {size} is not divisible by {2 ** (levels - 1)}; "
+                f"use fewer levels"
+            )
+    elif sample_size % cfg.patch_size:
+        return (
+            f"{where}.model.patch_size: {cfg.patch_size} does not divide the input size {size}; "
+            f"choose a divisor"
+        )
+    return None
+
+
 def build_dit(
     cfg: DiffusionModelConfig, channels: int, sample_size: int, num_classes: int, where: str
 ) -> torch.nn.Module:
     """A DiTTransformer2DModel over patches of the input."""
-    if sample_size % cfg.patch_size:
-        raise PipelineError(
-            f"{where}.model.patch_size: {cfg.patch_size} does not divide the input size "
-            f"{sample_size}; choose a divisor"
-        )
+    if problem := size_problem(cfg, sample_size, where):
+        raise PipelineError(problem)
     from diffusers import DiTTransformer2DModel
 
     model = DiTTransformer2DModel(
@@ -67,13 +86,9 @@ def build_unet(
     cfg: DiffusionModelConfig, channels: int, sample_size: int, num_classes: int, where: str
 ) -> torch.nn.Module:
     """A UNet2DModel with a class embedding (one row more for the null label)."""
+    if problem := size_problem(cfg, sample_size, where):
+        raise PipelineError(problem)
     levels = len(cfg.block_out_channels)
-    if sample_size % 2 ** (levels - 1):
-        raise PipelineError(
-            f"{where}.model.block_out_channels: {levels} levels halve the input {levels - 1} "
-            f"times, but its size {sample_size} is not divisible by {2 ** (levels - 1)}; "
-            f"use fewer levels"
-        )
     from diffusers import UNet2DModel
 
     attention = cfg.attention_levels or [level > 0 for level in range(levels)]

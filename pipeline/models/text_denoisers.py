@@ -81,11 +81,10 @@ def build_text_denoiser(
 ) -> torch.nn.Module:
     """The `cfg.arch` transformer (pixart or mmdit) over patches of [B, channels, size, size]
     inputs, conditioned on `table`'s captions, behind the class-conditional call."""
-    if sample_size % cfg.patch_size:
-        raise PipelineError(
-            f"{where}.model.patch_size: {cfg.patch_size} does not divide the input size "
-            f"{sample_size}; choose a divisor"
-        )
+    from pipeline.models.diffusion import size_problem
+
+    if problem := size_problem(cfg, sample_size, where):
+        raise PipelineError(problem)
     heads, head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
     if cfg.arch == "pixart":
         from diffusers import PixArtTransformer2DModel

@@ -76,6 +76,26 @@ def input_problems(view: PlanView) -> list[str]:
     return []
 
 
+def size_problems(view: PlanView) -> list[str]:
+    """The model takes the size of the images (or latents) it will train on, when the images
+    stage fixes it (`image_size`)."""
+    from pipeline.models.diffusion import size_problem
+
+    images = view.first("images")
+    size = getattr(images.config, "known_size", None) if images is not None else None
+    if size is None:
+        return []
+    origin = images.config.size_origin(images.stage)
+    if view.config.space == "latent":
+        vae = view.first("vae")
+        if vae is None or vae.config is None or size % vae.config.model.downsample:
+            return []  # the vae stage's own check names that
+        size, origin = size // vae.config.model.downsample, f"{origin} {size} / the vae's "
+        origin += f"{vae.config.model.downsample}x"
+    problem = size_problem(view.config.model, size, f"stages.{view.name}", origin)
+    return [problem] if problem else []
+
+
 def run(ctx: StageContext) -> None:
     import torch
 
@@ -188,5 +208,5 @@ SPEC = StageSpec(
     run,
     output="diffusion",
     inputs=(Input("images", ("images",)), Input("vae", ("vae",), required=False), TEXT_INPUT),
-    plan_check=lambda view: input_problems(view) + text_problems(view),
+    plan_check=lambda view: input_problems(view) + text_problems(view) + size_problems(view),
 )

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from pipeline.diffusion.training import ImageTrainingConfig
 from pipeline.engine.context import StageContext
-from pipeline.engine.inputs import Input, StageSpec
+from pipeline.engine.inputs import Input, PlanView, StageSpec
 from pipeline.models.diffusion import VAEModelConfig
 
 if TYPE_CHECKING:
@@ -152,4 +152,22 @@ def reconstruct(vae: Any, images: np.ndarray) -> np.ndarray:
         return vae.decode(latents).sample.clamp(-1, 1).float().cpu().numpy()
 
 
-SPEC = StageSpec(Config, run, output="vae", inputs=(Input("images", ("images",)),))
+def size_problems(view: PlanView) -> list[str]:
+    """The VAE halves the images' size once per level after the first: a size it does not
+    divide would come back decoded at another size."""
+    images, factor = view.first("images"), view.config.model.downsample
+    size = getattr(images.config, "known_size", None) if images is not None else None
+    if size is None or size % factor == 0:
+        return []
+    levels = len(view.config.model.block_out_channels)
+    return [
+        f"stages.{view.name}.model.block_out_channels: {levels} levels shrink images {factor}x, "
+        f"but the images are {size} wide ({images.config.size_origin(images.stage)}), not "
+        f"divisible by {factor}; "
+        f"use fewer levels or an image_size divisible by {factor}"
+    ]
+
+
+SPEC = StageSpec(
+    Config, run, output="vae", inputs=(Input("images", ("images",)),), plan_check=size_problems
+)
