@@ -28,9 +28,9 @@ function of (seed, step, rank), so resume is exact without loader state.
 
 Writing streams: each image is converted and appended to its split's files as it is read
 (`data_prep.npy_writer.NpyWriter`), so memory holds one image whatever the dataset's size, and
-the files are byte for byte what `np.save` of the stacked arrays gives. An image folder's data signature comes from a
-cached listing that stats only the files of changed directories, every file under `--rescan`
-or when a plan runs a stage (data_prep/image_listing.py).
+the files are byte for byte what `np.save` of the stacked arrays gives. An image folder's data
+signature comes from a cached listing that stats only the files of changed directories, every
+file under `--rescan` or when a plan runs a stage (data_prep/image_listing.py).
 """
 
 from __future__ import annotations
