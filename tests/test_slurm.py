@@ -273,6 +273,9 @@ def test_a_controller_that_does_not_answer_is_not_taken_for_a_job_that_ended(
         message = refused.stderr.strip()
         assert len(message.splitlines()) == 1, message
         assert "job 987654" in message and "did not say whether it is still queued" in message
+        assert message.endswith(
+            f'delete the "slurm" entry of {run_dir / "pretrain" / "stage.json"}'
+        )
     assert read_manifest(run_dir / "tokenizer").get("status") != "done"  # nothing ran
     shown = cli("status", str(recipe), extra_env=away)
     assert shown.returncode == 0, shown.stderr

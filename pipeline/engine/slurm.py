@@ -20,7 +20,7 @@ from pipeline.engine.config import Recipe, SlurmConfig
 from pipeline.engine.errors import PipelineError, RecipeError
 from pipeline.engine.graph import plan
 from pipeline.engine.manifest import atomic_write_text, read_manifest, update_manifest
-from pipeline.engine.rundir import SLURM_DIR
+from pipeline.engine.rundir import MANIFEST_FILE, SLURM_DIR
 from pipeline.engine.runner import now_iso, write_resolved_recipe
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "stage.sbatch"
@@ -247,7 +247,13 @@ def refuse_active_jobs(recipe: Recipe, stages: list[str], command: str) -> None:
     run_dir = recipe.resolved_run_dir()
     for stage in stages:
         job_id = (read_manifest(run_dir / stage).get("slurm") or {}).get("job_id")
-        live = job_state(str(job_id)) if job_id else None
+        try:
+            live = job_state(str(job_id)) if job_id else None
+        except SlurmUnanswered as error:
+            raise SlurmUnanswered(
+                f"stage {stage}: {error}; if that cluster is gone for good, delete the "
+                f'"slurm" entry of {run_dir / stage / MANIFEST_FILE}'
+            ) from None
         if live and live.state in ACTIVE_STATES:
             raise PipelineError(
                 f"stage {stage}: already queued as job {job_id} ({live.state}); "
