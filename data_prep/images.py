@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
@@ -63,6 +63,9 @@ from pipeline.engine.errors import PipelineError
 from pipeline.engine.graph import rescanning
 from pipeline.engine.inputs import StageSpec
 from pipeline.engine.manifest import sha256_file
+
+if TYPE_CHECKING:
+    from pipeline.engine.inputs import Resolved
 
 SPLITS = ("train", "val")
 VAL_FRACTION = 0.1
@@ -103,20 +106,6 @@ class Config(StageConfig):
             )
         return value
 
-    @property
-    def known_size(self) -> int | None:
-        """The side of the square images this stage writes, where the recipe fixes it (a
-        folder's or a dataset's own sizes are known only when it is read)."""
-        if self.image_size is not None:
-            return self.image_size
-        return {DIGITS: DIGITS_IMAGE_SIZE, SHAPES: SHAPES_IMAGE_SIZE}.get(self.source.uri)
-
-    def size_origin(self, stage: str) -> str:
-        """Where `known_size` comes from, for messages."""
-        if self.image_size is not None:
-            return f"the {stage} stage's image_size"
-        return f"the {stage} stage's {self.source.uri} images"
-
     def data_signature(self) -> dict[str, Any]:
         """A folder's listing digest, caption files included, and its metadata.jsonl's sha256
         (image_sources.source_signature), or the uri; every file is stat'ed only under
@@ -129,6 +118,19 @@ class Config(StageConfig):
         caption decode (one image is read or rendered)."""
         if self.source.uri != DIGITS:
             next(read_items(self.source, self.image_size).items, None)
+
+
+def planned_size(images: Resolved | None) -> tuple[int, str] | None:
+    """The side of the square images an images input holds, where its recipe fixes it (the
+    stage's image_size, or a built-in source's own size), and where that comes from, for
+    messages; None for a folder or dataset of its own sizes, or a directory given by path."""
+    cfg = images.config if images is not None else None
+    if not isinstance(cfg, Config):
+        return None
+    if cfg.image_size is not None:
+        return cfg.image_size, f"the {images.stage} stage's image_size"
+    size = {DIGITS: DIGITS_IMAGE_SIZE, SHAPES: SHAPES_IMAGE_SIZE}.get(cfg.source.uri)
+    return (size, f"the {images.stage} stage's {cfg.source.uri} images") if size else None
 
 
 def run(ctx: StageContext) -> None:

@@ -78,20 +78,19 @@ def input_problems(view: PlanView) -> list[str]:
 
 def size_problems(view: PlanView) -> list[str]:
     """The model takes the size of the images (or latents) it will train on, when the images
-    stage fixes it (`image_size`)."""
+    stage fixes it (`image_size`, or a built-in source's own)."""
+    from data_prep.images import planned_size
     from pipeline.models.diffusion import size_problem
 
-    images = view.first("images")
-    size = getattr(images.config, "known_size", None) if images is not None else None
-    if size is None:
+    planned = planned_size(view.first("images"))
+    if planned is None:
         return []
-    origin = images.config.size_origin(images.stage)
+    size, origin = planned
     if view.config.space == "latent":
         vae = view.first("vae")
-        if vae is None or vae.config is None or size % vae.config.model.downsample:
+        if vae is None or vae.config is None or size % (factor := vae.config.model.downsample):
             return []  # the vae stage's own check names that
-        size, origin = size // vae.config.model.downsample, f"{origin} {size} / the vae's "
-        origin += f"{vae.config.model.downsample}x"
+        size, origin = size // factor, f"{origin} {size} / the vae's {factor}x"
     problem = size_problem(view.config.model, size, f"stages.{view.name}", origin)
     return [problem] if problem else []
 

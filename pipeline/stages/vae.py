@@ -155,15 +155,15 @@ def reconstruct(vae: Any, images: np.ndarray) -> np.ndarray:
 def size_problems(view: PlanView) -> list[str]:
     """The VAE halves the images' size once per level after the first: a size it does not
     divide would come back decoded at another size."""
-    images, factor = view.first("images"), view.config.model.downsample
-    size = getattr(images.config, "known_size", None) if images is not None else None
-    if size is None or size % factor == 0:
+    from data_prep.images import planned_size
+
+    planned, factor = planned_size(view.first("images")), view.config.model.downsample
+    if planned is None or planned[0] % factor == 0:
         return []
-    levels = len(view.config.model.block_out_channels)
+    (size, origin), levels = planned, len(view.config.model.block_out_channels)
     return [
         f"stages.{view.name}.model.block_out_channels: {levels} levels shrink images {factor}x, "
-        f"but the images are {size} wide ({images.config.size_origin(images.stage)}), not "
-        f"divisible by {factor}; "
+        f"but the images are {size} wide ({origin}), not divisible by {factor}; "
         f"use fewer levels or an image_size divisible by {factor}"
     ]
 
